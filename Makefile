@@ -1,0 +1,65 @@
+# The two commands: `make run` (development portal) and `make test` (what CI runs).
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+
+.PHONY: run test install browsers migrate seed bench lint typecheck lock pg-stop totp clean
+
+run: install migrate seed ## Install, migrate, seed and start every Procfile process
+	@echo "Starting web, celery, beat and rq (Ctrl-C stops them all). Credentials: var/demo-credentials"
+	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/honcho start -f Procfile
+
+test: install browsers ## Lint, Django checks, migration check and the pytest suite
+	.venv/bin/ruff check .
+	$(PY) manage.py check --fail-level WARNING
+	$(PY) manage.py makemigrations --check --dry-run
+	.venv/bin/pytest
+
+$(PY):
+	python3 -m venv .venv
+	$(PIP) install --quiet --upgrade pip
+
+.venv/.installed: requirements.txt requirements-dev.txt | $(PY)
+	$(PIP) install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+install: .venv/.installed
+
+# Page tests drive Debian's Chromium through Playwright (never a downloaded browser).
+browsers:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "Installing Debian's chromium for the browser tests"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
+	  || echo "WARNING: chromium could not be installed; browser tests will be skipped"; }
+
+migrate: install
+	$(PY) manage.py migrate_schemas --noinput
+	$(PY) manage.py tenant_template
+
+seed: install
+	$(PY) manage.py demo_seed
+
+bench: install ## Benchmarks: print figures, assert nothing
+	$(PY) tests/bench/bench_tenants.py
+
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check . || true
+
+typecheck: install
+	.venv/bin/mypy .
+
+lock: install ## Re-pin requirements*.txt from requirements*.in
+	.venv/bin/pip-compile -q --strip-extras --no-emit-index-url --no-emit-find-links --allow-unsafe -o requirements.txt requirements.in
+	.venv/bin/pip-compile -q --strip-extras --no-emit-index-url --no-emit-find-links --allow-unsafe -o requirements-dev.txt requirements-dev.in
+
+pg-stop: ## Stop the embedded PostgreSQL servers (development and test)
+	$(PY) -c "from pathlib import Path; from config.pgembed import stop_server; [print(d, 'stopped' if stop_server(Path(d).resolve()) else 'not running') for d in ('var/pg', 'var/pg-test')]"
+
+totp: ## Print the demo staff user's current TOTP code
+	@$(PY) manage.py totp_code --email staff@example.com
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,34 @@
+"""REST endpoints for usage events."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from django.http import HttpRequest
+from ninja import Field, Query, Router, Schema
+
+from billing import selectors
+from billing.schemas import UsageEventPage
+from config.api import keyset_page, principal_of
+
+router = Router(tags=["usage"])
+
+
+class UsageFilters(Schema):
+    kind: str | None = Field(None, description="e.g. llm.input_tokens, embedding.tokens, kb.query")
+    agent: int | None = Field(None, description="Agent id")
+    from_: dt.datetime | None = Field(None, alias="from", description="Inclusive lower bound of created_at")
+    to: dt.datetime | None = Field(None, description="Exclusive upper bound of created_at")
+    limit: int = 50
+    cursor: str | None = None
+
+
+@router.get("/usage/events", response=UsageEventPage, summary="Usage events, newest first")
+def usage_event_list(request: HttpRequest, filters: Query[UsageFilters]) -> dict[str, Any]:
+    events = selectors.usage_event_list(
+        principal=principal_of(request), kind=filters.kind, agent_id=filters.agent,
+        since=filters.from_, until=filters.to,
+    )
+    rows, cursor = keyset_page(events, cursor=filters.cursor, limit=filters.limit)
+    return {"items": rows, "next_cursor": cursor}

@@ -1,0 +1,12 @@
+from django.db import migrations
+
+from compliance.sql import append_only_triggers, drop_append_only_triggers
+
+
+class Migration(migrations.Migration):
+    dependencies = [("compliance", "0001_initial")]
+
+    operations = [
+        migrations.RunSQL(append_only_triggers("compliance_auditevent"),
+                          drop_append_only_triggers("compliance_auditevent")),
+    ]

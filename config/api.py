@@ -1,0 +1,227 @@
+"""The REST API at ``/api/v1/`` on tenant hosts: authentication, one error body, pagination.
+
+Authentication: ``Authorization: Bearer <api key>`` (a key works only on its own tenant's host)
+or the browser session of a member (unsafe methods then need the CSRF token).
+
+Every 4xx/5xx answer has one body::
+
+    {"error": {"code": "not_found", "message": "...", "details": ..., "request_id": "..."}}
+
+List endpoints page by keyset: ``?limit=`` (1-200, default 50) and ``?cursor=`` taken from the
+previous page's ``next_cursor``; a page is ``{"items": [...], "next_cursor": str | null}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import structlog
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.db.models import Model, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django_otp.plugins.otp_totp.models import TOTPDevice
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError, Throttled
+from ninja.errors import ValidationError as NinjaValidationError
+from ninja.security import APIKeyCookie, HttpBearer
+
+from config.errors import DomainError, Forbidden, NotAuthenticated, ValidationFailed
+from tenants.middleware import two_factor_required
+from tenants.models import Membership
+from tenants.principal import Principal
+from tenants.services.keys import api_key_authenticate
+
+logger = structlog.get_logger(__name__)
+
+M = TypeVar("M", bound=Model)
+
+_STATUS_CODES = {
+    400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
+    422: "validation_failed", 429: "rate_limited", 500: "internal_error", 502: "bad_gateway",
+    503: "unavailable", 504: "gateway_timeout",
+}
+
+
+def error_body(request: HttpRequest, *, status: int, message: str, code: str | None = None,
+               details: Any = None) -> dict[str, Any]:
+    """The API's one error body."""
+    return {
+        "error": {
+            "code": code or _STATUS_CODES.get(status, "error"),
+            "message": message,
+            "details": details,
+            "request_id": getattr(request, "request_id", None),
+        }
+    }
+
+
+def error_response(request: HttpRequest, *, status: int, message: str, code: str | None = None,
+                   details: Any = None) -> JsonResponse:
+    return JsonResponse(error_body(request, status=status, message=message, code=code, details=details),
+                        status=status)
+
+
+class ApiKeyAuth(HttpBearer):
+    """``Authorization: Bearer aop_...``. A present but unusable header fails at once (401)
+    rather than falling through to the session, so a client learns its key is wrong."""
+
+    def __call__(self, request: HttpRequest) -> Principal | None:
+        header = request.headers.get("Authorization")
+        if header is None:
+            return None
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise NotAuthenticated("Malformed Authorization header: expected 'Bearer <api key>'.",
+                                   code="malformed_authorization")
+        return self.authenticate(request, token.strip())
+
+    def authenticate(self, request: HttpRequest, token: str) -> Principal:
+        key = api_key_authenticate(raw_key=token, tenant=request.tenant)  # type: ignore[attr-defined]
+        structlog.contextvars.bind_contextvars(api_key=key.key_id)
+        return Principal.for_api_key(key)
+
+
+class MemberSessionAuth(APIKeyCookie):
+    """The console's session cookie, for calls made by the console's own pages.
+
+    CSRF is checked (for unsafe methods) only when a session cookie is present, so a request
+    with no credentials at all gets 401, not a CSRF 403.
+    """
+
+    param_name = settings.SESSION_COOKIE_NAME
+
+    def _get_key(self, request: HttpRequest) -> str | None:
+        if settings.SESSION_COOKIE_NAME not in request.COOKIES:
+            return None
+        return super()._get_key(request)
+
+    def authenticate(self, request: HttpRequest, key: str | None) -> Principal | None:
+        user = request.user
+        if key is None or not user.is_authenticated:
+            return None
+        tenant = request.tenant  # type: ignore[attr-defined]
+        membership = Membership.objects.select_related("user", "tenant").filter(user=user, tenant=tenant).first()
+        if membership is None:
+            raise Forbidden(f"{user.email} is not a member of this tenant.", code="not_a_member")
+        if not user.is_verified() and (
+            two_factor_required(user, membership, tenant)
+            or TOTPDevice.objects.filter(user=user, confirmed=True).exists()
+        ):
+            raise Forbidden("Complete two-factor verification in the console first.", code="two_factor_required")
+        return Principal.for_member(membership)
+
+
+api = NinjaAPI(
+    title="Agent Ops Portal API",
+    version="1",
+    description=__doc__,
+    auth=[ApiKeyAuth(), MemberSessionAuth()],
+    urls_namespace="api",
+    openapi_url="/openapi.json",
+    docs_url="/docs",
+)
+
+
+@api.exception_handler(DomainError)
+def _domain_error(request: HttpRequest, exc: DomainError) -> HttpResponse:
+    return error_response(request, status=exc.status, message=exc.message, code=exc.code, details=exc.details)
+
+
+@api.exception_handler(NinjaValidationError)
+def _validation_error(request: HttpRequest, exc: NinjaValidationError) -> HttpResponse:
+    details = [
+        {"loc": [str(p) for p in e.get("loc", [])], "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors
+    ]
+    return error_response(request, status=422, message="The request is not valid.", code="validation_failed",
+                          details=details)
+
+
+@api.exception_handler(AuthenticationError)
+def _authentication_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
+    return error_response(request, status=401, code="not_authenticated",
+                          message="Authentication required: send 'Authorization: Bearer <api key>'.")
+
+
+@api.exception_handler(Throttled)
+def _throttled(request: HttpRequest, exc: Throttled) -> HttpResponse:
+    return error_response(request, status=429, message="Too many requests; retry later.")
+
+
+@api.exception_handler(HttpError)
+def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    return error_response(request, status=exc.status_code, message=str(exc))
+
+
+@api.exception_handler(Http404)
+def _not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
+    return error_response(request, status=404, message="Not found.")
+
+
+@api.exception_handler(PermissionDenied)
+def _permission_denied(request: HttpRequest, exc: PermissionDenied) -> HttpResponse:
+    return error_response(request, status=403, message=str(exc) or "Forbidden.")
+
+
+@api.exception_handler(RequestDataTooBig)
+def _too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
+    return error_response(request, status=413, message="The request body is too large.",
+                          details={"limit_bytes": settings.API_MAX_BODY_BYTES})
+
+
+@api.exception_handler(Exception)
+def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
+    logger.exception("api_unhandled_exception", path=request.path)
+    return error_response(request, status=500, message="Internal error. Quote the request id when reporting it.")
+
+
+def principal_of(request: HttpRequest) -> Principal:
+    """The principal that ``api``'s authentication attached to ``request``."""
+    return request.auth  # type: ignore[attr-defined, no-any-return]
+
+
+def _encode_cursor(value: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{value}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        version, _, value = raw.partition(":")
+        if version != "v1":
+            raise ValueError(version)
+        return int(value)
+    except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
+        raise ValidationFailed("Invalid cursor: pass next_cursor from the previous page unchanged.",
+                               code="invalid_cursor") from exc
+
+
+def keyset_page(queryset: QuerySet[M], *, cursor: str | None, limit: int, key: str = "id",
+                descending: bool = True) -> tuple[Sequence[M], str | None]:
+    """One page of ``queryset`` ordered by the unique integer column ``key``.
+
+    Returns ``(rows, next_cursor)``; ``next_cursor`` is ``None`` on the last page. Raises
+    ``ValidationFailed`` for a limit outside 1-200 or a cursor this function did not make.
+    Costs one query whatever the page's position (no OFFSET).
+    """
+    if not 1 <= limit <= settings.API_PAGE_SIZE_MAX:
+        raise ValidationFailed(f"limit must be between 1 and {settings.API_PAGE_SIZE_MAX}.", code="invalid_limit")
+    ordered = queryset.order_by(f"-{key}" if descending else key)
+    if cursor:
+        bound = _decode_cursor(cursor)
+        ordered = ordered.filter(**{f"{key}__lt" if descending else f"{key}__gt": bound})
+    rows = list(ordered[: limit + 1])
+    if len(rows) > limit:
+        rows = rows[:limit]
+        return rows, _encode_cursor(getattr(rows[-1], key))
+    return rows, None
+
+
+def api_not_found(request: HttpRequest, rest: str = "") -> HttpResponse:
+    """Unknown paths under /api/ answer with the API's error body, not an HTML page."""
+    return error_response(request, status=404, message=f"No API endpoint at {request.path}.")

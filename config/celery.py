@@ -1,0 +1,17 @@
+"""The Celery application, tenant-aware through tenant-schemas-celery.
+
+A task sent while a tenant's schema is active carries the schema name in its headers and runs
+in that schema on the worker, so tasks never need to pass tenant ids around by hand.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tenant_schemas_celery.app import CeleryApp
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+app = CeleryApp("portal")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()

@@ -1,0 +1,318 @@
+"""Settings for the agent operations portal.
+
+One file for every environment, driven by environment variables (see ``config/env.py``).
+With no environment at all it runs a development portal: embedded PostgreSQL under ``var/pg``,
+Redis on localhost, console e-mail, ``*.localhost`` tenant hosts. ``PORTAL_ENV=production``
+turns on the checks in ``config/checks.py`` that refuse development defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+from django.core.exceptions import ImproperlyConfigured
+
+from config.env import env_bool, env_int, env_list, env_optional, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("PORTAL_VAR_DIR", str(BASE_DIR / "var")))
+
+# pytest sets PYTEST_VERSION for the whole session (pytest >= 8.2), before Django is set up.
+TESTING = "PYTEST_VERSION" in os.environ
+PORTAL_ENV = env_str("PORTAL_ENV", "development")
+if PORTAL_ENV not in {"development", "production"}:
+    raise ImproperlyConfigured("PORTAL_ENV must be 'development' or 'production'")
+DEVELOPMENT = PORTAL_ENV == "development"
+
+DEBUG = env_bool("DEBUG", DEVELOPMENT and not TESTING)
+
+
+def _development_secret_key() -> str:
+    """A per-checkout random key kept in var/ so sessions survive restarts in development."""
+    path = VAR_DIR / "secret-key"
+    if not path.exists():
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(50), encoding="utf-8")
+        path.chmod(0o600)
+    return path.read_text(encoding="utf-8").strip()
+
+
+SECRET_KEY = env_optional("SECRET_KEY") or (_development_secret_key() if DEVELOPMENT else "")
+if not SECRET_KEY:
+    raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) is required in production")
+
+# --- Hosts and tenancy --------------------------------------------------------------------
+PUBLIC_HOST = env_str("PUBLIC_HOST", "localhost").lower()
+BASE_DOMAIN = env_str("BASE_DOMAIN", "localhost").lower()
+ALLOWED_HOSTS = [PUBLIC_HOST, f".{BASE_DOMAIN}", *env_list("EXTRA_ALLOWED_HOSTS")]
+# Browsers only send Origin on cross-site or unsafe requests; tenant hosts post to themselves.
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+TENANT_REGIONS = env_list("TENANT_REGIONS", ["local"])
+# The port the portal is reached on, for absolute links in e-mails (empty for 80/443).
+PUBLIC_PORT = env_str("PUBLIC_PORT", "8000" if DEVELOPMENT else "")
+
+TENANT_MODEL = "tenants.Tenant"
+TENANT_DOMAIN_MODEL = "tenants.Domain"
+PUBLIC_SCHEMA_NAME = "public"
+PUBLIC_SCHEMA_URLCONF = "config.urls_public"
+ROOT_URLCONF = "config.urls_tenant"
+TENANT_LIMIT_SET_CALLS = True
+# New tenant schemas are cloned from this template schema instead of replaying every migration;
+# see tenants/provisioning.py for how the template is kept current.
+TENANT_BASE_SCHEMA = "tenant_template"
+TENANT_CREATION_FAKES_MIGRATIONS = env_bool("TENANT_CLONE_TEMPLATE", True)
+
+SHARED_APPS = [
+    "django_tenants",
+    "daphne",
+    "tenants",
+    "compliance",
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.admin",
+    "django.contrib.humanize",
+    "allauth",
+    "allauth.account",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "django_otp.plugins.otp_static",
+    "django_htmx",
+    "template_partials",
+    "ninja",
+    "django_rq",
+    "django_prometheus",
+    "django_structlog",
+    "channels",
+]
+TENANT_APPS = [
+    "compliance",
+    "agents",
+    "knowledge",
+    "billing",
+]
+INSTALLED_APPS = SHARED_APPS + [app for app in TENANT_APPS if app not in SHARED_APPS]
+
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "config.middleware.RequestIdMiddleware",
+    "config.middleware.ApiErrorShapeMiddleware",
+    "config.middleware.ProbeMiddleware",
+    "tenants.middleware.TenantRoutingMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "config.middleware.BodySizeMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+    "django_structlog.middlewares.RequestMiddleware",
+    "tenants.middleware.TenantAccessMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+WSGI_APPLICATION = None
+ASGI_APPLICATION = "config.asgi.application"
+
+# --- Database -----------------------------------------------------------------------------
+DATABASE_URL = env_optional("DATABASE_URL")
+EMBEDDED_PG_DIR = Path(
+    env_str("EMBEDDED_PG_DIR", str(VAR_DIR / ("pg-test" if TESTING else "pg")))
+).resolve()
+EMBEDDED_PG = DATABASE_URL is None
+
+
+def _database_from_url(url: str) -> dict[str, object]:
+    """Parse ``postgresql://user:pass@host:port/name?host=/socket/dir`` into Django settings."""
+    parsed = urlparse(url)
+    if parsed.scheme not in {"postgres", "postgresql"}:
+        raise ImproperlyConfigured(f"DATABASE_URL must be a postgresql:// URL, not {parsed.scheme}://")
+    query = parse_qs(parsed.query)
+    host = query.get("host", [parsed.hostname or ""])[0]
+    return {
+        "NAME": unquote(parsed.path.lstrip("/")) or "portal",
+        "USER": unquote(parsed.username or ""),
+        "PASSWORD": unquote(parsed.password or ""),
+        "HOST": host,
+        "PORT": str(query.get("port", [parsed.port or ""])[0]),
+        "OPTIONS": {"sslmode": query["sslmode"][0]} if "sslmode" in query else {},
+    }
+
+
+if EMBEDDED_PG:
+    from config.pgembed import ensure_database, ensure_server
+
+    _server = ensure_server(EMBEDDED_PG_DIR)
+    ensure_database(_server, "portal")
+    _db = _database_from_url(_server.url("portal"))
+else:
+    _db = _database_from_url(DATABASE_URL or "")
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django_tenants.postgresql_backend",
+        **_db,
+        "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 0 if TESTING else 60, minimum=0),
+        "CONN_HEALTH_CHECKS": True,
+        "ATOMIC_REQUESTS": False,
+        "TEST": {"NAME": "test_portal"},
+    }
+}
+DATABASE_ROUTERS = ("django_tenants.routers.TenantSyncRouter",)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: cache, Celery broker, channel layer, RQ, rate limits --------------------------
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/1" if TESTING else "redis://127.0.0.1:6379/0")
+CACHE_KEY_PREFIX = env_str("CACHE_KEY_PREFIX", "test" if TESTING else "portal")
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": CACHE_KEY_PREFIX,
+    }
+}
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{CACHE_KEY_PREFIX}:asgi"},
+    }
+}
+RQ_QUEUES = {
+    name: {"URL": REDIS_URL, "DEFAULT_TIMEOUT": timeout}
+    for name, timeout in (("ingest", 3600), ("default", 600))
+}
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+
+# --- Accounts, sessions, two-factor authentication ----------------------------------------
+AUTH_USER_MODEL = "tenants.User"
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "allauth.account.auth_backends.AuthenticationBackend",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "account_login"
+LOGIN_REDIRECT_URL = "/"
+ACCOUNT_LOGIN_METHODS = {"email"}
+ACCOUNT_SIGNUP_FIELDS = ["email*", "password1*", "password2*"]
+ACCOUNT_USER_MODEL_USERNAME_FIELD = None
+ACCOUNT_EMAIL_VERIFICATION = env_str("ACCOUNT_EMAIL_VERIFICATION", "optional")
+ACCOUNT_UNIQUE_EMAIL = True
+ACCOUNT_ADAPTER = "tenants.adapters.AccountAdapter"
+ACCOUNT_LOGOUT_ON_PASSWORD_CHANGE = False
+ACCOUNT_SESSION_REMEMBER = None
+ACCOUNT_DEFAULT_HTTP_PROTOCOL = env_str("HTTP_PROTOCOL", "http" if DEVELOPMENT else "https")
+ACCOUNT_RATE_LIMITS = {
+    "login_failed": "10/m/ip,5/5m/key",
+    "reset_password": "20/m/ip,5/m/key",
+    "confirm_email": "1/3m/key",
+}
+OTP_TOTP_ISSUER = env_str("OTP_TOTP_ISSUER", "Agent Ops Portal")
+OTP_STATIC_RECOVERY_TOKENS = 10
+# Two-factor authentication is always required of staff; tenants opt in for owners and admins.
+STAFF_REQUIRE_2FA = env_bool("STAFF_REQUIRE_2FA", True)
+
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_SECURE = not DEVELOPMENT
+CSRF_COOKIE_SECURE = not DEVELOPMENT
+SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 60 * 60 * 12, minimum=300)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("BEHIND_TLS_PROXY", False) else None
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+
+EMAIL_BACKEND = env_str(
+    "EMAIL_BACKEND",
+    "django.core.mail.backends.locmem.EmailBackend"
+    if TESTING
+    else "django.core.mail.backends.console.EmailBackend",
+)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "portal@localhost")
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25)
+
+# --- API ----------------------------------------------------------------------------------
+API_KEY_PREFIX = "aop"
+# Request bodies of JSON endpoints; uploads have their own limit (KB_MAX_UPLOAD_MB).
+API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024, minimum=1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
+API_PAGE_SIZE_MAX = 200
+NINJA_PAGINATION_MAX_LIMIT = API_PAGE_SIZE_MAX
+
+# --- Templates, static files, i18n --------------------------------------------------------
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "tenants.context_processors.console",
+            ],
+        },
+    }
+]
+STATIC_URL = "/static/"
+STATIC_ROOT = Path(env_str("STATIC_ROOT", str(VAR_DIR / "staticfiles")))
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns when it is missing
+STATICFILES_DIRS = [BASE_DIR / "static"]
+# WhiteNoise serves straight from the finders, so no collectstatic step is needed to run.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / ("media-test" if TESTING else "media"))))
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# --- Observability ------------------------------------------------------------------------
+LOG_LEVEL = env_str("LOG_LEVEL", "WARNING" if TESTING else "INFO").upper()
+LOG_FORMAT = env_str("LOG_FORMAT", "json")
+DJANGO_STRUCTLOG_CELERY_ENABLED = True
+DJANGO_STRUCTLOG_IP_LOGGING_ENABLED = True
+DJANGO_STRUCTLOG_TRUST_UPSTREAM_REQUEST_ID = True  # RequestIdMiddleware validates it first.
+PROMETHEUS_EXPORT_MIGRATIONS = False
+SENTRY_DSN = env_optional("SENTRY_DSN")
+
+from config.logging import configure_logging  # noqa: E402  (needs the settings above)
+
+LOGGING_CONFIG = None
+configure_logging(level=LOG_LEVEL, fmt=LOG_FORMAT)
+
+if SENTRY_DSN:
+    import sentry_sdk
+    from sentry_sdk.integrations.celery import CeleryIntegration
+    from sentry_sdk.integrations.django import DjangoIntegration
+
+    sentry_sdk.init(
+        dsn=SENTRY_DSN,
+        environment=PORTAL_ENV,
+        integrations=[DjangoIntegration(), CeleryIntegration()],
+        traces_sample_rate=float(env_str("SENTRY_TRACES_SAMPLE_RATE", "0")),
+        send_default_pii=False,
+    )

@@ -1,0 +1,19 @@
+"""URLs of the public host (``PUBLIC_HOST``): staff admin pages and staff accounts."""
+
+from django.contrib import admin
+from django.urls import include, path
+
+from config.views import public_home
+from tenants.urls import security_urlpatterns
+
+urlpatterns = [
+    path("", public_home, name="public_home"),
+    path("admin/rq/", include("django_rq.urls")),
+    path("admin/", admin.site.urls),
+    path("accounts/2fa/", include(security_urlpatterns)),
+    path("accounts/", include("allauth.urls")),
+]
+
+handler403 = "config.views.permission_denied"
+handler404 = "config.views.page_not_found"
+handler500 = "config.views.server_error"

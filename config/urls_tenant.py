@@ -1,0 +1,26 @@
+"""URLs of tenant hosts (``<slug>.<BASE_DOMAIN>``): the console, accounts and the REST API."""
+
+from django.urls import include, path, re_path
+
+from billing.api import router as usage_router
+from compliance.api import router as audit_router
+from config.api import api, api_not_found
+from tenants.api import router as tenant_router
+from tenants.urls import security_urlpatterns
+
+api.add_router("/", tenant_router)
+api.add_router("/", audit_router)
+api.add_router("/", usage_router)
+
+urlpatterns = [
+    path("api/v1/", api.urls),
+    re_path(r"^api/(?P<rest>.*)$", api_not_found),
+    path("accounts/2fa/", include(security_urlpatterns)),
+    path("accounts/", include("allauth.urls")),
+    path("audit/", include("compliance.urls")),
+    path("", include("tenants.urls")),
+]
+
+handler403 = "config.views.permission_denied"
+handler404 = "config.views.page_not_found"
+handler500 = "config.views.server_error"

@@ -1,0 +1,302 @@
+"""Staff admin pages on the public host: tenants, domains, users, memberships, plans, keys.
+
+The admin site is django-otp's ``OTPAdminSite``: staff sign in with e-mail, password and a
+TOTP code. Every change made here is recorded in the public audit chain through
+``audit_event_create`` (and, for a tenant's members, in that tenant's chain too).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, render
+from django.urls import path, reverse
+from django.utils.html import format_html
+from django_otp.admin import OTPAdminSite
+
+from compliance.services import audit_event_create
+from config.errors import DomainError
+from tenants.models import ApiKey, Domain, Membership, Plan, Tenant, User
+from tenants.principal import Principal
+from tenants.services.keys import api_key_revoke
+from tenants.services.provisioning import (
+    schema_name_for,
+    slug_validate,
+    tenant_create,
+    tenant_delete,
+    tenant_resume,
+    tenant_suspend,
+)
+
+admin.site.__class__ = OTPAdminSite
+admin.site.site_header = "Agent Ops Portal — staff"
+admin.site.site_title = "Agent Ops Portal staff"
+
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def _staff(request: HttpRequest) -> Principal:
+    return Principal.for_staff(request.user)  # type: ignore[arg-type]
+
+
+def _changes(form: forms.ModelForm[Any]) -> dict[str, Any]:
+    return {name: str(form.cleaned_data.get(name)) for name in form.changed_data if "password" not in name}
+
+
+class AuditedAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Records staff saves and deletions in the public audit chain."""
+
+    audit_target = ""
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        audit_event_create(actor=_staff(request), action=f"{self.audit_target}.{'changed' if change else 'created'}",
+                           target_type=self.audit_target, target_id=obj.pk, payload=_changes(form), schema="public")
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        pk = obj.pk
+        super().delete_model(request, obj)
+        audit_event_create(actor=_staff(request), action=f"{self.audit_target}.deleted",
+                           target_type=self.audit_target, target_id=pk, payload={"repr": str(obj)},
+                           schema="public")
+
+
+class TenantAddForm(forms.ModelForm):  # type: ignore[type-arg]
+    owner_email = forms.EmailField(help_text="The first owner. A new account is created if none exists.")
+    region = forms.ChoiceField(choices=[])
+
+    class Meta:
+        model = Tenant
+        fields = ("slug", "name", "plan", "region", "require_2fa")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["region"].choices = [(r, r) for r in settings.TENANT_REGIONS]
+
+    def clean_slug(self) -> str:
+        slug = self.cleaned_data["slug"]
+        try:
+            slug_validate(slug)
+        except DomainError as exc:
+            raise forms.ValidationError(exc.message) from exc
+        host = f"{slug}.{settings.BASE_DOMAIN}"
+        if Domain.objects.filter(domain=host).exists():
+            raise forms.ValidationError(f"The host {host} is already routed to a tenant.")
+        return slug
+
+
+class DeleteTenantForm(forms.Form):
+    confirm = forms.CharField(label="Type the tenant's slug to confirm")
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("slug", "name", "status", "plan", "region", "require_2fa", "created_at", "host_link")
+    list_filter = ("status", "plan", "region")
+    search_fields = ("slug", "name")
+    readonly_fields = ("slug", "schema_name", "status", "created_at", "suspended_at", "suspended_reason",
+                       "delete_link")
+    fields = ("slug", "schema_name", "name", "plan", "region", "require_2fa", "status", "suspended_at",
+              "suspended_reason", "created_at", "delete_link")
+    actions = ("suspend_selected", "resume_selected")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
+        return super().get_queryset(request).exclude(schema_name=settings.PUBLIC_SCHEMA_NAME).select_related("plan")
+
+    def get_form(self, request: HttpRequest, obj: Tenant | None = None, change: bool = False, **kwargs: Any) -> Any:
+        if obj is None:
+            kwargs["form"] = TenantAddForm
+            kwargs["fields"] = ("slug", "name", "plan", "region", "require_2fa", "owner_email")
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_fields(self, request: HttpRequest, obj: Tenant | None = None) -> Any:
+        if obj is None:
+            return ("slug", "name", "plan", "region", "require_2fa", "owner_email")
+        return self.fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Tenant | None = None) -> Any:
+        return () if obj is None else self.readonly_fields
+
+    def has_delete_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
+        # Deletion drops a schema: it goes through delete_tenant_view, which asks for the slug.
+        return False
+
+    @admin.display(description="Host")
+    def host_link(self, obj: Tenant) -> str:
+        return format_html('<a href="http://{}:{}/">{}</a>', obj.primary_host, settings.PUBLIC_PORT or "80",
+                           obj.primary_host)
+
+    @admin.display(description="Delete")
+    def delete_link(self, obj: Tenant) -> str:
+        if not obj.pk:
+            return "-"
+        url = reverse("admin:tenants_tenant_delete_tenant", args=[obj.pk])
+        return format_html('<a class="deletelink" href="{}">Delete this tenant and its schema…</a>', url)
+
+    def save_model(self, request: HttpRequest, obj: Tenant, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            audit_event_create(actor=_staff(request), action="tenant.changed", target_type="tenant",
+                               target_id=obj.pk, payload=_changes(form), schema="public")
+            return
+        result = tenant_create(
+            actor=_staff(request), slug=obj.slug, name=obj.name, owner_email=form.cleaned_data["owner_email"],
+            plan=obj.plan, region=form.cleaned_data["region"], require_2fa=obj.require_2fa,
+        )
+        obj.pk = result.tenant.pk
+        obj.schema_name = schema_name_for(obj.slug)
+        obj._state.adding = False
+        messages.info(request, f"Provisioned {result.tenant.primary_host}; owner {result.owner.email}"
+                               + (" (new account: send them a password-reset link)" if result.owner_created else ""))
+
+    def get_urls(self) -> list[Any]:
+        return [
+            path("<int:pk>/delete-tenant/", self.admin_site.admin_view(self.delete_tenant_view),
+                 name="tenants_tenant_delete_tenant"),
+            *super().get_urls(),
+        ]
+
+    def delete_tenant_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """Delete a tenant after the staff member types its slug."""
+        tenant = get_object_or_404(Tenant.objects.exclude(schema_name=settings.PUBLIC_SCHEMA_NAME), pk=pk)
+        form = DeleteTenantForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                tenant_delete(actor=_staff(request), tenant=tenant, confirm=form.cleaned_data["confirm"])
+            except DomainError as exc:
+                form.add_error("confirm", exc.message)
+            else:
+                messages.success(request, f"Tenant {tenant.slug} and its schema were deleted.")
+                return HttpResponseRedirect(reverse("admin:tenants_tenant_changelist"))
+        context = {**self.admin_site.each_context(request), "tenant": tenant, "form": form,
+                   "opts": self.model._meta, "title": f"Delete tenant {tenant.slug}"}
+        return render(request, "admin/tenants/delete_tenant.html", context)
+
+    @admin.action(description="Suspend selected tenants")
+    def suspend_selected(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        for tenant in queryset:
+            tenant_suspend(actor=_staff(request), tenant=tenant, reason="suspended by staff")
+        messages.success(request, f"Suspended {queryset.count()} tenant(s).")
+
+    @admin.action(description="Resume selected tenants")
+    def resume_selected(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        for tenant in queryset:
+            tenant_resume(actor=_staff(request), tenant=tenant)
+        messages.success(request, f"Resumed {queryset.count()} tenant(s).")
+
+
+class DomainForm(forms.ModelForm):  # type: ignore[type-arg]
+    class Meta:
+        model = Domain
+        fields = ("domain", "tenant", "is_primary")
+
+    def clean_domain(self) -> str:
+        domain = self.cleaned_data["domain"].strip().lower().rstrip(".")
+        if not HOSTNAME_RE.match(domain):
+            raise forms.ValidationError("Not a valid host name.")
+        if domain == settings.PUBLIC_HOST:
+            raise forms.ValidationError("The public host cannot be routed to a tenant.")
+        return domain
+
+
+@admin.register(Domain)
+class DomainAdmin(AuditedAdmin):
+    form = DomainForm
+    audit_target = "domain"
+    list_display = ("domain", "tenant", "is_primary")
+    search_fields = ("domain", "tenant__slug")
+    list_select_related = ("tenant",)
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "tenant":
+            kwargs["queryset"] = Tenant.objects.exclude(schema_name=settings.PUBLIC_SCHEMA_NAME)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+
+@admin.register(Plan)
+class PlanAdmin(AuditedAdmin):
+    audit_target = "plan"
+    list_display = ("code", "name", "monthly_fee", "currency", "max_members", "max_agents", "is_active")
+
+
+class MembershipInline(admin.TabularInline):  # type: ignore[type-arg]
+    model = Membership
+    fk_name = "user"
+    extra = 0
+    fields = ("tenant", "role", "created_at")
+    readonly_fields = ("tenant", "role", "created_at")
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(User)
+class UserAdmin(DjangoUserAdmin):
+    ordering = ("email",)
+    list_display = ("email", "name", "is_staff", "is_active", "date_joined", "last_login")
+    list_filter = ("is_staff", "is_active")
+    search_fields = ("email", "name")
+    inlines = (MembershipInline,)
+    fieldsets = (
+        (None, {"fields": ("email", "password")}),
+        ("Profile", {"fields": ("name",)}),
+        ("Access", {"fields": ("is_active", "is_staff", "is_superuser")}),
+        ("Dates", {"fields": ("last_login", "date_joined")}),
+    )
+    add_fieldsets = ((None, {"classes": ("wide",), "fields": ("email", "password1", "password2", "is_staff")}),)
+    readonly_fields = ("last_login", "date_joined")
+
+    def save_model(self, request: HttpRequest, obj: User, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        audit_event_create(actor=_staff(request), action=f"user.{'changed' if change else 'created'}",
+                           target_type="user", target_id=obj.pk, payload={"email": obj.email, **_changes(form)},
+                           schema="public")
+
+
+@admin.register(Membership)
+class MembershipAdmin(AuditedAdmin):
+    audit_target = "membership"
+    list_display = ("user", "tenant", "role", "created_at")
+    list_filter = ("role", "tenant")
+    search_fields = ("user__email", "tenant__slug")
+    list_select_related = ("user", "tenant")
+    autocomplete_fields = ("user",)
+
+    def save_model(self, request: HttpRequest, obj: Membership, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        audit_event_create(actor=_staff(request), action=f"member.{'role_changed' if change else 'added'}_by_staff",
+                           target_type="membership", target_id=obj.pk,
+                           payload={"email": obj.user.email, "role": obj.role}, schema=obj.tenant.schema_name)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("prefix", "name", "tenant", "state", "created_at", "last_used_at", "expires_at")
+    list_filter = ("tenant",)
+    search_fields = ("key_id", "name", "tenant__slug")
+    list_select_related = ("tenant", "created_by")
+    readonly_fields = ("tenant", "name", "key_id", "scopes", "created_by", "created_at", "expires_at",
+                       "last_used_at", "revoked_at")
+    exclude = ("secret_hash",)
+    actions = ("revoke_selected",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.action(description="Revoke selected keys")
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        staff = Principal(kind="system", tenant=None, permissions=frozenset(), label=f"staff:{request.user}")
+        for key in queryset:
+            api_key_revoke(principal=staff, key=key)
+        messages.success(request, f"Revoked {queryset.count()} key(s).")

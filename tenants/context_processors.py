@@ -1,0 +1,41 @@
+"""Template context for the console layout: tenant, member, and the navigation they may see."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest
+from django.urls import reverse
+
+from tenants.principal import Principal
+
+# (url name, label, permission needed). Only sections that exist are listed here.
+NAVIGATION: list[tuple[str, str, str]] = [
+    ("dashboard", "Dashboard", "tenant:read"),
+    ("member_list", "Members", "members:read"),
+    ("api_key_list", "API keys", "keys:read"),
+    ("audit_event_list", "Audit", "audit:read"),
+    ("tenant_settings", "Settings", "tenant:admin"),
+]
+
+
+def console(request: HttpRequest) -> dict[str, Any]:
+    tenant = getattr(request, "tenant", None)
+    principal: Principal | None = getattr(request, "principal", None)
+    nav = [
+        {"url": reverse(name), "label": label}
+        for name, label, permission in NAVIGATION
+        if principal is not None and principal.can(permission)
+    ]
+    # The active section is the one whose URL is the longest prefix of the current path.
+    matches = [item for item in nav if request.path.startswith(item["url"])]
+    active = max(matches, key=lambda item: len(item["url"]))["url"] if matches else None
+    for item in nav:
+        item["active"] = item["url"] == active
+    return {
+        "tenant": tenant,
+        "is_public_host": tenant is None or tenant.is_public,
+        "principal": principal,
+        "membership": getattr(request, "membership", None),
+        "nav": nav,
+    }

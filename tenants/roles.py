@@ -1,0 +1,78 @@
+"""Roles, permissions and API-key scopes: one vocabulary for people and programs.
+
+A permission is a string ``<area>:<action>``. A member holds the permissions of their role; an
+API key holds the scopes chosen when it was made, which must be a subset of its creator's
+permissions at that time (nobody can mint a key more powerful than themselves).
+
+| role     | can                                                                        |
+|----------|----------------------------------------------------------------------------|
+| owner    | everything, including managing owners and tenant security settings         |
+| admin    | everything except managing owners and tenant security settings             |
+| operator | build and run: agents, knowledge, chat, own API keys; read members, usage  |
+| viewer   | read agents and knowledge, chat with agents; read members                  |
+| auditor  | read-only: audit trail, usage, members, agents and knowledge               |
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class Role(models.TextChoices):
+    OWNER = "owner", "Owner"
+    ADMIN = "admin", "Admin"
+    OPERATOR = "operator", "Operator"
+    VIEWER = "viewer", "Viewer"
+    AUDITOR = "auditor", "Auditor"
+
+
+# Every permission and what it allows; API-key scopes are chosen from these.
+PERMISSIONS: dict[str, str] = {
+    "tenant:read": "See the tenant's name, plan and dashboard",
+    "tenant:admin": "Change the tenant's security settings (e.g. require 2FA)",
+    "members:read": "List members and invitations",
+    "members:write": "Invite, change roles of and remove members",
+    "keys:read": "List API keys",
+    "keys:write": "Create and revoke API keys",
+    "audit:read": "Read the audit trail",
+    "usage:read": "Read usage events",
+    "agents:read": "Read agents and their versions",
+    "agents:write": "Create, edit, publish and retire agents",
+    "kb:read": "Read and search knowledge collections",
+    "kb:write": "Create collections, upload and delete documents",
+    "chat": "Chat with agents",
+}
+
+_READ = {"tenant:read", "members:read", "agents:read", "kb:read"}
+
+ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    Role.OWNER: frozenset(PERMISSIONS),
+    Role.ADMIN: frozenset(PERMISSIONS) - {"tenant:admin"},
+    Role.OPERATOR: frozenset(
+        _READ | {"keys:read", "keys:write", "usage:read", "agents:write", "kb:write", "chat"}
+    ),
+    Role.VIEWER: frozenset(_READ | {"chat"}),
+    Role.AUDITOR: frozenset(_READ | {"audit:read", "usage:read", "keys:read"}),
+}
+
+# The scopes offered by default when a key is created in the console.
+DEFAULT_KEY_SCOPES = ("tenant:read",)
+
+
+def permissions_for_role(role: str) -> frozenset[str]:
+    """Return the permissions of ``role``; an unknown role has none."""
+    return ROLE_PERMISSIONS.get(role, frozenset())
+
+
+def roles_assignable_by(role: str) -> list[str]:
+    """Roles a member with ``role`` may grant: owners grant any, admins any but owner."""
+    if role == Role.OWNER:
+        return [r.value for r in Role]
+    if role == Role.ADMIN:
+        return [r.value for r in Role if r != Role.OWNER]
+    return []
+
+
+def unknown_scopes(scopes: list[str] | tuple[str, ...]) -> list[str]:
+    """Return the entries of ``scopes`` that are not known permissions, in order."""
+    return [s for s in scopes if s not in PERMISSIONS]

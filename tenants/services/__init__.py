@@ -1,0 +1,1 @@
+"""Writes on the control plane: provisioning, members and invitations, API keys."""

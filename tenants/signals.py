@@ -1,0 +1,40 @@
+"""Receivers: log context for requests, audit events for sign-ins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from django.contrib.auth.signals import user_logged_in, user_login_failed
+from django.dispatch import receiver
+from django_structlog import signals as structlog_signals
+
+from compliance.services import audit_event_create
+from tenants.principal import Principal
+
+
+@receiver(structlog_signals.bind_extra_request_metadata)
+def bind_tenant(request: Any, logger: Any, log_kwargs: dict[str, Any], **kwargs: Any) -> None:
+    """Put the tenant on every log line of the request, from ``request_started`` on."""
+    tenant = getattr(request, "tenant", None)
+    if tenant is not None:
+        structlog.contextvars.bind_contextvars(tenant=tenant.slug)
+
+
+@receiver(user_logged_in)
+def audit_login(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+    """Sign-ins are recorded in the chain of the host's schema (tenant or public)."""
+    if request is None:
+        return
+    audit_event_create(actor=Principal(kind="user", tenant=None, permissions=frozenset(), user=user,
+                                       label=user.email),
+                       action="user.logged_in", target_type="user", target_id=user.pk)
+
+
+@receiver(user_login_failed)
+def audit_login_failed(sender: Any, credentials: dict[str, Any], request: Any = None, **kwargs: Any) -> None:
+    if request is None:
+        return
+    label = str(credentials.get("email") or credentials.get("username") or "")[:254]
+    audit_event_create(actor=Principal.system(label="anonymous"), action="user.login_failed",
+                       target_type="user", payload={"email": label})
