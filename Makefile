@@ -10,8 +10,9 @@ run: install migrate seed ## Install, migrate, seed and start every Procfile pro
 	@echo "Starting web, celery, beat and rq (Ctrl-C stops them all). Credentials: var/demo-credentials"
 	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/honcho start -f Procfile
 
-test: install browsers ## Lint, Django checks, migration check and the pytest suite
+test: install browsers ## Lint, types, Django checks, migration check and the pytest suite
 	.venv/bin/ruff check .
+	.venv/bin/mypy .
 	$(PY) manage.py check --fail-level WARNING
 	$(PY) manage.py makemigrations --check --dry-run
 	.venv/bin/pytest

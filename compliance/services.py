@@ -46,7 +46,7 @@ def audit_event_create(
     records. Writers of one schema are serialized by a transaction-scoped advisory lock, so
     concurrent writers extend one chain and never fork it.
     """
-    schema = schema or connection.schema_name
+    schema = schema or connection.schema_name  # type: ignore[attr-defined]  # django-tenants' backend
     context = structlog.contextvars.get_contextvars()
     with schema_context(schema):
         with connection.cursor() as cursor:
@@ -64,7 +64,9 @@ def audit_event_create(
             target_id=str(target_id)[:64],
             payload=normalize_payload(redact(payload or {})),
             request_id=str(context.get("request_id") or "")[:128],
-            ip=context.get("ip") or None,
+            # In the form the column stores (IPv6 lower-cased and compressed), so the hash
+            # covers what audit_verify will read back.
+            ip=AuditEvent._meta.get_field("ip").get_prep_value(context.get("ip") or None),
             prev_hash=prev_hash,
         )
         event.hash = event_hash(schema=schema, event=event, prev_hash=prev_hash)

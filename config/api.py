@@ -30,7 +30,7 @@ from ninja.errors import ValidationError as NinjaValidationError
 from ninja.security import APIKeyCookie, HttpBearer
 
 from config.errors import DomainError, Forbidden, NotAuthenticated, ValidationFailed
-from tenants.middleware import two_factor_required
+from tenants.middleware import otp_verified, two_factor_required
 from tenants.models import Membership
 from tenants.principal import Principal
 from tenants.services.keys import api_key_authenticate
@@ -108,7 +108,7 @@ class MemberSessionAuth(APIKeyCookie):
         membership = Membership.objects.select_related("user", "tenant").filter(user=user, tenant=tenant).first()
         if membership is None:
             raise Forbidden(f"{user.email} is not a member of this tenant.", code="not_a_member")
-        if not user.is_verified() and (
+        if not otp_verified(user) and (
             two_factor_required(user, membership, tenant)
             or TOTPDevice.objects.filter(user=user, confirmed=True).exists()
         ):

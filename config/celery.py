@@ -15,3 +15,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 app = CeleryApp("portal")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+# Bind request_id (propagated from the request that sent the task), task id and tenant to every
+# log line a task writes.
+from django_structlog.celery.steps import DjangoStructLogInitStep  # noqa: E402
+
+app.steps["worker"].add(DjangoStructLogInitStep)

@@ -15,10 +15,15 @@ from django.utils.cache import patch_vary_headers
 from config.errors import DomainError
 
 
+def is_htmx(request: HttpRequest) -> bool:
+    """True when htmx sent the request (django-htmx's ``request.htmx`` is truthy)."""
+    return bool(getattr(request, "htmx", False))
+
+
 def is_fragment(request: HttpRequest) -> bool:
     """True for an htmx request that wants a fragment (not a boosted full-page navigation)."""
     htmx = getattr(request, "htmx", None)
-    return bool(htmx) and not htmx.boosted
+    return bool(htmx) and not htmx.boosted  # type: ignore[union-attr]
 
 
 def render_page(request: HttpRequest, template: str, context: dict[str, Any], *, partial: str | None = None,

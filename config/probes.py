@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 
+import structlog
+from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
+
+logger = structlog.get_logger(__name__)
 
 
 def liveness(request: HttpRequest) -> HttpResponse:
@@ -17,8 +22,9 @@ def _check_database() -> str | None:
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
-    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", reported as text
-        return f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+        logger.warning("readiness_check_failed", check="database", error=str(exc))
+        return type(exc).__name__
     return None
 
 
@@ -27,8 +33,9 @@ def _check_redis() -> str | None:
 
     try:
         redis_client().ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", reported as text
-        return f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+        logger.warning("readiness_check_failed", check="redis", error=str(exc))
+        return type(exc).__name__
     return None
 
 
@@ -36,7 +43,8 @@ def readiness(request: HttpRequest) -> HttpResponse:
     """200 when PostgreSQL and Redis both answer, else 503 naming what failed.
 
     Body: ``{"status": "ok"|"unavailable", "checks": {"database": {"ok", "ms", "error"},
-    "redis": {...}}}`` with round-trip times in milliseconds.
+    "redis": {...}}}`` with round-trip times in milliseconds. ``error`` is only the exception's
+    class name (the endpoint is reachable on every host); the full message goes to the log.
     """
     checks: dict[str, dict[str, object]] = {}
     for name, check in (("database", _check_database), ("redis", _check_redis)):
@@ -52,7 +60,17 @@ def readiness(request: HttpRequest) -> HttpResponse:
 
 
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus text exposition of the process's metrics (django-prometheus registry)."""
+    """Prometheus text exposition of the process's metrics (django-prometheus registry).
+
+    With ``METRICS_TOKEN`` set, the caller must send it as a bearer token (401 otherwise).
+    """
     from django_prometheus.exports import ExportToDjangoView
+
+    token = settings.METRICS_TOKEN
+    if token:
+        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(supplied.encode(), token.encode()):
+            return JsonResponse({"error": {"code": "not_authenticated", "message": "Metrics need a token."}},
+                                status=401)
 
     return ExportToDjangoView(request)

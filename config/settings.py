@@ -18,6 +18,8 @@ from django.core.exceptions import ImproperlyConfigured
 from config.env import env_bool, env_int, env_list, env_optional, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# litellm must never fetch its model price map at run time; a system check refuses other values.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 VAR_DIR = Path(env_str("PORTAL_VAR_DIR", str(BASE_DIR / "var")))
 
 # pytest sets PYTEST_VERSION for the whole session (pytest >= 8.2), before Django is set up.
@@ -165,7 +167,8 @@ DATABASES = {
         "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 0 if TESTING else 60, minimum=0),
         "CONN_HEALTH_CHECKS": True,
         "ATOMIC_REQUESTS": False,
-        "TEST": {"NAME": "test_portal"},
+        # Per process, so that several test runs can share the embedded test server.
+        "TEST": {"NAME": env_str("TEST_DATABASE_NAME", f"test_portal_{os.getpid()}")},
     }
 }
 DATABASE_ROUTERS = ("django_tenants.routers.TenantSyncRouter",)
@@ -240,6 +243,12 @@ CSRF_COOKIE_SECURE = not DEVELOPMENT
 SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 60 * 60 * 12, minimum=300)
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("BEHIND_TLS_PROXY", False) else None
 SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+# Probes answer on any host (orchestrators call pods by IP); health answers never need a
+# redirect to HTTPS.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 
@@ -252,6 +261,15 @@ EMAIL_BACKEND = env_str(
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "portal@localhost")
 EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
 EMAIL_PORT = env_int("EMAIL_PORT", 25)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+
+# --- Knowledge base ---------------------------------------------------------------------
+KB_MAX_UPLOAD_MB = env_int("KB_MAX_UPLOAD_MB", 50, minimum=1)
+# Paths (regular expressions) whose bodies are uploads, bounded by KB_MAX_UPLOAD_MB instead of
+# API_MAX_BODY_BYTES.
+UPLOAD_PATH_PREFIXES: list[str] = []
 
 # --- API ----------------------------------------------------------------------------------
 API_KEY_PREFIX = "aop"
@@ -298,6 +316,8 @@ DJANGO_STRUCTLOG_IP_LOGGING_ENABLED = True
 DJANGO_STRUCTLOG_TRUST_UPSTREAM_REQUEST_ID = True  # RequestIdMiddleware validates it first.
 PROMETHEUS_EXPORT_MIGRATIONS = False
 SENTRY_DSN = env_optional("SENTRY_DSN")
+# When set, /metrics requires "Authorization: Bearer <METRICS_TOKEN>" (it answers on every host).
+METRICS_TOKEN = env_optional("METRICS_TOKEN")
 
 from config.logging import configure_logging  # noqa: E402  (needs the settings above)
 

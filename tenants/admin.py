@@ -8,7 +8,7 @@ TOTP code. Every change made here is recorded in the public audit chain through
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.conf import settings
@@ -39,6 +39,22 @@ admin.site.__class__ = OTPAdminSite
 admin.site.site_header = "Agent Ops Portal — staff"
 admin.site.site_title = "Agent Ops Portal staff"
 
+
+def _unregister_unaudited() -> None:
+    """Library admin pages that would change rows without an audit event. Staff reset a user's
+    two-factor devices with the audited action on the user page instead."""
+    from allauth.account.models import EmailAddress
+    from django.contrib.auth.models import Group
+    from django_otp.plugins.otp_static.models import StaticDevice
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+
+    for model in (Group, EmailAddress, TOTPDevice, StaticDevice):
+        if admin.site.is_registered(model):
+            admin.site.unregister(model)
+
+
+_unregister_unaudited()
+
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
@@ -51,7 +67,7 @@ def _changes(form: forms.ModelForm[Any]) -> dict[str, Any]:
 
 
 class AuditedAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    """Records staff saves and deletions in the public audit chain."""
+    """Records staff saves and deletions in the public audit chain (bulk deletes one by one)."""
 
     audit_target = ""
 
@@ -67,6 +83,10 @@ class AuditedAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                            target_type=self.audit_target, target_id=pk, payload={"repr": str(obj)},
                            schema="public")
 
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        for obj in queryset:
+            self.delete_model(request, obj)
+
 
 class TenantAddForm(forms.ModelForm):  # type: ignore[type-arg]
     owner_email = forms.EmailField(help_text="The first owner. A new account is created if none exists.")
@@ -78,7 +98,7 @@ class TenantAddForm(forms.ModelForm):  # type: ignore[type-arg]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["region"].choices = [(r, r) for r in settings.TENANT_REGIONS]
+        cast(forms.ChoiceField, self.fields["region"]).choices = [(r, r) for r in settings.TENANT_REGIONS]
 
     def clean_slug(self) -> str:
         slug = self.cleaned_data["slug"]
@@ -253,12 +273,38 @@ class UserAdmin(DjangoUserAdmin):
     )
     add_fieldsets = ((None, {"classes": ("wide",), "fields": ("email", "password1", "password2", "is_staff")}),)
     readonly_fields = ("last_login", "date_joined")
+    actions = ("reset_two_factor",)
 
     def save_model(self, request: HttpRequest, obj: User, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
         audit_event_create(actor=_staff(request), action=f"user.{'changed' if change else 'created'}",
                            target_type="user", target_id=obj.pk, payload={"email": obj.email, **_changes(form)},
                            schema="public")
+
+    def delete_model(self, request: HttpRequest, obj: User) -> None:
+        pk, email = obj.pk, obj.email
+        super().delete_model(request, obj)
+        audit_event_create(actor=_staff(request), action="user.deleted", target_type="user", target_id=pk,
+                           payload={"email": email}, schema="public")
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        for user in queryset:
+            self.delete_model(request, user)
+
+    @admin.action(description="Reset two-factor authentication (lost device)")
+    def reset_two_factor(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        from django.db import transaction
+        from django_otp.plugins.otp_static.models import StaticDevice
+        from django_otp.plugins.otp_totp.models import TOTPDevice
+
+        for user in queryset:
+            with transaction.atomic():
+                TOTPDevice.objects.filter(user=user).delete()
+                StaticDevice.objects.filter(user=user).delete()
+                audit_event_create(actor=_staff(request), action="user.2fa_reset_by_staff", target_type="user",
+                                   target_id=user.pk, payload={"email": user.email}, schema="public")
+        messages.success(request, f"Two-factor authentication reset for {queryset.count()} user(s); "
+                                  "they enrol again at their next sign-in.")
 
 
 @admin.register(Membership)
@@ -275,6 +321,12 @@ class MembershipAdmin(AuditedAdmin):
         audit_event_create(actor=_staff(request), action=f"member.{'role_changed' if change else 'added'}_by_staff",
                            target_type="membership", target_id=obj.pk,
                            payload={"email": obj.user.email, "role": obj.role}, schema=obj.tenant.schema_name)
+
+    def delete_model(self, request: HttpRequest, obj: Membership) -> None:
+        schema, pk, email = obj.tenant.schema_name, obj.pk, obj.user.email
+        super().delete_model(request, obj)
+        audit_event_create(actor=_staff(request), action="member.removed_by_staff", target_type="membership",
+                           target_id=pk, payload={"email": email}, schema=schema)
 
 
 @admin.register(ApiKey)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import HttpRequest
-from ninja import Query, Router, Schema
+from ninja import Query, Router, Schema, Status
 
 from config.api import keyset_page, principal_of
 from tenants import selectors
@@ -77,11 +77,11 @@ def invitation_list(request: HttpRequest, page: Query[PageParams]) -> dict[str, 
 
 @router.post("/members/invitations", response={201: InvitationCreated}, tags=["members"],
              summary="Invite someone by e-mail")
-def invitation_create(request: HttpRequest, payload: InvitationIn) -> tuple[int, dict[str, Any]]:
+def invitation_create(request: HttpRequest, payload: InvitationIn) -> Status[dict[str, Any]]:
     issued = member_services.invitation_create(
         principal=principal_of(request), tenant=request.tenant, email=payload.email, role=payload.role  # type: ignore[attr-defined]
     )
-    return 201, {**invitation_out(issued.invitation), "accept_url": issued.accept_url()}
+    return Status(201, {**invitation_out(issued.invitation), "accept_url": issued.accept_url()})
 
 
 @router.delete("/members/invitations/{invitation_id}", response=InvitationOut, tags=["members"],
@@ -115,11 +115,11 @@ def member_role_change(request: HttpRequest, membership_id: int, payload: RoleIn
 
 
 @router.delete("/members/{membership_id}", response={204: None}, tags=["members"], summary="Remove a member")
-def member_remove(request: HttpRequest, membership_id: int) -> tuple[int, None]:
+def member_remove(request: HttpRequest, membership_id: int) -> Status[None]:
     principal = principal_of(request)
     membership = selectors.member_get(principal=principal, tenant=request.tenant, membership_id=membership_id)  # type: ignore[attr-defined]
     member_services.membership_remove(principal=principal, membership=membership)
-    return 204, None
+    return Status(204, None)
 
 
 @router.get("/api-keys", response=ApiKeyPage, tags=["api keys"], summary="API keys")
@@ -130,12 +130,12 @@ def api_key_list(request: HttpRequest, page: Query[PageParams]) -> dict[str, Any
 
 
 @router.post("/api-keys", response={201: ApiKeyCreated}, tags=["api keys"], summary="Create an API key")
-def api_key_create(request: HttpRequest, payload: ApiKeyIn) -> tuple[int, dict[str, Any]]:
+def api_key_create(request: HttpRequest, payload: ApiKeyIn) -> Status[dict[str, Any]]:
     issued = key_services.api_key_create(
         principal=principal_of(request), tenant=request.tenant, name=payload.name,  # type: ignore[attr-defined]
         scopes=payload.scopes, expires_at=payload.expires_at,
     )
-    return 201, {**api_key_out(issued.key), "secret": issued.secret}
+    return Status(201, {**api_key_out(issued.key), "secret": issued.secret})
 
 
 @router.delete("/api-keys/{key_id}", response=ApiKeyOut, tags=["api keys"], summary="Revoke an API key")

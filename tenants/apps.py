@@ -6,4 +6,4 @@ class TenantsConfig(AppConfig):
     verbose_name = "Tenants and accounts"
 
     def ready(self) -> None:
-        from tenants import signals  # noqa: F401  (connects receivers)
+        from tenants import checks, signals  # noqa: F401  (registers checks, connects receivers)

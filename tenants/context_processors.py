@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest
 from django.urls import reverse
 
@@ -22,7 +23,7 @@ NAVIGATION: list[tuple[str, str, str]] = [
 def console(request: HttpRequest) -> dict[str, Any]:
     tenant = getattr(request, "tenant", None)
     principal: Principal | None = getattr(request, "principal", None)
-    nav = [
+    nav: list[dict[str, Any]] = [
         {"url": reverse(name), "label": label}
         for name, label, permission in NAVIGATION
         if principal is not None and principal.can(permission)
@@ -33,6 +34,7 @@ def console(request: HttpRequest) -> dict[str, Any]:
     for item in nav:
         item["active"] = item["url"] == active
     return {
+        "base_domain": settings.BASE_DOMAIN,
         "tenant": tenant,
         "is_public_host": tenant is None or tenant.is_public,
         "principal": principal,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.contrib.auth.password_validation import validate_password
@@ -27,7 +27,9 @@ class InviteForm(forms.Form):
     def __init__(self, *args: Any, assignable: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if assignable is not None:
-            self.fields["role"].choices = [(v, label) for v, label in Role.choices if v in assignable]
+            cast(forms.ChoiceField, self.fields["role"]).choices = [
+                (v, label) for v, label in Role.choices if v in assignable
+            ]
         self.fields["role"].initial = Role.VIEWER
 
 
@@ -43,7 +45,9 @@ class ApiKeyForm(forms.Form):
     def __init__(self, *args: Any, held: frozenset[str] = frozenset(), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Offer only the scopes the creator holds: a key can never exceed its maker.
-        self.fields["scopes"].choices = [(p, f"{p} — {d}") for p, d in PERMISSIONS.items() if p in held]
+        cast(forms.ChoiceField, self.fields["scopes"]).choices = [
+            (p, f"{p} — {d}") for p, d in PERMISSIONS.items() if p in held
+        ]
 
     def expires_at(self) -> dt.datetime | None:
         days = self.cleaned_data.get("expires_in_days")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import structlog
 from django.conf import settings
@@ -54,6 +55,12 @@ def _error(request: HttpRequest, status: int, code: str, message: str, template:
     return render(request, template, {"message": message, **(context or {})}, status=status)
 
 
+def otp_verified(user: Any) -> bool:
+    """True when this session passed two-factor verification (set by django-otp's middleware)."""
+    is_verified = getattr(user, "is_verified", None)
+    return bool(is_verified and is_verified())
+
+
 def two_factor_required(user: Any, membership: Membership | None, tenant: Tenant | None) -> bool:
     """True when ``user`` must use 2FA here: staff always (``STAFF_REQUIRE_2FA``), owners and
     admins of a tenant that requires it."""
@@ -83,7 +90,7 @@ class TenantAccessMiddleware:
             return None
         if not tenant.is_public and not tenant.is_active:
             return _error(request, 403, "tenant_suspended",
-                          f"The workspace '{tenant.name}' is suspended. Contact your administrator.",
+                          f"The workspace '{tenant.slug}' is suspended. Contact your administrator.",
                           "errors/suspended.html", {"tenant": tenant})
         if _wants_json(request) or getattr(view_func, "login_required", True) is False:
             return None
@@ -98,18 +105,19 @@ class TenantAccessMiddleware:
             )
             if membership is None:
                 return _error(request, 403, "not_a_member",
-                              f"{user.email} is not a member of {tenant.name}.",
+                              f"{user.email} is not a member of the workspace '{tenant.slug}'.",
                               "errors/not_member.html", {"tenant": tenant})
             request.membership = membership  # type: ignore[attr-defined]
             request.principal = Principal.for_member(membership)  # type: ignore[attr-defined]
             structlog.contextvars.bind_contextvars(role=membership.role)
 
-        if user.is_authenticated and not getattr(view_func, "otp_exempt", False) and not user.is_verified():
+        if user.is_authenticated and not getattr(view_func, "otp_exempt", False) and not otp_verified(user):
             has_device = TOTPDevice.objects.filter(user=user, confirmed=True).exists()
             if has_device:
-                return redirect(f"{_url('two_factor_verify')}?next={request.get_full_path()}")
+                return redirect(f"{_url('two_factor_verify')}?{urlencode({'next': request.get_full_path()})}")
             if two_factor_required(user, membership, tenant):
-                return redirect(f"{_url('two_factor_setup')}?required=1&next={request.get_full_path()}")
+                query = urlencode({"required": 1, "next": request.get_full_path()})
+                return redirect(f"{_url('two_factor_setup')}?{query}")
         return None
 
 

@@ -15,7 +15,7 @@ from django_tenants.models import DomainMixin, TenantMixin
 from tenants.roles import Role
 
 
-class Plan(models.Model):
+class Plan(models.Model):  # type: ignore[django-manager-missing]  # reverse FK from a TenantMixin subclass
     """A commercial plan a tenant is on: its monthly fee and the limits it grants.
 
     ``None`` in a limit means unlimited.

@@ -38,3 +38,35 @@ def audit_login_failed(sender: Any, credentials: dict[str, Any], request: Any = 
     label = str(credentials.get("email") or credentials.get("username") or "")[:254]
     audit_event_create(actor=Principal.system(label="anonymous"), action="user.login_failed",
                        target_type="user", payload={"email": label})
+
+
+def _user_actor(user: Any) -> Principal:
+    return Principal(kind="user", tenant=None, permissions=frozenset(), user=user, label=user.email)
+
+
+def _connect_allauth() -> None:
+    from allauth.account.signals import email_confirmed, password_changed, password_reset, password_set
+
+    @receiver(password_changed, weak=False)
+    def audit_password_changed(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+        audit_event_create(actor=_user_actor(user), action="user.password_changed", target_type="user",
+                           target_id=user.pk)
+
+    @receiver(password_set, weak=False)
+    def audit_password_set(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+        audit_event_create(actor=_user_actor(user), action="user.password_set", target_type="user",
+                           target_id=user.pk)
+
+    @receiver(password_reset, weak=False)
+    def audit_password_reset(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+        audit_event_create(actor=_user_actor(user), action="user.password_reset", target_type="user",
+                           target_id=user.pk)
+
+    @receiver(email_confirmed, weak=False)
+    def audit_email_confirmed(sender: Any, request: Any, email_address: Any, **kwargs: Any) -> None:
+        audit_event_create(actor=_user_actor(email_address.user), action="user.email_confirmed",
+                           target_type="user", target_id=email_address.user_id,
+                           payload={"email": email_address.email})
+
+
+_connect_allauth()

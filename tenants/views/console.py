@@ -21,7 +21,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from billing.models import UsageEvent
 from compliance.models import AuditEvent
 from config.errors import DomainError
-from config.htmx import after_write, domain_errors_as_pages, render_page
+from config.htmx import after_write, domain_errors_as_pages, is_htmx, render_page
 from tenants import selectors
 from tenants.forms import AcceptInvitationForm, ApiKeyForm, InviteForm, RoleForm, TenantSettingsForm
 from tenants.principal import Principal
@@ -102,7 +102,7 @@ def member_list(request: HttpRequest) -> HttpResponse:
                     redirect_to=reverse("member_list"),
                 )
         return render_page(request, "tenants/member_list.html", _members_context(request, form),
-                           partial="members-section", status=422 if not request.htmx else 200)
+                           partial="members-section", status=422 if not is_htmx(request) else 200)
     return render_page(request, "tenants/member_list.html", _members_context(request), partial="members-section")
 
 
@@ -198,11 +198,11 @@ def api_key_list(request: HttpRequest) -> HttpResponse:
                 # redirect would have to carry it through the session.
                 response = render_page(request, "tenants/api_key_list.html",
                                        _keys_context(request, secret=issued.secret, created=issued.key),
-                                       partial="keys-section", status=201 if not request.htmx else 200)
+                                       partial="keys-section", status=201 if not is_htmx(request) else 200)
                 response["Cache-Control"] = "no-store"
                 return response
         return render_page(request, "tenants/api_key_list.html", _keys_context(request, form),
-                           partial="keys-section", status=422 if not request.htmx else 200)
+                           partial="keys-section", status=422 if not is_htmx(request) else 200)
     return render_page(request, "tenants/api_key_list.html", _keys_context(request), partial="keys-section")
 
 

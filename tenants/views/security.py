@@ -13,11 +13,12 @@ from typing import Any
 import qrcode
 import qrcode.image.svg
 from django.conf import settings
+from django.contrib.auth.decorators import login_required
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_http_methods, require_POST
 from django_otp import login as otp_login
 from django_otp import match_token
@@ -26,7 +27,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from compliance.services import audit_event_create
 from tenants.forms import TokenForm
-from tenants.middleware import two_factor_required
+from tenants.middleware import otp_verified, two_factor_required
 from tenants.principal import Principal
 
 
@@ -67,12 +68,16 @@ def recovery_codes_issue(user: Any) -> list[str]:
 
 
 @otp_exempt
+@login_required  # The public host's middleware lets anonymous visitors through to every view.
 @require_http_methods(["GET", "POST"])
 def two_factor_setup(request: HttpRequest) -> HttpResponse:
     """Enrol an authenticator app (TOTP, RFC 6238: 30-second steps, 6 digits, SHA-1)."""
     user = request.user
-    if TOTPDevice.objects.filter(user=user, confirmed=True).exists() and request.user.is_verified():  # type: ignore[union-attr]
-        return redirect("two_factor_security")
+    if TOTPDevice.objects.filter(user=user, confirmed=True).exists():
+        if otp_verified(request.user):
+            return redirect("two_factor_security")
+        # Replacing the second factor needs the current one: a password alone must not do it.
+        return redirect(f"{reverse('two_factor_verify')}?{urlencode({'next': request.get_full_path()})}")
     device = TOTPDevice.objects.filter(user=user, confirmed=False).first()
     if device is None:
         device = TOTPDevice.objects.create(user=user, name="authenticator", confirmed=False)
@@ -85,7 +90,7 @@ def two_factor_setup(request: HttpRequest) -> HttpResponse:
                 device.save(update_fields=["confirmed"])
                 codes = recovery_codes_issue(user)
                 audit_event_create(actor=_actor(request), action="user.2fa_enabled", target_type="user",
-                                   target_id=user.pk, payload={"method": "totp"})
+                                   target_id=user.pk or "", payload={"method": "totp"})
             otp_login(request, device)
             return render(request, "security/recovery_codes.html", {"codes": codes, "next": _safe_next(request)})
         form.add_error("token", "That code is not valid. Check the time on your phone and try the newest code.")
@@ -103,10 +108,11 @@ def _base32(device: TOTPDevice) -> str:
 
 
 @otp_exempt
+@login_required
 @require_http_methods(["GET", "POST"])
 def two_factor_verify(request: HttpRequest) -> HttpResponse:
     """Second step after sign-in: a TOTP code or a single-use recovery code."""
-    if request.user.is_verified():  # type: ignore[union-attr]
+    if otp_verified(request.user):
         return redirect(_safe_next(request))
     form = TokenForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
@@ -115,12 +121,13 @@ def two_factor_verify(request: HttpRequest) -> HttpResponse:
             otp_login(request, device)
             if isinstance(device, StaticDevice):
                 audit_event_create(actor=_actor(request), action="user.recovery_code_used", target_type="user",
-                                   target_id=request.user.pk, payload={"remaining": device.token_set.count()})
+                                   target_id=request.user.pk or "", payload={"remaining": device.token_set.count()})
             return redirect(_safe_next(request))
         form.add_error("token", "That code is not valid.")
     return render(request, "security/verify.html", {"form": form, "next": _safe_next(request)})
 
 
+@login_required
 def two_factor_security(request: HttpRequest) -> HttpResponse:
     """The account's security page: 2FA status, recovery codes left, actions."""
     user = request.user
@@ -135,11 +142,11 @@ def two_factor_security(request: HttpRequest) -> HttpResponse:
 @require_POST
 def recovery_codes_regenerate(request: HttpRequest) -> HttpResponse:
     """New recovery codes (the old ones stop working); needs a verified session."""
-    if not request.user.is_verified():  # type: ignore[union-attr]
+    if not otp_verified(request.user):
         return redirect(f"{reverse('two_factor_verify')}?next={reverse('two_factor_security')}")
     codes = recovery_codes_issue(request.user)
     audit_event_create(actor=_actor(request), action="user.recovery_codes_regenerated", target_type="user",
-                       target_id=request.user.pk)
+                       target_id=request.user.pk or "")
     return render(request, "security/recovery_codes.html", {"codes": codes, "next": reverse("two_factor_security")})
 
 
@@ -147,7 +154,7 @@ def recovery_codes_regenerate(request: HttpRequest) -> HttpResponse:
 def two_factor_disable(request: HttpRequest) -> HttpResponse:
     """Remove 2FA, unless it is required of this user here; needs a verified session."""
     user = request.user
-    if not user.is_verified():  # type: ignore[union-attr]
+    if not otp_verified(user):  # type: ignore[union-attr]
         return redirect(f"{reverse('two_factor_verify')}?next={reverse('two_factor_security')}")
     if two_factor_required(user, getattr(request, "membership", None), getattr(request, "tenant", None)):
         return render(request, "errors/error.html",
@@ -156,5 +163,6 @@ def two_factor_disable(request: HttpRequest) -> HttpResponse:
     with transaction.atomic():
         TOTPDevice.objects.filter(user=user).delete()
         StaticDevice.objects.filter(user=user).delete()
-        audit_event_create(actor=_actor(request), action="user.2fa_disabled", target_type="user", target_id=user.pk)
+        audit_event_create(actor=_actor(request), action="user.2fa_disabled", target_type="user",
+                           target_id=user.pk or "")
     return redirect("two_factor_security")

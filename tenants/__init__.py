@@ -1,0 +1,1 @@
+"""Control plane: tenants, accounts, memberships, API keys (public schema)."""

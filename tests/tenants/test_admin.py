@@ -1,0 +1,109 @@
+"""Staff admin pages, password reset, and the production settings checks."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.core import mail
+from django.core.checks import run_checks
+from django.test import Client, override_settings
+from django_otp.plugins.otp_totp.models import TOTPDevice
+
+from compliance.models import AuditEvent
+from tenants.models import Tenant, User
+from tests.conftest import HOST_A, World, host_client
+
+
+def _verified_staff(world: World) -> Client:
+    staff = world.user("staff")
+    device = TOTPDevice.objects.create(user=staff, name="t", confirmed=True)
+    client = host_client("localhost", staff)
+    session = client.session
+    session["otp_device_id"] = device.persistent_id
+    session.save()
+    return client
+
+
+@pytest.mark.parametrize("path", [
+    "/admin/", "/admin/tenants/tenant/", "/admin/tenants/tenant/add/", "/admin/tenants/domain/",
+    "/admin/tenants/user/", "/admin/tenants/membership/", "/admin/tenants/plan/", "/admin/tenants/apikey/",
+    "/admin/compliance/auditevent/",
+])
+def test_verified_staff_open_every_admin_page(world: World, path: str) -> None:
+    response = _verified_staff(world).get(path)
+    assert response.status_code == 200, path
+
+
+def test_staff_without_a_verified_device_do_not_get_the_admin(world: World) -> None:
+    client = host_client("localhost", world.user("staff"))
+    response = client.get("/admin/tenants/tenant/")
+    assert response.status_code == 302
+    assert "/admin/tenants/tenant/" not in response["Location"] or "login" in response["Location"]
+
+
+def test_members_who_are_not_staff_do_not_get_the_admin(world: World) -> None:
+    response = host_client("localhost", world.user("owner")).get("/admin/")
+    assert response.status_code == 302
+
+
+def test_staff_suspend_and_resume_from_the_admin(world: World) -> None:
+    client = _verified_staff(world)
+    client.post("/admin/tenants/tenant/", {"action": "suspend_selected", "_selected_action": [world.tenant_b.pk]})
+    assert Tenant.objects.get(pk=world.tenant_b.pk).status == "suspended"
+    client.post("/admin/tenants/tenant/", {"action": "resume_selected", "_selected_action": [world.tenant_b.pk]})
+    assert Tenant.objects.get(pk=world.tenant_b.pk).status == "active"
+    actions = set(AuditEvent.objects.filter(actor_type="staff").values_list("action", flat=True))
+    assert {"tenant.suspended", "tenant.resumed"} <= actions
+
+
+def test_staff_delete_a_tenant_only_after_typing_its_slug(world: World) -> None:
+    client = _verified_staff(world)
+    url = f"/admin/tenants/tenant/{world.tenant_b.pk}/delete-tenant/"
+    assert client.get(url).status_code == 200
+    wrong = client.post(url, {"confirm": "GLOBEX"})
+    assert wrong.status_code == 200 and Tenant.objects.filter(pk=world.tenant_b.pk).exists()
+    assert client.post(url, {"confirm": "globex"}).status_code == 302
+    assert not Tenant.objects.filter(pk=world.tenant_b.pk).exists()
+
+
+def test_the_public_tenant_is_not_listed_and_cannot_be_deleted(world: World) -> None:
+    client = _verified_staff(world)
+    public = Tenant.objects.get(schema_name="public")
+    assert client.get(f"/admin/tenants/tenant/{public.pk}/delete-tenant/").status_code == 404
+    assert b">public<" not in client.get("/admin/tenants/tenant/").content
+
+
+def test_staff_reset_a_users_two_factor_and_it_is_audited(world: World) -> None:
+    owner = world.user("owner")
+    TOTPDevice.objects.create(user=owner, name="lost phone", confirmed=True)
+    client = _verified_staff(world)
+    client.post("/admin/tenants/user/", {"action": "reset_two_factor", "_selected_action": [owner.pk]})
+    assert not TOTPDevice.objects.filter(user=owner).exists()
+    assert AuditEvent.objects.filter(action="user.2fa_reset_by_staff", target_id=str(owner.pk)).exists()
+
+
+def test_password_reset_links_point_at_the_tenant_host_and_work(world: World) -> None:
+    client = host_client(HOST_A)
+    client.post("/accounts/password/reset/", {"email": "viewer@acme.test"})
+    assert len(mail.outbox) == 1
+    link = re.search(r"http://acme\.localhost\S*/accounts/password/reset/key/\S+", mail.outbox[0].body)
+    assert link is not None, mail.outbox[0].body
+    path = "/" + link.group(0).split("/", 3)[3]
+    form = client.get(path, follow=True)
+    assert form.status_code == 200
+    response = client.post(form.redirect_chain[-1][0] if form.redirect_chain else path,
+                           {"password1": "a brand new passphrase 7", "password2": "a brand new passphrase 7"})
+    assert response.status_code == 302
+    assert User.objects.get(email="viewer@acme.test").check_password("a brand new passphrase 7")
+
+
+def test_production_refuses_development_defaults(world: World) -> None:
+    with override_settings(DEVELOPMENT=False, DEBUG=True, SECRET_KEY="short", SESSION_COOKIE_SECURE=False):
+        ids = {message.id for message in run_checks()}
+    assert {"portal.E002", "portal.E004", "portal.E005"} <= ids
+
+
+def test_the_litellm_price_map_must_stay_local(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "False")
+    assert "portal.E001" in {message.id for message in run_checks()}
