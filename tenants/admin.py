@@ -14,6 +14,7 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.contrib.auth.views import redirect_to_login
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
@@ -35,7 +36,21 @@ from tenants.services.provisioning import (
     tenant_suspend,
 )
 
-admin.site.__class__ = OTPAdminSite
+
+class PortalAdminSite(OTPAdminSite):
+    """The staff pages. Like ``OTPAdminSite`` they need a session verified by a second factor;
+    signing in goes through the portal's own sign-in and two-factor pages (one flow for staff and
+    members) instead of django-otp's two-step admin form."""
+
+    def login(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        if request.user.is_authenticated and not request.user.is_staff:
+            return render(request, "errors/error.html",
+                          {"status": 403, "message": "The staff pages are for platform staff."}, status=403)
+        target = request.GET.get("next") or reverse("admin:index")
+        return redirect_to_login(target, login_url=reverse("account_login"))
+
+
+admin.site.__class__ = PortalAdminSite
 admin.site.site_header = "Agent Ops Portal — staff"
 admin.site.site_title = "Agent Ops Portal staff"
 

@@ -21,7 +21,6 @@ from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_http_methods, require_POST
 from django_otp import login as otp_login
-from django_otp import match_token
 from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
@@ -107,6 +106,21 @@ def _base32(device: TOTPDevice) -> str:
     return base64.b32encode(device.bin_key).decode().rstrip("=")
 
 
+def _device_for_code(user: Any, code: str) -> TOTPDevice | StaticDevice | None:
+    """The device that accepts ``code``: six digits are an authenticator code, anything else a
+    recovery code. Only that device is tried, so a mistyped code never counts as a failed
+    attempt against (and throttles) the user's other device."""
+    if code.isdigit() and len(code) == 6:
+        devices: list[Any] = list(TOTPDevice.objects.filter(user=user, confirmed=True))
+    else:
+        devices = list(StaticDevice.objects.filter(user=user, confirmed=True))
+    for device in devices:
+        allowed, _ = device.verify_is_allowed()
+        if allowed and device.verify_token(code):
+            return device
+    return None
+
+
 @otp_exempt
 @login_required
 @require_http_methods(["GET", "POST"])
@@ -116,7 +130,7 @@ def two_factor_verify(request: HttpRequest) -> HttpResponse:
         return redirect(_safe_next(request))
     form = TokenForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        device = match_token(request.user, form.cleaned_data["token"])
+        device = _device_for_code(request.user, form.cleaned_data["token"])
         if device is not None:
             otp_login(request, device)
             if isinstance(device, StaticDevice):

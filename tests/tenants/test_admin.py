@@ -12,7 +12,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from compliance.models import AuditEvent
 from tenants.models import Tenant, User
-from tests.conftest import HOST_A, World, host_client
+from tests.conftest import HOST_A, PASSWORD, World, host_client
 
 
 def _verified_staff(world: World) -> Client:
@@ -107,3 +107,26 @@ def test_production_refuses_development_defaults(world: World) -> None:
 def test_the_litellm_price_map_must_stay_local(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "False")
     assert "portal.E001" in {message.id for message in run_checks()}
+
+
+def test_staff_sign_in_with_password_and_totp_then_reach_the_admin(world: World) -> None:
+    from django_otp.oath import totp
+
+    staff = world.user("staff")
+    device = TOTPDevice.objects.create(user=staff, name="phone", confirmed=True)
+    client = Client(HTTP_HOST="localhost")
+    to_login = client.get("/admin/", follow=True)
+    assert to_login.redirect_chain[-1][0].startswith("/accounts/login/?next=/admin/")
+    signed_in = client.post("/accounts/login/?next=/admin/", {"login": staff.email, "password": PASSWORD})
+    assert signed_in.status_code == 302
+    blocked = client.get("/admin/")
+    assert blocked.status_code == 302 and blocked["Location"].startswith("/accounts/2fa/verify/")
+    code = f"{totp(device.bin_key, step=device.step, t0=device.t0, digits=device.digits):06d}"
+    verified = client.post(blocked["Location"], {"token": code})
+    assert verified.status_code == 302 and verified["Location"] == "/admin/"
+    assert client.get("/admin/").status_code == 200
+
+
+def test_a_signed_in_member_gets_403_not_a_loop_from_the_admin_login(world: World) -> None:
+    client = host_client("localhost", world.user("viewer"))
+    assert client.get("/admin/login/").status_code == 403
