@@ -37,13 +37,14 @@ browsers:
 
 migrate: install
 	$(PY) manage.py migrate_schemas --noinput
-	$(PY) manage.py tenant_template
 
 seed: install
 	$(PY) manage.py demo_seed
 
-bench: install ## Benchmarks: print figures, assert nothing
+bench: install ## Benchmarks: print figures, assert nothing (about 30 minutes)
 	$(PY) tests/bench/bench_tenants.py
+	$(PY) tests/bench/bench_retrieval.py
+	$(PY) tests/bench/bench_hnsw.py
 
 lint: install
 	.venv/bin/ruff check .
@@ -54,6 +55,8 @@ typecheck: install
 
 lock: install ## Re-pin requirements*.txt from requirements*.in
 	.venv/bin/pip-compile -q --strip-extras --no-emit-index-url --no-emit-find-links --allow-unsafe -o requirements.txt requirements.in
+	# Pin torch as the brief says; pip then takes the CPU build that lies on this machine kind's disk.
+	sed -i 's/^torch==2.13.0+cpu$$/torch==2.13.0/' requirements.txt
 	.venv/bin/pip-compile -q --strip-extras --no-emit-index-url --no-emit-find-links --allow-unsafe -o requirements-dev.txt requirements-dev.in
 
 pg-stop: ## Stop the embedded PostgreSQL servers (development and test)

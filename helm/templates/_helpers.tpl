@@ -179,7 +179,6 @@ SESSION_COOKIE_AGE: {{ $c.sessionCookieAge | int64 | toString | quote }}
 API_MAX_BODY_BYTES: {{ $c.apiMaxBodyBytes | int64 | toString | quote }}
 KB_MAX_UPLOAD_MB: {{ $c.kbMaxUploadMb | int64 | toString | quote }}
 DATABASE_CONN_MAX_AGE: {{ $c.databaseConnMaxAge | int64 | toString | quote }}
-TENANT_CLONE_TEMPLATE: {{ $c.tenantCloneTemplate | toString | quote }}
 {{- with $c.tenantRegions }}
 TENANT_REGIONS: {{ join "," . | quote }}
 {{- end }}

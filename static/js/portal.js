@@ -19,3 +19,21 @@ document.body.addEventListener("htmx:configRequest", function (event) {
   var token = document.querySelector("meta[name=csrf-token]");
   if (token) { event.detail.headers["X-CSRFToken"] = token.content; }
 });
+// Drag-and-drop onto upload forms: dropped files go into the form's file input, then submit.
+document.querySelectorAll("[data-dropzone]").forEach(function (form) {
+  var input = form.querySelector("input[type=file]");
+  if (!input) { return; }
+  ["dragenter", "dragover"].forEach(function (name) {
+    form.addEventListener(name, function (event) { event.preventDefault(); form.classList.add("border-primary"); });
+  });
+  ["dragleave", "drop"].forEach(function (name) {
+    form.addEventListener(name, function () { form.classList.remove("border-primary"); });
+  });
+  form.addEventListener("drop", function (event) {
+    event.preventDefault();
+    if (event.dataTransfer && event.dataTransfer.files.length) {
+      input.files = event.dataTransfer.files;
+      form.submit();
+    }
+  });
+});

@@ -1,25 +1,23 @@
 """Creating, suspending, resuming and deleting tenants.
 
-A tenant's schema is cloned from a template schema (``settings.TENANT_BASE_SCHEMA``) that holds
-every tenant app's tables at the current migration state. Cloning copies table definitions,
-indexes, triggers and functions in one SQL call, which is several times faster than replaying
-every migration for each new tenant. The template is rebuilt whenever the migrations on disk
-differ from the ones recorded in it (see ``template_schema_ensure``).
+A tenant's schema is created by executing the SQL its migrations consist of, collected once per
+process (``tenant_ddl``): the same statements ``migrate`` would run, without Django building a
+migration state per tenant, which is what makes ``migrate``-per-tenant slow. (django-tenants'
+schema cloning was tried first and rejected: its clone function drops pgvector's dimension
+from ``vector(384)`` columns, so the HNSW index cannot be recreated.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from django.conf import settings
-from django.core.management import call_command
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, transaction
-from django.db.migrations.loader import MigrationLoader
 from django.utils import timezone
-from django_tenants.clone import CLONE_SCHEMA_FUNCTION
 from django_tenants.utils import schema_context, schema_exists
 
 from compliance.services import audit_event_create
@@ -66,98 +64,85 @@ def schema_name_for(slug: str) -> str:
     return "t_" + slug.replace("-", "_")
 
 
-def _lock_key(name: str) -> int:
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-
-
 def _tenant_app_labels() -> set[str]:
     return {app.rsplit(".", 1)[-1] for app in settings.TENANT_APPS}
 
 
-def _tenant_migrations_on_disk() -> set[tuple[str, str]]:
-    loader = MigrationLoader(None, ignore_no_migrations=True)
-    return {key for key in loader.disk_migrations if key[0] in _tenant_app_labels()}
+@dataclass(frozen=True)
+class TenantDDL:
+    """The SQL that migrating an empty tenant schema runs, and the migrations it records."""
+
+    statements: list[str]
+    migrations: list[tuple[str, str]]
 
 
-_template_checked = False
+_ddl: TenantDDL | None = None
 
 
-def template_schema_ensure(*, force: bool = False) -> bool:
-    """Make the template schema match the tenant migrations on disk; return True if rebuilt.
+def tenant_ddl() -> TenantDDL:
+    """Collect, once per process, the SQL of every tenant-app migration from scratch.
 
-    Checked once per process (migrations do not change while it runs). Rebuilding drops the
-    template and replays the tenant migrations into it; concurrent callers are serialized by an
-    advisory lock.
+    This is Django's own ``collect_sql`` (what ``sqlmigrate`` prints), run with the connection
+    in a tenant context so django-tenants' router keeps exactly the operations a tenant schema
+    gets. Executing it in a new schema is equivalent to migrating that schema, without
+    rendering migration states for every tenant.
     """
-    global _template_checked
-    if _template_checked and not force:
-        return False
-    template = settings.TENANT_BASE_SCHEMA
-    rebuilt = False
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key("tenant-template")])
-        wanted = _tenant_migrations_on_disk()
-        current: set[tuple[str, str]] = set()
-        if schema_exists(template):
-            with connection.cursor() as cursor:
-                cursor.execute(f'SELECT app, name FROM "{template}".django_migrations')  # noqa: S608 - fixed name
-                # Shared apps are recorded there too (as no-ops); only tenant apps matter.
-                current = {(app, name) for app, name in cursor.fetchall() if app in _tenant_app_labels()}
-        if force or current != wanted:
-            logger.info("tenant_template_rebuild", schema=template, migrations=len(wanted))
-            with connection.cursor() as cursor:
-                cursor.execute(f'DROP SCHEMA IF EXISTS "{template}" CASCADE')
-                cursor.execute(f'CREATE SCHEMA "{template}"')
-            call_command("migrate_schemas", schema_name=template, tenant=True, interactive=False, verbosity=0)
-            connection.set_schema_to_public()  # type: ignore[attr-defined]  # django-tenants
-            rebuilt = True
-    _template_checked = True
-    return rebuilt
+    global _ddl
+    if _ddl is not None:
+        return _ddl
+    from django.db.migrations.executor import MigrationExecutor
+
+    previous = connection.schema_name  # type: ignore[attr-defined]  # django-tenants' backend
+    try:
+        # Any non-public name makes the router apply the tenant rules; nothing is executed.
+        connection.set_schema("tenant_ddl_collection", include_public=True)  # type: ignore[attr-defined]
+        executor = MigrationExecutor(connection)
+        loader = executor.loader
+        targets = [key for key in loader.graph.leaf_nodes() if key[0] in _tenant_app_labels()]
+        plan = executor.migration_plan(targets, clean_start=True)
+        _refuse_python_operations(plan)
+        statements = loader.collect_sql(plan)
+        # A migrated tenant schema records every migration of every app (shared ones as no-ops).
+        migrations = sorted(loader.disk_migrations)
+    finally:
+        connection.set_schema(previous)  # type: ignore[attr-defined]
+    _ddl = TenantDDL(statements=[s for s in statements if s.strip() and not s.lstrip().startswith("--")],
+                     migrations=migrations)
+    return _ddl
 
 
-_clone_function_ready = False
+def _refuse_python_operations(plan: list[Any]) -> None:
+    """SQL collection cannot run Python: a tenant migration with RunPython would be silently
+    skipped for new tenants, so refuse it here (make it idempotent SQL, or seed in a service)."""
+    from django.db.migrations.operations import RunPython
 
-
-def _clone_function_ensure() -> None:
-    """Install django-tenants' ``clone_schema`` SQL function once, not on every clone.
-
-    django-tenants' own ``CloneSchema`` re-creates its ~4,600-line function (dropping and
-    re-creating its types) before each clone, which costs 0.5-2 s per tenant. The function is
-    tagged with a hash of its source, so upgrading django-tenants installs the new version.
-    """
-    global _clone_function_ready
-    if _clone_function_ready:
-        return
-    user = settings.DATABASES["default"].get("USER") or "postgres"
-    source = CLONE_SCHEMA_FUNCTION.format(db_user=user)
-    version = "django-tenants:" + hashlib.sha256(source.encode()).hexdigest()[:16]
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key("clone-schema-function")])
-        cursor.execute(
-            "SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p "
-            "WHERE p.proname = 'clone_schema' AND p.pronamespace = 'public'::regnamespace"
-        )
-        if version not in {row[0] for row in cursor.fetchall()}:
-            cursor.execute(source)
-            cursor.execute(f"COMMENT ON FUNCTION public.clone_schema(text, text, public.cloneparms[]) IS '{version}'")
-    _clone_function_ready = True
+    for migration, _backwards in plan:
+        if migration.app_label in _tenant_app_labels():
+            for operation in migration.operations:
+                if isinstance(operation, RunPython):
+                    raise ImproperlyConfigured(
+                        f"Tenant migration {migration.app_label}.{migration.name} uses RunPython, which tenant "
+                        "provisioning cannot replay as SQL. Use RunSQL, or seed data in a service."
+                    )
 
 
 def _schema_create(schema: str) -> None:
-    """Create ``schema`` with every tenant table, by cloning the template or by migrating."""
-    if settings.TENANT_CREATION_FAKES_MIGRATIONS:
-        template_schema_ensure()
-        _clone_function_ensure()
-        # DATA copies the template's django_migrations rows (its only rows), so the new schema
-        # needs no migrate --fake afterwards.
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT public.clone_schema(%s, %s, 'DATA')", [settings.TENANT_BASE_SCHEMA, schema])
-    else:
-        with connection.cursor() as cursor:
-            cursor.execute(f'CREATE SCHEMA "{schema}"')
-        call_command("migrate_schemas", schema_name=schema, tenant=True, interactive=False, verbosity=0)
-    connection.set_schema_to_public()  # type: ignore[attr-defined]  # django-tenants
+    """Create ``schema`` with every tenant table, index and trigger (see ``tenant_ddl``)."""
+    ddl = tenant_ddl()
+    with connection.cursor() as cursor:
+        cursor.execute(f'CREATE SCHEMA "{schema}"')
+        cursor.execute(f'SET LOCAL search_path = "{schema}", public')
+        for statement in ddl.statements:
+            cursor.execute(statement)
+        cursor.execute(
+            "CREATE TABLE django_migrations (id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, "
+            "app varchar(255) NOT NULL, name varchar(255) NOT NULL, applied timestamptz NOT NULL)"
+        )
+        cursor.executemany(
+            "INSERT INTO django_migrations (app, name, applied) VALUES (%s, %s, now())", ddl.migrations
+        )
+    # Forget the search path set above; django-tenants sets its own on the next query.
+    connection.set_schema_to_public()  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

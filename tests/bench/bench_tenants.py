@@ -70,9 +70,8 @@ def main() -> None:
     from tenants.services.keys import api_key_create
     from tenants.services.provisioning import tenant_create
 
-    print("Preparing bench_portal (migrations, template schema)...", flush=True)
+    print("Preparing bench_portal (migrations)...", flush=True)
     call_command("migrate_schemas", interactive=False, verbosity=0)
-    call_command("tenant_template", verbosity=0)
     system = Principal.system("bench")
 
     def provision(n: int) -> float:

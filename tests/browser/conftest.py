@@ -198,3 +198,20 @@ def sign_in(page: Any, portal: Portal, email: str, *, host: str = "acme.localhos
     page.locator("input[name=password]").fill(PASSWORD)
     with page.expect_navigation():
         page.locator("form:has(input[name=password]) [type=submit]").click()
+
+
+@pytest.fixture(scope="session")
+def ingest_worker(portal: Portal, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An ``rqworker`` on the ``ingest`` queue against the test database (as ``make run`` has),
+    so uploads made through the browser get indexed. Yields its log file."""
+    log = tmp_path_factory.mktemp("rqworker") / "rqworker.log"
+    env = {**os.environ, "DATABASE_URL": _database_url(), "PUBLIC_PORT": str(portal.port)}
+    with log.open("wb") as out:
+        process = subprocess.Popen(  # noqa: S603 (fixed argument list)
+            [sys.executable, "manage.py", "rqworker", "--worker-class", "rq.worker.SimpleWorker", "ingest"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        yield log
+    finally:
+        _stop(process)

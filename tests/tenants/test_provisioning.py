@@ -7,7 +7,6 @@ import io
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
-from django.test import override_settings
 from django_tenants.utils import schema_context, schema_exists
 
 from compliance.models import AuditEvent
@@ -16,7 +15,6 @@ from tenants.admin import DomainForm, TenantAddForm
 from tenants.models import Domain, Membership, Tenant, User
 from tenants.principal import Principal
 from tenants.roles import Role
-from tenants.services import provisioning
 from tenants.services.provisioning import tenant_create, tenant_delete, tenant_resume, tenant_suspend
 from tests.conftest import HOST_A, World, api_client, host_client
 
@@ -30,9 +28,12 @@ def _tables(schema: str) -> set[str]:
 
 
 def _columns(schema: str) -> set[tuple[str, str, str]]:
+    """(table, column, full type with modifiers such as vector(384)) of every column."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = %s",
+            "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relkind = 'r' AND a.attnum > 0 AND NOT a.attisdropped",
             [schema],
         )
         return set(cursor.fetchall())
@@ -72,23 +73,27 @@ def test_it_provisions_schema_domain_owner_and_audit(world: World) -> None:
     assert AuditEvent.objects.filter(action="tenant.created", target_id=str(tenant.pk)).exists()
 
 
-def test_a_cloned_schema_is_identical_to_a_migrated_one(world: World) -> None:
-    tenant_create(actor=SYSTEM, slug="cloned", name="Cloned", owner_email="c@example.com")
-    with override_settings(TENANT_CREATION_FAKES_MIGRATIONS=False):
-        tenant_create(actor=SYSTEM, slug="migrated", name="Migrated", owner_email="m@example.com")
-    assert _tables("t_cloned") == _tables("t_migrated")
-    assert _columns("t_cloned") == _columns("t_migrated")
-    assert _triggers("t_cloned") == _triggers("t_migrated")
-    assert _indexes("t_cloned") == _indexes("t_migrated")
-
-
-def test_the_template_is_rebuilt_when_its_migrations_are_stale(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(provisioning, "_template_checked", False)
+def test_a_provisioned_schema_is_identical_to_a_migrated_one(world: World) -> None:
+    tenant_create(actor=SYSTEM, slug="provisioned", name="Provisioned", owner_email="p@example.com")
     with connection.cursor() as cursor:
-        cursor.execute("DELETE FROM tenant_template.django_migrations WHERE app = 'billing'")
-    assert provisioning.template_schema_ensure() is True
-    monkeypatch.setattr(provisioning, "_template_checked", False)
-    assert provisioning.template_schema_ensure() is False
+        cursor.execute('CREATE SCHEMA "t_migrated"')
+    call_command("migrate_schemas", schema_name="t_migrated", tenant=True, interactive=False, verbosity=0)
+    connection.set_schema_to_public()
+    assert _tables("t_provisioned") == _tables("t_migrated")
+    assert _columns("t_provisioned") == _columns("t_migrated")
+    assert ("knowledge_chunk", "embedding", "vector(384)") in _columns("t_provisioned")
+    assert _triggers("t_provisioned") == _triggers("t_migrated")
+    assert _indexes("t_provisioned") == _indexes("t_migrated")
+    assert any("hnsw" in index for index in _indexes("t_provisioned"))
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT app, name FROM t_provisioned.django_migrations EXCEPT "
+                       "SELECT app, name FROM t_migrated.django_migrations")
+        assert cursor.fetchall() == []
+    # migrate_schemas finds nothing to do in a provisioned schema.
+    out = io.StringIO()
+    call_command("migrate_schemas", schema_name="t_provisioned", tenant=True, interactive=False, stdout=out)
+    connection.set_schema_to_public()
+    assert "No migrations to apply" in out.getvalue()
 
 
 @pytest.mark.parametrize(

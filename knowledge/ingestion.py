@@ -1,0 +1,357 @@
+"""The ingestion pipeline: extract -> chunk -> embed in batches -> store -> ``indexed``.
+
+``ingest_documents`` serves both the RQ job (one document) and bulk imports (many): documents
+are prepared one by one, their chunks are embedded together in large batches (the encoder is
+the bottleneck and batches of tiny documents would waste it), and each document is stored in
+its own transaction (chunks, vectors, postings, collection statistics, status, usage event), so
+a failure never leaves a half-indexed document.
+
+Progress is written as it goes (outside that transaction, so pages and the API see it):
+extraction and chunking take it to 20 %, embedding to 95 %, storing to 100 %.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+from django.db import connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from billing.models import UsageEvent
+from billing.services import usage_event_record
+from knowledge.chunking import ChunkDraft, chunk_text
+from knowledge.embeddings import EmbeddingError, embedder
+from knowledge.extraction import ExtractedText, ExtractionError, Section, extract
+from knowledge.models import Collection, Document
+
+logger = structlog.get_logger(__name__)
+
+# Chunks embedded per encoder call; large enough to keep the encoder busy, small enough that
+# progress moves every few seconds on a CPU.
+EMBED_GROUP = 256
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Prepared:
+    document: Document
+    drafts: list[ChunkDraft]
+    extracted: ExtractedText
+
+
+def _progress(document_id: int, percent: int, **fields: object) -> None:
+    now = timezone.now()
+    Document.objects.filter(pk=document_id).update(progress=percent, heartbeat_at=now, updated_at=now, **fields)
+
+
+def document_fail(document_id: int, message: str) -> None:
+    """Mark a document ``failed`` with a reason a user can read."""
+    now = timezone.now()
+    Document.objects.filter(pk=document_id).update(
+        status=Document.Status.FAILED, error_message=message[:2000], updated_at=now, heartbeat_at=now
+    )
+    logger.info("document_failed", document=document_id, reason=message[:200])
+
+
+def _source(document: Document) -> tuple[str, bytes]:
+    if document.source_text:
+        return "record", document.source_text.encode()
+    with document.file.open("rb") as handle:
+        return document.metadata.get("kind", "text"), handle.read()
+
+
+def _extract(document: Document) -> ExtractedText:
+    kind, data = _source(document)
+    if kind == "record":
+        text = data.decode()
+        extracted = ExtractedText(text=text, sections=[Section((), 0, len(text))])
+        if not text.strip():
+            raise ExtractionError("The record has no text to index.", code="no_text")
+        return extracted
+    return extract(kind, data)
+
+
+def prepare(document: Document, collection: Collection) -> Prepared:
+    """Extract and chunk ``document`` (status ``processing``). Raises ``ExtractionError``."""
+    _progress(document.pk, 5, status=Document.Status.PROCESSING, started_at=timezone.now(), error_message="")
+    extracted = _extract(document)
+    title = document.title
+    if document.metadata.get("title_from_content") and extracted.title:
+        title = extracted.title[:500]
+        Document.objects.filter(pk=document.pk).update(title=title)
+        document.title = title
+    model = embedder()
+    drafts = chunk_text(extracted, title=title, tokenizer=model.tokenizer(),
+                        chunk_tokens=min(collection.chunk_size_tokens, model.max_tokens),
+                        overlap_tokens=collection.chunk_overlap_tokens, max_tokens=model.max_tokens)
+    if not drafts:
+        raise ExtractionError("The document produced no chunks to index.", code="no_text")
+    if len(drafts) > 40 or extracted.page_count:
+        # Worth a visible step only for documents that take a while to embed.
+        _progress(document.pk, 20, page_count=extracted.page_count)
+    return Prepared(document, drafts, extracted)
+
+
+_POSTINGS_SQL = """
+WITH terms AS (
+    SELECT c.id AS chunk_id, c.collection_id, t.lexeme,
+           COALESCE(array_length(t.positions, 1), 1) AS tf
+    FROM knowledge_chunk c
+    JOIN knowledge_document d ON d.id = c.document_id
+    CROSS JOIN LATERAL unnest(to_tsvector(
+        %(language)s::regconfig,
+        d.title || ' ' || COALESCE((SELECT string_agg(h, ' ') FROM jsonb_array_elements_text(c.heading_path) h), '')
+        || ' ' || c.text
+    )) AS t
+    WHERE c.document_id = %(document)s
+), lengths AS (
+    SELECT chunk_id, SUM(tf) AS len FROM terms GROUP BY chunk_id
+), updated AS (
+    UPDATE knowledge_chunk k SET lexeme_count = lengths.len FROM lengths WHERE k.id = lengths.chunk_id
+    RETURNING k.id
+)
+INSERT INTO knowledge_posting (collection_id, chunk_id, lexeme, tf, chunk_len)
+SELECT terms.collection_id, terms.chunk_id, terms.lexeme, terms.tf, lengths.len
+FROM terms JOIN lengths USING (chunk_id)
+RETURNING tf
+"""
+
+
+def chunks_delete(document_id: int) -> tuple[int, int]:
+    """Delete a document's chunks and postings with set-based SQL (Django's cascade would load
+    every posting into memory). Returns ``(chunks, lexemes)`` removed, for the statistics."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "DELETE FROM knowledge_posting WHERE chunk_id IN (SELECT id FROM knowledge_chunk WHERE document_id = %s)",
+            [document_id],
+        )
+        cursor.execute("DELETE FROM knowledge_chunk WHERE document_id = %s RETURNING lexeme_count", [document_id])
+        rows = cursor.fetchall()
+    return len(rows), int(sum(r[0] for r in rows))
+
+
+_vector_types: dict[str, Any] = {}
+
+_COPY_CHUNKS = (
+    "COPY knowledge_chunk (collection_id, document_id, ordinal, text, heading_path, page_number, char_start, "
+    "char_end, token_count, lexeme_count, embedding) FROM STDIN (FORMAT BINARY)"
+)
+_COPY_TYPES = ["int8", "int8", "int4", "text", "jsonb", "int4", "int4", "int4", "int4", "int4", "vector"]
+
+
+def _copy_chunks(collection_id: int, document_id: int, drafts: list[ChunkDraft], vectors: np.ndarray) -> None:
+    """Load a document's chunks with binary COPY, in the caller's transaction.
+
+    Vectors travel as pgvector's binary format (pgvector's psycopg adapter on this one cursor
+    only, so the rest of Django keeps its own vector handling): formatting 384 floats as text per
+    chunk, as an INSERT through the ORM does, costs more than storing them.
+    """
+    from pgvector.psycopg.vector import register_vector_info
+    from psycopg.types import TypeInfo
+
+    raw_connection = connection.connection
+    assert raw_connection is not None
+    database = str(connection.settings_dict["NAME"])
+    if database not in _vector_types:
+        _vector_types[database] = TypeInfo.fetch(raw_connection, "vector")
+    with raw_connection.cursor() as cursor:
+        register_vector_info(cursor, _vector_types[database])
+        with cursor.copy(_COPY_CHUNKS) as copy:
+            copy.set_types(_COPY_TYPES)
+            for draft, vector in zip(drafts, vectors, strict=True):
+                copy.write_row((collection_id, document_id, draft.ordinal, draft.text, list(draft.heading_path),
+                                draft.page_number, draft.char_start, draft.char_end, draft.token_count, 0, vector))
+
+
+def store(prepared: Prepared, vectors: np.ndarray, tokens: int, collection: Collection) -> Document:
+    """Replace the document's chunks with the new ones, in one transaction, and mark it
+    ``indexed``. Returns the updated document; raises ``Document.DoesNotExist`` if it was
+    deleted meanwhile."""
+    document = prepared.document
+    with transaction.atomic():
+        locked = Document.objects.select_for_update().get(pk=document.pk)
+        # Chunks exist only for a document indexed before (its count is kept in step).
+        old_chunks, old_lexemes = chunks_delete(document.pk) if locked.chunk_count else (0, 0)
+        _copy_chunks(collection.pk, document.pk, prepared.drafts, vectors)
+        with connection.cursor() as cursor:
+            cursor.execute(_POSTINGS_SQL, {"language": collection.language, "document": document.pk})
+            lexemes = int(sum(row[0] for row in cursor.fetchall()))
+        Collection.objects.filter(pk=collection.pk).update(
+            chunk_count=F("chunk_count") + len(prepared.drafts) - old_chunks,
+            lexeme_total=F("lexeme_total") + lexemes - old_lexemes,
+            updated_at=timezone.now(),
+        )
+        now = timezone.now()
+        metadata = dict(locked.metadata)
+        if prepared.extracted.warnings:
+            metadata["warnings"] = prepared.extracted.warnings
+        Document.objects.filter(pk=document.pk).update(
+            status=Document.Status.INDEXED, progress=100, chunk_count=len(prepared.drafts), indexed_at=now,
+            updated_at=now, heartbeat_at=now, error_message="", metadata=metadata,
+        )
+        usage_event_record(kind=UsageEvent.Kind.EMBEDDING_TOKENS, quantity=tokens, model=embedder().name,
+                           metadata={"document_id": document.pk, "chunks": len(prepared.drafts)})
+    locked.status, locked.chunk_count, locked.progress = Document.Status.INDEXED, len(prepared.drafts), 100
+    return locked
+
+
+def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], None]) -> list[tuple[np.ndarray, int]]:
+    """Embed the chunks of ``group`` in calls of ``EMBED_GROUP``; return per-document
+    ``(vectors, tokens)``. ``report(prepared, done_chunks)`` is called after each call."""
+    model = embedder()
+    texts = [d.embed_text for p in group for d in p.drafts]
+    owners = [i for i, p in enumerate(group) for _ in p.drafts]
+    firsts = np.cumsum([0] + [len(p.drafts) for p in group])[:-1]
+    vectors = np.zeros((len(texts), model.dim), dtype=np.float32)
+    tokens = np.zeros(len(group), dtype=np.int64)
+    for start in range(0, len(texts), EMBED_GROUP):
+        batch = model.embed(texts[start:start + EMBED_GROUP])
+        vectors[start:start + len(batch.vectors)] = batch.vectors
+        # Split the batch's token count over its documents by their share of characters.
+        chars = np.bincount([owners[i] for i in range(start, start + len(batch.vectors))],
+                            weights=[len(texts[i]) for i in range(start, start + len(batch.vectors))],
+                            minlength=len(group))
+        if chars.sum():
+            tokens += np.round(chars / chars.sum() * batch.tokens).astype(np.int64)
+        done = start + len(batch.vectors)
+        for index, prepared in enumerate(group):
+            report(prepared, max(0, min(done - int(firsts[index]), len(prepared.drafts))))
+    result = []
+    offset = 0
+    for index, prepared in enumerate(group):
+        n = len(prepared.drafts)
+        result.append((vectors[offset:offset + n], int(tokens[index])))
+        offset += n
+    return result
+
+
+@dataclass
+class IngestReport:
+    """Counts, and wall-clock seconds per stage (prepare = extract + chunk, embed, store)."""
+
+    indexed: int = 0
+    failed: int = 0
+    chunks: int = 0
+    prepare_s: float = 0.0
+    embed_s: float = 0.0
+    store_s: float = 0.0
+
+
+def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallback | None = None,
+                     group_chunks: int = 1024) -> IngestReport:
+    """Index the given documents of the current schema; return how many succeeded.
+
+    Documents are prepared, then embedded together once ``group_chunks`` chunks are waiting.
+    Failures of one document (bad content, embedding endpoint down) mark that document
+    ``failed`` with its reason and do not stop the others. ``on_document(done, total)`` is
+    called after each stored or failed document (for progress bars).
+    """
+    ids = list(document_ids)
+    report = IngestReport()
+    # Everything this writes is derived from the stored source and rebuilt by re-indexing, and
+    # the sweeper re-queues a job whose progress was lost, so commits need not wait for the WAL
+    # flush: a crash can lose the last moments of work, never consistency (PostgreSQL manual,
+    # "Asynchronous Commit"). One flush per document would otherwise cost more than storing it.
+    with connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit = off")
+    try:
+        return _ingest(ids, report, on_document, group_chunks)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET synchronous_commit")
+
+
+def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback | None,
+            group_chunks: int) -> IngestReport:
+    collections: dict[int, Collection] = {}
+    pending: list[Prepared] = []
+    pending_chunks = 0
+    done = 0
+
+    def finish(count: int) -> None:
+        nonlocal done
+        done += count
+        if on_document is not None:
+            on_document(done, len(ids))
+
+    def store_group(group: list[Prepared], embedded: list[tuple[np.ndarray, int]]) -> None:
+        started = time.perf_counter()
+        for prepared, (vectors, tokens) in zip(group, embedded, strict=True):
+            try:
+                store(prepared, vectors, tokens, collections[prepared.document.collection_id])
+            except Document.DoesNotExist:
+                logger.info("document_deleted_while_indexing", document=prepared.document.pk)
+            except Exception as exc:
+                logger.exception("document_store_failed", document=prepared.document.pk)
+                document_fail(prepared.document.pk,
+                              f"Storing the index failed unexpectedly ({type(exc).__name__}); try re-indexing.")
+                report.failed += 1
+            else:
+                report.indexed += 1
+                report.chunks += len(prepared.drafts)
+            finish(1)
+        report.store_s += time.perf_counter() - started
+
+    def flush() -> None:
+        nonlocal pending, pending_chunks
+        if not pending:
+            return
+        group, pending, pending_chunks = pending, [], 0
+
+        def step(prepared: Prepared, chunks_done: int) -> None:
+            n = len(prepared.drafts)
+            if n > 40:  # large documents: move their bar while they embed
+                _progress(prepared.document.pk, 20 + int(75 * chunks_done / n))
+
+        started = time.perf_counter()
+        try:
+            embedded = _embed_prepared(group, step)
+        except EmbeddingError as exc:
+            for prepared in group:
+                document_fail(prepared.document.pk, f"The embedding service failed: {exc}")
+            report.failed += len(group)
+            finish(len(group))
+            return
+        finally:
+            report.embed_s += time.perf_counter() - started
+        store_group(group, embedded)
+
+    for document in Document.objects.filter(pk__in=ids).order_by("pk").iterator(chunk_size=200):
+        collection = collections.get(document.collection_id)
+        if collection is None:
+            collection = collections[document.collection_id] = Collection.objects.get(pk=document.collection_id)
+        started = time.perf_counter()
+        try:
+            prepared = prepare(document, collection)
+        except ExtractionError as exc:
+            document_fail(document.pk, exc.message)
+            report.failed += 1
+            finish(1)
+            continue
+        except Exception as exc:
+            logger.exception("document_prepare_failed", document=document.pk)
+            document_fail(document.pk, f"Indexing failed unexpectedly ({type(exc).__name__}); try re-indexing.")
+            report.failed += 1
+            finish(1)
+            continue
+        report.prepare_s += time.perf_counter() - started
+        pending.append(prepared)
+        pending_chunks += len(prepared.drafts)
+        if pending_chunks >= group_chunks:
+            flush()
+    flush()
+    return report
+
+
+def record_text(record: dict[str, object]) -> str:
+    """The text of a JSONL record (``text``, else the whole record as JSON)."""
+    text = record.get("text")
+    return text if isinstance(text, str) else json.dumps(record, ensure_ascii=False)

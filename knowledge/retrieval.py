@@ -1,0 +1,340 @@
+"""Retrieval: ``chunk_search`` over one or more collections, by vector, keyword or both.
+
+* ``vector``: cosine similarity of all-MiniLM-L6-v2 embeddings through pgvector's HNSW index,
+  with ``hnsw.ef_search`` sized to the request and ``hnsw.iterative_scan`` on, so a filter on
+  collections cannot starve the result.
+* ``keyword``: Okapi BM25 (Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and
+  Beyond", 2009) over the posting table:
+  ``idf(t) * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len / avglen))`` with
+  ``idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5))`` (the non-negative variant used by Lucene),
+  N and avglen over the searched collections, OR semantics over the query's stemmed terms.
+* ``hybrid``: the union of both candidate lists, every candidate scored by both methods (its
+  exact cosine and its BM25 score, not a zero for "absent from the other list"), each score
+  normalized over the candidates (z-score by default, or min-max) and blended
+  ``alpha * vector + (1 - alpha) * keyword`` (convex combination; Bruch, Gai & Ingber, "An
+  Analysis of Fusion Functions for Hybrid Retrieval", TOIS 2023, found it better than reciprocal
+  rank fusion). Reciprocal rank fusion (Cormack, Clarke & Büttcher, SIGIR 2009, k = 60) is
+  available as ``fusion="rrf"``. The fused score is a weighted sum of z-scores: higher is better,
+  and it is not bounded to [0, 1].
+
+The defaults (``KB_BM25_K1``, ``KB_BM25_B``, ``KB_HYBRID_ALPHA``, ``KB_HYBRID_NORMALIZATION``)
+were chosen on SciFact's *train* queries (``tests/bench/tune_retrieval.py``) and are evaluated
+on its test queries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import structlog
+from django.conf import settings
+from django.db import connection, transaction
+
+from billing.models import UsageEvent
+from billing.services import usage_event_record
+from config.errors import ValidationFailed
+from knowledge.embeddings import embedder
+from knowledge.models import Collection
+
+logger = structlog.get_logger(__name__)
+
+Mode = Literal["vector", "keyword", "hybrid"]
+MODES = ("vector", "keyword", "hybrid")
+MAX_TOP_K = 200
+MAX_QUERY_CHARS = 2000
+
+
+@dataclass
+class SearchHit:
+    """One retrieved chunk with its source and the scores that ranked it.
+
+    ``score`` is what the mode ranks by (cosine, BM25 or the fused score in [0, 1]);
+    ``vector_score`` (cosine similarity) and ``keyword_score`` (BM25) are given whenever they
+    were computed, with their ranks among the candidates (1 = best).
+    """
+
+    chunk_id: int
+    score: float
+    vector_score: float | None = None
+    keyword_score: float | None = None
+    vector_rank: int | None = None
+    keyword_rank: int | None = None
+    document_id: int = 0
+    external_id: str = ""
+    title: str = ""
+    text: str = ""
+    page_number: int | None = None
+    heading_path: list[str] = field(default_factory=list)
+    ordinal: int = 0
+    collection_id: int = 0
+
+
+@dataclass
+class SearchTimings:
+    embed_ms: float = 0.0
+    vector_ms: float = 0.0
+    keyword_ms: float = 0.0
+    fuse_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+def _vector_literal(vector: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in vector.tolist()) + "]"
+
+
+# Shared CTEs: the query's stemmed terms under each collection language, the corpus statistics
+# of the searched collections (N chunks, average length), each term's IDF, every matching
+# chunk's BM25 score.
+_BM25_CTES = """
+q AS (
+    SELECT DISTINCT unnest(tsvector_to_array(to_tsvector(lang::regconfig, %(query)s))) AS lexeme
+    FROM unnest(%(languages)s::text[]) AS lang
+), stats AS (
+    SELECT GREATEST(SUM(chunk_count), 1)::float8 AS n,
+           GREATEST(SUM(lexeme_total)::float8 / GREATEST(SUM(chunk_count), 1), 1) AS avglen
+    FROM knowledge_collection WHERE id = ANY(%(collections)s)
+), idf AS (
+    SELECT p.lexeme, ln(1 + (stats.n - COUNT(*) + 0.5) / (COUNT(*) + 0.5)) AS idf
+    FROM knowledge_posting p JOIN q USING (lexeme) CROSS JOIN stats
+    WHERE p.collection_id = ANY(%(collections)s)
+    GROUP BY p.lexeme, stats.n
+), bm25 AS (
+    SELECT p.chunk_id,
+           SUM(idf.idf * p.tf * (%(k1)s + 1)
+               / (p.tf + %(k1)s * (1 - %(b)s + %(b)s * p.chunk_len / stats.avglen))) AS score
+    FROM knowledge_posting p JOIN idf USING (lexeme) CROSS JOIN stats
+    WHERE p.collection_id = ANY(%(collections)s)
+    GROUP BY p.chunk_id
+)"""
+
+_KEYWORD_SQL = "WITH " + _BM25_CTES + """
+SELECT chunk_id, score FROM bm25 ORDER BY score DESC, chunk_id LIMIT %(pool)s
+"""
+
+_VECTOR_SQL = """
+SELECT id, 1 - (embedding <=> %(vector)s::vector) AS cosine FROM knowledge_chunk
+WHERE collection_id = ANY(%(collections)s)
+ORDER BY embedding <=> %(vector)s::vector LIMIT %(pool)s
+"""
+
+# Both candidate lists and both scores of every candidate, in one round trip.
+_HYBRID_SQL = "WITH " + _BM25_CTES + """,
+sparse AS (
+    SELECT chunk_id FROM bm25 ORDER BY score DESC, chunk_id LIMIT %(pool)s
+), dense AS (
+    SELECT id AS chunk_id FROM knowledge_chunk WHERE collection_id = ANY(%(collections)s)
+    ORDER BY embedding <=> %(vector)s::vector LIMIT %(pool)s
+), candidates AS (
+    SELECT chunk_id, bool_or(from_dense) AS in_dense, bool_or(NOT from_dense) AS in_sparse
+    FROM (SELECT chunk_id, true AS from_dense FROM dense UNION ALL SELECT chunk_id, false FROM sparse) AS both_lists
+    GROUP BY chunk_id
+)
+SELECT c.chunk_id, 1 - (k.embedding <=> %(vector)s::vector) AS cosine, COALESCE(bm25.score, 0) AS bm25,
+       c.in_dense, c.in_sparse
+FROM candidates c JOIN knowledge_chunk k ON k.id = c.chunk_id LEFT JOIN bm25 ON bm25.chunk_id = c.chunk_id
+"""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A chunk either method proposed, with both of its scores."""
+
+    chunk_id: int
+    cosine: float
+    bm25: float
+    in_dense: bool
+    in_sparse: bool
+
+
+def _params(query: str, collections: list[Collection], pool: int, *, k1: float | None, b: float | None,
+            vector: np.ndarray | None = None) -> dict[str, Any]:
+    return {
+        "query": query, "languages": sorted({c.language for c in collections}),
+        "collections": [c.pk for c in collections], "pool": pool,
+        "k1": settings.KB_BM25_K1 if k1 is None else k1, "b": settings.KB_BM25_B if b is None else b,
+        "vector": _vector_literal(vector) if vector is not None else None,
+    }
+
+
+def _hnsw_settings(cursor: Any, pool: int) -> None:
+    """Per-query HNSW settings (transaction-local): a candidate list at least twice the
+    request, and iterative scans so a collection filter cannot leave the result short."""
+    ef_search = max(settings.KB_HNSW_EF_SEARCH, pool * 2)
+    cursor.execute("SELECT set_config('hnsw.ef_search', %s, true), "
+                   "set_config('hnsw.iterative_scan', 'relaxed_order', true)", [str(ef_search)])
+
+
+def keyword_candidates(query: str, collections: list[Collection], pool: int, *, k1: float | None = None,
+                       b: float | None = None) -> list[tuple[int, float]]:
+    """(chunk id, BM25 score) of the ``pool`` best chunks, best first."""
+    with connection.cursor() as cursor:
+        cursor.execute(_KEYWORD_SQL, _params(query, collections, pool, k1=k1, b=b))
+        return [(r[0], float(r[1])) for r in cursor.fetchall()]
+
+
+def vector_candidates(vector: np.ndarray, collections: list[Collection], pool: int) -> list[tuple[int, float]]:
+    """(chunk id, cosine similarity) of the ``pool`` nearest chunks, best first."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        _hnsw_settings(cursor, pool)
+        cursor.execute(_VECTOR_SQL, _params("", collections, pool, k1=None, b=None, vector=vector))
+        rows = cursor.fetchall()
+    # Iterative scans return nearly sorted rows ("relaxed order"); sort them exactly.
+    return sorted(((r[0], float(r[1])) for r in rows), key=lambda r: -r[1])
+
+
+def hybrid_candidates(query: str, vector: np.ndarray, collections: list[Collection], pool: int, *,
+                      k1: float | None = None, b: float | None = None) -> list[Candidate]:
+    """The union of the ``pool`` best chunks by each method, each scored by both."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        _hnsw_settings(cursor, pool)
+        cursor.execute(_HYBRID_SQL, _params(query, collections, pool, k1=k1, b=b, vector=vector))
+        return [Candidate(r[0], float(r[1]), float(r[2]), r[3], r[4]) for r in cursor.fetchall()]
+
+
+def _zscore(values: dict[int, float]) -> dict[int, float]:
+    if not values:
+        return {}
+    mean = sum(values.values()) / len(values)
+    spread = (sum((v - mean) ** 2 for v in values.values()) / len(values)) ** 0.5 or 1.0
+    return {k: (v - mean) / spread for k, v in values.items()}
+
+
+def fuse(candidates: list[Candidate], *, fusion: str = "convex", alpha: float | None = None,
+         normalization: str | None = None, rrf_k: int = 60) -> list[tuple[Candidate, float, int | None, int | None]]:
+    """Rank ``candidates``; returns (candidate, fused score, vector rank, keyword rank), best
+    first. Ranks count only the candidates that method proposed (``None`` for the others).
+
+    Convex fusion normalizes each score over the candidates, by ``zscore`` (mean 0, standard
+    deviation 1) or ``minmax`` (to [0, 1]), then blends ``alpha * vector + (1 - alpha) * keyword``.
+    """
+    alpha = settings.KB_HYBRID_ALPHA if alpha is None else alpha
+    normalize = _zscore if (normalization or settings.KB_HYBRID_NORMALIZATION) == "zscore" else _minmax
+    dense = sorted((c for c in candidates if c.in_dense), key=lambda c: -c.cosine)
+    sparse = sorted((c for c in candidates if c.in_sparse), key=lambda c: -c.bm25)
+    dense_rank = {c.chunk_id: r for r, c in enumerate(dense, start=1)}
+    sparse_rank = {c.chunk_id: r for r, c in enumerate(sparse, start=1)}
+    if fusion == "rrf":
+        scores = {c.chunk_id: (1 / (rrf_k + dense_rank[c.chunk_id]) if c.chunk_id in dense_rank else 0.0)
+                  + (1 / (rrf_k + sparse_rank[c.chunk_id]) if c.chunk_id in sparse_rank else 0.0)
+                  for c in candidates}
+    else:
+        cos = normalize({c.chunk_id: c.cosine for c in candidates})
+        bm = normalize({c.chunk_id: c.bm25 for c in candidates})
+        scores = {c.chunk_id: alpha * cos[c.chunk_id] + (1 - alpha) * bm[c.chunk_id] for c in candidates}
+    ranked = sorted(candidates, key=lambda c: (-scores[c.chunk_id], c.chunk_id))
+    return [(c, scores[c.chunk_id], dense_rank.get(c.chunk_id), sparse_rank.get(c.chunk_id)) for c in ranked]
+
+
+def _minmax(values: dict[int, float]) -> dict[int, float]:
+    if not values:
+        return {}
+    low, high = min(values.values()), max(values.values())
+    span = high - low
+    return {k: ((v - low) / span if span > 0 else 1.0) for k, v in values.items()}
+
+
+def _hydrate(hits: list[SearchHit]) -> list[SearchHit]:
+    if not hits:
+        return hits
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT c.id, c.document_id, d.external_id, d.title, c.text, c.page_number, c.heading_path, c.ordinal, "
+            "c.collection_id FROM knowledge_chunk c JOIN knowledge_document d ON d.id = c.document_id "
+            "WHERE c.id = ANY(%s)",
+            [[h.chunk_id for h in hits]],
+        )
+        rows = {r[0]: r for r in cursor.fetchall()}
+    hydrated = []
+    for hit in hits:
+        row = rows.get(hit.chunk_id)
+        if row is None:  # deleted between the ranking and this read
+            continue
+        hit.document_id, hit.external_id, hit.title, hit.text, hit.page_number = row[1], row[2], row[3], row[4], row[5]
+        heading = row[6]
+        hit.heading_path = heading if isinstance(heading, list) else []
+        hit.ordinal, hit.collection_id = row[7], row[8]
+        hydrated.append(hit)
+    return hydrated
+
+
+def chunk_search(
+    *,
+    query: str,
+    collections: list[Collection],
+    top_k: int = 10,
+    mode: str = "hybrid",
+    fusion: str = "convex",
+    alpha: float | None = None,
+    candidates: int | None = None,
+    record_usage: bool = True,
+    timings: SearchTimings | None = None,
+) -> list[SearchHit]:
+    """The ``top_k`` chunks of ``collections`` most relevant to ``query``, best first.
+
+    ``mode`` is ``vector``, ``keyword`` or ``hybrid``; ``fusion`` (hybrid only) is ``convex``
+    (weight ``alpha`` on the vector side, default ``KB_HYBRID_ALPHA``) or ``rrf``. Each side
+    contributes ``candidates`` chunks (default ``max(top_k, KB_HYBRID_CANDIDATES)``) before fusion.
+    Collections must belong to the current tenant (they are rows of its schema). Records one
+    ``kb.query`` usage event. Raises ``ValidationFailed`` for an empty or overlong query, a bad
+    mode, fusion or ``top_k`` outside 1-200, or collections embedded with another model.
+    """
+    started = time.perf_counter()
+    timings = timings if timings is not None else SearchTimings()
+    query = (query or "").strip()
+    if not query:
+        raise ValidationFailed("The query is empty.", code="empty_query")
+    if len(query) > MAX_QUERY_CHARS:
+        raise ValidationFailed(f"The query is longer than {MAX_QUERY_CHARS} characters.", code="query_too_long")
+    if mode not in MODES:
+        raise ValidationFailed(f"Unknown mode '{mode}'; use one of {', '.join(MODES)}.", code="invalid_mode")
+    if fusion not in ("convex", "rrf"):
+        raise ValidationFailed("fusion must be 'convex' or 'rrf'.", code="invalid_fusion")
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise ValidationFailed(f"top_k must be between 1 and {MAX_TOP_K}.", code="invalid_top_k")
+    if not collections:
+        raise ValidationFailed("Choose at least one collection.", code="no_collections")
+    model = embedder()
+    foreign = [c.name for c in collections if c.embedding_model != model.name or c.embedding_dim != model.dim]
+    if foreign and mode != "keyword":
+        raise ValidationFailed(f"Collections {foreign} were embedded with another model; re-index them.",
+                               code="embedding_mismatch")
+    collection_ids = [c.pk for c in collections]
+    pool = max(top_k, candidates or settings.KB_HYBRID_CANDIDATES) if mode == "hybrid" else top_k
+
+    query_vector = None
+    if mode in ("vector", "hybrid"):
+        t0 = time.perf_counter()
+        query_vector = model.embed_query(query)
+        timings.embed_ms = (time.perf_counter() - t0) * 1000
+    t0 = time.perf_counter()
+    if mode == "vector":
+        assert query_vector is not None
+        dense = vector_candidates(query_vector, collections, pool)
+        timings.vector_ms = (time.perf_counter() - t0) * 1000
+        hits = [SearchHit(chunk_id=i, score=s, vector_score=s, vector_rank=r)
+                for r, (i, s) in enumerate(dense, start=1)]
+    elif mode == "keyword":
+        sparse = keyword_candidates(query, collections, pool)
+        timings.keyword_ms = (time.perf_counter() - t0) * 1000
+        hits = [SearchHit(chunk_id=i, score=s, keyword_score=s, keyword_rank=r)
+                for r, (i, s) in enumerate(sparse, start=1)]
+    else:
+        assert query_vector is not None
+        proposed = hybrid_candidates(query, query_vector, collections, pool)
+        # One statement computes both sides; its time is reported under "vector + keyword".
+        timings.vector_ms = (time.perf_counter() - t0) * 1000
+        hits = [SearchHit(chunk_id=c.chunk_id, score=score, vector_score=c.cosine, keyword_score=c.bm25,
+                          vector_rank=vr, keyword_rank=kr)
+                for c, score, vr, kr in fuse(proposed, fusion=fusion, alpha=alpha)[:top_k]]
+    t0 = time.perf_counter()
+    hits = _hydrate(hits[:top_k])
+    timings.fuse_ms = (time.perf_counter() - t0) * 1000
+    timings.total_ms = (time.perf_counter() - started) * 1000
+    if record_usage:
+        usage_event_record(kind=UsageEvent.Kind.KB_QUERY, quantity=1, model=model.name if mode != "keyword" else "",
+                           metadata={"mode": mode, "collections": collection_ids, "top_k": top_k,
+                                     "results": len(hits)})
+    return hits

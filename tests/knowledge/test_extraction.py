@@ -1,0 +1,163 @@
+"""Text extraction from real files, and every bad input the issue names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from knowledge.extraction import ExtractionError, UnsupportedFile, detect_kind, extract
+from tests.knowledge.conftest import docx_bytes, truncated
+
+
+def _extract(path: Path):  # type: ignore[no-untyped-def]
+    data = path.read_bytes()
+    return extract(detect_kind(path.name, data), data)
+
+
+def test_a_pdf_keeps_its_pages(corpus: Path) -> None:
+    result = _extract(corpus / "pdf" / "pdflatex-4-pages.pdf")
+    assert result.page_count == 4
+    assert result.page_at(0) == 1
+    assert result.page_at(len(result.text) - 1) == 4
+    assert "text without a meaning" in result.text
+
+
+def test_a_pdf_outline_becomes_the_heading_path(corpus: Path) -> None:
+    result = _extract(corpus / "pdf" / "pdflatex-outline.pdf")
+    headings = [s.heading_path for s in result.sections if s.heading_path]
+    assert ("Foo",) in headings and ("Bar",) in headings and ("Baz",) in headings
+    foo = next(s for s in result.sections if s.heading_path == ("Foo",))
+    assert result.text[foo.start:foo.end].startswith("Foo")
+
+
+def test_a_long_german_pdf_with_nested_outline(corpus: Path) -> None:
+    result = _extract(corpus / "pdf" / "GeoTopo-komprimiert.pdf")
+    assert result.page_count == 117
+    assert len(result.text) > 100_000
+    assert any(len(s.heading_path) >= 2 for s in result.sections)
+    assert "Topologische" in result.text
+
+
+def test_a_password_protected_pdf_fails_clearly(corpus: Path) -> None:
+    with pytest.raises(ExtractionError) as excinfo:
+        _extract(corpus / "pdf" / "libreoffice-writer-password.pdf")
+    assert excinfo.value.code == "encrypted_pdf"
+    assert "password" in excinfo.value.message
+
+
+def test_a_pdf_with_broken_cross_references_is_repaired(corpus: Path) -> None:
+    result = _extract(corpus / "pdf" / "unreadablemetadata.pdf")
+    assert "Potentiometer" in result.text
+    assert any("damaged" in w for w in result.warnings)
+
+
+def test_an_image_only_pdf_fails_with_no_text_layer(corpus: Path) -> None:
+    with pytest.raises(ExtractionError) as excinfo:
+        _extract(corpus / "pdf" / "imagemagick-images.pdf")
+    assert excinfo.value.code == "no_text"
+    assert "OCR" in excinfo.value.message
+
+
+def test_an_arabic_pdf_yields_arabic_letters(corpus: Path) -> None:
+    result = _extract(corpus / "pdf" / "habibi.pdf")
+    assert any("\u0600" <= ch <= "\u06ff" for ch in result.text)
+    assert "habibi" in result.text
+
+
+def test_a_two_column_pdf_keeps_each_column_readable(corpus: Path) -> None:
+    result = _extract(corpus / "pdf" / "multicolumn.pdf")
+    assert result.page_count == 3
+    # Sentences run on within a column instead of alternating between the two.
+    assert "Two-Column Document with Lorem Ipsum" in result.text
+    assert "filled with Lorem Ipsum text" in result.text.replace("\n", " ")
+
+
+def test_a_docx_heading_becomes_the_heading_path(corpus: Path) -> None:
+    result = _extract(corpus / "docx" / "par-known-paragraphs.docx")
+    assert result.page_count is None
+    assert any(s.heading_path for s in result.sections)
+
+
+def test_docx_tables_are_read_row_by_row() -> None:
+    import docx
+
+    document = docx.Document()
+    document.add_heading("Prices", level=1)
+    table = document.add_table(rows=2, cols=2)
+    table.cell(0, 0).text, table.cell(0, 1).text = "Plan", "Price"
+    table.cell(1, 0).text, table.cell(1, 1).text = "Team", "99 USD"
+    import io
+
+    buffer = io.BytesIO()
+    document.save(buffer)
+    result = extract("docx", buffer.getvalue())
+    assert "Plan | Price" in result.text and "Team | 99 USD" in result.text
+    assert result.sections[-1].heading_path == ("Prices",)
+
+
+def test_a_docx_of_only_images_fails_with_no_text(corpus: Path) -> None:
+    with pytest.raises(ExtractionError) as excinfo:
+        _extract(corpus / "docx" / "having-images.docx")
+    assert excinfo.value.code == "no_text"
+
+
+def test_a_truncated_docx_fails_as_damaged(corpus: Path) -> None:
+    data = truncated((corpus / "docx" / "test.docx").read_bytes())
+    assert detect_kind("test.docx", data) == "docx"
+    with pytest.raises(ExtractionError) as excinfo:
+        extract("docx", data)
+    assert excinfo.value.code == "damaged_file"
+    assert "truncated" in excinfo.value.message
+
+
+def test_a_one_byte_html_file_fails_with_no_text() -> None:
+    assert detect_kind("page.html", b"<") == "html"
+    with pytest.raises(ExtractionError) as excinfo:
+        extract("html", b"<")
+    assert excinfo.value.code == "no_text"
+
+
+def test_html_headings_scripts_and_tables() -> None:
+    html = (b"<html><head><title>Policies</title><script>var secret = 1;</script></head><body>"
+            b"<h1>Travel</h1><p>Book economy.</p><h2>Meals</h2><p>Up to <b>40</b> EUR a day.</p>"
+            b"<table><tr><td>City</td><td>Limit</td></tr></table></body></html>")
+    result = extract("html", html)
+    assert result.title == "Policies"
+    assert "secret" not in result.text
+    assert ("Travel", "Meals") in [s.heading_path for s in result.sections]
+    assert "Up to 40 EUR a day." in result.text and "City | Limit" in result.text
+
+
+def test_markdown_headings_nest_and_code_is_kept() -> None:
+    md = b"# Handbook\n\nIntro.\n\n## Leave\n\nTwenty days.\n\n```\nkeep = True\n```\n\n# Other\n\nEnd."
+    result = extract("markdown", md)
+    paths = [s.heading_path for s in result.sections]
+    assert ("Handbook", "Leave") in paths and ("Other",) in paths
+    assert "keep = True" in result.text and "#" not in result.text
+
+
+def test_text_in_a_legacy_encoding_is_decoded() -> None:
+    result = extract("text", "Überstunden werden vergütet, übrigens auch am Sonntag.".encode("latin-1"))
+    assert "Überstunden" in result.text
+
+
+@pytest.mark.parametrize(("name", "data", "code"), [
+    ("report.docx", b"%PDF-1.4\n...", "extension_mismatch"),
+    ("scan.pdf", b"just some text pretending to be a PDF", "extension_mismatch"),
+    ("photo.png", b"\x89PNG\r\n\x1a\n\x00\x00", "unsupported_media_type"),
+    ("old.doc", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "unsupported_media_type"),
+    ("blob.bin", b"\x00\x01\x02\x03" * 100, "unsupported_media_type"),
+])
+def test_unsupported_or_lying_files_are_refused(name: str, data: bytes, code: str) -> None:
+    with pytest.raises(UnsupportedFile) as excinfo:
+        detect_kind(name, data)
+    assert excinfo.value.code == code
+    assert name in excinfo.value.message
+
+
+def test_content_decides_when_the_name_says_nothing(corpus: Path) -> None:
+    assert detect_kind("download", (corpus / "pdf" / "minimal-document.pdf").read_bytes()) == "pdf"
+    assert detect_kind("download", docx_bytes([("Normal", "x")])) == "docx"
+    assert detect_kind("notes", b'{"_id": "1", "text": "a"}\n') == "jsonl"
+    assert detect_kind("notes", b"<!doctype html><p>x</p>") == "html"

@@ -1,0 +1,233 @@
+"""Uploads and the ingestion pipeline: storage, dedupe, bad inputs, progress, re-index, delete."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import django_rq
+import pytest
+from django.db import connection
+from django.utils import timezone
+from rq.worker import SimpleWorker
+
+from billing.models import UsageEvent
+from compliance.models import AuditEvent
+from config.errors import PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from knowledge.jobs import documents_ingest_job
+from knowledge.models import Chunk, Collection, Document, Posting
+from knowledge.services import document_delete, document_reindex, document_upload
+from knowledge.tasks import documents_sweep
+from tenants.principal import Principal
+from tests.conftest import World
+from tests.knowledge.conftest import docx_bytes, truncated
+
+HANDBOOK = b"""# Employee handbook
+
+## Leave
+
+Every employee has twenty-five days of paid leave a year. Unused days expire at the end of March.
+
+## Expenses
+
+Submit expense reports within thirty days. Receipts above fifty euros need a manager's approval.
+"""
+
+
+def _system(world: World) -> Principal:
+    return Principal.system("t", tenant=world.tenant_a)
+
+
+def _upload(world: World, collection: Collection, name: str, data: bytes, **kwargs: Any):  # type: ignore[no-untyped-def]
+    return document_upload(principal=_system(world), collection=collection, filename=name, data=data,
+                           queue=False, **kwargs)
+
+
+def _index(document_ids: list[int]) -> None:
+    documents_ingest_job(connection.schema_name, document_ids)  # type: ignore[attr-defined]
+
+
+def test_a_markdown_upload_is_chunked_embedded_and_searchable(world: World, collection_a: Collection) -> None:
+    result = _upload(world, collection_a, "handbook.md", HANDBOOK)
+    document = result.created[0]
+    assert document.status == "pending" and document.title == "handbook"
+    _index([document.pk])
+    document.refresh_from_db()
+    assert document.status == "indexed" and document.progress == 100
+    assert document.title == "Employee handbook"
+    chunks = list(Chunk.objects.filter(document=document).order_by("ordinal"))
+    assert len(chunks) == document.chunk_count >= 1
+    assert any(c.heading_path == ["Employee handbook", "Leave"] for c in chunks)
+    assert all(len(c.embedding) == 384 for c in chunks)
+    assert Posting.objects.filter(chunk__document=document, lexeme="leav").exists()  # English stem of "leave"
+    collection_a.refresh_from_db()
+    assert collection_a.chunk_count == len(chunks)
+    assert collection_a.lexeme_total == sum(c.lexeme_count for c in chunks) > 0
+    usage = UsageEvent.objects.get(kind="embedding.tokens")
+    assert usage.quantity > 0 and usage.metadata["document_id"] == document.pk
+    assert AuditEvent.objects.filter(action="document.uploaded", target_id=str(document.pk)).exists()
+
+
+def test_the_same_bytes_twice_return_the_existing_document(world: World, collection_a: Collection) -> None:
+    first = _upload(world, collection_a, "handbook.md", HANDBOOK).created[0]
+    again = _upload(world, collection_a, "copy-of-handbook.md", HANDBOOK)
+    assert again.created == [] and [d.pk for d in again.duplicates] == [first.pk]
+    assert Document.objects.filter(collection=collection_a).count() == 1
+
+
+def test_a_jsonl_file_with_a_bad_line_ingests_the_good_lines(world: World, collection_a: Collection) -> None:
+    lines = [
+        json.dumps({"_id": "a1", "title": "Leave", "text": "Twenty-five days of paid leave."}),
+        '{"_id": "a2", "title": "Broken", "text": ',  # line 2: cut off
+        json.dumps({"_id": "a3", "title": "Expenses", "text": "Submit reports within thirty days."}),
+        json.dumps({"title": "No id", "text": "orphan"}),  # line 4
+        json.dumps({"_id": "a5", "title": "Empty"}),  # line 5: no text
+        json.dumps({"_id": "a1", "text": "duplicate id in the file"}),  # line 6
+    ]
+    result = _upload(world, collection_a, "records.jsonl", "\n".join(lines).encode())
+    assert sorted(d.external_id for d in result.created) == ["a1", "a3"]
+    assert [e["line"] for e in result.line_errors] == [2, 4, 5, 6]
+    assert "not valid JSON" in result.line_errors[0]["error"]
+    _index([d.pk for d in result.created])
+    assert set(Document.objects.filter(collection=collection_a).values_list("status", flat=True)) == {"indexed"}
+
+
+def test_a_jsonl_record_with_new_content_replaces_the_old(world: World, collection_a: Collection) -> None:
+    first = _upload(world, collection_a, "r.jsonl", b'{"_id": "p1", "text": "Old policy text."}').created[0]
+    _index([first.pk])
+    again = _upload(world, collection_a, "r.jsonl", b'{"_id": "p1", "text": "New policy text."}')
+    assert [d.pk for d in again.updated] == [first.pk]
+    _index([first.pk])
+    assert Chunk.objects.get(document=first).text == "New policy text."
+    collection_a.refresh_from_db()
+    assert collection_a.chunk_count == 1
+
+
+@pytest.mark.parametrize(("name", "pdf", "code_words"), [
+    ("libreoffice-writer-password.pdf", True, "password-protected"),
+    ("imagemagick-images.pdf", True, "no text layer"),
+])
+def test_bad_pdfs_leave_a_failed_row_that_says_why(world: World, collection_a: Collection, corpus: Path,
+                                                   name: str, pdf: bool, code_words: str) -> None:
+    document = _upload(world, collection_a, name, (corpus / "pdf" / name).read_bytes()).created[0]
+    _index([document.pk])
+    document.refresh_from_db()
+    assert document.status == "failed"
+    assert code_words in document.error_message
+    assert not Chunk.objects.filter(document=document).exists()
+
+
+def test_the_repaired_pdf_is_indexed_with_a_warning(world: World, collection_a: Collection, corpus: Path) -> None:
+    document = _upload(world, collection_a, "unreadablemetadata.pdf",
+                       (corpus / "pdf" / "unreadablemetadata.pdf").read_bytes()).created[0]
+    _index([document.pk])
+    document.refresh_from_db()
+    assert document.status == "indexed"
+    assert any("damaged" in w for w in document.metadata["warnings"])
+
+
+def test_a_truncated_docx_and_a_one_byte_html_fail_without_harming_others(
+        world: World, collection_a: Collection) -> None:
+    good = _upload(world, collection_a, "ok.md", HANDBOOK).created[0]
+    bad_docx = _upload(world, collection_a, "cut.docx", truncated(docx_bytes([("Normal", "Hello " * 500)]))).created[0]
+    tiny_html = _upload(world, collection_a, "tiny.html", b"<").created[0]
+    _index([good.pk, bad_docx.pk, tiny_html.pk])
+    statuses = dict(Document.objects.filter(collection=collection_a).values_list("original_filename", "status"))
+    assert statuses == {"ok.md": "indexed", "cut.docx": "failed", "tiny.html": "failed"}
+    assert "damaged or truncated" in Document.objects.get(pk=bad_docx.pk).error_message
+    assert "no text" in Document.objects.get(pk=tiny_html.pk).error_message
+
+
+@pytest.mark.parametrize(("name", "data", "error", "code"), [
+    ("empty.txt", b"", ValidationFailed, "empty_file"),
+    ("blank.md", b"   \n\n ", ValidationFailed, "empty_file"),
+    ("report.docx", b"%PDF-1.4 not really", UnsupportedMediaType, "extension_mismatch"),
+    ("sheet.xlsx", b"PK\x03\x04whatever", UnsupportedMediaType, "unsupported_media_type"),
+])
+def test_uploads_that_cannot_be_documents_are_refused_and_nothing_is_stored(
+        world: World, collection_a: Collection, name: str, data: bytes, error: type, code: str) -> None:
+    with pytest.raises(error) as excinfo:
+        _upload(world, collection_a, name, data)
+    assert excinfo.value.code == code  # type: ignore[attr-defined]
+    assert not Document.objects.exists()
+
+
+def test_an_oversized_file_is_refused(world: World, collection_a: Collection, settings: Any) -> None:
+    settings.KB_MAX_UPLOAD_MB = 1
+    with pytest.raises(PayloadTooLarge):
+        _upload(world, collection_a, "big.txt", b"word " * 300_000)
+    assert not Document.objects.exists()
+
+
+def test_reindexing_replaces_chunks_and_keeps_statistics_right(world: World, collection_a: Collection) -> None:
+    document = _upload(world, collection_a, "handbook.md", HANDBOOK).created[0]
+    _index([document.pk])
+    before = list(Chunk.objects.filter(document=document).values_list("text", flat=True))
+    collection_a.refresh_from_db()
+    stats = (collection_a.chunk_count, collection_a.lexeme_total)
+    document_reindex(principal=_system(world), document=document)
+    assert Document.objects.get(pk=document.pk).status == "pending"
+    _index([document.pk])
+    assert list(Chunk.objects.filter(document=document).values_list("text", flat=True)) == before
+    collection_a.refresh_from_db()
+    assert (collection_a.chunk_count, collection_a.lexeme_total) == stats
+
+
+def test_deleting_removes_chunks_postings_statistics_and_the_file(world: World, collection_a: Collection,
+                                                                  django_capture_on_commit_callbacks: Any) -> None:
+    from django.core.files.storage import default_storage
+
+    document = _upload(world, collection_a, "handbook.md", HANDBOOK).created[0]
+    _index([document.pk])
+    name = document.file.name
+    assert default_storage.exists(name)
+    with django_capture_on_commit_callbacks(execute=True):
+        document_delete(principal=_system(world), document=document)
+    assert not Chunk.objects.filter(document_id=document.pk).exists()
+    assert not Posting.objects.filter(collection=collection_a).exists()
+    collection_a.refresh_from_db()
+    assert (collection_a.chunk_count, collection_a.lexeme_total) == (0, 0)
+    assert not default_storage.exists(name)
+    assert AuditEvent.objects.filter(action="document.deleted", target_id=str(document.pk)).exists()
+
+
+def test_the_upload_is_queued_and_an_rq_worker_indexes_it(world: World, collection_a: Collection,
+                                                          django_capture_on_commit_callbacks: Any) -> None:
+    queue = django_rq.get_queue("ingest")
+    queue.empty()
+    with django_capture_on_commit_callbacks(execute=True):
+        result = document_upload(principal=_system(world), collection=collection_a, filename="handbook.md",
+                                 data=HANDBOOK)
+    document = Document.objects.get(pk=result.created[0].pk)
+    assert document.job_id and len(queue) == 1
+    SimpleWorker([queue], connection=queue.connection).work(burst=True)
+    document.refresh_from_db()
+    assert document.status == "indexed" and document.attempts == 1
+
+
+def test_the_sweeper_requeues_a_silent_job_and_fails_it_after_the_last_attempt(
+        world: World, collection_a: Collection, django_capture_on_commit_callbacks: Any) -> None:
+    document = _upload(world, collection_a, "handbook.md", HANDBOOK).created[0]
+    long_ago = timezone.now() - dt.timedelta(hours=1)
+    Document.objects.filter(pk=document.pk).update(status="processing", heartbeat_at=long_ago, attempts=1,
+                                                   progress=40)
+    queue = django_rq.get_queue("ingest")
+    queue.empty()
+    with django_capture_on_commit_callbacks(execute=True):
+        assert documents_sweep() == {"requeued": 1, "failed": 0}
+    document.refresh_from_db()
+    assert document.status == "pending" and document.progress == 0 and len(queue) == 1
+    Document.objects.filter(pk=document.pk).update(status="processing", heartbeat_at=long_ago, attempts=3)
+    assert documents_sweep() == {"requeued": 0, "failed": 1}
+    document.refresh_from_db()
+    assert document.status == "failed" and "stopped unexpectedly 3 times" in document.error_message
+
+
+def test_the_sweeper_leaves_live_and_recent_work_alone(world: World, collection_a: Collection) -> None:
+    document = _upload(world, collection_a, "handbook.md", HANDBOOK).created[0]
+    Document.objects.filter(pk=document.pk).update(status="processing", heartbeat_at=timezone.now())
+    assert documents_sweep() == {"requeued": 0, "failed": 0}
+    Document.objects.filter(pk=document.pk).update(status="pending", updated_at=timezone.now())
+    assert documents_sweep() == {"requeued": 0, "failed": 0}

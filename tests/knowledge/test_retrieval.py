@@ -1,0 +1,128 @@
+"""chunk_search on a small fixture: each mode orders results sensibly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from billing.models import UsageEvent
+from config.errors import ValidationFailed
+from knowledge.ingestion import ingest_documents
+from knowledge.models import Collection
+from knowledge.retrieval import chunk_search
+from knowledge.services import collection_create, document_upload
+from tenants.principal import Principal
+from tests.conftest import World
+
+RECORDS = [
+    ("leave", "Annual leave", "Employees receive twenty-five days of paid vacation each calendar year."),
+    ("expenses", "Expense reports", "Submit expense reports with receipts within thirty days of the trip."),
+    ("security", "Laptop security", "Lock your laptop screen whenever you leave your desk; use full-disk encryption."),
+    ("parking", "Parking", "The company garage has forty parking spaces; bicycles park for free."),
+    ("zeta", "Zeta protocol", "The zeta protocol governs how the quarterly inventory count is done."),
+]
+
+
+@pytest.fixture
+def handbook(world: World, collection_a: Collection) -> Collection:
+    lines = "\n".join(
+        f'{{"_id": "{i}", "title": "{t}", "text": "{x}"}}' for i, t, x in RECORDS
+    ).encode()
+    principal = Principal.system("t", tenant=world.tenant_a)
+    result = document_upload(principal=principal, collection=collection_a, filename="handbook.jsonl", data=lines,
+                             queue=False)
+    report = ingest_documents([d.pk for d in result.created])
+    assert report.indexed == len(RECORDS)
+    collection_a.refresh_from_db()
+    return collection_a
+
+
+def _ids(hits: list[Any]) -> list[str]:
+    return [h.external_id for h in hits]
+
+
+def test_vector_search_finds_paraphrases(handbook: Collection) -> None:
+    hits = chunk_search(query="How many holidays do I get?", collections=[handbook], mode="vector", top_k=3)
+    assert _ids(hits)[0] == "leave"
+    assert hits[0].vector_score is not None and hits[0].keyword_score is None
+    assert hits[0].score >= hits[1].score >= hits[2].score
+
+
+def test_keyword_search_ranks_by_bm25_with_stemming(handbook: Collection) -> None:
+    hits = chunk_search(query="receipts for reporting expenses", collections=[handbook], mode="keyword", top_k=5)
+    assert _ids(hits)[0] == "expenses"
+    assert hits[0].keyword_score and hits[0].keyword_score > 0 and hits[0].vector_score is None
+
+
+def test_a_rare_term_outweighs_a_common_one(handbook: Collection) -> None:
+    # "leave" appears in two records, "zeta" in one: IDF must favour the rare term.
+    hits = chunk_search(query="leave zeta", collections=[handbook], mode="keyword", top_k=5)
+    assert _ids(hits)[0] == "zeta"
+
+
+def test_keyword_search_needs_only_one_matching_term(handbook: Collection) -> None:
+    # OR semantics: a query with words no document has still finds the one that matches.
+    hits = chunk_search(query="bicycles spaceship quasar", collections=[handbook], mode="keyword", top_k=5)
+    assert _ids(hits) == ["parking"]
+
+
+def test_hybrid_scores_every_result_both_ways(handbook: Collection) -> None:
+    hits = chunk_search(query="encryption of company laptops", collections=[handbook], mode="hybrid", top_k=5)
+    assert _ids(hits)[0] == "security"
+    assert all(h.vector_score is not None and h.keyword_score is not None for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert hits[0].title == "Laptop security" and hits[0].text.startswith("Lock your laptop")
+
+
+def test_rrf_fusion_is_available(handbook: Collection) -> None:
+    hits = chunk_search(query="vacation days", collections=[handbook], mode="hybrid", fusion="rrf", top_k=3)
+    assert _ids(hits)[0] == "leave"
+
+
+def test_every_search_is_metered(handbook: Collection) -> None:
+    chunk_search(query="parking", collections=[handbook], mode="keyword")
+    event = UsageEvent.objects.get(kind="kb.query")
+    assert event.metadata["mode"] == "keyword" and event.metadata["collections"] == [handbook.pk]
+
+
+def test_search_is_limited_to_the_named_collections(world: World, handbook: Collection) -> None:
+    other = collection_create(principal=Principal.system("t", tenant=world.tenant_a), name="Other")
+    document_upload(principal=Principal.system("t", tenant=world.tenant_a), collection=other, filename="o.jsonl",
+                    data=b'{"_id": "o1", "text": "Twenty-five days of paid vacation for contractors."}', queue=False)
+    ingest_documents(list(other.documents.values_list("pk", flat=True)))
+    other.refresh_from_db()
+    only_other = chunk_search(query="paid vacation", collections=[other], mode="hybrid", top_k=10)
+    assert _ids(only_other) == ["o1"]
+    both = chunk_search(query="paid vacation", collections=[handbook, other], mode="hybrid", top_k=10)
+    assert {"o1", "leave"} <= set(_ids(both))
+
+
+@pytest.mark.parametrize(("kwargs", "code"), [
+    ({"query": "   "}, "empty_query"),
+    ({"query": "x" * 2001}, "query_too_long"),
+    ({"query": "x", "mode": "semantic"}, "invalid_mode"),
+    ({"query": "x", "top_k": 0}, "invalid_top_k"),
+    ({"query": "x", "top_k": 201}, "invalid_top_k"),
+    ({"query": "x", "fusion": "max"}, "invalid_fusion"),
+])
+def test_bad_searches_are_rejected(handbook: Collection, kwargs: dict[str, Any], code: str) -> None:
+    with pytest.raises(ValidationFailed) as excinfo:
+        chunk_search(collections=[handbook], **kwargs)
+    assert excinfo.value.code == code
+
+
+def test_searching_an_empty_collection_returns_nothing(world: World, collection_a: Collection) -> None:
+    empty = collection_create(principal=Principal.system("t", tenant=world.tenant_a), name="Empty")
+    for mode in ("vector", "keyword", "hybrid"):
+        assert chunk_search(query="anything", collections=[empty], mode=mode) == []
+
+
+def test_the_hnsw_index_serves_vector_search(handbook: Collection) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("EXPLAIN SELECT id FROM knowledge_chunk ORDER BY embedding <=> %s::vector LIMIT 5",
+                       ["[" + ",".join(["0.01"] * 384) + "]"])
+        plan = " ".join(row[0] for row in cursor.fetchall())
+    assert "chunk_embedding_hnsw" in plan
