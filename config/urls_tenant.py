@@ -2,6 +2,8 @@
 
 from django.urls import include, path, re_path
 
+from agents.api import router as agents_router
+from agents.openai_api import router as openai_router
 from billing.api import router as usage_router
 from compliance.api import router as audit_router
 from config.api import api, api_not_found
@@ -13,6 +15,8 @@ api.add_router("/", tenant_router)
 api.add_router("/", audit_router)
 api.add_router("/", usage_router)
 api.add_router("/", knowledge_router)
+api.add_router("/", agents_router)
+api.add_router("/openai", openai_router)
 
 urlpatterns = [
     path("api/v1/", api.urls),
@@ -21,6 +25,7 @@ urlpatterns = [
     path("accounts/", include("allauth.urls")),
     path("audit/", include("compliance.urls")),
     path("kb/", include("knowledge.urls")),
+    path("", include("agents.urls")),
     path("", include("tenants.urls")),
 ]
 

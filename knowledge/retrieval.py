@@ -271,6 +271,9 @@ def chunk_search(
     candidates: int | None = None,
     record_usage: bool = True,
     timings: SearchTimings | None = None,
+    agent_id: int | None = None,
+    session_id: int | None = None,
+    turn_id: int | None = None,
 ) -> list[SearchHit]:
     """The ``top_k`` chunks of ``collections`` most relevant to ``query``, best first.
 
@@ -278,7 +281,8 @@ def chunk_search(
     (weight ``alpha`` on the vector side, default ``KB_HYBRID_ALPHA``) or ``rrf``. Each side
     contributes ``candidates`` chunks (default ``max(top_k, KB_HYBRID_CANDIDATES)``) before fusion.
     Collections must belong to the current tenant (they are rows of its schema). Records one
-    ``kb.query`` usage event. Raises ``ValidationFailed`` for an empty or overlong query, a bad
+    ``kb.query`` usage event (referencing ``agent_id``/``session_id``/``turn_id`` when a chat turn
+    searched). Raises ``ValidationFailed`` for an empty or overlong query, a bad
     mode, fusion or ``top_k`` outside 1-200, or collections embedded with another model.
     """
     started = time.perf_counter()
@@ -335,6 +339,7 @@ def chunk_search(
     timings.total_ms = (time.perf_counter() - started) * 1000
     if record_usage:
         usage_event_record(kind=UsageEvent.Kind.KB_QUERY, quantity=1, model=model.name if mode != "keyword" else "",
+                           agent_id=agent_id, session_id=session_id, turn_id=turn_id,
                            metadata={"mode": mode, "collections": collection_ids, "top_k": top_k,
                                      "results": len(hits)})
     return hits

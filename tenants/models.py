@@ -248,3 +248,59 @@ class ApiKey(models.Model):
         if self.expires_at and self.expires_at <= timezone.now():
             return "expired"
         return "active"
+
+
+class ModelEndpoint(models.Model):
+    """A chat model reachable through litellm: the platform's (``tenant`` null) or a tenant's own.
+
+    ``model`` is a litellm model string (``hosted_vllm/Qwen/Qwen2.5-7B-Instruct``,
+    ``openai/gpt-4o-mini``); ``api_base`` its OpenAI-compatible base URL. The API key is stored
+    only encrypted (``config.crypto``) and never shown again. Within a tier, endpoints are tried
+    in ``priority`` order (lowest first): the first is the primary, the others its fallbacks.
+    A tenant's own endpoints of a tier come before the platform's. Prices are per million
+    tokens, in ``currency``, and are snapshotted on every usage event.
+    """
+
+    class Tier(models.TextChoices):
+        LIGHT = "light", "Light"
+        STANDARD = "standard", "Standard"
+        HEAVY = "heavy", "Heavy"
+
+    tenant = models.ForeignKey(Tenant, null=True, blank=True, on_delete=models.CASCADE,
+                               related_name="model_endpoints")
+    name = models.CharField(max_length=100)
+    model = models.CharField(max_length=200,
+                             help_text="litellm model string, e.g. hosted_vllm/Qwen/Qwen2.5-7B-Instruct")
+    api_base = models.URLField(max_length=500, blank=True)
+    api_key_encrypted = models.TextField(blank=True, editable=False)
+    tier = models.CharField(max_length=10, choices=Tier.choices, default=Tier.STANDARD)
+    priority = models.PositiveIntegerField(default=100, help_text="Lower is tried first within the tier.")
+    context_window = models.PositiveIntegerField(default=8192, help_text="Tokens the model accepts in all.")
+    input_price_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    output_price_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    currency = models.CharField(max_length=3, default="USD")
+    timeout_seconds = models.FloatField(default=60.0)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering: ClassVar = ["tier", "priority", "name"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["name"], condition=models.Q(tenant__isnull=True),
+                                    name="model_endpoint_platform_name_unique"),
+            models.UniqueConstraint(fields=["tenant", "name"], name="model_endpoint_tenant_name_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.tier})"
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self.api_key_encrypted)
+
+    def api_key(self) -> str:
+        """The decrypted API key ('' when none); raises ``config.crypto.SecretUnreadable``."""
+        from config.crypto import secret_decrypt
+
+        return secret_decrypt(self.api_key_encrypted)

@@ -124,3 +124,16 @@ def api_a(world: World) -> Client:
 
 def active_key_count(tenant: Tenant) -> int:
     return ApiKey.objects.filter(tenant=tenant, revoked_at__isnull=True).count()
+
+
+# Live servers and workers (daphne, Celery, RQ, the scripted model server), shared by the browser
+# and chat tests, and the hook that runs their tests last.
+from tests.live import (  # noqa: E402
+    celery_worker,
+    ingest_worker,
+    portal,
+    pytest_collection_modifyitems,
+    scripted_llm,
+)
+
+__all__ = ["celery_worker", "ingest_worker", "portal", "pytest_collection_modifyitems", "scripted_llm"]

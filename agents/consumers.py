@@ -1,0 +1,234 @@
+"""The chat WebSocket, ``ws/chat/<session_id>/`` on a tenant host. It only authenticates and relays.
+
+Connect: the Host picks the tenant (as for HTTP); the browser session must belong to a member
+of that tenant who has passed two-factor verification where needed, and own the chat session;
+the Origin was already checked against ``ALLOWED_HOSTS`` (``config.asgi``). Otherwise the socket
+is closed with code 4403 (4404 for a session that is not the caller's).
+
+Client -> server, JSON (htmx's ws extension sends the form's fields)::
+
+    {"content": "question"}            send a message (starts a turn)
+    {"action": "cancel", "turn_id": 7}  stop a running turn
+
+Server -> client: the turn events of ``agents.runtime.events``, as HTML fragments that htmx
+swaps in by id (default), or as the raw JSON events with ``?format=json``. On connect the
+client first gets the state of the session's latest turn (and the text streamed so far).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs
+
+import structlog
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from django.core.exceptions import ObjectDoesNotExist
+from django_tenants.utils import schema_context
+
+from agents.runtime import events
+from config.errors import DomainError
+
+logger = structlog.get_logger(__name__)
+
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+
+
+def _host(scope: dict[str, Any]) -> str:
+    for name, value in scope.get("headers", []):
+        if name == b"host":
+            return value.decode("latin-1").split(":")[0].lower()
+    return ""
+
+
+@database_sync_to_async
+def _authorize(scope: dict[str, Any], session_id: int) -> tuple[str, Any, dict[str, Any] | None] | int:
+    """(schema, principal, snapshot) for an allowed connection, else a close code."""
+    from django_otp import DEVICE_ID_SESSION_KEY
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+
+    from agents.selectors import session_get
+    from tenants.middleware import two_factor_required
+    from tenants.models import Domain, Membership
+    from tenants.principal import Principal
+
+    def refuse(reason: str, code: int = CLOSE_FORBIDDEN) -> int:
+        logger.info("chat_socket_refused", reason=reason, host=_host(scope), session_id=session_id)
+        return code
+
+    user = scope.get("user")
+    if user is None or not user.is_authenticated:
+        return refuse("not_signed_in")
+    try:
+        domain = Domain.objects.select_related("tenant").get(domain=_host(scope))
+    except ObjectDoesNotExist:
+        return refuse("unknown_host")
+    tenant = domain.tenant
+    if tenant.schema_name == settings.PUBLIC_SCHEMA_NAME or not tenant.is_active:
+        return refuse("tenant_inactive")
+    membership = Membership.objects.select_related("user", "tenant").filter(user=user, tenant=tenant).first()
+    if membership is None:
+        return refuse("not_a_member")
+    verified = bool(scope.get("session", {}).get(DEVICE_ID_SESSION_KEY))
+    if not verified and (two_factor_required(user, membership, tenant)
+                         or TOTPDevice.objects.filter(user=user, confirmed=True).exists()):
+        return refuse("two_factor_required")
+    principal = Principal.for_member(membership)
+    with schema_context(tenant.schema_name):
+        try:
+            session = session_get(principal=principal, session_id=session_id)
+        except DomainError:
+            return refuse("no_such_session", CLOSE_NOT_FOUND)
+        return tenant.schema_name, principal, None if session is None else {"session_id": session.pk}
+
+
+@database_sync_to_async
+def _snapshot(schema: str, principal: Any, session_id: int) -> list[dict[str, Any]]:
+    """Events that bring a (re)connecting client up to date with the latest turn."""
+    from agents.models import Turn
+    from agents.selectors import session_get, turn_latest
+
+    with schema_context(schema):
+        session = session_get(principal=principal, session_id=session_id)
+        turn = turn_latest(session=session)
+        if turn is None:
+            return []
+        out: list[dict[str, Any]] = [{"event": "turn.state", "turn_id": turn.pk, "status": turn.status,
+                                      "user_message_id": turn.user_message_id,
+                                      "question": turn.user_message.content}]
+        if turn.status in (Turn.Status.QUEUED, Turn.Status.RUNNING):
+            text = events.text_snapshot(schema, turn.pk)
+            if turn.retrieved:
+                out.append({"event": "citations", "turn_id": turn.pk,
+                            "citations": [{k: v for k, v in r.items() if k not in ("text", "vector_score",
+                                                                                   "keyword_score")}
+                                          for r in turn.retrieved],
+                            "retrieved": turn.retrieved})
+            if text:
+                out.append({"event": "token.delta", "turn_id": turn.pk, "offset": 0, "text": text})
+        elif turn.status == Turn.Status.COMPLETED and turn.assistant_message is not None:
+            message = turn.assistant_message
+            out.append({"event": "turn.completed", "turn_id": turn.pk, "message_id": message.pk,
+                        "content": message.content, "citations": message.citations,
+                        "usage": {"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens}})
+        elif turn.status == Turn.Status.FAILED:
+            out.append({"event": "turn.failed", "turn_id": turn.pk,
+                        "error": {"code": turn.error_code, "message": turn.error_message}})
+        elif turn.status == Turn.Status.CANCELLED:
+            out.append({"event": "turn.cancelled", "turn_id": turn.pk,
+                        "message_id": turn.assistant_message_id})
+        return out
+
+
+@database_sync_to_async
+def _send_message(schema: str, principal: Any, session_id: int, content: str) -> dict[str, Any]:
+    from agents.selectors import session_get
+    from agents.services import chat_message_send
+
+    with schema_context(schema):
+        try:
+            session = session_get(principal=principal, session_id=session_id)
+            turn = chat_message_send(principal=principal, session=session, content=content)
+        except DomainError as exc:
+            return {"event": "error", "error": {"code": exc.code, "message": exc.message}}
+        return {"event": "message.accepted", "turn_id": turn.pk, "user_message_id": turn.user_message_id,
+                "content": turn.user_message.content}
+
+
+@database_sync_to_async
+def _cancel(schema: str, principal: Any, session_id: int, turn_id: int) -> dict[str, Any] | None:
+    from agents.selectors import session_get, turn_get
+    from agents.services import turn_cancel
+
+    with schema_context(schema):
+        try:
+            session = session_get(principal=principal, session_id=session_id)
+            turn_cancel(principal=principal, turn=turn_get(principal=principal, session=session, turn_id=turn_id))
+        except DomainError as exc:
+            return {"event": "error", "error": {"code": exc.code, "message": exc.message}}
+    return None
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channels is untyped
+    """Relays a session's turn events to one browser (or program) and takes its messages."""
+
+    schema: str = ""
+    principal: Any = None
+    session_id: int = 0
+    group: str = ""
+    as_json: bool = False
+    # Characters of the running turn's text already sent, to drop overlaps after a snapshot.
+    sent: dict[int, int]
+
+    async def connect(self) -> None:
+        self.sent = {}
+        self.session_id = int(self.scope["url_route"]["kwargs"]["session_id"])
+        query = parse_qs(self.scope.get("query_string", b"").decode())
+        self.as_json = query.get("format", [""])[0] == "json"
+        outcome = await _authorize(self.scope, self.session_id)
+        if isinstance(outcome, int):
+            await self.close(code=outcome)
+            return
+        self.schema, self.principal, _ = outcome
+        self.group = events.session_group(self.schema, self.session_id)
+        # Join before reading the snapshot, so nothing published in between is missed.
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        for event in await _snapshot(self.schema, self.principal, self.session_id):
+            await self._relay(event)
+
+    async def disconnect(self, code: int) -> None:
+        if self.group:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if not isinstance(content, dict):
+            await self._relay({"event": "error", "error": {"code": "bad_request", "message": "Send a JSON object."}})
+            return
+        if content.get("action") == "cancel":
+            try:
+                turn_id = int(content.get("turn_id"))  # type: ignore[arg-type]  # ValueError/TypeError handled
+            except (TypeError, ValueError):
+                await self._relay({"event": "error", "error": {"code": "bad_request", "message": "turn_id is needed."}})
+                return
+            reply = await _cancel(self.schema, self.principal, self.session_id, turn_id)
+            if reply:
+                await self._relay(reply)
+            return
+        text = content.get("content")
+        if not isinstance(text, str):
+            await self._relay({"event": "error", "error": {"code": "bad_request",
+                                                            "message": "Send {\"content\": \"your message\"}."}})
+            return
+        await self._relay(await _send_message(self.schema, self.principal, self.session_id, text))
+
+    async def decode_json(self, text_data: str) -> Any:
+        try:
+            return await super().decode_json(text_data)
+        except ValueError:
+            return None
+
+    async def chat_event(self, message: dict[str, Any]) -> None:
+        """Channel-layer handler for ``events.EVENT_TYPE``."""
+        await self._relay(message["event"])
+
+    async def _relay(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "token.delta":
+            turn_id = int(event["turn_id"])
+            have = self.sent.get(turn_id, 0)
+            end = int(event["offset"]) + len(event["text"])
+            if end <= have:
+                return
+            if int(event["offset"]) < have:
+                event = {**event, "offset": have, "text": event["text"][have - int(event["offset"]):]}
+            self.sent[turn_id] = end
+        if self.as_json:
+            await self.send_json(event)
+            return
+        from agents.chat_html import event_fragment
+
+        html = event_fragment(event)  # templates only, no database access
+        if html:
+            await self.send(text_data=html)

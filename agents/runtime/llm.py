@@ -1,0 +1,217 @@
+"""Model calls through litellm: which endpoints serve a version, streaming, fallback.
+
+Fallback is tried only while it is safe: an endpoint that fails before sending any token
+(connection refused, timeout, HTTP 5xx or 429) hands over to the next endpoint of the tier. Once
+tokens have reached the user, a failure ends the turn (``stream_interrupted``) instead of
+starting the answer again elsewhere. litellm's own retries are off for the same reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.db.models import Q
+
+from tenants.models import ModelEndpoint, Tenant
+
+logger = structlog.get_logger(__name__)
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+class LLMError(Exception):
+    """A model call that did not produce an answer. ``code`` is stable; ``message`` is for users;
+    ``fallback_ok`` is true when nothing was streamed yet and the next endpoint may be tried."""
+
+    def __init__(self, code: str, message: str, *, fallback_ok: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fallback_ok = fallback_ok
+
+
+@dataclass
+class StreamResult:
+    """What one streamed call produced: the text, token counts (from the stream's ``usage``
+    when the server sends it, otherwise estimated and flagged), and the endpoint used."""
+
+    text: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usage_estimated: bool = False
+    endpoint: ModelEndpoint | None = None
+    finish_reason: str = ""
+    attempts: list[dict[str, str]] = field(default_factory=list)
+
+
+def endpoints_for(*, tenant: Tenant, tier: str, endpoint_id: int | None = None) -> list[ModelEndpoint]:
+    """Endpoints to try, in order, for a version of ``tenant``'s agent.
+
+    A pinned ``endpoint_id`` gives just that endpoint (if enabled and the platform's or this
+    tenant's own). Otherwise: the tenant's enabled endpoints of ``tier``, then the platform's,
+    each by ``priority``. An empty list means no model is configured for the tier.
+    """
+    visible = ModelEndpoint.objects.filter(Q(tenant__isnull=True) | Q(tenant=tenant), enabled=True)
+    if endpoint_id is not None:
+        return list(visible.filter(pk=endpoint_id))
+    rows = list(visible.filter(tier=tier))
+    return sorted(rows, key=lambda e: (e.tenant_id is None, e.priority, e.pk))
+
+
+def estimate_tokens(text: str) -> int:
+    """A conservative token estimate for budgeting the prompt: one token per 3 characters.
+
+    English BPE vocabularies average about 4 characters per token (OpenAI's tokenizer guide);
+    3 leaves room for code and other languages. Used only where the server reports no usage and
+    for context-window trimming, never for prices when real counts exist.
+    """
+    return max(1, (len(text) + 2) // 3)
+
+
+def _classify(exc: Exception) -> LLMError:
+    import litellm
+
+    name = type(exc).__name__
+    if isinstance(exc, litellm.Timeout) or "Timeout" in name:
+        return LLMError("model_timeout", "The model did not answer in time.", fallback_ok=True)
+    if isinstance(exc, litellm.RateLimitError):
+        return LLMError("model_rate_limited", "The model is rate-limited; try again shortly.", fallback_ok=True)
+    if isinstance(exc, litellm.APIConnectionError):
+        return LLMError("model_unreachable", "The model server could not be reached.", fallback_ok=True)
+    if isinstance(exc, litellm.ContextWindowExceededError):
+        return LLMError("context_too_long", "The conversation is too long for the model.")
+    if isinstance(exc, litellm.AuthenticationError):
+        return LLMError("model_auth_failed", "The model endpoint refused its credentials.", fallback_ok=True)
+    if isinstance(exc, litellm.BadRequestError):
+        return LLMError("model_bad_request", "The model refused the request.")
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and status >= 500:
+        return LLMError("model_error", f"The model server failed (HTTP {status}).", fallback_ok=True)
+    return LLMError("model_error", "The model call failed.", fallback_ok=True)
+
+
+def _usage_of(chunk: Any) -> tuple[int, int] | None:
+    usage = getattr(chunk, "usage", None)
+    if usage is None:
+        return None
+    prompt = getattr(usage, "prompt_tokens", None)
+    completion = getattr(usage, "completion_tokens", None)
+    if prompt is None and completion is None:
+        return None
+    return int(prompt or 0), int(completion or 0)
+
+
+def _stream_one(endpoint: ModelEndpoint, messages: list[dict[str, str]], *, temperature: float,
+                max_tokens: int, response_format: dict[str, Any] | None,
+                on_delta: Callable[[str], None], should_stop: Callable[[], bool], result: StreamResult) -> None:
+    import litellm
+
+    kwargs: dict[str, Any] = {
+        "model": endpoint.model,
+        "messages": messages,
+        "stream": True,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "timeout": min(endpoint.timeout_seconds, settings.LLM_TIMEOUT_SECONDS),
+        "num_retries": 0,
+        "stream_options": {"include_usage": True},
+    }
+    if endpoint.api_base:
+        kwargs["api_base"] = endpoint.api_base
+    api_key = endpoint.api_key()
+    # OpenAI-compatible servers without auth still need a non-empty key in the client.
+    kwargs["api_key"] = api_key or "none"
+    if response_format:
+        kwargs["response_format"] = response_format
+    streamed_any = False
+    try:
+        response = litellm.completion(**kwargs)
+        for chunk in _iterate(response):
+            usage = _usage_of(chunk)
+            if usage is not None:
+                result.input_tokens, result.output_tokens = usage
+            choices = getattr(chunk, "choices", None) or []
+            if not choices:
+                continue
+            choice = choices[0]
+            delta = getattr(getattr(choice, "delta", None), "content", None)
+            if delta:
+                streamed_any = True
+                result.text += delta
+                on_delta(delta)
+            if getattr(choice, "finish_reason", None):
+                result.finish_reason = str(choice.finish_reason)
+            if should_stop():
+                result.finish_reason = "cancelled"
+                _close(response)
+                return
+    except LLMError:
+        raise
+    except Exception as exc:
+        error = _classify(exc)
+        if streamed_any:
+            raise LLMError("stream_interrupted", "The model's answer was cut off; retry the turn.") from exc
+        raise error from exc
+    # A stream that ends with no content and no finish reason is malformed (a cut connection that
+    # the client took for a normal end).
+    if not streamed_any and not result.text and not result.finish_reason:
+        raise LLMError("malformed_stream", "The model's stream ended without an answer.", fallback_ok=True)
+
+
+def _iterate(response: Any) -> Iterator[Any]:
+    yield from response
+
+
+def _close(response: Any) -> None:
+    closer = getattr(response, "close", None) or getattr(getattr(response, "completion_stream", None), "close", None)
+    if callable(closer):
+        with contextlib.suppress(Exception):  # closing a stream we are abandoning
+            closer()
+
+
+def stream_chat(*, endpoints: list[ModelEndpoint], messages: list[dict[str, str]], temperature: float,
+                max_tokens: int, response_format: dict[str, Any] | None = None,
+                on_delta: Callable[[str], None], should_stop: Callable[[], bool]) -> StreamResult:
+    """Stream a chat completion from the first endpoint that works, calling ``on_delta(text)``
+    for every content delta. ``should_stop()`` is polled between chunks (cancellation).
+
+    Returns the ``StreamResult``; raises ``LLMError`` (the last endpoint's error, or
+    ``no_model`` when ``endpoints`` is empty). Token counts come from the stream's final usage
+    chunk (``stream_options.include_usage``); a server that sends none gets estimates.
+    """
+    if not endpoints:
+        raise LLMError("no_model", "No model endpoint is configured for this agent's tier.")
+    last: LLMError | None = None
+    for endpoint in endpoints:
+        result = StreamResult(endpoint=endpoint)
+        started = time.perf_counter()
+        try:
+            _stream_one(endpoint, messages, temperature=temperature, max_tokens=max_tokens,
+                        response_format=response_format, on_delta=on_delta, should_stop=should_stop, result=result)
+        except LLMError as error:
+            last = error
+            logger.warning("llm_call_failed", endpoint=endpoint.name, code=error.code,
+                           cause=repr(error.__cause__)[:500], seconds=round(time.perf_counter() - started, 3))
+            if error.fallback_ok and not result.text:
+                continue
+            raise
+        if result.input_tokens == 0 and result.output_tokens == 0:
+            result.usage_estimated = True
+            result.input_tokens = sum(estimate_tokens(m["content"]) for m in messages)
+            result.output_tokens = estimate_tokens(result.text) if result.text else 0
+        return result
+    assert last is not None
+    raise last
+
+
+def price_per_token(per_million: Decimal) -> Decimal:
+    """A price per million tokens as a price per token (the unit of usage events)."""
+    return Decimal(per_million) / Decimal(1_000_000)

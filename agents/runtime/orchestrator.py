@@ -1,0 +1,269 @@
+"""Running one turn in the worker: retrieve, prompt, stream, record, publish.
+
+``turn_run`` is called by the Celery task inside the tenant's schema. It owns the turn from
+``queued`` to a final state; every path out of it (including an unexpected exception) leaves
+the turn ``completed``, ``failed`` or ``cancelled`` and tells the session's group.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from agents.models import Agent, Message, Turn
+from agents.runtime import events
+from agents.runtime.llm import LLMError, endpoints_for, price_per_token, stream_chat
+from agents.runtime.prompt import build_prompt
+from billing.models import UsageEvent
+from billing.services import usage_event_record
+from compliance.services import audit_event_create
+from config.errors import DomainError
+from config.redis import redis_client
+from tenants.principal import Principal
+
+logger = structlog.get_logger(__name__)
+
+
+class TurnRefused(Exception):
+    """A policy refusal before any model call (agent paused, no model, prompt too long)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class DeltaBatcher:
+    """Collects deltas and publishes them at most once per ``interval`` seconds.
+
+    The first delta goes out at once (it is the time to first token users feel); later ones
+    are batched, because one process relays only some thousands of channel-layer messages per
+    second and per-token messages would saturate it at a few dozen concurrent streams.
+    """
+
+    schema: str
+    group: str
+    turn_id: int
+    interval: float
+    pending: str = ""
+    sent_chars: int = 0
+    last_flush: float = 0.0
+    flushes: int = 0
+
+    def add(self, text: str) -> None:
+        self.pending += text
+        now = time.monotonic()
+        if self.flushes == 0 or now - self.last_flush >= self.interval:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        if not self.pending:
+            return
+        text, self.pending = self.pending, ""
+        events.snapshot_append(self.schema, self.turn_id, text)
+        events.publish(self.group, {"event": "token.delta", "turn_id": self.turn_id, "offset": self.sent_chars,
+                                    "text": text})
+        self.sent_chars += len(text)
+        self.last_flush = now if now is not None else time.monotonic()
+        self.flushes += 1
+
+
+def _citations(hits: list[Any]) -> list[dict[str, Any]]:
+    return [
+        {"n": n, "chunk_id": h.chunk_id, "document_id": h.document_id, "external_id": h.external_id,
+         "title": h.title, "page_number": h.page_number, "heading_path": h.heading_path, "score": round(h.score, 4)}
+        for n, h in enumerate(hits, start=1)
+    ]
+
+
+def _retrieved(hits: list[Any]) -> list[dict[str, Any]]:
+    return [
+        {**c, "vector_score": h.vector_score, "keyword_score": h.keyword_score, "text": h.text[:600]}
+        for c, h in zip(_citations(hits), hits, strict=True)
+    ]
+
+
+def _finish(turn: Turn, status: str, **fields: Any) -> None:
+    turn.status = status
+    turn.finished_at = timezone.now()
+    for name, value in fields.items():
+        setattr(turn, name, value)
+    turn.save(update_fields=["status", "finished_at", *fields])
+
+
+def _claim(turn_id: int) -> Turn | None:
+    """Move a queued turn to running; None if it is gone, already final or being run."""
+    with transaction.atomic():
+        turn = (Turn.objects.select_for_update().select_related("session", "agent_version", "user_message")
+                .filter(pk=turn_id).first())
+        if turn is None or turn.status != Turn.Status.QUEUED:
+            return None
+        if turn.cancel_requested:
+            _finish(turn, Turn.Status.CANCELLED)
+            return None
+        turn.status = Turn.Status.RUNNING
+        turn.started_at = timezone.now()
+        turn.save(update_fields=["status", "started_at"])
+        return turn
+
+
+def turn_run(turn_id: int) -> str:
+    """Run turn ``turn_id`` of the current schema to a final state; returns that state.
+
+    Steps: claim (queued -> running), check the agent may run, retrieve from the version's
+    collections, build the prompt, stream from the tier's endpoints (fallback before the first
+    token only), record usage events (input and output tokens, priced from the endpoint) and
+    save the assistant message with its citations. Never raises for a turn's own failure.
+    """
+    schema: str = connection.schema_name  # type: ignore[attr-defined]
+    turn = _claim(turn_id)
+    if turn is None:
+        return "skipped"
+    session = turn.session
+    group = events.session_group(schema, session.pk)
+    structlog.contextvars.bind_contextvars(turn_id=turn.pk, session_id=session.pk)
+    batcher = DeltaBatcher(schema=schema, group=group, turn_id=turn.pk,
+                           interval=settings.CHAT_DELTA_INTERVAL_MS / 1000)
+    try:
+        return _run(turn, schema=schema, group=group, batcher=batcher)
+    except Exception as exc:
+        if isinstance(exc, LLMError | TurnRefused | DomainError):
+            code, message = exc.code, exc.message
+        else:
+            logger.exception("turn_crashed")
+            code, message = "internal_error", "Something went wrong while answering; try again."
+        batcher.flush()
+        turn.refresh_from_db(fields=["status"])
+        if turn.status in Turn.FINAL:
+            return str(turn.status)
+        _finish(turn, Turn.Status.FAILED, error_code=code, error_message=message)
+        events.publish(group, {"event": "turn.failed", "turn_id": turn.pk,
+                               "error": {"code": code, "message": message}})
+        return "failed"
+
+
+def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
+    from knowledge.models import Collection
+    from knowledge.retrieval import chunk_search
+    from tenants.models import Tenant
+
+    version = turn.agent_version
+    agent = Agent.objects.get(pk=version.agent_id)
+    if agent.status in (Agent.Status.PAUSED, Agent.Status.RETIRED):
+        raise TurnRefused("agent_unavailable", f"The agent '{agent.name}' is {agent.status}; it does not answer now.")
+    tenant = Tenant.objects.get(schema_name=schema)
+    if tenant.status != Tenant.Status.ACTIVE:
+        raise TurnRefused("tenant_suspended", "This workspace is suspended.")
+    endpoints = endpoints_for(tenant=tenant, tier=version.tier, endpoint_id=version.endpoint_id)
+    if not endpoints:
+        raise TurnRefused("no_model", f"No model endpoint is enabled for the '{version.tier}' tier.")
+    events.publish(group, {"event": "turn.started", "turn_id": turn.pk, "model": endpoints[0].model,
+                           "endpoint": endpoints[0].name})
+
+    question = turn.user_message.content
+    hits: list[Any] = []
+    collections = list(Collection.objects.filter(pk__in=version.collection_ids))
+    if collections:
+        hits = chunk_search(query=question[:2000], collections=collections, top_k=version.retrieval_top_k,
+                            mode=version.retrieval_mode, agent_id=agent.pk, session_id=turn.session_id,
+                            turn_id=turn.pk)
+    history = list(Message.objects.filter(session_id=turn.session_id, pk__lt=turn.user_message_id)
+                   .exclude(role=Message.Role.SYSTEM).order_by("-pk")[: max(version.history_window, 1)])
+    history.reverse()
+    context_window = min(e.context_window for e in endpoints)
+    while True:
+        prompt = build_prompt(version=version, history=history, question=question, hits=hits,
+                              context_window=context_window)
+        if prompt.estimated_tokens + version.max_output_tokens <= context_window or not hits:
+            break
+        hits = hits[:-1]
+    if prompt.estimated_tokens + version.max_output_tokens > context_window:
+        raise TurnRefused("context_too_long", "The message is too long for this agent's model.")
+    citations = _citations(hits)
+    retrieved = _retrieved(hits)
+    Turn.objects.filter(pk=turn.pk).update(retrieved=retrieved)
+    if hits:
+        events.publish(group, {"event": "citations", "turn_id": turn.pk, "citations": citations,
+                               "retrieved": retrieved})
+
+    response_format = None
+    if version.output_format == version.OutputFormat.JSON_SCHEMA and version.output_schema:
+        response_format = {"type": "json_schema",
+                           "json_schema": {"name": "answer", "schema": version.output_schema}}
+    cancel = events.cancel_key(schema, turn.pk)
+    deadline = turn.deadline.timestamp()
+    checks = {"next": 0.0, "stop": False}
+
+    def should_stop() -> bool:
+        now = time.monotonic()
+        if now >= checks["next"]:
+            checks["next"] = now + 0.1
+            checks["stop"] = bool(redis_client().exists(cancel)) or time.time() > deadline
+        return bool(checks["stop"])
+
+    first_token: dict[str, Any] = {}
+
+    def on_delta(text: str) -> None:
+        if not first_token:
+            first_token["at"] = timezone.now()
+        batcher.add(text)
+
+    result = stream_chat(endpoints=endpoints, messages=prompt.messages, temperature=version.temperature,
+                         max_tokens=version.max_output_tokens, response_format=response_format,
+                         on_delta=on_delta, should_stop=should_stop)
+    batcher.flush()
+    endpoint = result.endpoint
+    assert endpoint is not None
+    cancelled = result.finish_reason == "cancelled"
+    timed_out = cancelled and time.time() > deadline and not redis_client().exists(cancel)
+    with transaction.atomic():
+        turn.refresh_from_db(fields=["status"])
+        if turn.status in Turn.FINAL:  # the sweeper got there first
+            return str(turn.status)
+        common: dict[str, Any] = {"model": endpoint.model, "agent_id": agent.pk, "session_id": turn.session_id, "turn_id": turn.pk,
+                  "currency": endpoint.currency,
+                  "metadata": {"endpoint": endpoint.name, "estimated": result.usage_estimated}}
+        usage_event_record(kind=UsageEvent.Kind.LLM_INPUT_TOKENS, quantity=result.input_tokens,
+                           unit_price=price_per_token(endpoint.input_price_per_mtok), **common)
+        usage_event_record(kind=UsageEvent.Kind.LLM_OUTPUT_TOKENS, quantity=result.output_tokens,
+                           unit_price=price_per_token(endpoint.output_price_per_mtok), **common)
+        message = None
+        if result.text:
+            message = Message.objects.create(session_id=turn.session_id, role=Message.Role.ASSISTANT,
+                                             content=result.text, citations=citations,
+                                             input_tokens=result.input_tokens, output_tokens=result.output_tokens)
+        fields = {"assistant_message": message, "endpoint_name": endpoint.name, "model": endpoint.model,
+                  "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
+                  "first_token_at": first_token.get("at")}
+        if timed_out:
+            _finish(turn, Turn.Status.FAILED, error_code="turn_timeout",
+                    error_message="The answer took longer than the turn's deadline.", **fields)
+        elif cancelled:
+            _finish(turn, Turn.Status.CANCELLED, **fields)
+        else:
+            _finish(turn, Turn.Status.COMPLETED, **fields)
+        audit_event_create(actor=Principal.system("chat-worker"), action=f"turn.{turn.status}", target_type="turn",
+                           target_id=turn.pk, payload={"session_id": turn.session_id, "agent": agent.slug,
+                                                       "version": version.number, "endpoint": endpoint.name,
+                                                       "input_tokens": result.input_tokens,
+                                                       "output_tokens": result.output_tokens})
+    usage = {"input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
+             "estimated": result.usage_estimated}
+    if turn.status == Turn.Status.COMPLETED:
+        events.publish(group, {"event": "turn.completed", "turn_id": turn.pk,
+                               "message_id": message.pk if message else None, "content": result.text,
+                               "citations": citations, "usage": usage})
+    elif turn.status == Turn.Status.CANCELLED:
+        events.publish(group, {"event": "turn.cancelled", "turn_id": turn.pk,
+                               "message_id": message.pk if message else None})
+    else:
+        events.publish(group, {"event": "turn.failed", "turn_id": turn.pk,
+                               "error": {"code": turn.error_code, "message": turn.error_message}})
+    return str(turn.status)

@@ -1,0 +1,89 @@
+"""Reads on agents and chat, scoped to the current tenant's schema and to the caller.
+
+Sessions are private to the principal that opened them (the member, or the API key); anyone
+else, in this tenant or another, gets "not found" rather than a hint that the session exists.
+"""
+
+from __future__ import annotations
+
+from django.db.models import Q, QuerySet
+
+from agents.models import Agent, AgentVersion, ChatSession, Message, Turn
+from config.errors import NotFound
+from tenants.principal import Principal
+
+
+def agent_list(*, principal: Principal, status: str | None = None) -> QuerySet[Agent]:
+    """Agents by name with their active version. Raises ``Forbidden`` without ``agents:read``."""
+    principal.require("agents:read")
+    queryset = Agent.objects.select_related("active_version").order_by("name")
+    if status:
+        queryset = queryset.filter(status=status)
+    return queryset
+
+
+def agent_get(*, principal: Principal, agent_id: int | None = None, slug: str | None = None) -> Agent:
+    """One agent by id or slug; ``NotFound`` otherwise."""
+    queryset = agent_list(principal=principal)
+    agent = (queryset.filter(pk=agent_id) if agent_id is not None else queryset.filter(slug=slug)).first()
+    if agent is None:
+        raise NotFound("No such agent.")
+    return agent
+
+
+def agent_version_list(*, principal: Principal, agent: Agent) -> QuerySet[AgentVersion]:
+    principal.require("agents:read")
+    return AgentVersion.objects.filter(agent=agent).order_by("-number")
+
+
+def agent_version_get(*, principal: Principal, agent: Agent, number: int) -> AgentVersion:
+    version = agent_version_list(principal=principal, agent=agent).filter(number=number).first()
+    if version is None:
+        raise NotFound(f"Agent '{agent.slug}' has no version {number}.")
+    return version
+
+
+def _owned(principal: Principal) -> Q:
+    if principal.api_key is not None:
+        return Q(api_key_id=principal.api_key.key_id)
+    if principal.user is not None:
+        return Q(user_id=principal.user.pk)
+    return Q(pk__in=[])
+
+
+def session_list(*, principal: Principal, agent: Agent | None = None) -> QuerySet[ChatSession]:
+    """The caller's own sessions, most recently active first. Raises ``Forbidden`` without ``chat``."""
+    principal.require("chat")
+    queryset = ChatSession.objects.filter(_owned(principal)).select_related("agent").order_by("-updated_at", "-pk")
+    if agent is not None:
+        queryset = queryset.filter(agent=agent)
+    return queryset
+
+
+def session_get(*, principal: Principal, session_id: int) -> ChatSession:
+    session = session_list(principal=principal).filter(pk=session_id).first()
+    if session is None:
+        raise NotFound("No such chat session.")
+    return session
+
+
+def message_list(*, principal: Principal, session: ChatSession) -> QuerySet[Message]:
+    principal.require("chat")
+    return Message.objects.filter(session=session).order_by("pk")
+
+
+def turn_list(*, principal: Principal, session: ChatSession) -> QuerySet[Turn]:
+    principal.require("chat")
+    return Turn.objects.filter(session=session).order_by("pk")
+
+
+def turn_get(*, principal: Principal, session: ChatSession, turn_id: int) -> Turn:
+    turn = turn_list(principal=principal, session=session).filter(pk=turn_id).first()
+    if turn is None:
+        raise NotFound("No such turn.")
+    return turn
+
+
+def turn_latest(*, session: ChatSession) -> Turn | None:
+    """The session's most recent turn (for showing its state on (re)connect)."""
+    return Turn.objects.filter(session=session).order_by("-pk").first()

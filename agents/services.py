@@ -1,0 +1,412 @@
+"""Writes on agents and chat. Each service checks the principal's permission, validates, changes
+rows in one transaction, writes the audit event, and defers side effects to ``on_commit``.
+
+Sessions belong to whoever opened them (a member or an API key); only that principal reads them
+and posts to them. Viewers may chat (``chat``) but not edit agents (``agents:write``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from agents.models import Agent, AgentVersion, ChatSession, Message, Turn
+from agents.runtime import events
+from compliance.services import audit_event_create
+from config.errors import Conflict, ValidationFailed
+from config.redis import redis_client
+from tenants.models import ModelEndpoint
+from tenants.principal import Principal
+
+SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,58}[a-z0-9])?$")
+TIERS = tuple(ModelEndpoint.Tier.values)
+
+# Every field of a version, its default, and its bounds (checked by ``version_config_clean``).
+VERSION_DEFAULTS: dict[str, Any] = {
+    "system_prompt": "You are a helpful assistant.",
+    "rules": "",
+    "tier": "standard",
+    "endpoint_id": None,
+    "temperature": 0.2,
+    "max_output_tokens": 512,
+    "history_window": 20,
+    "collection_ids": [],
+    "retrieval_top_k": 5,
+    "retrieval_mode": "hybrid",
+    "output_format": "text",
+    "output_schema": None,
+}
+VERSION_FIELDS = tuple(VERSION_DEFAULTS)
+
+
+def _number(config: dict[str, Any], name: str, cast: type, low: float, high: float) -> Any:
+    value = config[name]
+    try:
+        number = cast(value)
+    except (TypeError, ValueError):
+        raise ValidationFailed(f"{name} must be a number.", code="invalid_version", details={"field": name}) from None
+    if not low <= number <= high:
+        raise ValidationFailed(f"{name} must be between {low:g} and {high:g}.", code="invalid_version",
+                               details={"field": name})
+    return number
+
+
+def version_config_clean(*, principal: Principal, config: dict[str, Any]) -> dict[str, Any]:
+    """Validate a version's fields; returns the cleaned dict (every key of ``VERSION_DEFAULTS``).
+
+    Raises ``ValidationFailed`` naming the field: empty system prompt, unknown tier, an endpoint
+    that is neither the platform's nor this tenant's, temperature outside 0-2, output tokens
+    outside 1-32768, history window outside 0-200, top_k outside 1-50, unknown retrieval mode or
+    output format, collections not in this tenant, or an output schema that is not a JSON Schema
+    (checked against its metaschema with ``jsonschema``).
+    """
+    from knowledge.models import Collection
+
+    unknown = sorted(set(config) - set(VERSION_FIELDS))
+    if unknown:
+        raise ValidationFailed(f"Unknown version field(s): {', '.join(unknown)}.", code="invalid_version",
+                               details={"fields": unknown})
+    cfg = {**VERSION_DEFAULTS, **config}
+    prompt = str(cfg["system_prompt"] or "").strip()
+    if not prompt:
+        raise ValidationFailed("The system prompt is empty.", code="invalid_version",
+                               details={"field": "system_prompt"})
+    if len(prompt) > 20000 or len(str(cfg["rules"] or "")) > 20000:
+        raise ValidationFailed("Prompt and rules are limited to 20,000 characters each.", code="invalid_version")
+    cfg["system_prompt"], cfg["rules"] = prompt, str(cfg["rules"] or "").strip()
+    if cfg["tier"] not in TIERS:
+        raise ValidationFailed(f"tier must be one of {', '.join(TIERS)}.", code="invalid_version",
+                               details={"field": "tier"})
+    if cfg["endpoint_id"] in ("", None):
+        cfg["endpoint_id"] = None
+    else:
+        endpoint_id = _number(cfg, "endpoint_id", int, 1, 2**62)
+        tenant = principal.tenant
+        endpoint = ModelEndpoint.objects.filter(pk=endpoint_id).first()
+        if endpoint is None or (endpoint.tenant_id is not None and (tenant is None or endpoint.tenant_id != tenant.pk)):
+            raise ValidationFailed("No such model endpoint.", code="invalid_version", details={"field": "endpoint_id"})
+        cfg["endpoint_id"] = endpoint_id
+    cfg["temperature"] = _number(cfg, "temperature", float, 0.0, 2.0)
+    cfg["max_output_tokens"] = _number(cfg, "max_output_tokens", int, 1, 32768)
+    cfg["history_window"] = _number(cfg, "history_window", int, 0, 200)
+    cfg["retrieval_top_k"] = _number(cfg, "retrieval_top_k", int, 1, 50)
+    if cfg["retrieval_mode"] not in AgentVersion.RetrievalMode.values:
+        raise ValidationFailed("retrieval_mode must be hybrid, vector or keyword.", code="invalid_version",
+                               details={"field": "retrieval_mode"})
+    try:
+        ids = sorted({int(i) for i in (cfg["collection_ids"] or [])})
+    except (TypeError, ValueError):
+        raise ValidationFailed("collection_ids must be integers.", code="invalid_version",
+                               details={"field": "collection_ids"}) from None
+    found = set(Collection.objects.filter(pk__in=ids).values_list("pk", flat=True))
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ValidationFailed(f"No such collection: {', '.join(map(str, missing))}.", code="invalid_version",
+                               details={"field": "collection_ids", "missing": missing})
+    cfg["collection_ids"] = ids
+    if cfg["output_format"] not in AgentVersion.OutputFormat.values:
+        raise ValidationFailed("output_format must be text or json_schema.", code="invalid_version",
+                               details={"field": "output_format"})
+    if cfg["output_format"] == AgentVersion.OutputFormat.JSON_SCHEMA:
+        schema = cfg["output_schema"]
+        if not isinstance(schema, dict):
+            raise ValidationFailed("output_schema must be a JSON object (a JSON Schema).", code="invalid_version",
+                                   details={"field": "output_schema"})
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise ValidationFailed(f"output_schema is not a valid JSON Schema: {exc.message}",
+                                   code="invalid_version", details={"field": "output_schema"}) from None
+    else:
+        cfg["output_schema"] = None
+    return cfg
+
+
+def _version_snapshot(version: AgentVersion) -> dict[str, Any]:
+    return {name: getattr(version, name) for name in VERSION_FIELDS}
+
+
+@transaction.atomic
+def agent_create(*, principal: Principal, slug: str, name: str, description: str = "",
+                 config: dict[str, Any] | None = None) -> Agent:
+    """Create a draft agent and its version 1. Raises ``ValidationFailed`` (slug, name, config),
+    ``Conflict`` for a taken slug, ``Forbidden`` without ``agents:write``."""
+    principal.require("agents:write")
+    slug = (slug or "").strip().lower()
+    if not SLUG_RE.match(slug):
+        raise ValidationFailed("The slug must be 1-60 lowercase letters, digits or hyphens, not starting or ending "
+                               "with a hyphen.", code="invalid_slug")
+    name = (name or "").strip()
+    if not name or len(name) > 200:
+        raise ValidationFailed("The name must be 1-200 characters.", code="invalid_name")
+    if Agent.objects.filter(slug=slug).exists():
+        raise Conflict(f"An agent with slug '{slug}' exists.", code="duplicate_slug")
+    cfg = version_config_clean(principal=principal, config=config or {})
+    agent = Agent.objects.create(slug=slug, name=name, description=(description or "")[:5000])
+    AgentVersion.objects.create(agent=agent, number=1, created_by=principal.label[:200], note="Initial version", **cfg)
+    audit_event_create(actor=principal, action="agent.created", target_type="agent", target_id=agent.pk,
+                       payload={"slug": slug, "name": name, "version": 1})
+    return agent
+
+
+@transaction.atomic
+def agent_update(*, principal: Principal, agent: Agent, name: str | None = None,
+                 description: str | None = None) -> Agent:
+    """Rename or re-describe an agent (not versioned: what it does lives in versions)."""
+    principal.require("agents:write")
+    changes: dict[str, Any] = {}
+    if name is not None:
+        name = name.strip()
+        if not name or len(name) > 200:
+            raise ValidationFailed("The name must be 1-200 characters.", code="invalid_name")
+        changes["name"] = name
+    if description is not None:
+        changes["description"] = description[:5000]
+    if changes:
+        for key, value in changes.items():
+            setattr(agent, key, value)
+        agent.updated_at = timezone.now()
+        agent.save(update_fields=[*changes, "updated_at"])
+        audit_event_create(actor=principal, action="agent.updated", target_type="agent", target_id=agent.pk,
+                           payload=changes)
+    return agent
+
+
+@transaction.atomic
+def agent_version_create(*, principal: Principal, agent: Agent, config: dict[str, Any],
+                         note: str = "") -> AgentVersion:
+    """A new version: the latest version's fields overridden by ``config``. Not active until
+    published. Raises as ``version_config_clean``; ``Conflict`` for a retired agent."""
+    principal.require("agents:write")
+    agent = Agent.objects.select_for_update().get(pk=agent.pk)
+    if agent.status == Agent.Status.RETIRED:
+        raise Conflict("A retired agent cannot get new versions.", code="agent_retired")
+    latest = agent.versions.order_by("-number").first()
+    base = _version_snapshot(latest) if latest else {}
+    cfg = version_config_clean(principal=principal, config={**base, **config})
+    number = (latest.number if latest else 0) + 1
+    version = AgentVersion.objects.create(agent=agent, number=number, created_by=principal.label[:200],
+                                          note=(note or "")[:300], **cfg)
+    agent.updated_at = timezone.now()
+    agent.save(update_fields=["updated_at"])
+    changed = sorted(k for k in cfg if base.get(k) != cfg[k])
+    audit_event_create(actor=principal, action="agent_version.created", target_type="agent", target_id=agent.pk,
+                       payload={"version": number, "changed": changed})
+    return version
+
+
+@transaction.atomic
+def agent_version_publish(*, principal: Principal, version: AgentVersion) -> Agent:
+    """Make ``version`` the active one (publish, or roll back when older than the active one).
+
+    A draft or paused agent becomes active. Idempotent: publishing the active version changes
+    nothing and writes no audit event. Raises ``Conflict`` for a retired agent.
+    """
+    principal.require("agents:write")
+    agent = Agent.objects.select_for_update().get(pk=version.agent_id)
+    if agent.status == Agent.Status.RETIRED:
+        raise Conflict("A retired agent cannot be published.", code="agent_retired")
+    previous = agent.active_version
+    if previous is not None and previous.pk == version.pk and agent.status == Agent.Status.ACTIVE:
+        return agent
+    rollback = previous is not None and version.number < previous.number
+    agent.active_version = version
+    agent.status = Agent.Status.ACTIVE
+    agent.updated_at = timezone.now()
+    agent.save(update_fields=["active_version", "status", "updated_at"])
+    audit_event_create(actor=principal, action="agent.rolled_back" if rollback else "agent.published",
+                       target_type="agent", target_id=agent.pk,
+                       payload={"version": version.number, "previous_version": previous.number if previous else None})
+    return agent
+
+
+_TRANSITIONS: dict[str, set[str]] = {
+    Agent.Status.ACTIVE: {Agent.Status.PAUSED, Agent.Status.RETIRED},
+    Agent.Status.PAUSED: {Agent.Status.ACTIVE, Agent.Status.RETIRED},
+    Agent.Status.DRAFT: {Agent.Status.RETIRED},
+    Agent.Status.RETIRED: set(),
+}
+
+
+@transaction.atomic
+def agent_status_set(*, principal: Principal, agent: Agent, status: str) -> Agent:
+    """Pause, resume (``active``, needs a published version) or retire an agent.
+
+    Allowed: active <-> paused, any but retired -> retired (final). Setting the current status
+    is a no-op. Raises ``ValidationFailed`` for an unknown status, ``Conflict`` otherwise.
+    """
+    principal.require("agents:write")
+    if status not in Agent.Status.values:
+        raise ValidationFailed(f"Unknown status '{status}'.", code="invalid_status")
+    agent = Agent.objects.select_for_update().get(pk=agent.pk)
+    if agent.status == status:
+        return agent
+    if status not in _TRANSITIONS[agent.status]:
+        raise Conflict(f"An agent cannot go from {agent.status} to {status}.", code="invalid_transition")
+    if status == Agent.Status.ACTIVE and agent.active_version_id is None:
+        raise Conflict("Publish a version first.", code="not_published")
+    previous = agent.status
+    agent.status = status
+    agent.updated_at = timezone.now()
+    agent.save(update_fields=["status", "updated_at"])
+    verb = "resumed" if status == Agent.Status.ACTIVE else status
+    audit_event_create(actor=principal, action=f"agent.{verb}",
+                       target_type="agent", target_id=agent.pk, payload={"from": previous, "to": status})
+    return agent
+
+
+# --- Chat ---------------------------------------------------------------------------------
+
+def _owner_fields(principal: Principal) -> dict[str, Any]:
+    if principal.api_key is not None:
+        return {"user_id": None, "api_key_id": principal.api_key.key_id}
+    if principal.user is not None:
+        return {"user_id": principal.user.pk, "api_key_id": ""}
+    return {"user_id": None, "api_key_id": ""}
+
+
+def _require_runnable(agent: Agent) -> AgentVersion:
+    if agent.status != Agent.Status.ACTIVE or agent.active_version_id is None:
+        raise Conflict(f"The agent '{agent.slug}' is {agent.status} and does not take messages.",
+                       code="agent_unavailable")
+    return agent.active_version  # type: ignore[return-value]
+
+
+@transaction.atomic
+def chat_session_create(*, principal: Principal, agent: Agent, title: str = "",
+                        channel: str = ChatSession.Channel.CONSOLE) -> ChatSession:
+    """Open a session with an active agent, owned by ``principal``. Raises ``Forbidden``
+    without ``chat``, ``Conflict`` when the agent is not active."""
+    principal.require("chat")
+    _require_runnable(agent)
+    session = ChatSession.objects.create(agent=agent, title=(title or "").strip()[:200], channel=channel,
+                                         **_owner_fields(principal))
+    audit_event_create(actor=principal, action="chat_session.created", target_type="chat_session",
+                       target_id=session.pk, payload={"agent": agent.slug, "channel": channel})
+    return session
+
+
+@transaction.atomic
+def chat_session_delete(*, principal: Principal, session: ChatSession) -> None:
+    """Delete a session with its messages and turns (its usage events stay)."""
+    principal.require("chat")
+    session_id = session.pk
+    session.delete()
+    audit_event_create(actor=principal, action="chat_session.deleted", target_type="chat_session",
+                       target_id=session_id)
+
+
+def queue_for(version: AgentVersion) -> str:
+    """The Celery queue of a version's tier (``llm.light``, ``llm.standard``, ``llm.heavy``)."""
+    tier = version.tier
+    if version.endpoint_id is not None:
+        endpoint = ModelEndpoint.objects.filter(pk=version.endpoint_id).only("tier").first()
+        tier = endpoint.tier if endpoint else tier
+    return f"llm.{tier}"
+
+
+def _enqueue(turn: Turn) -> None:
+    from agents.tasks import turn_run_task
+
+    turn_run_task.apply_async(args=[turn.pk], queue=turn.queue)
+
+
+@transaction.atomic
+def chat_message_send(*, principal: Principal, session: ChatSession, content: str,
+                      history: list[dict[str, str]] | None = None) -> Turn:
+    """Save the user's message and a queued turn; after commit, enqueue the turn on its tier's
+    queue and tell the session's group (``turn.queued``).
+
+    ``history`` (OpenAI-compatible calls only) are earlier messages the client sends along;
+    they are stored before the question. Raises ``ValidationFailed`` for empty or overlong
+    content, ``Conflict`` when the agent is not active or a turn of this session is unfinished.
+    """
+    principal.require("chat")
+    content = (content or "").strip()
+    if not content:
+        raise ValidationFailed("The message is empty.", code="empty_message")
+    if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
+        raise ValidationFailed(f"The message is longer than {settings.CHAT_MAX_MESSAGE_CHARS} characters.",
+                               code="message_too_long")
+    session = ChatSession.objects.select_for_update().select_related("agent").get(pk=session.pk)
+    version = _require_runnable(session.agent)
+    if Turn.objects.filter(session=session, status__in=[Turn.Status.QUEUED, Turn.Status.RUNNING]).exists():
+        raise Conflict("The previous answer is still being written; wait for it or stop it.",
+                       code="turn_in_progress")
+    for item in history or []:
+        Message.objects.create(session=session, role=item["role"],
+                               content=item["content"][: settings.CHAT_MAX_MESSAGE_CHARS])
+    message = Message.objects.create(session=session, role=Message.Role.USER, content=content)
+    now = timezone.now()
+    turn = Turn.objects.create(session=session, agent_version=version, user_message=message, queue=queue_for(version),
+                               queued_at=now, deadline=now + dt.timedelta(seconds=settings.CHAT_TURN_DEADLINE_SECONDS))
+    session.updated_at = now
+    if not session.title:
+        session.title = content[:80]
+    session.save(update_fields=["updated_at", "title"])
+    schema: str = connection.schema_name  # type: ignore[attr-defined]
+    group = events.session_group(schema, session.pk)
+    transaction.on_commit(lambda: _enqueue(turn))
+    transaction.on_commit(lambda: events.publish(group, {"event": "turn.queued", "turn_id": turn.pk,
+                                                         "session_id": session.pk, "user_message_id": message.pk}))
+    return turn
+
+
+@transaction.atomic
+def turn_cancel(*, principal: Principal, turn: Turn) -> Turn:
+    """Stop a turn. A queued turn is cancelled at once; a running one is flagged and the worker
+    stops at its next check (within about 0.1 s), keeping the partial answer. Cancelling a
+    finished turn is a no-op (idempotent: the user's intent already holds)."""
+    principal.require("chat")
+    turn = Turn.objects.select_for_update().get(pk=turn.pk)
+    if turn.status in Turn.FINAL:
+        return turn
+    schema: str = connection.schema_name  # type: ignore[attr-defined]
+    turn.cancel_requested = True
+    if turn.status == Turn.Status.QUEUED:
+        turn.status = Turn.Status.CANCELLED
+        turn.finished_at = timezone.now()
+        group = events.session_group(schema, turn.session_id)
+        turn_id = turn.pk
+        transaction.on_commit(lambda: events.publish(group, {"event": "turn.cancelled", "turn_id": turn_id,
+                                                             "message_id": None}))
+    turn.save(update_fields=["cancel_requested", "status", "finished_at"])
+    key = events.cancel_key(schema, turn.pk)
+    transaction.on_commit(lambda: redis_client().set(key, b"1", ex=3600))
+    audit_event_create(actor=principal, action="turn.cancel_requested", target_type="turn", target_id=turn.pk)
+    return turn
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    failed: int
+
+
+def turns_sweep(*, now: dt.datetime | None = None) -> SweepResult:
+    """Fail every queued or running turn of the current schema past its deadline (a worker that
+    died, a lost task) and tell its session. Safe to run concurrently with workers: the update
+    only touches turns still unfinished."""
+    now = now or timezone.now()
+    schema: str = connection.schema_name  # type: ignore[attr-defined]
+    overdue = list(Turn.objects.filter(status__in=[Turn.Status.QUEUED, Turn.Status.RUNNING], deadline__lt=now)
+                   .values_list("pk", "session_id", "status"))
+    failed = 0
+    for turn_id, session_id, status in overdue:
+        message = ("The answer did not finish in time (the model or worker stopped responding)."
+                   if status == Turn.Status.RUNNING else "The turn was never picked up by a worker; try again.")
+        code = "worker_lost" if status == Turn.Status.RUNNING else "not_dispatched"
+        updated = Turn.objects.filter(pk=turn_id, status=status).update(
+            status=Turn.Status.FAILED, finished_at=now, error_code=code, error_message=message)
+        if updated:
+            failed += 1
+            events.publish(events.session_group(schema, session_id),
+                           {"event": "turn.failed", "turn_id": turn_id, "error": {"code": code, "message": message}})
+    return SweepResult(failed=failed)
+
