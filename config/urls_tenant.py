@@ -3,6 +3,7 @@
 from django.urls import include, path, re_path
 
 from agents.api import router as agents_router
+from agents.endpoint_api import router as endpoint_router
 from agents.openai_api import router as openai_router
 from billing.api import router as usage_router
 from compliance.api import router as audit_router
@@ -17,6 +18,7 @@ api.add_router("/", usage_router)
 api.add_router("/", knowledge_router)
 api.add_router("/", agents_router)
 api.add_router("/openai", openai_router)
+api.add_router("/", endpoint_router)
 
 urlpatterns = [
     path("api/v1/", api.urls),
@@ -25,6 +27,7 @@ urlpatterns = [
     path("accounts/", include("allauth.urls")),
     path("audit/", include("compliance.urls")),
     path("kb/", include("knowledge.urls")),
+    path("models/", include("agents.endpoint_urls")),
     path("", include("agents.urls")),
     path("", include("tenants.urls")),
 ]
