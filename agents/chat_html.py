@@ -13,6 +13,7 @@ from typing import Any
 
 import nh3
 from django.template.loader import render_to_string
+from django.utils.safestring import mark_safe
 from markdown_it import MarkdownIt
 
 _md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False}).enable("table")
@@ -32,30 +33,48 @@ def render_markdown(text: str) -> str:
                      link_rel="noopener noreferrer nofollow")
 
 
+# Each event's partial in ``agents/_chat_events.html``, and the status it shows the turn in.
+_EVENT_TEMPLATES: dict[str, tuple[str, str]] = {
+    "message.accepted": ("message-accepted", "queued"),
+    "turn.queued": ("turn-started", "queued"),
+    "turn.started": ("turn-status", "running"),
+    "turn.state": ("turn-state", ""),
+    "citations": ("citations", ""),
+    "turn.completed": ("turn-completed", "completed"),
+    "turn.failed": ("turn-failed", "failed"),
+    "turn.cancelled": ("turn-cancelled", "cancelled"),
+    "error": ("error", ""),
+}
+
+
 def event_fragment(event: dict[str, Any]) -> str:
     """The HTML that htmx's ws extension swaps in for one turn event ('' for none).
 
-    Every fragment carries ``hx-swap-oob`` and targets ids inside ``agents/chat.html``; the
-    streamed text is escaped (it is rendered as Markdown only once complete).
+    Every fragment carries ``hx-swap-oob`` and targets ids of ``agents/_chat_events.html``
+    (``chat-log``, ``turn-<id>-text``, ``-body``, ``-status``, ``-sources``). Streamed text is
+    escaped and appended as it comes; the complete answer replaces it, rendered from Markdown
+    and sanitized (``render_markdown``). No database access: the consumer calls this per event.
     """
     name = event.get("event", "")
     if name == "token.delta":
-        return (f'<span id="turn-{int(event["turn_id"])}-text" hx-swap-oob="beforeend">'
+        # Offset 0 is the text from its start (a snapshot after a reconnect, or the first
+        # delta): replace, so a client that reconnects mid-turn does not show it twice.
+        swap = "innerHTML" if int(event.get("offset", 0)) == 0 else "beforeend"
+        return (f'<span id="turn-{int(event["turn_id"])}-text" hx-swap-oob="{swap}">'
                 f'{html.escape(event["text"])}</span>')
-    context: dict[str, Any] = {"event": event, "turn_id": event.get("turn_id")}
-    if name == "turn.completed":
-        context["content_html"] = render_markdown(event.get("content", ""))
-    template = {
-        "turn.queued": "agents/_chat_events.html#turn-started",
-        "turn.started": "agents/_chat_events.html#turn-status",
-        "turn.state": "agents/_chat_events.html#turn-state",
-        "message.accepted": "agents/_chat_events.html#message-accepted",
-        "citations": "agents/_chat_events.html#citations",
-        "turn.completed": "agents/_chat_events.html#turn-completed",
-        "turn.failed": "agents/_chat_events.html#turn-failed",
-        "turn.cancelled": "agents/_chat_events.html#turn-cancelled",
-        "error": "agents/_chat_events.html#error",
-    }.get(name)
-    if template is None:
+    entry = _EVENT_TEMPLATES.get(name)
+    if entry is None:
         return ""
-    return render_to_string(template, context)
+    partial, status = entry
+    error = event.get("error") or {}
+    context: dict[str, Any] = {
+        "event": event, "turn_id": event.get("turn_id"), "oob": True, "status": status,
+        "detail": event.get("endpoint", "") if name == "turn.started" else error.get("message", ""),
+        "question": event.get("content", "") if name == "message.accepted" else "",
+        "user_message_id": event.get("user_message_id"),
+        "citations": event.get("citations") or [], "retrieved": event.get("retrieved") or [],
+        "usage": event.get("usage"),
+    }
+    if name == "turn.completed":
+        context["content_html"] = mark_safe(render_markdown(event.get("content", "")))  # noqa: S308 (sanitized by nh3)
+    return render_to_string(f"agents/_chat_events.html#{partial}", context)

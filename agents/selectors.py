@@ -87,3 +87,26 @@ def turn_get(*, principal: Principal, session: ChatSession, turn_id: int) -> Tur
 def turn_latest(*, session: ChatSession) -> Turn | None:
     """The session's most recent turn (for showing its state on (re)connect)."""
     return Turn.objects.filter(session=session).order_by("-pk").first()
+
+
+def agent_for_chat(*, principal: Principal, agent_id: int | None = None, slug: str | None = None) -> Agent:
+    """The agent to open a chat with, by id or slug, in any status (sending to one that is not
+    active is refused by the service with ``Conflict``). Needs ``chat`` rather than
+    ``agents:read``, so a chat-only API key can talk to agents. Raises ``NotFound``."""
+    principal.require("chat")
+    queryset = Agent.objects.select_related("active_version")
+    agent = (queryset.filter(pk=agent_id) if agent_id is not None else queryset.filter(slug=slug or "")).first()
+    if agent is None:
+        raise NotFound("No such agent.")
+    return agent
+
+
+def agent_chat_list(*, principal: Principal) -> QuerySet[Agent]:
+    """Active, published agents by slug: what a chat client may talk to (``chat`` needed)."""
+    principal.require("chat")
+    return Agent.objects.filter(status=Agent.Status.ACTIVE, active_version__isnull=False).order_by("slug")
+
+
+def message_page_list(*, principal: Principal, session: ChatSession) -> QuerySet[Message]:
+    """The session's messages with the turn each started or answered (no extra query per row)."""
+    return message_list(principal=principal, session=session).select_related("turn", "answered_turn")

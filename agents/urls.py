@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
-from django.urls import path  # noqa: F401
+from django.urls import URLPattern, path
 
-urlpatterns: list[object] = []
+from agents import views
+
+urlpatterns: list[URLPattern] = [
+    path("agents/", views.agent_list, name="agent_list"),
+    path("agents/new/", views.agent_create, name="agent_create"),
+    path("agents/<int:agent_id>/", views.agent_detail, name="agent_detail"),
+    path("agents/<int:agent_id>/edit/", views.agent_version_new, name="agent_version_new"),
+    path("agents/<int:agent_id>/diff/", views.agent_version_diff, name="agent_version_diff"),
+    path("agents/<int:agent_id>/status/", views.agent_status, name="agent_status"),
+    path("agents/<int:agent_id>/versions/<int:number>/publish/", views.agent_version_publish,
+         name="agent_version_publish"),
+    path("chat/", views.chat_session_list, name="chat_session_list"),
+    path("chat/<int:session_id>/", views.chat_session_detail, name="chat_session_detail"),
+    path("chat/<int:session_id>/send", views.chat_message_send, name="chat_message_send"),
+    path("chat/<int:session_id>/cancel", views.chat_turn_cancel, name="chat_turn_cancel"),
+]

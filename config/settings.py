@@ -199,8 +199,12 @@ CHANNEL_LAYERS = {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         # redis-py 8 reads with a 5 s socket timeout by default, the same as channels-redis'
         # blocking-pop timeout, so an idle consumer's receive would time out and crash it.
+        # capacity: channels-redis counts it per Redis key, and every consumer of one daphne process
+        # shares one key ("specific.<process>!"), so the default of 100 caps the whole process's
+        # backlog: 50 streaming chat sessions (about 25 events/s each) overflowed it in a burst and
+        # group_send dropped events silently, including turn.completed (tests/bench/bench_chat.py).
         "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}],
-                   "prefix": f"{CACHE_KEY_PREFIX}:asgi"},
+                   "prefix": f"{CACHE_KEY_PREFIX}:asgi", "capacity": 5000},
     }
 }
 # Jobs are enqueued from transaction.on_commit callbacks already (knowledge.jobs); django-rq's

@@ -24,6 +24,7 @@ on its test queries.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -254,6 +255,8 @@ def _hydrate(hits: list[SearchHit]) -> list[SearchHit]:
             continue
         hit.document_id, hit.external_id, hit.title, hit.text, hit.page_number = row[1], row[2], row[3], row[4], row[5]
         heading = row[6]
+        if isinstance(heading, str):  # Django's psycopg adapter hands jsonb back as text on raw cursors
+            heading = json.loads(heading)
         hit.heading_path = heading if isinstance(heading, list) else []
         hit.ordinal, hit.collection_id = row[7], row[8]
         hydrated.append(hit)

@@ -1,4 +1,5 @@
-"""Staff admin pages on the public host: tenants, domains, users, memberships, plans, keys.
+"""Staff admin pages on the public host: tenants, domains, users, memberships, plans, keys,
+model endpoints.
 
 The admin site is django-otp's ``OTPAdminSite``: staff sign in with e-mail, password and a
 TOTP code. Every change made here is recorded in the public audit chain through
@@ -8,7 +9,7 @@ TOTP code. Every change made here is recorded in the public audit chain through
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from django import forms
 from django.conf import settings
@@ -19,12 +20,15 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import path, reverse
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html
+from django.views.decorators.debug import sensitive_post_parameters
 from django_otp.admin import OTPAdminSite
 
 from compliance.services import audit_event_create
+from config.crypto import secret_encrypt
 from config.errors import DomainError
-from tenants.models import ApiKey, Domain, Membership, Plan, Tenant, User
+from tenants.models import ApiKey, Domain, Membership, ModelEndpoint, Plan, Tenant, User
 from tenants.principal import Principal
 from tenants.services.keys import api_key_revoke
 from tenants.services.provisioning import (
@@ -367,3 +371,126 @@ class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         for key in queryset:
             api_key_revoke(principal=staff, key=key)
         messages.success(request, f"Revoked {queryset.count()} key(s).")
+
+
+class ModelEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
+    """A platform endpoint. The API key is write-only: the input never carries the stored key,
+    blank keeps it, and "clear key" removes it. The rules are the tenants' ones
+    (``agents.endpoints.model_endpoint_validate``)."""
+
+    api_key = forms.CharField(label="API key", required=False, strip=True,
+                              widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+                              help_text="Write-only: stored encrypted, never shown. Blank keeps the current key.")
+    clear_api_key = forms.BooleanField(label="Clear key", required=False, help_text="Remove the stored key.")
+    # Plain text: the http(s) rule is model_endpoint_validate's, and no scheme is guessed.
+    api_base = forms.CharField(label="API base", max_length=500, required=False,
+                               help_text="OpenAI-compatible base URL (http or https); empty for the provider's.")
+
+    class Meta:
+        model = ModelEndpoint
+        fields = ("name", "model", "api_base", "tier", "priority", "context_window", "input_price_per_mtok",
+                  "output_price_per_mtok", "currency", "timeout_seconds", "enabled")
+        # A CharField, not the model's URLField (which would guess a scheme for "host/v1").
+        field_classes: ClassVar = {"api_base": forms.CharField}
+
+    def clean(self) -> dict[str, Any]:
+        from agents.endpoints import EDITABLE_FIELDS, model_endpoint_validate
+        from config.errors import ValidationFailed
+
+        cleaned = super().clean() or {}
+        if cleaned.get("api_key") and cleaned.get("clear_api_key"):
+            self.add_error("clear_api_key", "Give a new key or clear it, not both.")
+        present = {name: cleaned[name] for name in EDITABLE_FIELDS if name in cleaned and name not in self.errors}
+        try:
+            cleaned.update(model_endpoint_validate(present))
+        except ValidationFailed as exc:
+            for name, message in (exc.details or {}).items():
+                self.add_error(name if name in self.fields else None, str(message))
+        return cleaned
+
+
+@admin.register(ModelEndpoint)
+class ModelEndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Platform endpoints (``tenant`` null) are edited here; tenants' own endpoints are listed
+    read-only (tenants manage them in their console). Every change is audited in the public
+    chain with the changed fields' values, and for the key only ``"key": "set" | "cleared"``."""
+
+    form = ModelEndpointForm
+    list_display = ("name", "scope", "tier", "priority", "model", "api_base", "enabled", "has_key")
+    list_filter = ("tier", "enabled", ("tenant", admin.EmptyFieldListFilter))
+    search_fields = ("name", "model", "tenant__slug")
+    list_select_related = ("tenant",)
+    ordering = ("tenant__slug", "tier", "priority", "name")
+    fields = ("name", "model", "api_base", "api_key", "clear_api_key", "tier", "priority", "context_window",
+              "input_price_per_mtok", "output_price_per_mtok", "currency", "timeout_seconds", "enabled")
+    readonly_fields = ()
+
+    @method_decorator(sensitive_post_parameters("api_key"))
+    def changeform_view(self, request: HttpRequest, object_id: str | None = None, form_url: str = "",
+                        extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        # Error reports (and the debug page) must not show the submitted key.
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    @admin.display(description="Scope", ordering="tenant__slug")
+    def scope(self, obj: ModelEndpoint) -> str:
+        return obj.tenant.slug if obj.tenant_id else "platform"  # type: ignore[union-attr]
+
+    @admin.display(description="Has key", boolean=True)
+    def has_key(self, obj: ModelEndpoint) -> bool:
+        return obj.has_api_key
+
+    def get_fields(self, request: HttpRequest, obj: ModelEndpoint | None = None) -> Any:
+        if obj is not None and obj.tenant_id is not None:
+            return ("tenant", *(f for f in self.fields if f not in ("api_key", "clear_api_key")), "has_key")
+        return self.fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ModelEndpoint | None = None) -> Any:
+        if obj is not None and obj.tenant_id is not None:
+            return self.get_fields(request, obj)
+        return ()
+
+    def has_change_permission(self, request: HttpRequest, obj: ModelEndpoint | None = None) -> bool:
+        # A tenant's own endpoint is the tenant's to change, through its console or API.
+        if obj is not None and obj.tenant_id is not None:
+            return False
+        return super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: ModelEndpoint | None = None) -> bool:
+        if obj is not None and obj.tenant_id is not None:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def save_model(self, request: HttpRequest, obj: ModelEndpoint, form: Any, change: bool) -> None:
+        from django.db import transaction
+        from django.utils import timezone
+
+        from agents.endpoints import audit_changes
+
+        new_key, clear = form.cleaned_data.get("api_key") or "", form.cleaned_data.get("clear_api_key", False)
+        key_change = None
+        if new_key:
+            obj.api_key_encrypted, key_change = secret_encrypt(new_key), "set"
+        elif clear and obj.api_key_encrypted:
+            obj.api_key_encrypted, key_change = "", "cleared"
+        obj.tenant = None  # staff create and edit platform endpoints only
+        obj.updated_at = timezone.now()
+        changed = {name: form.cleaned_data.get(name) for name in form.changed_data}
+        with transaction.atomic():
+            super().save_model(request, obj, form, change)
+            audit_event_create(actor=_staff(request), action=f"model_endpoint.{'changed' if change else 'created'}",
+                               target_type="model_endpoint", target_id=obj.pk,
+                               payload={"name": obj.name, **audit_changes(changed, key_change=key_change)},
+                               schema="public")
+
+    def delete_model(self, request: HttpRequest, obj: ModelEndpoint) -> None:
+        from django.db import transaction
+
+        pk, name = obj.pk, obj.name
+        with transaction.atomic():
+            super().delete_model(request, obj)
+            audit_event_create(actor=_staff(request), action="model_endpoint.deleted", target_type="model_endpoint",
+                               target_id=pk, payload={"name": name}, schema="public")
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ModelEndpoint]) -> None:
+        for endpoint in queryset.filter(tenant__isnull=True):
+            self.delete_model(request, endpoint)

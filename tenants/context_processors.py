@@ -13,7 +13,10 @@ from tenants.principal import Principal
 # (url name, label, permission needed). Only sections that exist are listed here.
 NAVIGATION: list[tuple[str, str, str]] = [
     ("dashboard", "Dashboard", "tenant:read"),
+    ("agent_list", "Agents", "agents:read"),
+    ("chat_session_list", "Chat", "chat"),
     ("collection_list", "Knowledge", "kb:read"),
+    ("model_endpoint_list", "Models", "agents:read"),
     ("member_list", "Members", "members:read"),
     ("api_key_list", "API keys", "keys:read"),
     ("audit_event_list", "Audit", "audit:read"),

@@ -1,15 +1,24 @@
-"""Model calls through litellm: which endpoints serve a version, streaming, fallback.
+"""Model calls: which endpoints serve a version, streaming, fallback.
 
 Fallback is tried only while it is safe: an endpoint that fails before sending any token
 (connection refused, timeout, HTTP 5xx or 429) hands over to the next endpoint of the tier. Once
 tokens have reached the user, a failure ends the turn (``stream_interrupted``) instead of
 starting the answer again elsewhere. litellm's own retries are off for the same reason.
+
+Endpoints speaking the OpenAI chat-completions protocol (``openai/`` and ``hosted_vllm/``
+models: vLLM, llama.cpp, OpenAI itself) are streamed with httpx directly; every other provider
+goes through litellm. litellm's stream wrapper costs about 1 ms of CPU per chunk (the openai
+SDK's model construction plus its own chunk building, measured with cProfile), so one worker
+process could relay only some hundreds of tokens per second in all; parsing the server-sent
+events directly costs about 30 us per chunk (``tests/bench/bench_chat.py`` shows the effect).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -160,10 +169,154 @@ def _stream_one(endpoint: ModelEndpoint, messages: list[dict[str, str]], *, temp
         if streamed_any:
             raise LLMError("stream_interrupted", "The model's answer was cut off; retry the turn.") from exc
         raise error from exc
+    _from_provider(response, result)
     # A stream that ends with no content and no finish reason is malformed (a cut connection that
     # the client took for a normal end).
-    if not streamed_any and not result.text and not result.finish_reason:
+    if not streamed_any and not result.finish_reason:
         raise LLMError("malformed_stream", "The model's stream ended without an answer.", fallback_ok=True)
+    # OpenAI-compatible servers end every answer with a finish reason. A stream that stops after
+    # some tokens without one was cut (the connection closed, which the HTTP client reads as a
+    # normal end of body): the text is partial and must not be saved as a completed answer.
+    if not result.finish_reason:
+        raise LLMError("stream_interrupted", "The model's answer was cut off; retry the turn.")
+
+
+def _from_provider(response: Any, result: StreamResult) -> None:
+    """Replace the finish reason and usage seen in litellm's chunks by what the server sent.
+
+    litellm's stream wrapper invents both when the server sends none: a final chunk with
+    ``finish_reason="stop"`` (so a cut stream looks complete) and, with ``include_usage``, a usage
+    chunk counted by its own tokenizer (so an estimate looks like the server's count). The
+    wrapper keeps the server's own finish reason in ``received_finish_reason`` (or
+    ``intermittent_finish_reason``) and the chunks it built from the server's data in
+    ``chunks``; a response without those attributes (not litellm's wrapper) is left as read.
+    """
+    if not hasattr(response, "received_finish_reason"):
+        return
+    finish = getattr(response, "received_finish_reason", None) or getattr(response, "intermittent_finish_reason", None)
+    result.finish_reason = str(finish) if finish else ""
+    result.input_tokens = result.output_tokens = 0
+    for chunk in reversed(getattr(response, "chunks", None) or []):
+        usage = _usage_of(chunk)
+        if usage is not None:
+            result.input_tokens, result.output_tokens = usage
+            break
+
+
+# Model strings whose endpoint speaks OpenAI's chat-completions protocol, streamed with httpx.
+DIRECT_PREFIXES = ("openai/", "hosted_vllm/")
+_http: Any = None
+_http_lock = threading.Lock()
+
+
+def _http_client() -> Any:
+    """One pooled httpx client per process, shared by the worker's threads (httpx clients are
+    thread-safe); timeouts are set per request."""
+    global _http
+    import httpx
+
+    with _http_lock:
+        if _http is None:
+            _http = httpx.Client(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+                                 follow_redirects=False)
+        return _http
+
+
+def _status_error(status: int, body: str) -> LLMError:
+    """An HTTP error answer of a chat-completions endpoint, classified as litellm would."""
+    lowered = body.lower()
+    if status == 429:
+        return LLMError("model_rate_limited", "The model is rate-limited; try again shortly.", fallback_ok=True)
+    if status in (401, 403):
+        return LLMError("model_auth_failed", "The model endpoint refused its credentials.", fallback_ok=True)
+    if status == 400 and ("context_length" in lowered or "context length" in lowered or "too long" in lowered):
+        return LLMError("context_too_long", "The conversation is too long for the model.")
+    if status in (400, 422):
+        return LLMError("model_bad_request", "The model refused the request.")
+    return LLMError("model_error", f"The model server failed (HTTP {status}).", fallback_ok=True)
+
+
+def _stream_direct(endpoint: ModelEndpoint, messages: list[dict[str, str]], *, temperature: float,
+                   max_tokens: int, response_format: dict[str, Any] | None,
+                   on_delta: Callable[[str], None], should_stop: Callable[[], bool], result: StreamResult) -> None:
+    """``_stream_one`` for OpenAI-compatible endpoints: POST ``{api_base}/chat/completions`` with
+    ``stream: true`` and read the server-sent events (``data: {chunk}`` lines, ``data: [DONE]``).
+
+    The finish reason and usage are only what the server sent, so a stream cut after some tokens
+    (no finish reason) is ``stream_interrupted`` and one with no chunks ``malformed_stream``. The
+    timeout (the endpoint's, capped by ``LLM_TIMEOUT_SECONDS``) bounds connecting and each wait
+    for bytes, as litellm's does.
+    """
+    import httpx
+
+    base = (endpoint.api_base or "https://api.openai.com/v1").rstrip("/")
+    body: dict[str, Any] = {
+        "model": endpoint.model.split("/", 1)[1],
+        "messages": messages,
+        "stream": True,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "stream_options": {"include_usage": True},
+    }
+    if response_format:
+        body["response_format"] = response_format
+    # OpenAI-compatible servers without auth still accept any bearer token.
+    headers = {"Authorization": f"Bearer {endpoint.api_key() or 'none'}", "Accept": "text/event-stream"}
+    timeout = httpx.Timeout(min(endpoint.timeout_seconds, settings.LLM_TIMEOUT_SECONDS))
+    streamed_any = False
+    try:
+        with _http_client().stream("POST", f"{base}/chat/completions", json=body, headers=headers,
+                                   timeout=timeout) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise _status_error(response.status_code, response.text[:2000])
+            for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise ValueError("a stream chunk is not a JSON object")
+                if chunk.get("error"):
+                    raise LLMError("model_error", "The model server reported an error mid-stream.",
+                                   fallback_ok=not streamed_any)
+                usage = chunk.get("usage")
+                if isinstance(usage, dict):
+                    result.input_tokens = int(usage.get("prompt_tokens") or 0)
+                    result.output_tokens = int(usage.get("completion_tokens") or 0)
+                choices = chunk.get("choices") or []
+                if not choices:
+                    continue
+                choice = choices[0]
+                delta = (choice.get("delta") or {}).get("content")
+                if delta:
+                    streamed_any = True
+                    result.text += delta
+                    on_delta(delta)
+                if choice.get("finish_reason"):
+                    result.finish_reason = str(choice["finish_reason"])
+                if should_stop():
+                    result.finish_reason = "cancelled"
+                    return
+    except LLMError:
+        raise
+    except httpx.TimeoutException as exc:
+        if streamed_any:
+            raise LLMError("stream_interrupted", "The model's answer was cut off; retry the turn.") from exc
+        raise LLMError("model_timeout", "The model did not answer in time.", fallback_ok=True) from exc
+    except (httpx.HTTPError, ValueError) as exc:  # transport errors; JSON that does not parse
+        if streamed_any:
+            raise LLMError("stream_interrupted", "The model's answer was cut off; retry the turn.") from exc
+        if isinstance(exc, ValueError):
+            raise LLMError("malformed_stream", "The model's stream could not be read.", fallback_ok=True) from exc
+        raise LLMError("model_unreachable", "The model server could not be reached.", fallback_ok=True) from exc
+    if not streamed_any and not result.finish_reason:
+        raise LLMError("malformed_stream", "The model's stream ended without an answer.", fallback_ok=True)
+    # See _stream_one: no finish reason after some tokens means the stream was cut.
+    if not result.finish_reason:
+        raise LLMError("stream_interrupted", "The model's answer was cut off; retry the turn.")
 
 
 def _iterate(response: Any) -> Iterator[Any]:
@@ -193,9 +346,10 @@ def stream_chat(*, endpoints: list[ModelEndpoint], messages: list[dict[str, str]
     for endpoint in endpoints:
         result = StreamResult(endpoint=endpoint)
         started = time.perf_counter()
+        stream = _stream_direct if endpoint.model.startswith(DIRECT_PREFIXES) else _stream_one
         try:
-            _stream_one(endpoint, messages, temperature=temperature, max_tokens=max_tokens,
-                        response_format=response_format, on_delta=on_delta, should_stop=should_stop, result=result)
+            stream(endpoint, messages, temperature=temperature, max_tokens=max_tokens,
+                   response_format=response_format, on_delta=on_delta, should_stop=should_stop, result=result)
         except LLMError as error:
             last = error
             logger.warning("llm_call_failed", endpoint=endpoint.name, code=error.code,

@@ -7,7 +7,10 @@ the turn ``completed``, ``failed`` or ``cancelled`` and tells the session's grou
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,13 +42,36 @@ class TurnRefused(Exception):
         self.message = message
 
 
+# Publishes per second that one worker process spends on deltas, across all its streams. One
+# publish (snapshot APPEND + channels-redis group_send, about five Redis round trips through
+# redis-py) costs about 0.8 ms of CPU (tests/bench/bench_chat.py, measured on the dev machine), so
+# 400/s keeps relaying under half a core however many turns the process streams.
+PUBLISH_BUDGET_PER_SECOND = 400.0
+_streams = {"active": 0}
+_streams_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _streaming() -> Iterator[None]:
+    """Count this process's streaming turns for the duration (``DeltaBatcher`` reads it)."""
+    with _streams_lock:
+        _streams["active"] += 1
+    try:
+        yield
+    finally:
+        with _streams_lock:
+            _streams["active"] -= 1
+
+
 @dataclass
 class DeltaBatcher:
     """Collects deltas and publishes them at most once per ``interval`` seconds.
 
     The first delta goes out at once (it is the time to first token users feel); later ones
     are batched, because one process relays only some thousands of channel-layer messages per
-    second and per-token messages would saturate it at a few dozen concurrent streams.
+    second and per-token messages would saturate it at a few dozen concurrent streams. The
+    interval stretches with the number of turns this process streams, so that all of them
+    together publish at most ``PUBLISH_BUDGET_PER_SECOND`` times a second (50 streams: 125 ms).
     """
 
     schema: str
@@ -60,7 +86,8 @@ class DeltaBatcher:
     def add(self, text: str) -> None:
         self.pending += text
         now = time.monotonic()
-        if self.flushes == 0 or now - self.last_flush >= self.interval:
+        interval = max(self.interval, _streams["active"] / PUBLISH_BUDGET_PER_SECOND)
+        if self.flushes == 0 or now - self.last_flush >= interval:
             self.flush(now)
 
     def flush(self, now: float | None = None) -> None:
@@ -132,7 +159,8 @@ def turn_run(turn_id: int) -> str:
     batcher = DeltaBatcher(schema=schema, group=group, turn_id=turn.pk,
                            interval=settings.CHAT_DELTA_INTERVAL_MS / 1000)
     try:
-        return _run(turn, schema=schema, group=group, batcher=batcher)
+        with _streaming():
+            return _run(turn, schema=schema, group=group, batcher=batcher)
     except Exception as exc:
         if isinstance(exc, LLMError | TurnRefused | DomainError):
             code, message = exc.code, exc.message
@@ -227,9 +255,9 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
         turn.refresh_from_db(fields=["status"])
         if turn.status in Turn.FINAL:  # the sweeper got there first
             return str(turn.status)
-        common: dict[str, Any] = {"model": endpoint.model, "agent_id": agent.pk, "session_id": turn.session_id, "turn_id": turn.pk,
-                  "currency": endpoint.currency,
-                  "metadata": {"endpoint": endpoint.name, "estimated": result.usage_estimated}}
+        common: dict[str, Any] = {"model": endpoint.model, "agent_id": agent.pk, "session_id": turn.session_id,
+                                  "turn_id": turn.pk, "currency": endpoint.currency,
+                                  "metadata": {"endpoint": endpoint.name, "estimated": result.usage_estimated}}
         usage_event_record(kind=UsageEvent.Kind.LLM_INPUT_TOKENS, quantity=result.input_tokens,
                            unit_price=price_per_token(endpoint.input_price_per_mtok), **common)
         usage_event_record(kind=UsageEvent.Kind.LLM_OUTPUT_TOKENS, quantity=result.output_tokens,

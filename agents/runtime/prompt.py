@@ -7,6 +7,7 @@ and labelled as reference material that carries no instructions, following OWASP
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from agents.models import AgentVersion, Message
@@ -30,20 +31,32 @@ class Prompt:
     estimated_tokens: int
 
 
+# Three or more angle brackets in a row: what a fence is made of.
+_BRACKET_RUN = re.compile(r"<{3,}|>{3,}")
+
+
 def _fence(text: str, n: int) -> str:
-    # A reference must not be able to close its own fence early.
-    safe = text.replace("<<<", "< < <").replace(">>>", "> > >")
+    # A reference must not be able to close its own fence early, nor write something that reads
+    # like one: every run of three or more brackets is spaced out. (A plain replace of "<<<"
+    # leaves "<<<" behind in "<<<<<".)
+    safe = _BRACKET_RUN.sub(lambda m: " ".join(m.group()), text)
     return f"{FENCE.format(n=n)}\n{safe}\n{FENCE_END.format(n=n)}"
 
 
 def reference_block(hits: list[SearchHit]) -> str:
-    """The retrieved chunks as numbered, fenced references (1-based, in rank order)."""
+    """The retrieved chunks as numbered, fenced references (1-based, in rank order).
+
+    The source line (title, page, headings) comes from the document too, so it is untrusted as
+    well: it goes inside the fence, on one line.
+    """
     parts = [REFERENCE_PREAMBLE]
     for n, hit in enumerate(hits, start=1):
         source = hit.title + (f", page {hit.page_number}" if hit.page_number else "")
         if hit.heading_path:
             source += " — " + " > ".join(hit.heading_path)
-        parts.append(f"[{n}] {source}\n{_fence(hit.text, n)}")
+        source = " ".join(source.split())[:300]
+        fenced = _fence(f"Source: {source}\n{hit.text}", n)
+        parts.append(f"[{n}]\n{fenced}")
     return "\n\n".join(parts)
 
 

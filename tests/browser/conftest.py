@@ -73,3 +73,39 @@ def sign_in(page: Any, portal: Portal, email: str, *, host: str = "acme.localhos
     with page.expect_navigation():
         page.locator("form:has(input[name=password]) [type=submit]").click()
 
+
+
+@pytest.fixture(scope="session")
+def live_agent(django_db_setup: Any, django_db_blocker: Any, scripted_llm: Any) -> Any:
+    """The published agent ``helpdesk-live`` of ``tests.agents.conftest.chat_world``, served by the
+    scripted model ``live-main`` on the light tier (committed).
+
+    Reuses the rows when the chat tests already made them in this session (they run first:
+    ``tests/agents`` is collected before ``tests/browser``), else makes the same ones. Importing
+    ``chat_world`` itself would register a second session fixture that creates them twice.
+    """
+    from django.db import connection
+    from django_tenants.utils import schema_context
+
+    from agents.models import Agent
+    from agents.services import agent_create, agent_version_publish
+    from tenants.models import ModelEndpoint
+    from tenants.principal import Principal
+    from tests.agents.conftest import ChatWorld, endpoint_create
+
+    model = "live-main"
+    scripted_llm.script(model)
+    tenant = django_db_setup.tenant_a
+    with django_db_blocker.unblock():
+        if not ModelEndpoint.objects.filter(model=f"openai/{model}", api_base=scripted_llm.api_base).exists():
+            endpoint_create(name="scripted light", model=model, api_base=scripted_llm.api_base, tier="light")
+        with schema_context(tenant.schema_name):
+            agent = Agent.objects.filter(slug="helpdesk-live").first()
+            if agent is None:
+                principal = Principal.system("tests", tenant=tenant)
+                agent = agent_create(principal=principal, slug="helpdesk-live", name="Helpdesk (live)",
+                                     config={"system_prompt": "Answer briefly.", "tier": "light"})
+                agent_version_publish(principal=principal, version=agent.versions.get())
+            agent_id = agent.pk
+        connection.set_schema_to_public()  # type: ignore[attr-defined]  # django-tenants' wrapper
+    return ChatWorld(agent_slug="helpdesk-live", agent_id=agent_id, model=model)

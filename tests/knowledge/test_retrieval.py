@@ -126,3 +126,15 @@ def test_the_hnsw_index_serves_vector_search(handbook: Collection) -> None:
                        ["[" + ",".join(["0.01"] * 384) + "]"])
         plan = " ".join(row[0] for row in cursor.fetchall())
     assert "chunk_embedding_hnsw" in plan
+
+
+def test_hits_carry_the_heading_path_and_page(world: World, collection_a: Collection) -> None:
+    text = b"# Travel\n\n## Meals\n\nMeals on business trips are reimbursed up to forty euros per day.\n"
+    principal = Principal.system("t", tenant=world.tenant_a)
+    result = document_upload(principal=principal, collection=collection_a, filename="travel.md", data=text,
+                             queue=False)
+    ingest_documents([d.pk for d in result.created])
+    for mode in ("vector", "keyword", "hybrid"):
+        hits = chunk_search(query="meals reimbursed per day", collections=[collection_a], mode=mode, top_k=1)
+        assert hits[0].heading_path == ["Travel", "Meals"], mode
+        assert hits[0].title and hits[0].document_id == result.created[0].pk

@@ -1,0 +1,245 @@
+"""A turn's events for HTTP clients: Server-Sent Events, and waiting for a turn to finish.
+
+Same scheme as the chat socket (``agents.consumers``): join the session's channel-layer group
+first, then read the turn's state from the database and the text streamed so far from Redis
+(the snapshot), then relay the group's events for that turn, dropping the part of each
+``token.delta`` already sent (by ``offset``). Whatever arrives in between is therefore neither
+lost nor sent twice. As a safety net against lost events the database is read again every
+``POLL_SECONDS``; a turn found final there ends the stream with its final event.
+
+Invariant for clients: the ``token.delta`` texts of a turn concatenate to the final answer
+(a ``turn.completed`` whose ``content`` is longer than what was streamed is preceded by a delta
+with the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import structlog
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import get_channel_layer
+from django.core.serializers.json import DjangoJSONEncoder
+from django.http import StreamingHttpResponse
+from django_tenants.utils import schema_context
+
+from agents.models import Turn
+from agents.runtime import events
+
+logger = structlog.get_logger(__name__)
+
+FINAL_EVENTS = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
+POLL_SECONDS = 2.0  # how often the database is re-read while no final event has arrived
+HEARTBEAT_SECONDS = 15.0  # an SSE comment after this much silence keeps proxies from closing the stream
+_ONCE = frozenset({"turn.queued", "turn.started", "citations"})
+
+
+def _snapshot_sync(schema: str, turn_id: int) -> list[dict[str, Any]]:
+    """Events that describe turn ``turn_id`` as the database and Redis have it now."""
+    with schema_context(schema):
+        turn = Turn.objects.select_related("assistant_message").filter(pk=turn_id).first()
+        if turn is None:
+            return [{"event": "turn.failed", "turn_id": turn_id,
+                     "error": {"code": "not_found", "message": "The turn no longer exists."}}]
+        out: list[dict[str, Any]] = [{"event": "turn.queued", "turn_id": turn.pk, "session_id": turn.session_id,
+                                      "user_message_id": turn.user_message_id}]
+        if turn.started_at is not None:
+            out.append({"event": "turn.started", "turn_id": turn.pk, "model": turn.model,
+                        "endpoint": turn.endpoint_name})
+        if turn.retrieved:
+            out.append({"event": "citations", "turn_id": turn.pk,
+                        "citations": [{k: v for k, v in r.items() if k not in ("text", "vector_score", "keyword_score")}
+                                      for r in turn.retrieved],
+                        "retrieved": turn.retrieved})
+        message = turn.assistant_message
+        if turn.status == Turn.Status.RUNNING:
+            text = events.text_snapshot(schema, turn.pk)
+            if text:
+                out.append({"event": "token.delta", "turn_id": turn.pk, "offset": 0, "text": text})
+        elif turn.status == Turn.Status.COMPLETED:
+            out.append({"event": "turn.completed", "turn_id": turn.pk, "message_id": message.pk if message else None,
+                        "content": message.content if message else "",
+                        "citations": message.citations if message else [],
+                        # Whether the counts were estimated is not kept on the turn.
+                        "usage": {"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens,
+                                  "estimated": False}})
+        elif turn.status == Turn.Status.FAILED:
+            out.append({"event": "turn.failed", "turn_id": turn.pk,
+                        "error": {"code": turn.error_code, "message": turn.error_message}})
+        elif turn.status == Turn.Status.CANCELLED:
+            if message is not None:
+                out.append({"event": "token.delta", "turn_id": turn.pk, "offset": 0, "text": message.content})
+            out.append({"event": "turn.cancelled", "turn_id": turn.pk, "message_id": turn.assistant_message_id})
+        return out
+
+
+class TurnRelay:
+    """Decides which events of one turn reach the client: each of ``turn.queued``,
+    ``turn.started`` and ``citations`` once, deltas without overlap, nothing after the final event."""
+
+    def __init__(self, turn_id: int) -> None:
+        self.turn_id = turn_id
+        self.sent_chars = 0
+        self.seen: set[str] = set()
+        self.done = False
+
+    def accept(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        name = str(event.get("event", ""))
+        if self.done or event.get("turn_id") != self.turn_id:
+            return []
+        if name in _ONCE:
+            if name in self.seen:
+                return []
+            self.seen.add(name)
+            return [event]
+        if name == "token.delta":
+            offset, text = int(event["offset"]), str(event["text"])
+            end = offset + len(text)
+            if end <= self.sent_chars or offset > self.sent_chars:
+                # Already sent, or a gap (a lost delta): the next snapshot or the final content fills it.
+                return []
+            if offset < self.sent_chars:
+                event = {**event, "offset": self.sent_chars, "text": text[self.sent_chars - offset:]}
+            self.sent_chars = end
+            return [event]
+        if name in FINAL_EVENTS:
+            self.done = True
+            out: list[dict[str, Any]] = []
+            content = str(event.get("content") or "") if name == "turn.completed" else ""
+            if len(content) > self.sent_chars:
+                out.append({"event": "token.delta", "turn_id": self.turn_id, "offset": self.sent_chars,
+                            "text": content[self.sent_chars:]})
+                self.sent_chars = len(content)
+            out.append(event)
+            return out
+        return [event]
+
+
+async def turn_events(*, schema: str, session_id: int, turn_id: int,
+                      wait_seconds: float) -> AsyncGenerator[dict[str, Any] | None, None]:
+    """The events of turn ``turn_id`` (dicts as in ``agents.runtime.events``), ending after its
+    final event (``turn.completed``, ``turn.failed`` or ``turn.cancelled``).
+
+    Yields ``None`` (a heartbeat) after each wait that produced nothing for the client, at least
+    every ``POLL_SECONDS`` while the turn is quiet, so callers can write keep-alives. If no
+    final event came within ``wait_seconds`` the last item is
+    ``{"event": "error", "turn_id": ..., "error": {"code": "stream_timeout", "message": ...}}``
+    (the turn itself may still finish: ``GET /sessions/{id}/turns/{turn_id}`` tells).
+    The channel-layer subscription is always removed, also when the consumer stops early.
+    """
+    layer = get_channel_layer()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_seconds
+    relay = TurnRelay(turn_id)
+    snapshot = sync_to_async(_snapshot_sync)
+    channel = ""
+    listening = False
+    group = events.session_group(schema, session_id)
+    pending: asyncio.Future[Any] | None = None
+    try:
+        if layer is not None:
+            channel = await layer.new_channel()
+            # Join before reading the snapshot, so nothing published in between is missed.
+            await layer.group_add(group, channel)
+            listening = True
+        for event in await snapshot(schema, turn_id):
+            for out in relay.accept(event):
+                yield out
+        next_poll = loop.time() + POLL_SECONDS
+        while not relay.done:
+            now = loop.time()
+            if now >= deadline:
+                yield {"event": "error", "turn_id": turn_id,
+                       "error": {"code": "stream_timeout",
+                                 "message": f"The turn did not finish within {wait_seconds:.0f} s; "
+                                            "read its state later."}}
+                return
+            received: list[dict[str, Any]] = []
+            timeout = max(0.0, min(next_poll, deadline) - now)
+            if layer is not None and listening:
+                # One receive stays pending across iterations: cancelling a channels-redis receive
+                # mid-read could drop a message, so it is cancelled only when the stream ends.
+                if pending is None:
+                    pending = asyncio.ensure_future(layer.receive(channel))
+                done, _ = await asyncio.wait({pending}, timeout=timeout)
+                if pending in done:
+                    task, pending = pending, None
+                    try:
+                        message = task.result()
+                    except Exception:
+                        logger.exception("turn_stream_receive_failed", turn_id=turn_id)
+                        listening = False  # fall back to polling the database
+                    else:
+                        if message.get("type") == events.EVENT_TYPE and isinstance(message.get("event"), dict):
+                            received.append(message["event"])
+            else:
+                await asyncio.sleep(timeout)
+            if loop.time() >= next_poll:
+                received.extend(await snapshot(schema, turn_id))
+                next_poll = loop.time() + POLL_SECONDS
+            emitted = False
+            for event in received:
+                for out in relay.accept(event):
+                    emitted = True
+                    yield out
+            if not emitted:
+                yield None
+    finally:
+        if pending is not None:
+            pending.cancel()
+        if layer is not None and channel:
+            with contextlib.suppress(Exception):
+                await layer.group_discard(group, channel)
+
+
+def sse_format(event: dict[str, Any]) -> str:
+    """One Server-Sent Event: ``event: <name>`` and ``data: <json>`` lines and a blank line."""
+    return f"event: {event['event']}\ndata: {json.dumps(event, cls=DjangoJSONEncoder)}\n\n"
+
+
+async def turn_sse(*, schema: str, session_id: int, turn_id: int, wait_seconds: float) -> AsyncIterator[str]:
+    """``turn_events`` as Server-Sent Events text, with a ``: keep-alive`` comment after
+    ``HEARTBEAT_SECONDS`` of silence; ends after the final (or ``error``) event."""
+    last_write = time.monotonic()
+    async for event in turn_events(schema=schema, session_id=session_id, turn_id=turn_id,
+                                   wait_seconds=wait_seconds):
+        if event is None:
+            if time.monotonic() - last_write >= HEARTBEAT_SECONDS:
+                last_write = time.monotonic()
+                yield ": keep-alive\n\n"
+            continue
+        last_write = time.monotonic()
+        yield sse_format(event)
+
+
+def sse_response(chunks: AsyncIterator[str]) -> StreamingHttpResponse:
+    """A ``text/event-stream`` response over ``chunks``, with caching and proxy buffering off.
+
+    Under ASGI (daphne) Django sends each chunk as it is produced."""
+    response = StreamingHttpResponse(chunks, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+def turn_wait(*, schema: str, session_id: int, turn_id: int, wait_seconds: float) -> dict[str, Any] | None:
+    """Block until turn ``turn_id`` is final; its final event, or ``None`` after ``wait_seconds``.
+
+    For sync views: runs ``turn_events`` through ``async_to_sync`` (on the server's event loop
+    under ASGI), so it has the same guarantees as the stream."""
+
+    async def collect() -> dict[str, Any] | None:
+        stream = turn_events(schema=schema, session_id=session_id, turn_id=turn_id, wait_seconds=wait_seconds)
+        # aclosing: leaving early must still remove the channel-layer subscription at once.
+        async with contextlib.aclosing(stream):
+            async for event in stream:
+                if event is not None and event["event"] in FINAL_EVENTS:
+                    return event
+        return None
+
+    return async_to_sync(collect)()

