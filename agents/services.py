@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jsonschema
@@ -406,7 +407,9 @@ def turns_sweep(*, now: dt.datetime | None = None) -> SweepResult:
             status=Turn.Status.FAILED, finished_at=now, error_code=code, error_message=message)
         if updated:
             failed += 1
-            events.publish(events.session_group(schema, session_id),
-                           {"event": "turn.failed", "turn_id": turn_id, "error": {"code": code, "message": message}})
+            event = {"event": "turn.failed", "turn_id": turn_id, "error": {"code": code, "message": message}}
+            # After the commit (at once under autocommit): a client that reloads on this event
+            # must find the turn failed.
+            transaction.on_commit(partial(events.publish, events.session_group(schema, session_id), event))
     return SweepResult(failed=failed)
 

@@ -331,9 +331,9 @@ KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 100, minimum=1)
 # --- Agents and chat ------------------------------------------------------------------------
 # How long a turn may run before the sweeper fails it, and the model call's own timeouts.
 CHAT_TURN_DEADLINE_SECONDS = env_int("CHAT_TURN_DEADLINE_SECONDS", 180, minimum=5)
+# Caps each endpoint's own timeout: connecting, and every wait for the next streamed bytes
+# (so a stream that stalls before or between tokens fails as model_timeout/stream_interrupted).
 LLM_TIMEOUT_SECONDS = env_float("LLM_TIMEOUT_SECONDS", 60.0)
-# Seconds allowed before the first streamed token (a stalled stream counts as a timeout).
-LLM_FIRST_TOKEN_TIMEOUT_SECONDS = env_float("LLM_FIRST_TOKEN_TIMEOUT_SECONDS", 30.0)
 # Deltas published to a session's group are batched: one channel-layer message per interval.
 CHAT_DELTA_INTERVAL_MS = env_int("CHAT_DELTA_INTERVAL_MS", 40, minimum=0)
 # POST /api/v1/sessions/{id}/messages without streaming waits at most this long.

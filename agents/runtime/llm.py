@@ -45,6 +45,9 @@ class LLMError(Exception):
         self.code = code
         self.message = message
         self.fallback_ok = fallback_ok
+        # What the failing call streamed before it broke (set by ``stream_chat`` when any text
+        # arrived), so the tokens the model did generate are still metered.
+        self.partial: StreamResult | None = None
 
 
 @dataclass
@@ -337,8 +340,10 @@ def stream_chat(*, endpoints: list[ModelEndpoint], messages: list[dict[str, str]
     for every content delta. ``should_stop()`` is polled between chunks (cancellation).
 
     Returns the ``StreamResult``; raises ``LLMError`` (the last endpoint's error, or
-    ``no_model`` when ``endpoints`` is empty). Token counts come from the stream's final usage
-    chunk (``stream_options.include_usage``); a server that sends none gets estimates.
+    ``no_model`` when ``endpoints`` is empty); an error after some text carries that text and its
+    token counts (estimated unless the server sent usage) in ``error.partial``. Token counts come
+    from the stream's final usage chunk (``stream_options.include_usage``); a server that sends
+    none gets estimates.
     """
     if not endpoints:
         raise LLMError("no_model", "No model endpoint is configured for this agent's tier.")
@@ -356,6 +361,12 @@ def stream_chat(*, endpoints: list[ModelEndpoint], messages: list[dict[str, str]
                            cause=repr(error.__cause__)[:500], seconds=round(time.perf_counter() - started, 3))
             if error.fallback_ok and not result.text:
                 continue
+            if result.text:
+                if result.input_tokens == 0 and result.output_tokens == 0:
+                    result.usage_estimated = True
+                    result.input_tokens = sum(estimate_tokens(m["content"]) for m in messages)
+                    result.output_tokens = estimate_tokens(result.text)
+                error.partial = result
             raise
         if result.input_tokens == 0 and result.output_tokens == 0:
             result.usage_estimated = True

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from agents.models import Agent, Message, Turn
 from agents.runtime import events
-from agents.runtime.llm import LLMError, endpoints_for, price_per_token, stream_chat
+from agents.runtime.llm import LLMError, StreamResult, endpoints_for, price_per_token, stream_chat
 from agents.runtime.prompt import build_prompt
 from billing.models import UsageEvent
 from billing.services import usage_event_record
@@ -171,10 +171,31 @@ def turn_run(turn_id: int) -> str:
         turn.refresh_from_db(fields=["status"])
         if turn.status in Turn.FINAL:
             return str(turn.status)
-        _finish(turn, Turn.Status.FAILED, error_code=code, error_message=message)
+        partial = exc.partial if isinstance(exc, LLMError) else None
+        with transaction.atomic():
+            if partial is not None:
+                _meter(turn, partial)
+            _finish(turn, Turn.Status.FAILED, error_code=code, error_message=message,
+                    **({"input_tokens": partial.input_tokens, "output_tokens": partial.output_tokens}
+                       if partial is not None else {}))
         events.publish(group, {"event": "turn.failed", "turn_id": turn.pk,
                                "error": {"code": code, "message": message}})
         return "failed"
+
+
+def _meter(turn: Turn, result: StreamResult) -> None:
+    """Record the input and output token usage events of one model call of ``turn``, priced
+    from the endpoint that served it (also for a call that broke after streaming some text: the
+    model generated those tokens)."""
+    endpoint = result.endpoint
+    assert endpoint is not None
+    common: dict[str, Any] = {"model": endpoint.model, "agent_id": turn.session.agent_id,
+                              "session_id": turn.session_id, "turn_id": turn.pk, "currency": endpoint.currency,
+                              "metadata": {"endpoint": endpoint.name, "estimated": result.usage_estimated}}
+    usage_event_record(kind=UsageEvent.Kind.LLM_INPUT_TOKENS, quantity=result.input_tokens,
+                       unit_price=price_per_token(endpoint.input_price_per_mtok), **common)
+    usage_event_record(kind=UsageEvent.Kind.LLM_OUTPUT_TOKENS, quantity=result.output_tokens,
+                       unit_price=price_per_token(endpoint.output_price_per_mtok), **common)
 
 
 def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
@@ -255,13 +276,7 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
         turn.refresh_from_db(fields=["status"])
         if turn.status in Turn.FINAL:  # the sweeper got there first
             return str(turn.status)
-        common: dict[str, Any] = {"model": endpoint.model, "agent_id": agent.pk, "session_id": turn.session_id,
-                                  "turn_id": turn.pk, "currency": endpoint.currency,
-                                  "metadata": {"endpoint": endpoint.name, "estimated": result.usage_estimated}}
-        usage_event_record(kind=UsageEvent.Kind.LLM_INPUT_TOKENS, quantity=result.input_tokens,
-                           unit_price=price_per_token(endpoint.input_price_per_mtok), **common)
-        usage_event_record(kind=UsageEvent.Kind.LLM_OUTPUT_TOKENS, quantity=result.output_tokens,
-                           unit_price=price_per_token(endpoint.output_price_per_mtok), **common)
+        _meter(turn, result)
         message = None
         if result.text:
             message = Message.objects.create(session_id=turn.session_id, role=Message.Role.ASSISTANT,

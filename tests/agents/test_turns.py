@@ -146,6 +146,13 @@ def test_a_stream_cut_after_two_tokens_fails_and_the_partial_text_is_not_an_answ
     _assert_failed_keeping_question(events, turn, "stream_interrupted", "Tell me everything.")
     with schema_context(portal.world.tenant_a.schema_name):
         assert not Message.objects.filter(session_id=turn.session_id, role=Message.Role.ASSISTANT).exists()
+        # The model did generate those tokens: they are metered (estimated, the server sent no
+        # usage before the cut) and the turn carries the same counts.
+        usage = {e.kind: e for e in UsageEvent.objects.filter(turn_id=turn.pk)}
+    output = usage[UsageEvent.Kind.LLM_OUTPUT_TOKENS]
+    assert output.quantity == turn.output_tokens > 0
+    assert usage[UsageEvent.Kind.LLM_INPUT_TOKENS].quantity == turn.input_tokens > 0
+    assert output.metadata["estimated"] is True
 
 
 def test_an_empty_stream_fails_the_turn_as_malformed(
@@ -343,7 +350,8 @@ def test_only_the_sessions_owner_may_open_its_socket_from_an_allowed_origin(
 
 # --- The sweeper (no live processes: the service runs in this test's transaction) -------------
 
-def test_the_sweeper_fails_turns_past_their_deadline_and_keeps_the_question(world: World) -> None:
+def test_the_sweeper_fails_turns_past_their_deadline_and_keeps_the_question(
+        world: World, django_capture_on_commit_callbacks: Any) -> None:
     tenant = world.tenant_a
     with schema_context(tenant.schema_name):
         principal = Principal.for_member(Membership.objects.select_related("user", "tenant")
@@ -360,9 +368,12 @@ def test_the_sweeper_fails_turns_past_their_deadline_and_keeps_the_question(worl
         Turn.objects.filter(pk=turns["running"].pk).update(status=Turn.Status.RUNNING, started_at=now,
                                                            deadline=now - dt.timedelta(seconds=1))
 
-        result = turns_sweep(now=now)
+        with django_capture_on_commit_callbacks() as published:
+            result = turns_sweep(now=now)
 
         assert result.failed == 2
+        # The sessions hear of it after the commit, one turn.failed event per failed turn.
+        assert [c.args[1]["event"] for c in published] == ["turn.failed", "turn.failed"]  # type: ignore[attr-defined]
         got = {state: Turn.objects.select_related("user_message").get(pk=t.pk) for state, t in turns.items()}
         assert (got["queued"].status, got["queued"].error_code) == (Turn.Status.FAILED, "not_dispatched")
         assert (got["running"].status, got["running"].error_code) == (Turn.Status.FAILED, "worker_lost")

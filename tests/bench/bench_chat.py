@@ -4,7 +4,7 @@ Prints figures; asserts nothing. Sets itself up: a fresh database ``bench_chat``
 PostgreSQL (or ``BENCH_DATABASE_URL``), its own Redis database (``BENCH_REDIS_URL``, default
 ``redis://127.0.0.1:6379/12``) so no other worker takes its tasks, then ``daphne`` and a Celery
 worker (thread pool, as the Procfile has) as subprocesses, and the scripted model server of
-``tests.scripted_llm`` in this process (first token after ``--first-token-ms``, then
+``tests.scripted_llm`` in a process of its own (first token after ``--first-token-ms``, then
 ``--rate`` tokens/s, ``--tokens`` tokens). Two agents: one without collections, one bound to a
 small indexed collection (hybrid retrieval for every turn).
 
@@ -147,6 +147,12 @@ class TimedLLM(ScriptedLLM):
         owner = self
 
         class Timed(base):  # type: ignore[misc,valid-type]
+            def do_GET(self) -> None:
+                if self.path.rstrip("/").endswith("/_served"):
+                    self._json(200, {m: [v.started, v.first_token, v.ended] for m, v in list(owner.served.items())})
+                else:
+                    super().do_GET()
+
             def do_POST(self) -> None:
                 try:
                     super().do_POST()
@@ -156,6 +162,44 @@ class TimedLLM(ScriptedLLM):
                         owner.served[marker].ended = time.time()
 
         return Timed
+
+
+class RemoteLLM:
+    """The ``TimedLLM`` in a process of its own (``bench_chat.py --serve-scripted``), so its 50
+    writer threads do not compete for this process's GIL with the WebSocket clients being timed
+    (in production the model server is another machine). ``served`` is fetched over HTTP; both
+    processes read the same clock (``time.time()``)."""
+
+    def __init__(self, *, model: str, first_token_ms: float, rate: float, tokens: int, log: Path) -> None:
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(  # noqa: S603 (fixed argument list)
+            [sys.executable, __file__, "--serve-scripted", "--model", model, "--first-token-ms", str(first_token_ms),
+             "--rate", str(rate), "--tokens", str(tokens)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().decode().strip()
+        if not line.isdigit():
+            raise RuntimeError(f"the scripted server did not start: {line!r} (see {log})")
+        self.api_base = f"http://127.0.0.1:{int(line)}/v1"
+
+    @property
+    def served(self) -> dict[str, Served]:
+        with urllib.request.urlopen(f"{self.api_base}/_served", timeout=30) as response:  # noqa: S310
+            rows = json.load(response)
+        return {m: Served(started=v[0], first_token=v[1], ended=v[2]) for m, v in rows.items()}
+
+    def stop(self) -> None:
+        stop(self.process)
+        self._log.close()
+
+
+def serve_scripted(args: argparse.Namespace) -> None:
+    """``--serve-scripted``: run the timed scripted server until terminated; print its port first."""
+    server = TimedLLM()
+    server.script(args.model, tokens=[f" t{i % 100:02d}" for i in range(args.tokens)],
+                  first_token_delay=args.first_token_ms / 1000, token_interval=1 / args.rate, prompt_tokens=50)
+    print(server.port, flush=True)
+    server._server.serve_forever()
 
 
 # --- Live processes ---------------------------------------------------------------------------
@@ -406,7 +450,7 @@ class LevelResult:
     worker_read: tuple[float, float] = (float("nan"), float("nan"))
 
 
-def run_level(port: int, setup: Setup, server: TimedLLM, agent_label: str, sessions: int, rounds: int,
+def run_level(port: int, setup: Setup, server: RemoteLLM, agent_label: str, sessions: int, rounds: int,
               token_chars: int, spread: float = 0.0) -> LevelResult:
     """``rounds`` rounds of ``sessions`` simultaneous turns (database work outside the event loop)."""
     ids = sessions_create(setup, setup.agents[agent_label], sessions)
@@ -423,11 +467,12 @@ def run_level(port: int, setup: Setup, server: TimedLLM, agent_label: str, sessi
         return out
 
     seen = asyncio.run(converse())
-    ok = [s for s in seen if s.final == "turn.completed" and s.marker in server.served]
+    served_by_marker = server.served
+    ok = [s for s in seen if s.final == "turn.completed" and s.marker in served_by_marker]
     times = turn_times(setup, [s.turn_id for s in seen if s.turn_id])
     overhead, ttft, relay, worker_read = [], [], [], []
     for s in ok:
-        served = server.served[s.marker]
+        served = served_by_marker[s.marker]
         overhead.append((s.first_delta - served.first_token) * 1000)
         if times.get(s.turn_id, (0, 0, 0))[2]:
             worker_read.append((times[s.turn_id][2] - served.first_token) * 1000)
@@ -574,7 +619,12 @@ def main() -> None:
                         help="also measure dispatch at 50 sessions with this many threads (0: skip)")
     parser.add_argument("--local-runs", type=int, default=3)
     parser.add_argument("--skip-local-model", action="store_true")
+    parser.add_argument("--serve-scripted", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="bench-stream", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_scripted:
+        serve_scripted(args)
+        return
     levels = [int(x) for x in args.levels.split(",")]
     # SIGTERM (timeout, CI) unwinds like Ctrl-C, so the subprocesses are stopped in ``finally``.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -591,18 +641,15 @@ def main() -> None:
     print("Preparing bench_chat (migrations)...", flush=True)
     call_command("migrate_schemas", interactive=False, verbosity=0)
 
-    server = TimedLLM()
-    server.start()
     model = "bench-stream"
-    # Four-character tokens, so characters received / 4 is tokens received.
-    tokens = [f" t{i % 100:02d}" for i in range(args.tokens)]
+    # Four-character tokens (" t00"), so characters received / 4 is tokens received.
     token_chars = 4
-    server.script(model, tokens=tokens, first_token_delay=args.first_token_ms / 1000,
-                  token_interval=1 / args.rate, prompt_tokens=50)
-    setup = build_world(server.api_base, model)
-
     log_dir = ROOT / "var" / "bench_chat"
     log_dir.mkdir(parents=True, exist_ok=True)
+    server = RemoteLLM(model=model, first_token_ms=args.first_token_ms, rate=args.rate, tokens=args.tokens,
+                       log=log_dir / "scripted.log")
+    setup = build_world(server.api_base, model)
+
     port = free_port()
     daphne = start_daphne(port, log_dir / "daphne.log")
     worker = start_worker(args.worker_concurrency, log_dir / "celery.log")
