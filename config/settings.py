@@ -196,15 +196,17 @@ CACHES = {
 }
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        # redis-py 8 reads with a 5 s socket timeout by default, the same as channels-redis'
-        # blocking-pop timeout, so an idle consumer's receive would time out and crash it.
-        # capacity: channels-redis counts it per Redis key, and every consumer of one daphne process
-        # shares one key ("specific.<process>!"), so the default of 100 caps the whole process's
-        # backlog: 50 streaming chat sessions (about 25 events/s each) overflowed it in a burst and
-        # group_send dropped events silently, including turn.completed (tests/bench/bench_chat.py).
+        # Redis Pub/Sub: the worker publishes a turn's events with one PUBLISH, and daphne's one
+        # subscriber connection receives them pushed, without the per-message BZPOPMIN round trip
+        # (plus group lookups on send) of channels_redis.core.RedisChannelLayer. Under 50
+        # streaming sessions that round trip, slowed by the GIL while daphne's sync thread saves
+        # messages, delayed first tokens by hundreds of ms (tests/bench/bench_chat.py). Pub/Sub
+        # delivers at most once to whoever is subscribed; a client that was away reads the turn's
+        # snapshot on reconnect (agents.runtime.events), so nothing it needs lives only in Redis.
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        # redis-py 8 reads with a 5 s socket timeout by default; the subscriber idles longer.
         "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}],
-                   "prefix": f"{CACHE_KEY_PREFIX}:asgi", "capacity": 5000},
+                   "prefix": f"{CACHE_KEY_PREFIX}:asgi"},
     }
 }
 # Jobs are enqueued from transaction.on_commit callbacks already (knowledge.jobs); django-rq's

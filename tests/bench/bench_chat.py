@@ -240,28 +240,33 @@ def start_daphne(port: int, log: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"daphne did not start:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def start_worker(concurrency: int, log: Path) -> subprocess.Popen[bytes]:
-    """The Procfile's worker (thread pool on the llm.* queues), with ``concurrency`` threads."""
+def start_workers(processes: int, concurrency: int, log: Path) -> list[subprocess.Popen[bytes]]:
+    """The Procfile's workers: ``processes`` Celery workers (thread pool on the llm.* queues),
+    each with ``concurrency`` threads; returns once every one answers a ping."""
     celery = Path(sys.executable).with_name("celery")
-    with log.open("wb") as out:
-        process = subprocess.Popen(  # noqa: S603 (fixed argument list)
-            [str(celery), "-A", "config", "worker", "-Q", "llm.light,llm.standard,llm.heavy,default",
-             "--pool", "threads", "--concurrency", str(concurrency), "--without-heartbeat", "--without-gossip",
-             "--without-mingle", "--loglevel", "WARNING"],
-            cwd=ROOT, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
-    # With --loglevel WARNING the "ready." line is not printed; wait for the worker to answer a ping.
+    started: list[subprocess.Popen[bytes]] = []
+    for n in range(1, processes + 1):
+        with log.with_suffix(f".{n}.log").open("wb") as out:
+            started.append(subprocess.Popen(  # noqa: S603 (fixed argument list)
+                [str(celery), "-A", "config", "worker", "-Q", "llm.light,llm.standard,llm.heavy,default",
+                 "-n", f"bench{n}@%h", "--pool", "threads", "--concurrency", str(concurrency),
+                 "--without-heartbeat", "--without-gossip", "--without-mingle", "--loglevel", "WARNING"],
+                cwd=ROOT, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT))
+    # With --loglevel WARNING the "ready." line is not printed; wait for the workers to answer a ping.
     from config.celery import app
 
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"celery exited:\n{log.read_text(errors='replace')[-3000:]}")
+        for process in started:
+            if process.poll() is not None:
+                raise RuntimeError(f"celery exited; see {log.parent}")
         with contextlib.suppress(Exception):
-            if app.control.ping(timeout=1.0):
-                return process
+            if len(app.control.ping(timeout=1.0)) >= processes:
+                return started
         time.sleep(0.5)
-    stop(process)
-    raise RuntimeError(f"celery did not start:\n{log.read_text(errors='replace')[-3000:]}")
+    for process in started:
+        stop(process)
+    raise RuntimeError(f"celery did not start; see {log.parent}")
 
 
 def start_local_model(log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -613,6 +618,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds at the other levels")
     parser.add_argument("--spread-ms", type=float, default=1000.0,
                         help="the sessions of a round send over this window (0: all at once)")
+    parser.add_argument("--worker-processes", type=int, default=1, help="Celery worker processes")
     parser.add_argument("--worker-concurrency", type=int, default=64,
                         help="Celery threads (the Procfile has 64; 50 sessions need more than 50)")
     parser.add_argument("--procfile-concurrency", type=int, default=0,
@@ -652,8 +658,9 @@ def main() -> None:
 
     port = free_port()
     daphne = start_daphne(port, log_dir / "daphne.log")
-    worker = start_worker(args.worker_concurrency, log_dir / "celery.log")
-    print(f"daphne :{port}, celery --pool threads --concurrency {args.worker_concurrency}, scripted model: "
+    workers = start_workers(args.worker_processes, args.worker_concurrency, log_dir / "celery.log")
+    print(f"daphne :{port}, {args.worker_processes} x celery --pool threads --concurrency "
+          f"{args.worker_concurrency}, scripted model: "
           f"first token after {args.first_token_ms:.0f} ms, {args.rate:.0f} tokens/s, {args.tokens} tokens; "
           f"CHAT_DELTA_INTERVAL_MS={settings.CHAT_DELTA_INTERVAL_MS}. Logs in {log_dir}", flush=True)
     results: list[LevelResult] = []
@@ -685,8 +692,9 @@ def main() -> None:
                   f"p95 {result.overhead[1]:.1f} ms", flush=True)
         print_table(results, args.rate)
         if args.procfile_concurrency and 50 in levels:
-            stop(worker)
-            worker = start_worker(args.procfile_concurrency, log_dir / "celery-procfile.log")
+            for worker in workers:
+                stop(worker)
+            workers = start_workers(1, args.procfile_concurrency, log_dir / "celery-procfile.log")
             run_level(port, setup, server, "no retrieval", 2, 1, token_chars)
             result = run_level(port, setup, server, "no retrieval", 50, 1, token_chars)
             print(f"\nDispatch at 50 sessions with the Procfile's --concurrency {args.procfile_concurrency}: "
@@ -698,7 +706,8 @@ def main() -> None:
         if not args.skip_local_model:
             local_model_part(port, setup, args.local_runs, log_dir)
     finally:
-        stop(worker)
+        for worker in workers:
+            stop(worker)
         stop(daphne)
         server.stop()
         from django.db import connections
