@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -45,7 +44,7 @@ from agents import selectors, services
 from agents.api import STREAM_GRACE_SECONDS, turn_outcome_error
 from agents.models import ChatSession, Message
 from agents.schemas import OpenAIChatCompletion, OpenAIChatIn, OpenAIChatMessage, OpenAIModelList
-from agents.streaming import HEARTBEAT_SECONDS, sse_response, turn_events, turn_wait
+from agents.streaming import KEEP_ALIVE, sse_response, turn_events_or_keepalives, turn_wait
 from config.api import principal_of
 from config.errors import ValidationFailed
 
@@ -154,16 +153,13 @@ async def completion_chunks(*, schema: str, session_id: int, turn_id: int, wait_
         return _data(body)
 
     yield chunk({"role": "assistant", "content": ""})
-    last_write = time.monotonic()
-    stream = turn_events(schema=schema, session_id=session_id, turn_id=turn_id, wait_seconds=wait_seconds)
+    stream = turn_events_or_keepalives(schema=schema, session_id=session_id, turn_id=turn_id,
+                                       wait_seconds=wait_seconds)
     async with contextlib.aclosing(stream):
         async for event in stream:
             if event is None:
-                if time.monotonic() - last_write >= HEARTBEAT_SECONDS:
-                    last_write = time.monotonic()
-                    yield ": keep-alive\n\n"
+                yield KEEP_ALIVE
                 continue
-            last_write = time.monotonic()
             name = event["event"]
             if name == "token.delta":
                 yield chunk({"content": event["text"]})

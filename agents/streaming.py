@@ -202,19 +202,32 @@ def sse_format(event: dict[str, Any]) -> str:
     return f"event: {event['event']}\ndata: {json.dumps(event, cls=DjangoJSONEncoder)}\n\n"
 
 
+KEEP_ALIVE = ": keep-alive\n\n"
+
+
+async def turn_events_or_keepalives(*, schema: str, session_id: int, turn_id: int,
+                                    wait_seconds: float) -> AsyncGenerator[dict[str, Any] | None, None]:
+    """``turn_events`` with its heartbeats thinned out: ``None`` now means "write a keep-alive"
+    and comes only after ``HEARTBEAT_SECONDS`` without an event. Closes ``turn_events`` (and its
+    channel-layer subscription) when closed itself."""
+    last_write = time.monotonic()
+    stream = turn_events(schema=schema, session_id=session_id, turn_id=turn_id, wait_seconds=wait_seconds)
+    async with contextlib.aclosing(stream):
+        async for event in stream:
+            if event is None and time.monotonic() - last_write < HEARTBEAT_SECONDS:
+                continue
+            last_write = time.monotonic()
+            yield event
+
+
 async def turn_sse(*, schema: str, session_id: int, turn_id: int, wait_seconds: float) -> AsyncIterator[str]:
     """``turn_events`` as Server-Sent Events text, with a ``: keep-alive`` comment after
     ``HEARTBEAT_SECONDS`` of silence; ends after the final (or ``error``) event."""
-    last_write = time.monotonic()
-    async for event in turn_events(schema=schema, session_id=session_id, turn_id=turn_id,
-                                   wait_seconds=wait_seconds):
-        if event is None:
-            if time.monotonic() - last_write >= HEARTBEAT_SECONDS:
-                last_write = time.monotonic()
-                yield ": keep-alive\n\n"
-            continue
-        last_write = time.monotonic()
-        yield sse_format(event)
+    stream = turn_events_or_keepalives(schema=schema, session_id=session_id, turn_id=turn_id,
+                                       wait_seconds=wait_seconds)
+    async with contextlib.aclosing(stream):
+        async for event in stream:
+            yield KEEP_ALIVE if event is None else sse_format(event)
 
 
 def sse_response(chunks: AsyncIterator[str]) -> StreamingHttpResponse:

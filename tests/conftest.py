@@ -102,6 +102,20 @@ def host_client(host: str, user: User | None = None, *, enforce_csrf: bool = Fal
     return client
 
 
+def verified_staff_client(world: World) -> Client:
+    """A client on the public host signed in as the staff persona with a verified TOTP device
+    (what the OTP-protected admin site asks for)."""
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+
+    staff = world.user("staff")
+    device = TOTPDevice.objects.create(user=staff, name="t", confirmed=True)
+    client = host_client("localhost", staff)
+    session = client.session
+    session["otp_device_id"] = device.persistent_id
+    session.save()
+    return client
+
+
 def api_client(host: str, key: str | None) -> Client:
     """A test client sending ``Authorization: Bearer <key>`` to ``host``."""
     headers = {"HTTP_HOST": host}

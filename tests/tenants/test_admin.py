@@ -12,17 +12,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from compliance.models import AuditEvent
 from tenants.models import Tenant, User
-from tests.conftest import HOST_A, PASSWORD, World, host_client
-
-
-def _verified_staff(world: World) -> Client:
-    staff = world.user("staff")
-    device = TOTPDevice.objects.create(user=staff, name="t", confirmed=True)
-    client = host_client("localhost", staff)
-    session = client.session
-    session["otp_device_id"] = device.persistent_id
-    session.save()
-    return client
+from tests.conftest import HOST_A, PASSWORD, World, host_client, verified_staff_client
 
 
 @pytest.mark.parametrize("path", [
@@ -31,7 +21,7 @@ def _verified_staff(world: World) -> Client:
     "/admin/compliance/auditevent/",
 ])
 def test_verified_staff_open_every_admin_page(world: World, path: str) -> None:
-    response = _verified_staff(world).get(path)
+    response = verified_staff_client(world).get(path)
     assert response.status_code == 200, path
 
 
@@ -48,7 +38,7 @@ def test_members_who_are_not_staff_do_not_get_the_admin(world: World) -> None:
 
 
 def test_staff_suspend_and_resume_from_the_admin(world: World) -> None:
-    client = _verified_staff(world)
+    client = verified_staff_client(world)
     client.post("/admin/tenants/tenant/", {"action": "suspend_selected", "_selected_action": [world.tenant_b.pk]})
     assert Tenant.objects.get(pk=world.tenant_b.pk).status == "suspended"
     client.post("/admin/tenants/tenant/", {"action": "resume_selected", "_selected_action": [world.tenant_b.pk]})
@@ -58,7 +48,7 @@ def test_staff_suspend_and_resume_from_the_admin(world: World) -> None:
 
 
 def test_staff_delete_a_tenant_only_after_typing_its_slug(world: World) -> None:
-    client = _verified_staff(world)
+    client = verified_staff_client(world)
     url = f"/admin/tenants/tenant/{world.tenant_b.pk}/delete-tenant/"
     assert client.get(url).status_code == 200
     wrong = client.post(url, {"confirm": "GLOBEX"})
@@ -68,7 +58,7 @@ def test_staff_delete_a_tenant_only_after_typing_its_slug(world: World) -> None:
 
 
 def test_the_public_tenant_is_not_listed_and_cannot_be_deleted(world: World) -> None:
-    client = _verified_staff(world)
+    client = verified_staff_client(world)
     public = Tenant.objects.get(schema_name="public")
     assert client.get(f"/admin/tenants/tenant/{public.pk}/delete-tenant/").status_code == 404
     assert b">public<" not in client.get("/admin/tenants/tenant/").content
@@ -77,7 +67,7 @@ def test_the_public_tenant_is_not_listed_and_cannot_be_deleted(world: World) -> 
 def test_staff_reset_a_users_two_factor_and_it_is_audited(world: World) -> None:
     owner = world.user("owner")
     TOTPDevice.objects.create(user=owner, name="lost phone", confirmed=True)
-    client = _verified_staff(world)
+    client = verified_staff_client(world)
     client.post("/admin/tenants/user/", {"action": "reset_two_factor", "_selected_action": [owner.pk]})
     assert not TOTPDevice.objects.filter(user=owner).exists()
     assert AuditEvent.objects.filter(action="user.2fa_reset_by_staff", target_id=str(owner.pk)).exists()

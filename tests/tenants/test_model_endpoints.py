@@ -11,7 +11,6 @@ from django.core.checks import run_checks
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test import Client, override_settings
-from django_otp.plugins.otp_totp.models import TOTPDevice
 from django_tenants.utils import schema_context
 
 from agents.endpoints import model_endpoint_create
@@ -20,7 +19,7 @@ from config.crypto import SecretUnreadable, secret_decrypt, secret_encrypt
 from tenants.models import ModelEndpoint
 from tenants.principal import Principal
 from tenants.services.keys import api_key_create
-from tests.conftest import HOST_A, HOST_B, World, api_client, host_client
+from tests.conftest import HOST_A, HOST_B, World, api_client, host_client, verified_staff_client
 
 SECRET = "sk-test-PLAINTEXT-never-shown-0123456789"
 OTHER_SECRET = "sk-test-REPLACEMENT-key-9876543210"
@@ -62,16 +61,6 @@ def _audit_payloads(schema: str) -> str:
         payloads = list(AuditEvent.objects.filter(target_type="model_endpoint").values_list("payload", flat=True))
     connection.set_schema_to_public()  # type: ignore[attr-defined]
     return json.dumps(payloads)
-
-
-def _verified_staff(world: World) -> Client:
-    staff = world.user("staff")
-    device = TOTPDevice.objects.create(user=staff, name="t", confirmed=True)
-    client = host_client("localhost", staff)
-    session = client.session
-    session["otp_device_id"] = device.persistent_id
-    session.save()
-    return client
 
 
 def _scoped_client(world: World, scopes: list[str]) -> Client:
@@ -160,7 +149,7 @@ def _admin_form(**overrides: Any) -> dict[str, Any]:
 
 
 def test_staff_create_and_edit_a_platform_endpoint_without_the_key_ever_shown(world: World) -> None:
-    client = _verified_staff(world)
+    client = verified_staff_client(world)
     add = client.get("/admin/tenants/modelendpoint/add/")
     assert add.status_code == 200 and b'type="password"' in add.content
     assert client.post("/admin/tenants/modelendpoint/add/", _admin_form()).status_code == 302
@@ -198,14 +187,14 @@ def test_staff_create_and_edit_a_platform_endpoint_without_the_key_ever_shown(wo
     ("input_price_per_mtok", "-1"), ("output_price_per_mtok", "-0.01"), ("context_window", "255"),
 ])
 def test_the_admin_rejects_invalid_values(world: World, field: str, value: str) -> None:
-    response = _verified_staff(world).post("/admin/tenants/modelendpoint/add/", _admin_form(**{field: value}))
+    response = verified_staff_client(world).post("/admin/tenants/modelendpoint/add/", _admin_form(**{field: value}))
     assert response.status_code == 200 and b"errorlist" in response.content
     assert not ModelEndpoint.objects.filter(name="platform light").exists()
 
 
 def test_staff_see_tenants_own_endpoints_read_only(world: World) -> None:
     endpoint = _own_endpoint(world)
-    client = _verified_staff(world)
+    client = verified_staff_client(world)
     listing = client.get("/admin/tenants/modelendpoint/")
     assert listing.status_code == 200 and b"acme private" in listing.content and b">acme<" in listing.content
     page = client.get(f"/admin/tenants/modelendpoint/{endpoint.pk}/change/")
