@@ -257,6 +257,20 @@ def test_the_chat_page_renders_history_sources_and_scores(world: World, client_a
     assert "0.9100" in html and "0.8000" in html and "3.5000" in html
     assert 'ws-connect="/ws/chat/' in html and 'hx-ext="ws"' in html and "ext-ws.min.js" in html
     assert f'action="/chat/{session.pk}/send"' in html
+    assert "Refunds</span>" in html
+
+
+def test_a_source_does_not_repeat_its_title_as_its_first_heading(world: World, client_a: Any) -> None:
+    session = _session(world, _agent(world))
+    sources = [{"n": 1, "chunk_id": 7, "document_id": 5, "title": "Leave policy", "page_number": None,
+                "heading_path": ["Leave policy", "Vacation"], "score": 0.9},
+               {"n": 2, "chunk_id": 8, "document_id": 5, "title": "Leave policy", "page_number": None,
+                "heading_path": ["Leave policy"], "score": 0.8}]
+    _turn_with_answer(world, session, "Days off?", "25 [1]", citations=sources)
+    html = client_a("operator").get(f"/chat/{session.pk}/").content.decode()
+    assert '<span class="text-body-secondary">Vacation</span>' in html
+    assert "Leave policy › Vacation" not in html
+    assert 'text-body-secondary">Leave policy' not in html
 
 
 def test_assistant_output_is_inert_on_the_chat_page(world: World, client_a: Any) -> None:
