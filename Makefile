@@ -23,17 +23,19 @@ $(PY):
 
 # llama-cpp-python ships only as source. Its default build (GGML_NATIVE) turns on every
 # instruction set the CPU reports, and the AVX-512/AMX kernels segfault on this machine kind's
-# virtual CPUs, so it is built once per clone for AVX2 into var/wheels (outside pip's wheel cache,
-# which would hand back a native build made elsewhere) and installed from there.
+# virtual CPUs, so it is built for AVX2 into a wheel directory keyed by these build flags (outside
+# pip's wheel cache, which would hand back a native build) and installed from there: the first
+# install on a machine compiles it (about 8 minutes on 2 cores), later clones reuse the wheel.
 LLAMA_PIN = $(shell grep -E '^llama-cpp-python==' requirements.txt)
 LLAMA_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
   -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+WHEELS ?= $(HOME)/.cache/agent-ops-portal/wheels-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 
 .venv/.installed: requirements.txt requirements-dev.txt | $(PY)
-	@ls var/wheels/$(subst ==,-,$(subst -,_,$(LLAMA_PIN)))-*.whl >/dev/null 2>&1 || { \
-	  echo "Building $(LLAMA_PIN) for AVX2 (a few minutes, once per clone)"; \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --quiet --no-deps --no-cache-dir -w var/wheels "$(LLAMA_PIN)"; }
-	$(PIP) install --quiet --find-links var/wheels -r requirements.txt -r requirements-dev.txt
+	@ls "$(WHEELS)"/$(subst ==,-,$(subst -,_,$(LLAMA_PIN)))-*.whl >/dev/null 2>&1 || { \
+	  echo "Building $(LLAMA_PIN) for AVX2 into $(WHEELS) (several minutes, once per machine)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --quiet --no-deps --no-cache-dir -w "$(WHEELS)" "$(LLAMA_PIN)"; }
+	$(PIP) install --quiet --find-links "$(WHEELS)" -r requirements.txt -r requirements-dev.txt
 	touch $@
 
 install: .venv/.installed

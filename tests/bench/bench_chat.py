@@ -62,7 +62,8 @@ os.environ.setdefault("LOG_LEVEL", "WARNING")
 os.environ["REDIS_URL"] = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 os.environ["CACHE_KEY_PREFIX"] = "benchchat"
 
-from tests.scripted_llm import ScriptedLLM  # noqa: E402  (after the environment is set)
+from tests.bench.bench_retrieval import prepare_database  # noqa: E402  (after the environment is set)
+from tests.scripted_llm import ScriptedLLM  # noqa: E402
 
 STARTUP_TIMEOUT_S = 90.0
 RECV_TIMEOUT_S = 30.0
@@ -73,23 +74,6 @@ HANDBOOK = (
     "original card within five business days. Gift cards are not refundable.\n\n"
     "Shipping\n\nOrders ship within two business days. Express shipping is available in the EU.\n"
 )
-
-
-def prepare_database(name: str) -> None:
-    """Point Django at a fresh database ``name`` before it is set up (as ``bench_tenants``)."""
-    if os.environ.get("BENCH_DATABASE_URL"):
-        os.environ["DATABASE_URL"] = os.environ["BENCH_DATABASE_URL"]
-        return
-    import psycopg
-
-    from config.pgembed import ensure_server
-
-    server = ensure_server((ROOT / "var" / "pg").resolve())
-    with psycopg.connect(host=server.socket_dir, port=server.port, user=server.user, dbname="postgres",
-                         autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    os.environ["DATABASE_URL"] = server.url(name)
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -635,7 +619,7 @@ def main() -> None:
     # SIGTERM (timeout, CI) unwinds like Ctrl-C, so the subprocesses are stopped in ``finally``.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    prepare_database("bench_chat")
+    prepare_database("bench_chat", reuse=False)
     import django
 
     django.setup()

@@ -29,22 +29,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ["DEBUG"] = "false"
 os.environ.setdefault("LOG_LEVEL", "WARNING")
 
-
-def _prepare_database() -> None:
-    """Point Django at a fresh ``bench_portal`` database before it is set up."""
-    if os.environ.get("BENCH_DATABASE_URL"):
-        os.environ["DATABASE_URL"] = os.environ["BENCH_DATABASE_URL"]
-        return
-    import psycopg
-
-    from config.pgembed import ensure_server
-
-    server = ensure_server((ROOT / "var" / "pg").resolve())
-    with psycopg.connect(host=server.socket_dir, port=server.port, user=server.user, dbname="postgres",
-                         autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS bench_portal WITH (FORCE)")
-        conn.execute("CREATE DATABASE bench_portal")
-    os.environ["DATABASE_URL"] = server.url("bench_portal")
+from tests.bench.bench_retrieval import prepare_database  # noqa: E402  (after the environment is set)
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -58,7 +43,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests per tenant-count level")
     args = parser.parse_args()
 
-    _prepare_database()
+    prepare_database("bench_portal", reuse=False)
     import django
 
     django.setup()
