@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import structlog
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
@@ -218,11 +219,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
         if event.get("event") == "token.delta":
             turn_id = int(event["turn_id"])
             have = self.sent.get(turn_id, 0)
-            end = int(event["offset"]) + len(event["text"])
+            offset = int(event["offset"])
+            end = offset + len(event["text"])
             if end <= have:
                 return
-            if int(event["offset"]) < have:
-                event = {**event, "offset": have, "text": event["text"][have - int(event["offset"]):]}
+            if offset > have:
+                # A delta never reached this consumer (Pub/Sub delivers at most once, e.g. across
+                # a Redis reconnect): the turn's snapshot holds the text, written before each
+                # publish. Read off the shared sync thread, which saves incoming messages.
+                text = await sync_to_async(events.text_snapshot, thread_sensitive=False)(self.schema, turn_id)
+                if len(text) >= end:
+                    event = {**event, "offset": have, "text": text[have:end]}
+            elif offset < have:
+                event = {**event, "offset": have, "text": event["text"][have - offset:]}
             self.sent[turn_id] = end
         if self.as_json:
             await self.send_json(event)

@@ -46,3 +46,35 @@ def test_tokens_stream_over_the_socket_and_the_answer_is_saved(
     assert final["event"] == "turn.completed"
     assert final["content"] == text
     assert final["usage"] == {"input_tokens": 42, "output_tokens": 6, "estimated": False}
+
+
+def test_the_consumer_sends_each_character_once_and_fills_a_lost_delta_from_the_snapshot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from agents import consumers
+
+    sent: list[dict[str, Any]] = []
+    consumer = consumers.ChatConsumer()
+    consumer.schema, consumer.sent, consumer.as_json = "tenant_x", {}, True
+
+    async def send_json(content: dict[str, Any], close: bool = False) -> None:
+        sent.append(content)
+
+    monkeypatch.setattr(consumer, "send_json", send_json)
+    monkeypatch.setattr(consumers.events, "text_snapshot",
+                        lambda schema, turn_id: "Hello, world there." if (schema, turn_id) == ("tenant_x", 7) else "")
+
+    def delta(offset: int, text: str) -> dict[str, Any]:
+        return {"event": "token.delta", "turn_id": 7, "offset": offset, "text": text}
+
+    async def relay_all() -> None:
+        for event in (delta(0, "Hello"), delta(0, "Hello"),  # a duplicate (snapshot then live delta)
+                      delta(12, " there"),  # ", world" (offset 5) was lost on the way
+                      delta(16, "re."),  # overlaps what was sent
+                      ):
+            await consumer._relay(event)
+
+    asyncio.run(relay_all())
+    assert [(e["offset"], e["text"]) for e in sent] == [(0, "Hello"), (5, ", world there"), (18, ".")]
+    assert "".join(e["text"] for e in sent) == "Hello, world there."
