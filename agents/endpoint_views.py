@@ -20,7 +20,7 @@ from agents import endpoints as services
 from config.errors import DomainError, ValidationFailed
 from config.htmx import domain_errors_as_pages, render_page
 from tenants.models import ModelEndpoint
-from tenants.principal import Principal
+from tenants.principal import request_principal
 
 
 class ModelEndpointForm(forms.Form):
@@ -71,10 +71,6 @@ class ModelEndpointForm(forms.Form):
             self.add_error(None, exc.message)
 
 
-def _principal(request: HttpRequest) -> Principal:
-    return request.principal  # type: ignore[attr-defined, no-any-return]
-
-
 def _initial(endpoint: ModelEndpoint) -> dict[str, Any]:
     return {name: getattr(endpoint, name) for name in services.EDITABLE_FIELDS}
 
@@ -84,7 +80,7 @@ def _initial(endpoint: ModelEndpoint) -> dict[str, Any]:
 @domain_errors_as_pages
 def model_endpoint_list(request: HttpRequest) -> HttpResponse:
     """The platform's endpoints (read-only) and the tenant's own; POST creates an own one."""
-    principal = _principal(request)
+    principal = request_principal(request)
     form = ModelEndpointForm(request.POST or None)
     if request.method == "POST":
         principal.require("agents:write")
@@ -110,7 +106,7 @@ def model_endpoint_list(request: HttpRequest) -> HttpResponse:
 @domain_errors_as_pages
 def model_endpoint_edit(request: HttpRequest, endpoint_id: int) -> HttpResponse:
     """Edit an own endpoint. The key field starts empty: blank keeps the stored key."""
-    principal = _principal(request)
+    principal = request_principal(request)
     principal.require("agents:write")
     endpoint = services.model_endpoint_get(principal=principal, endpoint_id=endpoint_id)
     if request.method == "POST":
@@ -137,7 +133,7 @@ def model_endpoint_edit(request: HttpRequest, endpoint_id: int) -> HttpResponse:
 @domain_errors_as_pages
 def model_endpoint_delete(request: HttpRequest, endpoint_id: int) -> HttpResponse:
     """Delete an own endpoint after the member types its name."""
-    principal = _principal(request)
+    principal = request_principal(request)
     principal.require("agents:write")
     endpoint = services.model_endpoint_get(principal=principal, endpoint_id=endpoint_id)
     if request.POST.get("confirm") != endpoint.name:

@@ -25,11 +25,7 @@ from agents.forms import AgentForm, AgentVersionForm, ChatMessageForm, ChatSessi
 from agents.models import Agent, AgentVersion, ChatSession, Message, Turn
 from config.errors import DomainError, ValidationFailed
 from config.htmx import after_write, domain_errors_as_pages, render_page
-from tenants.principal import Principal
-
-
-def _principal(request: HttpRequest) -> Principal:
-    return request.principal  # type: ignore[attr-defined, no-any-return]
+from tenants.principal import Principal, request_principal
 
 
 def _collection_choices(principal: Principal) -> list[tuple[int, str]]:
@@ -69,7 +65,7 @@ def _add_domain_error(form: AgentVersionForm, extra: AgentForm | None, exc: Doma
 @domain_errors_as_pages
 def agent_list(request: HttpRequest) -> HttpResponse:
     """Agents with their status and active version; ``?status=`` filters (htmx swaps the table)."""
-    principal = _principal(request)
+    principal = request_principal(request)
     status = request.GET.get("status") or None
     if status not in Agent.Status.values:
         status = None
@@ -83,7 +79,7 @@ def agent_list(request: HttpRequest) -> HttpResponse:
 @domain_errors_as_pages
 def agent_create(request: HttpRequest) -> HttpResponse:
     """The new-agent form: identity and version 1; creates a draft and opens it."""
-    principal = _principal(request)
+    principal = request_principal(request)
     principal.require("agents:write")
     agent_form = AgentForm(request.POST or None)
     version_form = _version_form(principal, request.POST or None, initial=AgentVersionForm.initial_from(None))
@@ -144,7 +140,7 @@ def _status_actions(agent: Agent) -> list[tuple[str, str, str]]:
 @domain_errors_as_pages
 def agent_detail(request: HttpRequest, agent_id: int) -> HttpResponse:
     """An agent: status, the active version's settings, every version with publish / rollback."""
-    return render_page(request, "agents/agent_detail.html", _detail_context(_principal(request), agent_id),
+    return render_page(request, "agents/agent_detail.html", _detail_context(request_principal(request), agent_id),
                        partial="agent-state")
 
 
@@ -152,7 +148,7 @@ def agent_detail(request: HttpRequest, agent_id: int) -> HttpResponse:
 @domain_errors_as_pages
 def agent_version_new(request: HttpRequest, agent_id: int) -> HttpResponse:
     """Edit an agent: a form prefilled from its latest version that saves a new (unpublished) one."""
-    principal = _principal(request)
+    principal = request_principal(request)
     principal.require("agents:write")
     agent = selectors.agent_get(principal=principal, agent_id=agent_id)
     latest = selectors.agent_version_list(principal=principal, agent=agent).first()
@@ -176,7 +172,7 @@ def agent_version_new(request: HttpRequest, agent_id: int) -> HttpResponse:
 @domain_errors_as_pages
 def agent_version_publish(request: HttpRequest, agent_id: int, number: int) -> HttpResponse:
     """Publish a version, or roll back to an older one; re-renders the agent's state for htmx."""
-    principal = _principal(request)
+    principal = request_principal(request)
     agent = selectors.agent_get(principal=principal, agent_id=agent_id)
     version = selectors.agent_version_get(principal=principal, agent=agent, number=number)
     previous = agent.active_version
@@ -192,7 +188,7 @@ def agent_version_publish(request: HttpRequest, agent_id: int, number: int) -> H
 @domain_errors_as_pages
 def agent_status(request: HttpRequest, agent_id: int) -> HttpResponse:
     """Pause, resume or retire an agent (``status`` = paused, active or retired)."""
-    principal = _principal(request)
+    principal = request_principal(request)
     agent = selectors.agent_get(principal=principal, agent_id=agent_id)
     agent = services.agent_status_set(principal=principal, agent=agent, status=request.POST.get("status", ""))
     return after_write(request, message=f"“{agent.name}” is now {agent.get_status_display().lower()}.",
@@ -254,7 +250,7 @@ def version_diff(a: AgentVersion, b: AgentVersion, *, collections: dict[int, str
 @domain_errors_as_pages
 def agent_version_diff(request: HttpRequest, agent_id: int) -> HttpResponse:
     """Two versions side by side (``?a=1&b=3``): changed fields as line diffs, the rest collapsed."""
-    principal = _principal(request)
+    principal = request_principal(request)
     agent = selectors.agent_get(principal=principal, agent_id=agent_id)
     versions = list(selectors.agent_version_list(principal=principal, agent=agent))
     numbers = [v.number for v in versions]
@@ -280,7 +276,7 @@ def agent_version_diff(request: HttpRequest, agent_id: int) -> HttpResponse:
 @domain_errors_as_pages
 def chat_session_list(request: HttpRequest) -> HttpResponse:
     """The caller's own chat sessions; POST opens a new one and goes to it."""
-    principal = _principal(request)
+    principal = request_principal(request)
     agents = [(a.pk, a.name) for a in selectors.agent_chat_list(principal=principal)]
     form = ChatSessionForm(request.POST or None, agents=agents)
     if request.method == "POST" and form.is_valid():
@@ -348,7 +344,7 @@ def _chat_context(principal: Principal, session: ChatSession) -> dict[str, Any]:
 @domain_errors_as_pages
 def chat_session_detail(request: HttpRequest, session_id: int) -> HttpResponse:
     """The chat page: history, and a form that sends over the session's WebSocket."""
-    principal = _principal(request)
+    principal = request_principal(request)
     session = selectors.session_get(principal=principal, session_id=session_id)
     return render(request, "agents/chat_session_detail.html", _chat_context(principal, session))
 
@@ -357,7 +353,7 @@ def chat_session_detail(request: HttpRequest, session_id: int) -> HttpResponse:
 @domain_errors_as_pages
 def chat_message_send(request: HttpRequest, session_id: int) -> HttpResponse:
     """Without JavaScript: send the message (as the socket would) and come back to the page."""
-    principal = _principal(request)
+    principal = request_principal(request)
     session = selectors.session_get(principal=principal, session_id=session_id)
     form = ChatMessageForm(request.POST)
     if not form.is_valid():
@@ -374,7 +370,7 @@ def chat_message_send(request: HttpRequest, session_id: int) -> HttpResponse:
 @domain_errors_as_pages
 def chat_turn_cancel(request: HttpRequest, session_id: int) -> HttpResponse:
     """Without JavaScript: stop the turn ``turn_id`` and come back to the page."""
-    principal = _principal(request)
+    principal = request_principal(request)
     session = selectors.session_get(principal=principal, session_id=session_id)
     try:
         turn_id = int(request.POST.get("turn_id", ""))

@@ -16,18 +16,14 @@ from config.htmx import after_write, domain_errors_as_pages, is_fragment, render
 from knowledge import selectors, services
 from knowledge.forms import CollectionForm, SearchForm
 from knowledge.retrieval import SearchTimings, chunk_search
-from tenants.principal import Principal
-
-
-def _principal(request: HttpRequest) -> Principal:
-    return request.principal  # type: ignore[attr-defined, no-any-return]
+from tenants.principal import request_principal
 
 
 @require_http_methods(["GET", "POST"])
 @domain_errors_as_pages
 def collection_list(request: HttpRequest) -> HttpResponse:
     """Collections; POST creates one."""
-    principal = _principal(request)
+    principal = request_principal(request)
     form = CollectionForm(request.POST or None)
     if request.method == "POST":
         principal.require("kb:write")
@@ -47,7 +43,7 @@ def collection_list(request: HttpRequest) -> HttpResponse:
 
 def _detail_context(request: HttpRequest, collection_id: int, settings_form: CollectionForm | None = None
                     ) -> dict[str, Any]:
-    principal = _principal(request)
+    principal = request_principal(request)
     collection = selectors.collection_get(principal=principal, collection_id=collection_id)
     documents = selectors.document_list(principal=principal, collection=collection)
     status = request.GET.get("status") or None
@@ -70,7 +66,7 @@ def _detail_context(request: HttpRequest, collection_id: int, settings_form: Col
 def collection_detail(request: HttpRequest, collection_id: int) -> HttpResponse:
     """A collection's documents with live status; POST changes its settings. htmx polls the
     ``document-table`` fragment every two seconds while a document is being indexed."""
-    principal = _principal(request)
+    principal = request_principal(request)
     if request.method == "POST":
         principal.require("kb:write")
         form = CollectionForm(request.POST)
@@ -94,7 +90,7 @@ def collection_detail(request: HttpRequest, collection_id: int) -> HttpResponse:
 def collection_upload(request: HttpRequest, collection_id: int) -> HttpResponse:
     """Upload one or more files. Each file is judged on its own: good ones are stored and queued,
     duplicates point at the existing document, rejected ones are listed with the reason."""
-    principal = _principal(request)
+    principal = request_principal(request)
     principal.require("kb:write")
     collection = selectors.collection_get(principal=principal, collection_id=collection_id)
     files = request.FILES.getlist("files")
@@ -128,7 +124,7 @@ def collection_upload(request: HttpRequest, collection_id: int) -> HttpResponse:
 @require_POST
 @domain_errors_as_pages
 def collection_delete(request: HttpRequest, collection_id: int) -> HttpResponse:
-    principal = _principal(request)
+    principal = request_principal(request)
     collection = selectors.collection_get(principal=principal, collection_id=collection_id)
     if request.POST.get("confirm") != collection.name:
         messages.error(request, "Type the collection's name to confirm its deletion.")
@@ -142,7 +138,7 @@ def collection_delete(request: HttpRequest, collection_id: int) -> HttpResponse:
 @domain_errors_as_pages
 def document_detail(request: HttpRequest, document_id: int) -> HttpResponse:
     """A document: status, error, warnings and its chunks (page, heading path, tokens)."""
-    principal = _principal(request)
+    principal = request_principal(request)
     document = selectors.document_get(principal=principal, document_id=document_id)
     chunks = Paginator(selectors.chunk_list(principal=principal, document=document), 25).get_page(
         request.GET.get("page"))
@@ -155,7 +151,7 @@ def document_detail(request: HttpRequest, document_id: int) -> HttpResponse:
 @require_POST
 @domain_errors_as_pages
 def document_reindex(request: HttpRequest, document_id: int) -> HttpResponse:
-    principal = _principal(request)
+    principal = request_principal(request)
     principal.require("kb:write")
     document = selectors.document_get(principal=principal, document_id=document_id)
     try:
@@ -170,7 +166,7 @@ def document_reindex(request: HttpRequest, document_id: int) -> HttpResponse:
 @require_POST
 @domain_errors_as_pages
 def document_delete(request: HttpRequest, document_id: int) -> HttpResponse:
-    principal = _principal(request)
+    principal = request_principal(request)
     document = selectors.document_get(principal=principal, document_id=document_id)
     services.document_delete(principal=principal, document=document)
     if is_fragment(request):
@@ -183,7 +179,7 @@ def document_delete(request: HttpRequest, document_id: int) -> HttpResponse:
 @domain_errors_as_pages
 def search_playground(request: HttpRequest) -> HttpResponse:
     """Run a query and show, for each chunk, its vector, keyword and fused scores and ranks."""
-    principal = _principal(request)
+    principal = request_principal(request)
     collections = list(selectors.collection_list(principal=principal))
     data = None
     if "query" in request.GET:

@@ -13,6 +13,8 @@ from config.errors import Forbidden
 from tenants.roles import permissions_for_role
 
 if TYPE_CHECKING:
+    from django.http import HttpRequest
+
     from tenants.models import ApiKey, Membership, Tenant, User
 
 PrincipalKind = Literal["user", "api_key", "staff", "system"]
@@ -80,3 +82,9 @@ class Principal:
         """Raise ``Forbidden`` unless this principal holds ``permission``."""
         if not self.can(permission):
             raise Forbidden(f"This action needs the '{permission}' permission.", code="permission_denied")
+
+
+def request_principal(request: HttpRequest) -> Principal:
+    """The principal ``tenants.middleware`` attached to a console or API request (a member, an API
+    key or staff). Views behind that middleware call this instead of reading the attribute."""
+    return request.principal  # type: ignore[attr-defined, no-any-return]

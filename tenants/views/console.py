@@ -24,22 +24,18 @@ from config.errors import DomainError
 from config.htmx import after_write, domain_errors_as_pages, is_htmx, render_page
 from tenants import selectors
 from tenants.forms import AcceptInvitationForm, ApiKeyForm, InviteForm, RoleForm, TenantSettingsForm
-from tenants.principal import Principal
+from tenants.principal import request_principal
 from tenants.roles import DEFAULT_KEY_SCOPES, Role, roles_assignable_by
 from tenants.services import keys as key_services
 from tenants.services import members as member_services
 from tenants.services.provisioning import tenant_settings_update
 
 
-def _principal(request: HttpRequest) -> Principal:
-    return request.principal  # type: ignore[attr-defined, no-any-return]
-
-
 @require_GET
 @domain_errors_as_pages
 def dashboard(request: HttpRequest) -> HttpResponse:
     """Overview: plan, member and key counts, usage of the last 30 days, recent audit events."""
-    principal = _principal(request)
+    principal = request_principal(request)
     tenant = request.tenant  # type: ignore[attr-defined]
     principal.require("tenant:read")
     since = timezone.now() - dt.timedelta(days=30)
@@ -59,7 +55,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 
 def _members_context(request: HttpRequest, invite_form: InviteForm | None = None) -> dict[str, Any]:
-    principal = _principal(request)
+    principal = request_principal(request)
     tenant = request.tenant  # type: ignore[attr-defined]
     assignable = roles_assignable_by(principal.role or "")
     members = list(selectors.member_list(principal=principal, tenant=tenant))
@@ -81,7 +77,7 @@ def _members_context(request: HttpRequest, invite_form: InviteForm | None = None
 @domain_errors_as_pages
 def member_list(request: HttpRequest) -> HttpResponse:
     """Members and open invitations; POST invites someone."""
-    principal = _principal(request)
+    principal = request_principal(request)
     tenant = request.tenant  # type: ignore[attr-defined]
     if request.method == "POST":
         form = InviteForm(request.POST, assignable=roles_assignable_by(principal.role or ""))
@@ -127,7 +123,7 @@ def _member_write(request: HttpRequest, action: Any, message: str) -> HttpRespon
 @require_POST
 @domain_errors_as_pages
 def member_role_change(request: HttpRequest, membership_id: int) -> HttpResponse:
-    principal = _principal(request)
+    principal = request_principal(request)
     membership = selectors.member_get(principal=principal, tenant=request.tenant,  # type: ignore[attr-defined]
                                       membership_id=membership_id)
     form = RoleForm(request.POST)
@@ -142,7 +138,7 @@ def member_role_change(request: HttpRequest, membership_id: int) -> HttpResponse
 @require_POST
 @domain_errors_as_pages
 def member_remove(request: HttpRequest, membership_id: int) -> HttpResponse:
-    principal = _principal(request)
+    principal = request_principal(request)
     membership = selectors.member_get(principal=principal, tenant=request.tenant,  # type: ignore[attr-defined]
                                       membership_id=membership_id)
     return _member_write(
@@ -155,7 +151,7 @@ def member_remove(request: HttpRequest, membership_id: int) -> HttpResponse:
 @require_POST
 @domain_errors_as_pages
 def invitation_revoke(request: HttpRequest, invitation_id: int) -> HttpResponse:
-    principal = _principal(request)
+    principal = request_principal(request)
     invitation = selectors.invitation_get(principal=principal, tenant=request.tenant,  # type: ignore[attr-defined]
                                           invitation_id=invitation_id)
     return _member_write(
@@ -167,7 +163,7 @@ def invitation_revoke(request: HttpRequest, invitation_id: int) -> HttpResponse:
 
 def _keys_context(request: HttpRequest, form: ApiKeyForm | None = None, secret: str | None = None,
                   created: Any = None) -> dict[str, Any]:
-    principal = _principal(request)
+    principal = request_principal(request)
     return {
         "keys": list(selectors.api_key_list(principal=principal, tenant=request.tenant)),  # type: ignore[attr-defined]
         "form": form or ApiKeyForm(held=principal.permissions, initial={"scopes": list(DEFAULT_KEY_SCOPES)}),
@@ -182,7 +178,7 @@ def _keys_context(request: HttpRequest, form: ApiKeyForm | None = None, secret: 
 @domain_errors_as_pages
 def api_key_list(request: HttpRequest) -> HttpResponse:
     """API keys; POST creates one and shows its secret once (never stored, never shown again)."""
-    principal = _principal(request)
+    principal = request_principal(request)
     if request.method == "POST":
         form = ApiKeyForm(request.POST, held=principal.permissions)
         if form.is_valid():
@@ -209,7 +205,7 @@ def api_key_list(request: HttpRequest) -> HttpResponse:
 @require_POST
 @domain_errors_as_pages
 def api_key_revoke(request: HttpRequest, key_id: str) -> HttpResponse:
-    principal = _principal(request)
+    principal = request_principal(request)
     key = selectors.api_key_get(principal=principal, tenant=request.tenant, key_id=key_id)  # type: ignore[attr-defined]
     try:
         key_services.api_key_revoke(principal=principal, key=key)
@@ -229,7 +225,7 @@ def api_key_revoke(request: HttpRequest, key_id: str) -> HttpResponse:
 @domain_errors_as_pages
 def tenant_settings(request: HttpRequest) -> HttpResponse:
     """Security settings of the tenant (owners)."""
-    principal = _principal(request)
+    principal = request_principal(request)
     tenant = request.tenant  # type: ignore[attr-defined]
     principal.require("tenant:admin")
     form = TenantSettingsForm(request.POST or None, initial={"require_2fa": tenant.require_2fa})

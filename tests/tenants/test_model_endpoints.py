@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -87,8 +88,8 @@ def test_rotation_moves_secrets_to_the_new_key_so_the_old_key_can_go(world: Worl
         platform = _platform_endpoint()
         before = _raw_column(endpoint.pk)
     with override_settings(FIELD_ENCRYPTION_KEYS=[KEY_NEW, KEY_OLD]):
-        call_command("field_keys_rotate", stdout=(out := _Out()))
-        assert "2 model endpoint key(s) re-encrypted, 0 unreadable" in out.text
+        call_command("field_keys_rotate", stdout=(out := io.StringIO()))
+        assert "2 model endpoint key(s) re-encrypted, 0 unreadable" in out.getvalue()
     assert _raw_column(endpoint.pk) != before
     with override_settings(FIELD_ENCRYPTION_KEYS=[KEY_NEW]):
         assert ModelEndpoint.objects.get(pk=endpoint.pk).api_key() == SECRET
@@ -104,20 +105,9 @@ def test_rotation_fails_loudly_naming_endpoints_no_key_can_read(world: World) ->
     with override_settings(FIELD_ENCRYPTION_KEYS=[KEY_NEW]):
         readable = _platform_endpoint(name="readable")
         with pytest.raises(CommandError) as failure:
-            call_command("field_keys_rotate", stdout=_Out())
+            call_command("field_keys_rotate", stdout=io.StringIO())
     assert failure.value.returncode == 1
     assert str(lost.pk) in str(failure.value) and str(readable.pk) not in str(failure.value).split("endpoint(s)")[1]
-
-
-class _Out:
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, text: str) -> None:
-        self.text += text
-
-    def flush(self) -> None:
-        pass
 
 
 # --- System checks ------------------------------------------------------------------------
