@@ -162,3 +162,32 @@ def test_the_local_model_answers_from_the_handbook_with_citations_and_metered_us
     assert usage[UsageEvent.Kind.LLM_OUTPUT_TOKENS].quantity == final["usage"]["output_tokens"]
     assert usage[UsageEvent.Kind.LLM_INPUT_TOKENS].quantity > 0
     assert usage[UsageEvent.Kind.LLM_INPUT_TOKENS].model == "openai/smollm2"
+
+
+def test_two_chats_at_once_both_get_their_whole_answer(local_llm: str) -> None:
+    # llama.cpp's server generates one answer at a time; two users asking at once must both be
+    # answered (queued), not have the first stream cut off by the second request.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def ask(question: str) -> tuple[str, str]:
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": question}], "stream": True,
+                "max_tokens": 24, "temperature": 0.0}
+        text, finish = "", ""
+        with httpx.stream("POST", f"{local_llm}/chat/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                for choice in json.loads(line[5:]).get("choices") or []:
+                    text += (choice.get("delta") or {}).get("content") or ""
+                    finish = choice.get("finish_reason") or finish
+        return text, finish
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(ask, "Write a short poem about the sea.")
+        time.sleep(0.3)  # the second request arrives while the first is streaming
+        second = pool.submit(ask, "Name three colours.")
+        answers = [first.result(), second.result()]
+    for text, finish in answers:
+        assert text.strip() and finish in ("stop", "length"), answers

@@ -67,6 +67,9 @@ class Command(BaseCommand):
             "--model", str(model), "--model_alias", MODEL_ALIAS,
             "--host", str(host), "--port", str(port),
             "--n_ctx", str(CONTEXT_TOKENS), "--n_threads", str(options["threads"]),
+            # The server generates one answer at a time; by default a new request cuts off the
+            # stream in progress (that chat turn then fails). Queue them instead.
+            "--interrupt_requests", "false",
         ]
         if options["print_command"]:
             self.stdout.write(" ".join(argv))
