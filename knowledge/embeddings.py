@@ -99,6 +99,8 @@ class LocalEmbedder:
         self._model = SentenceTransformer(str(get_model_path()), device="cpu")
         self.max_tokens = min(settings.EMBEDDING_MAX_TOKENS, int(self._model.max_seq_length or 256))
         self._model.max_seq_length = self.max_tokens
+        self._transformer: Any = self._model[0].auto_model
+        self._pad_id = int(self._model.tokenizer.pad_token_id or 0)
         # One model, many threads (web requests): torch modules are not re-entrant for
         # inference with shared buffers, and two concurrent encodes would only fight for cores.
         self._lock = threading.Lock()
@@ -108,29 +110,56 @@ class LocalEmbedder:
         return self._model.tokenizer
 
     def embed(self, texts: list[str]) -> EmbeddingBatch:
+        """Vectors of ``texts`` (shape ``(len(texts), 384)``) and the WordPiece tokens they cost.
+
+        The model's own pipeline (transformer, mean pooling, L2 normalization; its
+        ``modules.json``), run the way sentence-transformers' ``encode`` runs it (inputs sorted
+        by length so each batch of ``EMBEDDING_BATCH_SIZE`` pads little), except that the texts
+        are tokenized once: the token count is the sum of the attention masks ([CLS] and [SEP]
+        included, truncation at ``max_tokens`` applied) instead of a second tokenization.
+        """
         if not texts:
             return EmbeddingBatch(np.zeros((0, self.dim), dtype=np.float32), 0)
-        with self._lock:
-            vectors = self._model.encode(texts, batch_size=settings.EMBEDDING_BATCH_SIZE,
-                                         normalize_embeddings=True, convert_to_numpy=True,
-                                         show_progress_bar=False)
-        return EmbeddingBatch(vectors.astype(np.float32, copy=False), count_tokens(texts))
-
-    def embed_query(self, text: str) -> np.ndarray:
-        """Mean-pooled, normalized vector of one text, computed with the transformer directly:
-        the same arithmetic as sentence-transformers' pipeline for this model (mean pooling, then
-        L2 normalization; see the model's modules.json), minus its batching overhead."""
         import torch
 
-        tokenizer = self._model.tokenizer
-        transformer: Any = self._model[0].auto_model
+        ids = self._model.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_tokens,
+                                    return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        vectors = np.empty((len(texts), self.dim), dtype=np.float32)
+        batch_size = settings.EMBEDDING_BATCH_SIZE
         with self._lock, torch.inference_mode():
-            encoded = tokenizer([text], return_tensors="pt", truncation=True, max_length=self.max_tokens)
-            hidden = transformer(**encoded).last_hidden_state
-            mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            vector = torch.nn.functional.normalize(pooled, dim=1)[0]
-        return vector.numpy().astype(np.float32)
+            for start in range(0, len(texts), batch_size):
+                rows = order[start:start + batch_size]
+                width = int(lengths[rows].max())
+                input_ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+                mask = np.zeros((len(rows), width), dtype=np.int64)
+                for row, index in enumerate(rows):
+                    input_ids[row, :lengths[index]] = ids[index]
+                    mask[row, :lengths[index]] = 1
+                vectors[rows] = self._forward(torch.from_numpy(input_ids), torch.from_numpy(mask))
+        return EmbeddingBatch(vectors, int(lengths.sum()))
+
+    def _forward(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
+        """Mean-pooled, L2-normalized last hidden states (``(batch, 384)`` float32); the caller
+        holds ``_lock`` and ``torch.inference_mode``."""
+        import torch
+
+        hidden = self._transformer(input_ids=input_ids, attention_mask=attention_mask,
+                                   token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=1).numpy().astype(np.float32, copy=False)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """One text's vector (384 float32, unit length) with no batching overhead: the same
+        arithmetic as ``embed``."""
+        import torch
+
+        encoded = self._model.tokenizer([text], return_tensors="pt", truncation=True, max_length=self.max_tokens,
+                                        return_token_type_ids=False)
+        with self._lock, torch.inference_mode():
+            return self._forward(encoded["input_ids"], encoded["attention_mask"])[0]
 
 
 class LiteLLMEmbedder:

@@ -13,8 +13,11 @@ extraction and chunking take it to 20 %, embedding to 95 %, storing to 100 %.
 from __future__ import annotations
 
 import json
+import queue
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,7 +208,8 @@ def store(prepared: Prepared, vectors: np.ndarray, tokens: int, collection: Coll
 
 def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], None]) -> list[tuple[np.ndarray, int]]:
     """Embed the chunks of ``group`` in calls of ``EMBED_GROUP``; return per-document
-    ``(vectors, tokens)``. ``report(prepared, done_chunks)`` is called after each call."""
+    ``(vectors, tokens)``. ``report(prepared, done_chunks)`` is called after each call.
+    Touches no database (it runs on the embedding thread)."""
     model = embedder()
     texts = [d.embed_text for p in group for d in p.drafts]
     owners = [i for i, p in enumerate(group) for _ in p.drafts]
@@ -235,7 +239,9 @@ def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], Non
 
 @dataclass
 class IngestReport:
-    """Counts, and wall-clock seconds per stage (prepare = extract + chunk, embed, store)."""
+    """Counts, and seconds per stage: ``prepare_s`` (extract + chunk) and ``store_s`` on the
+    calling thread, ``embed_s`` on the embedding thread. The stages overlap, so their sum exceeds
+    the wall-clock time whenever the pipeline worked."""
 
     indexed: int = 0
     failed: int = 0
@@ -250,9 +256,12 @@ def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallba
     """Index the given documents of the current schema; return how many succeeded.
 
     Documents are prepared, then embedded together once ``group_chunks`` chunks are waiting.
-    Failures of one document (bad content, embedding endpoint down) mark that document
-    ``failed`` with its reason and do not stop the others. ``on_document(done, total)`` is
-    called after each stored or failed document (for progress bars).
+    The encoder runs on its own thread (torch releases the GIL while it computes), so the calling
+    thread prepares the next group and stores the previous one while a group is being embedded;
+    only the calling thread touches the database. Failures of one document (bad content,
+    embedding endpoint down) mark that document ``failed`` with its reason and do not stop the
+    others. ``on_document(done, total)`` is called after each stored or failed document (for
+    progress bars).
     """
     ids = list(document_ids)
     report = IngestReport()
@@ -263,92 +272,137 @@ def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallba
     with connection.cursor() as cursor:
         cursor.execute("SET synchronous_commit = off")
     try:
-        return _ingest(ids, report, on_document, group_chunks)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed") as encoder:
+            return _Pipeline(ids, report, on_document, group_chunks, encoder).run()
     finally:
         with connection.cursor() as cursor:
             cursor.execute("RESET synchronous_commit")
 
 
-def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback | None,
-            group_chunks: int) -> IngestReport:
-    collections: dict[int, Collection] = {}
-    pending: list[Prepared] = []
-    pending_chunks = 0
-    done = 0
+class _Pipeline:
+    """prepare (calling thread) -> embed (encoder thread) -> store (calling thread), with one
+    group embedding while the next is prepared and the previous stored."""
 
-    def finish(count: int) -> None:
-        nonlocal done
-        done += count
-        if on_document is not None:
-            on_document(done, len(ids))
+    def __init__(self, ids: list[int], report: IngestReport, on_document: ProgressCallback | None,
+                 group_chunks: int, encoder: ThreadPoolExecutor) -> None:
+        self.ids, self.report, self.on_document = ids, report, on_document
+        self.group_chunks, self.encoder = group_chunks, encoder
+        self.collections: dict[int, Collection] = {}
+        self.pending: list[Prepared] = []
+        self.pending_chunks = 0
+        self.done = 0
+        self.in_flight: tuple[list[Prepared], Future[list[tuple[np.ndarray, int]]]] | None = None
+        # Progress of large documents, reported by the encoder thread, written by this one.
+        self.progress: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
 
-    def store_group(group: list[Prepared], embedded: list[tuple[np.ndarray, int]]) -> None:
+    def run(self) -> IngestReport:
+        for document in Document.objects.filter(pk__in=self.ids).order_by("pk").iterator(chunk_size=200):
+            prepared = self.prepare(document)
+            if prepared is None:
+                continue
+            self.pending.append(prepared)
+            self.pending_chunks += len(prepared.drafts)
+            if self.pending_chunks >= self.group_chunks:
+                self.submit()
+        self.submit()
+        self.collect()
+        return self.report
+
+    def finish(self, count: int) -> None:
+        self.done += count
+        if self.on_document is not None:
+            self.on_document(self.done, len(self.ids))
+
+    def prepare(self, document: Document) -> Prepared | None:
+        collection = self.collections.get(document.collection_id)
+        if collection is None:
+            collection = self.collections[document.collection_id] = Collection.objects.get(pk=document.collection_id)
+        started = time.perf_counter()
+        try:
+            return prepare(document, collection)
+        except ExtractionError as exc:
+            document_fail(document.pk, exc.message)
+        except Exception as exc:
+            logger.exception("document_prepare_failed", document=document.pk)
+            document_fail(document.pk, f"Indexing failed unexpectedly ({type(exc).__name__}); try re-indexing.")
+        finally:
+            self.report.prepare_s += time.perf_counter() - started
+        self.report.failed += 1
+        self.finish(1)
+        return None
+
+    def submit(self) -> None:
+        """Hand the pending group to the encoder, then store the group embedded before it."""
+        if not self.pending:
+            return
+        group, self.pending, self.pending_chunks = self.pending, [], 0
+
+        def step(prepared: Prepared, chunks_done: int) -> None:
+            n = len(prepared.drafts)
+            if n > 40:  # large documents: move their bar while they embed
+                self.progress.put((prepared.document.pk, 20 + int(75 * chunks_done / n)))
+
+        def embed() -> list[tuple[np.ndarray, int]]:
+            started = time.perf_counter()
+            try:
+                return _embed_prepared(group, step)
+            finally:
+                self.report.embed_s += time.perf_counter() - started
+
+        future = self.encoder.submit(embed)
+        self.collect()
+        self.in_flight = (group, future)
+
+    def collect(self) -> None:
+        """Wait for the group in flight (writing its progress meanwhile) and store it."""
+        if self.in_flight is None:
+            return
+        group, future = self.in_flight
+        self.in_flight = None
+        while True:
+            try:
+                embedded = future.result(timeout=0.5)
+            except FutureTimeout:
+                self.write_progress()
+                continue
+            except EmbeddingError as exc:
+                for prepared in group:
+                    document_fail(prepared.document.pk, f"The embedding service failed: {exc}")
+                self.report.failed += len(group)
+                self.finish(len(group))
+                return
+            break
+        self.write_progress()
+        self.store_group(group, embedded)
+
+    def write_progress(self) -> None:
+        latest: dict[int, int] = {}
+        while True:
+            try:
+                document_id, percent = self.progress.get_nowait()
+            except queue.Empty:
+                break
+            latest[document_id] = percent
+        for document_id, percent in latest.items():
+            _progress(document_id, percent)
+
+    def store_group(self, group: list[Prepared], embedded: list[tuple[np.ndarray, int]]) -> None:
         started = time.perf_counter()
         for prepared, (vectors, tokens) in zip(group, embedded, strict=True):
             try:
-                store(prepared, vectors, tokens, collections[prepared.document.collection_id])
+                store(prepared, vectors, tokens, self.collections[prepared.document.collection_id])
             except Document.DoesNotExist:
                 logger.info("document_deleted_while_indexing", document=prepared.document.pk)
             except Exception as exc:
                 logger.exception("document_store_failed", document=prepared.document.pk)
                 document_fail(prepared.document.pk,
                               f"Storing the index failed unexpectedly ({type(exc).__name__}); try re-indexing.")
-                report.failed += 1
+                self.report.failed += 1
             else:
-                report.indexed += 1
-                report.chunks += len(prepared.drafts)
-            finish(1)
-        report.store_s += time.perf_counter() - started
-
-    def flush() -> None:
-        nonlocal pending, pending_chunks
-        if not pending:
-            return
-        group, pending, pending_chunks = pending, [], 0
-
-        def step(prepared: Prepared, chunks_done: int) -> None:
-            n = len(prepared.drafts)
-            if n > 40:  # large documents: move their bar while they embed
-                _progress(prepared.document.pk, 20 + int(75 * chunks_done / n))
-
-        started = time.perf_counter()
-        try:
-            embedded = _embed_prepared(group, step)
-        except EmbeddingError as exc:
-            for prepared in group:
-                document_fail(prepared.document.pk, f"The embedding service failed: {exc}")
-            report.failed += len(group)
-            finish(len(group))
-            return
-        finally:
-            report.embed_s += time.perf_counter() - started
-        store_group(group, embedded)
-
-    for document in Document.objects.filter(pk__in=ids).order_by("pk").iterator(chunk_size=200):
-        collection = collections.get(document.collection_id)
-        if collection is None:
-            collection = collections[document.collection_id] = Collection.objects.get(pk=document.collection_id)
-        started = time.perf_counter()
-        try:
-            prepared = prepare(document, collection)
-        except ExtractionError as exc:
-            document_fail(document.pk, exc.message)
-            report.failed += 1
-            finish(1)
-            continue
-        except Exception as exc:
-            logger.exception("document_prepare_failed", document=document.pk)
-            document_fail(document.pk, f"Indexing failed unexpectedly ({type(exc).__name__}); try re-indexing.")
-            report.failed += 1
-            finish(1)
-            continue
-        report.prepare_s += time.perf_counter() - started
-        pending.append(prepared)
-        pending_chunks += len(prepared.drafts)
-        if pending_chunks >= group_chunks:
-            flush()
-    flush()
-    return report
+                self.report.indexed += 1
+                self.report.chunks += len(prepared.drafts)
+            self.finish(1)
+        self.report.store_s += time.perf_counter() - started
 
 
 def record_text(record: dict[str, object]) -> str:

@@ -15,7 +15,9 @@
   Analysis of Fusion Functions for Hybrid Retrieval", TOIS 2023, found it better than reciprocal
   rank fusion). Reciprocal rank fusion (Cormack, Clarke & Büttcher, SIGIR 2009, k = 60) is
   available as ``fusion="rrf"``. The fused score is a weighted sum of z-scores: higher is better,
-  and it is not bounded to [0, 1].
+  and it is not bounded to [0, 1]. Two round trips: the keyword side (which also returns the
+  query terms' IDFs) runs while another thread embeds the query, then one statement finds the
+  dense side and completes both scores of every candidate.
 
 The defaults (``KB_BM25_K1``, ``KB_BM25_B``, ``KB_HYBRID_ALPHA``, ``KB_HYBRID_NORMALIZATION``)
 were chosen on SciFact's *train* queries (``tests/bench/tune_retrieval.py``) and are evaluated
@@ -25,14 +27,17 @@ on its test queries.
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import structlog
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
 
 from billing.models import UsageEvent
 from billing.services import usage_event_record
@@ -52,7 +57,7 @@ MAX_QUERY_CHARS = 2000
 class SearchHit:
     """One retrieved chunk with its source and the scores that ranked it.
 
-    ``score`` is what the mode ranks by (cosine, BM25 or the fused score in [0, 1]);
+    ``score`` is what the mode ranks by (cosine, BM25 or the fused score, unbounded);
     ``vector_score`` (cosine similarity) and ``keyword_score`` (BM25) are given whenever they
     were computed, with their ranks among the candidates (1 = best).
     """
@@ -111,8 +116,16 @@ q AS (
     GROUP BY p.chunk_id
 )"""
 
-_KEYWORD_SQL = "WITH " + _BM25_CTES + """
-SELECT chunk_id, score FROM bm25 ORDER BY score DESC, chunk_id LIMIT %(pool)s
+# The keyword side in one round trip: the ``pool`` best chunks by BM25 and the IDF of each query
+# term, which the hybrid's second statement reuses to score dense candidates.
+_KEYWORD_SQL = "WITH " + _BM25_CTES + """,
+top AS (
+    SELECT chunk_id, score FROM bm25 ORDER BY score DESC, chunk_id LIMIT %(pool)s
+)
+SELECT (SELECT COALESCE(array_agg(chunk_id ORDER BY score DESC, chunk_id), '{}') FROM top),
+       (SELECT COALESCE(array_agg(score ORDER BY score DESC, chunk_id), '{}') FROM top),
+       (SELECT COALESCE(array_agg(lexeme ORDER BY lexeme), '{}') FROM idf),
+       (SELECT COALESCE(array_agg(idf ORDER BY lexeme), '{}') FROM idf)
 """
 
 _VECTOR_SQL = """
@@ -121,10 +134,18 @@ WHERE collection_id = ANY(%(collections)s)
 ORDER BY embedding <=> %(vector)s::vector LIMIT %(pool)s
 """
 
-# Both candidate lists and both scores of every candidate, in one round trip.
-_HYBRID_SQL = "WITH " + _BM25_CTES + """,
-sparse AS (
-    SELECT chunk_id FROM bm25 ORDER BY score DESC, chunk_id LIMIT %(pool)s
+# The dense side of a hybrid search, given the keyword side: the ``pool`` nearest chunks, the
+# union with the keyword candidates, each candidate's exact cosine, and the BM25 score of the
+# dense candidates the keyword side did not return (from their own postings and the keyword
+# side's IDFs), so every candidate carries both scores.
+_HYBRID_SQL = """
+WITH stats AS (
+    SELECT GREATEST(SUM(lexeme_total)::float8 / GREATEST(SUM(chunk_count), 1), 1) AS avglen
+    FROM knowledge_collection WHERE id = ANY(%(collections)s)
+), idf AS (
+    SELECT * FROM unnest(%(lexemes)s::text[], %(idfs)s::float8[]) AS t(lexeme, idf)
+), sparse AS (
+    SELECT * FROM unnest(%(sparse_ids)s::bigint[], %(sparse_scores)s::float8[]) AS s(chunk_id, bm25)
 ), dense AS (
     SELECT id AS chunk_id FROM knowledge_chunk WHERE collection_id = ANY(%(collections)s)
     ORDER BY embedding <=> %(vector)s::vector LIMIT %(pool)s
@@ -132,10 +153,18 @@ sparse AS (
     SELECT chunk_id, bool_or(from_dense) AS in_dense, bool_or(NOT from_dense) AS in_sparse
     FROM (SELECT chunk_id, true AS from_dense FROM dense UNION ALL SELECT chunk_id, false FROM sparse) AS both_lists
     GROUP BY chunk_id
+), dense_bm25 AS (
+    SELECT p.chunk_id,
+           SUM(idf.idf * p.tf * (%(k1)s + 1)
+               / (p.tf + %(k1)s * (1 - %(b)s + %(b)s * p.chunk_len / stats.avglen))) AS score
+    FROM knowledge_posting p JOIN idf USING (lexeme) CROSS JOIN stats
+    WHERE p.chunk_id IN (SELECT chunk_id FROM candidates WHERE NOT in_sparse)
+    GROUP BY p.chunk_id
 )
-SELECT c.chunk_id, 1 - (k.embedding <=> %(vector)s::vector) AS cosine, COALESCE(bm25.score, 0) AS bm25,
+SELECT c.chunk_id, 1 - (k.embedding <=> %(vector)s::vector) AS cosine, COALESCE(s.bm25, d.score, 0) AS bm25,
        c.in_dense, c.in_sparse
-FROM candidates c JOIN knowledge_chunk k ON k.id = c.chunk_id LEFT JOIN bm25 ON bm25.chunk_id = c.chunk_id
+FROM candidates c JOIN knowledge_chunk k ON k.id = c.chunk_id
+LEFT JOIN sparse s ON s.chunk_id = c.chunk_id LEFT JOIN dense_bm25 d ON d.chunk_id = c.chunk_id
 """
 
 
@@ -150,6 +179,14 @@ class Candidate:
     in_sparse: bool
 
 
+@dataclass(frozen=True)
+class KeywordSide:
+    """The keyword side's result: (chunk id, BM25) best first, and the IDF of each query term."""
+
+    hits: list[tuple[int, float]]
+    idf: dict[str, float]
+
+
 def _params(query: str, collections: list[Collection], pool: int, *, k1: float | None, b: float | None,
             vector: np.ndarray | None = None) -> dict[str, Any]:
     return {
@@ -161,24 +198,35 @@ def _params(query: str, collections: list[Collection], pool: int, *, k1: float |
 
 
 def _hnsw_settings(cursor: Any, pool: int) -> None:
-    """Per-query HNSW settings (transaction-local): a candidate list at least twice the
-    request, and iterative scans so a collection filter cannot leave the result short."""
-    ef_search = max(settings.KB_HNSW_EF_SEARCH, pool * 2)
-    cursor.execute("SELECT set_config('hnsw.ef_search', %s, true), "
-                   "set_config('hnsw.iterative_scan', 'relaxed_order', true)", [str(ef_search)])
+    """Per-query HNSW settings: a candidate list (``ef_search``) of at least ``pool``
+    (``KB_HNSW_EF_SEARCH`` at the least), and iterative scans so a collection filter cannot leave
+    the result short (pgvector's README, "Iterative Index Scans"). Set for the session, not the
+    transaction, which saves the BEGIN and COMMIT round trips; every vector query sets them
+    first, so no other query depends on what is left behind."""
+    ef_search = max(settings.KB_HNSW_EF_SEARCH, pool)
+    cursor.execute("SELECT set_config('hnsw.ef_search', %s, false), "
+                   "set_config('hnsw.iterative_scan', 'relaxed_order', false)", [str(ef_search)])
+
+
+def keyword_side(query: str, collections: list[Collection], pool: int, *, k1: float | None = None,
+                 b: float | None = None) -> KeywordSide:
+    """The ``pool`` best chunks by BM25 and the query terms' IDFs, in one round trip."""
+    with connection.cursor() as cursor:
+        cursor.execute(_KEYWORD_SQL, _params(query, collections, pool, k1=k1, b=b))
+        ids, scores, lexemes, idfs = cursor.fetchone()
+    return KeywordSide([(i, float(s)) for i, s in zip(ids, scores, strict=True)],
+                       {t: float(v) for t, v in zip(lexemes, idfs, strict=True)})
 
 
 def keyword_candidates(query: str, collections: list[Collection], pool: int, *, k1: float | None = None,
                        b: float | None = None) -> list[tuple[int, float]]:
     """(chunk id, BM25 score) of the ``pool`` best chunks, best first."""
-    with connection.cursor() as cursor:
-        cursor.execute(_KEYWORD_SQL, _params(query, collections, pool, k1=k1, b=b))
-        return [(r[0], float(r[1])) for r in cursor.fetchall()]
+    return keyword_side(query, collections, pool, k1=k1, b=b).hits
 
 
 def vector_candidates(vector: np.ndarray, collections: list[Collection], pool: int) -> list[tuple[int, float]]:
     """(chunk id, cosine similarity) of the ``pool`` nearest chunks, best first."""
-    with transaction.atomic(), connection.cursor() as cursor:
+    with connection.cursor() as cursor:
         _hnsw_settings(cursor, pool)
         cursor.execute(_VECTOR_SQL, _params("", collections, pool, k1=None, b=None, vector=vector))
         rows = cursor.fetchall()
@@ -186,13 +234,23 @@ def vector_candidates(vector: np.ndarray, collections: list[Collection], pool: i
     return sorted(((r[0], float(r[1])) for r in rows), key=lambda r: -r[1])
 
 
+def hybrid_rescore(vector: np.ndarray, keyword: KeywordSide, collections: list[Collection], pool: int, *,
+                   k1: float | None = None, b: float | None = None) -> list[Candidate]:
+    """The union of ``keyword.hits`` and the ``pool`` nearest chunks, each scored by both methods."""
+    params = _params("", collections, pool, k1=k1, b=b, vector=vector)
+    params.update(lexemes=list(keyword.idf), idfs=list(keyword.idf.values()),
+                  sparse_ids=[i for i, _ in keyword.hits], sparse_scores=[s for _, s in keyword.hits])
+    with connection.cursor() as cursor:
+        _hnsw_settings(cursor, pool)
+        cursor.execute(_HYBRID_SQL, params)
+        return [Candidate(r[0], float(r[1]), float(r[2]), r[3], r[4]) for r in cursor.fetchall()]
+
+
 def hybrid_candidates(query: str, vector: np.ndarray, collections: list[Collection], pool: int, *,
                       k1: float | None = None, b: float | None = None) -> list[Candidate]:
     """The union of the ``pool`` best chunks by each method, each scored by both."""
-    with transaction.atomic(), connection.cursor() as cursor:
-        _hnsw_settings(cursor, pool)
-        cursor.execute(_HYBRID_SQL, _params(query, collections, pool, k1=k1, b=b, vector=vector))
-        return [Candidate(r[0], float(r[1]), float(r[2]), r[3], r[4]) for r in cursor.fetchall()]
+    keyword = keyword_side(query, collections, pool, k1=k1, b=b)
+    return hybrid_rescore(vector, keyword, collections, pool, k1=k1, b=b)
 
 
 def _zscore(values: dict[int, float]) -> dict[int, float]:
@@ -263,6 +321,36 @@ def _hydrate(hits: list[SearchHit]) -> list[SearchHit]:
     return hydrated
 
 
+_encoders: dict[int, ThreadPoolExecutor] = {}
+
+
+def _one_torch_thread() -> None:
+    # While the query is embedded, PostgreSQL computes the keyword side on the other core: the
+    # encoder gets one core, not both (torch's intra-op thread count is per calling thread).
+    try:
+        import torch
+    except ImportError:  # the litellm backend runs without torch
+        return
+    torch.set_num_threads(1)
+
+
+def _query_encoder() -> ThreadPoolExecutor:
+    """This process's pool for query embeddings (made after a fork: a pool inherited from the
+    parent has no threads in the child)."""
+    pid = os.getpid()
+    pool = _encoders.get(pid)
+    if pool is None:
+        _encoders.clear()
+        pool = _encoders[pid] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="query-embed",
+                                                   initializer=_one_torch_thread)
+    return pool
+
+
+def _timed(function: Callable[[str], np.ndarray], text: str) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    return function(text), (time.perf_counter() - started) * 1000
+
+
 def chunk_search(
     *,
     query: str,
@@ -312,26 +400,31 @@ def chunk_search(
     pool = max(top_k, candidates or settings.KB_HYBRID_CANDIDATES) if mode == "hybrid" else top_k
 
     query_vector = None
-    if mode in ("vector", "hybrid"):
+    if mode == "vector":
         t0 = time.perf_counter()
         query_vector = model.embed_query(query)
         timings.embed_ms = (time.perf_counter() - t0) * 1000
-    t0 = time.perf_counter()
-    if mode == "vector":
-        assert query_vector is not None
+        t0 = time.perf_counter()
         dense = vector_candidates(query_vector, collections, pool)
         timings.vector_ms = (time.perf_counter() - t0) * 1000
         hits = [SearchHit(chunk_id=i, score=s, vector_score=s, vector_rank=r)
                 for r, (i, s) in enumerate(dense, start=1)]
     elif mode == "keyword":
+        t0 = time.perf_counter()
         sparse = keyword_candidates(query, collections, pool)
         timings.keyword_ms = (time.perf_counter() - t0) * 1000
         hits = [SearchHit(chunk_id=i, score=s, keyword_score=s, keyword_rank=r)
                 for r, (i, s) in enumerate(sparse, start=1)]
     else:
-        assert query_vector is not None
-        proposed = hybrid_candidates(query, query_vector, collections, pool)
-        # One statement computes both sides; its time is reported under "vector + keyword".
+        # The query is embedded on another thread (the encoder releases the GIL) while this one
+        # runs the keyword side on its database connection; then one statement adds the dense side.
+        t0 = time.perf_counter()
+        embedding = _query_encoder().submit(_timed, model.embed_query, query)
+        keyword = keyword_side(query, collections, pool)
+        timings.keyword_ms = (time.perf_counter() - t0) * 1000
+        query_vector, timings.embed_ms = embedding.result()
+        t0 = time.perf_counter()
+        proposed = hybrid_rescore(query_vector, keyword, collections, pool)
         timings.vector_ms = (time.perf_counter() - t0) * 1000
         hits = [SearchHit(chunk_id=c.chunk_id, score=score, vector_score=c.cosine, keyword_score=c.bm25,
                           vector_rank=vr, keyword_rank=kr)

@@ -235,3 +235,82 @@ def test_the_sweeper_leaves_live_and_recent_work_alone(world: World, collection_
     assert documents_sweep() == {"requeued": 0, "failed": 0}
     Document.objects.filter(pk=document.pk).update(status="pending", updated_at=timezone.now())
     assert documents_sweep() == {"requeued": 0, "failed": 0}
+
+
+def _policies(n: int) -> list[bytes]:
+    return [f"# Policy {i}\n\nRule {i}: receipts above {i * 10} euros need approval.\n".encode() for i in range(n)]
+
+
+def test_groups_embedded_while_others_are_stored_all_end_indexed_in_order(
+        world: World, collection_a: Collection) -> None:
+    from knowledge.ingestion import ingest_documents
+
+    ids = [_upload(world, collection_a, f"p{i}.md", data).created[0].pk for i, data in enumerate(_policies(7))]
+    seen: list[tuple[int, int]] = []
+    # Two chunks per group: seven one-chunk documents make four groups in flight one after another.
+    report = ingest_documents(ids, on_document=lambda done, total: seen.append((done, total)), group_chunks=2)
+    assert (report.indexed, report.failed, report.chunks) == (7, 0, 7)
+    assert seen == [(i, 7) for i in range(1, 8)]
+    assert set(Document.objects.filter(pk__in=ids).values_list("status", "progress")) == {("indexed", 100)}
+    for document_id in ids:  # each document got its own vectors, not a neighbour's
+        text = Chunk.objects.get(document_id=document_id).text
+        hits = chunk_search_vector(collection_a, text)
+        assert hits[0].document_id == document_id
+
+
+def chunk_search_vector(collection: Collection, text: str):  # type: ignore[no-untyped-def]
+    from knowledge.retrieval import chunk_search
+
+    return chunk_search(query=text, collections=[collection], top_k=1, mode="vector", record_usage=False)
+
+
+def test_an_embedding_failure_fails_its_group_only_and_says_why(world: World, collection_a: Collection,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from knowledge.embeddings import EmbeddingError, embedder
+    from knowledge.ingestion import ingest_documents
+
+    ids = [_upload(world, collection_a, f"p{i}.md", data).created[0].pk for i, data in enumerate(_policies(4))]
+    model = embedder()
+    real = model.embed
+    calls = {"n": 0}
+
+    def flaky(texts: list[str]):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise EmbeddingError("embedding endpoint failed: ReadTimeout")
+        return real(texts)
+
+    monkeypatch.setattr(model, "embed", flaky)
+    report = ingest_documents(ids, group_chunks=2)
+    assert (report.indexed, report.failed) == (2, 2)
+    statuses = dict(Document.objects.filter(pk__in=ids).values_list("pk", "status"))
+    assert [statuses[i] for i in ids] == ["indexed", "indexed", "failed", "failed"]
+    failed = Document.objects.get(pk=ids[2])
+    assert "The embedding service failed" in failed.error_message and "ReadTimeout" in failed.error_message
+    assert Chunk.objects.filter(document_id__in=ids[2:]).count() == 0
+
+
+def test_a_large_document_shows_embedding_progress_written_by_the_calling_thread(
+        world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from knowledge import ingestion
+
+    body = "\n\n".join(f"## Section {i}\n\n" + f"Paragraph {i} explains the expense rules in detail. " * 12
+                       for i in range(60))
+    document = _upload(world, collection_a, "big.md", f"# Big\n\n{body}".encode()).created[0]
+    monkeypatch.setattr(ingestion, "EMBED_GROUP", 8)
+    written: list[tuple[int, str]] = []
+    real = ingestion._progress
+
+    def spy(document_id: int, percent: int, **fields: object) -> None:
+        written.append((percent, threading.current_thread().name))
+        real(document_id, percent, **fields)
+
+    monkeypatch.setattr(ingestion, "_progress", spy)
+    report = ingestion.ingest_documents([document.pk])
+    document.refresh_from_db()
+    assert report.indexed == 1 and document.chunk_count > 40 and document.progress == 100
+    embedding_steps = [p for p, _ in written if 20 < p <= 95]
+    assert embedding_steps and embedding_steps == sorted(embedding_steps)
+    assert {name for _, name in written} == {threading.current_thread().name}

@@ -1,0 +1,54 @@
+"""The local embedder computes what sentence-transformers computes, and counts tokens as the model sees them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from knowledge.embeddings import LocalEmbedder, count_tokens, embedder
+
+TEXTS = [
+    "Refunds are accepted within thirty days of purchase.",
+    "A",
+    "Vacation: twenty-five days a year. " * 3,
+    # Longer than the model's 256-token window: both paths must truncate it the same way.
+    " ".join(f"clause {i} of the travel policy applies to contractors and employees alike" for i in range(60)),
+    "Über die Rückerstattung entscheidet die Buchhaltung.",
+]
+
+
+def _local() -> LocalEmbedder:
+    model = embedder()
+    assert isinstance(model, LocalEmbedder)
+    return model
+
+
+def test_embed_matches_the_sentence_transformers_pipeline_in_any_input_order() -> None:
+    model = _local()
+    batch = model.embed(TEXTS)
+    reference = model._model.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    assert batch.vectors.shape == (len(TEXTS), 384) and batch.vectors.dtype == np.float32
+    # Row i belongs to text i (the batches run in length order and are put back).
+    np.testing.assert_allclose(batch.vectors, reference, atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(batch.vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_embed_counts_the_tokens_the_model_reads_including_truncation(settings: object) -> None:
+    model = _local()
+    batch = model.embed(TEXTS)
+    assert batch.tokens == count_tokens(TEXTS)
+    # The long text is cut at the window; counting it whole would overstate the cost.
+    assert count_tokens(TEXTS[3:4]) == model.max_tokens
+    assert model.embed([]).tokens == 0 and model.embed([]).vectors.shape == (0, 384)
+
+
+def test_embed_query_is_the_same_vector_as_embed() -> None:
+    model = _local()
+    for text in TEXTS:
+        np.testing.assert_allclose(model.embed_query(text), model.embed([text]).vectors[0], atol=2e-5)
+
+
+def test_small_batches_give_the_same_vectors(settings: object) -> None:
+    settings.EMBEDDING_BATCH_SIZE = 2  # type: ignore[attr-defined]
+    model = _local()
+    reference = model._model.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(model.embed(TEXTS).vectors, reference, atol=2e-5)
