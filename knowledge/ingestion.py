@@ -13,11 +13,8 @@ extraction and chunking take it to 20 %, embedding to 95 %, storing to 100 %.
 from __future__ import annotations
 
 import json
-import queue
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,11 +117,13 @@ WITH terms AS (
 ), updated AS (
     UPDATE knowledge_chunk k SET lexeme_count = lengths.len FROM lengths WHERE k.id = lengths.chunk_id
     RETURNING k.id
+), inserted AS (
+    INSERT INTO knowledge_posting (collection_id, chunk_id, lexeme, tf, chunk_len)
+    SELECT terms.collection_id, terms.chunk_id, terms.lexeme, terms.tf, lengths.len
+    FROM terms JOIN lengths USING (chunk_id)
+    RETURNING tf
 )
-INSERT INTO knowledge_posting (collection_id, chunk_id, lexeme, tf, chunk_len)
-SELECT terms.collection_id, terms.chunk_id, terms.lexeme, terms.tf, lengths.len
-FROM terms JOIN lengths USING (chunk_id)
-RETURNING tf
+SELECT COALESCE(SUM(tf), 0) FROM inserted
 """
 
 
@@ -180,13 +179,14 @@ def store(prepared: Prepared, vectors: np.ndarray, tokens: int, collection: Coll
     deleted meanwhile."""
     document = prepared.document
     with transaction.atomic():
-        locked = Document.objects.select_for_update().get(pk=document.pk)
+        # Only what this reads: a JSONL record's row carries its whole text.
+        locked = Document.objects.select_for_update().only("pk", "chunk_count", "metadata").get(pk=document.pk)
         # Chunks exist only for a document indexed before (its count is kept in step).
         old_chunks, old_lexemes = chunks_delete(document.pk) if locked.chunk_count else (0, 0)
         _copy_chunks(collection.pk, document.pk, prepared.drafts, vectors)
         with connection.cursor() as cursor:
             cursor.execute(_POSTINGS_SQL, {"language": collection.language, "document": document.pk})
-            lexemes = int(sum(row[0] for row in cursor.fetchall()))
+            lexemes = int(cursor.fetchone()[0])
         Collection.objects.filter(pk=collection.pk).update(
             chunk_count=F("chunk_count") + len(prepared.drafts) - old_chunks,
             lexeme_total=F("lexeme_total") + lexemes - old_lexemes,
@@ -202,14 +202,13 @@ def store(prepared: Prepared, vectors: np.ndarray, tokens: int, collection: Coll
         )
         usage_event_record(kind=UsageEvent.Kind.EMBEDDING_TOKENS, quantity=tokens, model=embedder().name,
                            metadata={"document_id": document.pk, "chunks": len(prepared.drafts)})
-    locked.status, locked.chunk_count, locked.progress = Document.Status.INDEXED, len(prepared.drafts), 100
-    return locked
+    document.status, document.chunk_count, document.progress = Document.Status.INDEXED, len(prepared.drafts), 100
+    return document
 
 
 def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], None]) -> list[tuple[np.ndarray, int]]:
     """Embed the chunks of ``group`` in calls of ``EMBED_GROUP``; return per-document
-    ``(vectors, tokens)``. ``report(prepared, done_chunks)`` is called after each call.
-    Touches no database (it runs on the embedding thread)."""
+    ``(vectors, tokens)``. ``report(prepared, done_chunks)`` is called after each call."""
     model = embedder()
     texts = [d.embed_text for p in group for d in p.drafts]
     owners = [i for i, p in enumerate(group) for _ in p.drafts]
@@ -239,9 +238,7 @@ def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], Non
 
 @dataclass
 class IngestReport:
-    """Counts, and seconds per stage: ``prepare_s`` (extract + chunk) and ``store_s`` on the
-    calling thread, ``embed_s`` on the embedding thread. The stages overlap, so their sum exceeds
-    the wall-clock time whenever the pipeline worked."""
+    """Counts, and wall-clock seconds per stage (prepare = extract + chunk, embed, store)."""
 
     indexed: int = 0
     failed: int = 0
@@ -256,12 +253,9 @@ def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallba
     """Index the given documents of the current schema; return how many succeeded.
 
     Documents are prepared, then embedded together once ``group_chunks`` chunks are waiting.
-    The encoder runs on its own thread (torch releases the GIL while it computes), so the calling
-    thread prepares the next group and stores the previous one while a group is being embedded;
-    only the calling thread touches the database. Failures of one document (bad content,
-    embedding endpoint down) mark that document ``failed`` with its reason and do not stop the
-    others. ``on_document(done, total)`` is called after each stored or failed document (for
-    progress bars).
+    Failures of one document (bad content, embedding endpoint down) mark that document
+    ``failed`` with its reason and do not stop the others. ``on_document(done, total)`` is
+    called after each stored or failed document (for progress bars).
     """
     ids = list(document_ids)
     report = IngestReport()
@@ -272,137 +266,92 @@ def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallba
     with connection.cursor() as cursor:
         cursor.execute("SET synchronous_commit = off")
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed") as encoder:
-            return _Pipeline(ids, report, on_document, group_chunks, encoder).run()
+        return _ingest(ids, report, on_document, group_chunks)
     finally:
         with connection.cursor() as cursor:
             cursor.execute("RESET synchronous_commit")
 
 
-class _Pipeline:
-    """prepare (calling thread) -> embed (encoder thread) -> store (calling thread), with one
-    group embedding while the next is prepared and the previous stored."""
+def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback | None,
+            group_chunks: int) -> IngestReport:
+    collections: dict[int, Collection] = {}
+    pending: list[Prepared] = []
+    pending_chunks = 0
+    done = 0
 
-    def __init__(self, ids: list[int], report: IngestReport, on_document: ProgressCallback | None,
-                 group_chunks: int, encoder: ThreadPoolExecutor) -> None:
-        self.ids, self.report, self.on_document = ids, report, on_document
-        self.group_chunks, self.encoder = group_chunks, encoder
-        self.collections: dict[int, Collection] = {}
-        self.pending: list[Prepared] = []
-        self.pending_chunks = 0
-        self.done = 0
-        self.in_flight: tuple[list[Prepared], Future[list[tuple[np.ndarray, int]]]] | None = None
-        # Progress of large documents, reported by the encoder thread, written by this one.
-        self.progress: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+    def finish(count: int) -> None:
+        nonlocal done
+        done += count
+        if on_document is not None:
+            on_document(done, len(ids))
 
-    def run(self) -> IngestReport:
-        for document in Document.objects.filter(pk__in=self.ids).order_by("pk").iterator(chunk_size=200):
-            prepared = self.prepare(document)
-            if prepared is None:
-                continue
-            self.pending.append(prepared)
-            self.pending_chunks += len(prepared.drafts)
-            if self.pending_chunks >= self.group_chunks:
-                self.submit()
-        self.submit()
-        self.collect()
-        return self.report
-
-    def finish(self, count: int) -> None:
-        self.done += count
-        if self.on_document is not None:
-            self.on_document(self.done, len(self.ids))
-
-    def prepare(self, document: Document) -> Prepared | None:
-        collection = self.collections.get(document.collection_id)
-        if collection is None:
-            collection = self.collections[document.collection_id] = Collection.objects.get(pk=document.collection_id)
-        started = time.perf_counter()
-        try:
-            return prepare(document, collection)
-        except ExtractionError as exc:
-            document_fail(document.pk, exc.message)
-        except Exception as exc:
-            logger.exception("document_prepare_failed", document=document.pk)
-            document_fail(document.pk, f"Indexing failed unexpectedly ({type(exc).__name__}); try re-indexing.")
-        finally:
-            self.report.prepare_s += time.perf_counter() - started
-        self.report.failed += 1
-        self.finish(1)
-        return None
-
-    def submit(self) -> None:
-        """Hand the pending group to the encoder, then store the group embedded before it."""
-        if not self.pending:
-            return
-        group, self.pending, self.pending_chunks = self.pending, [], 0
-
-        def step(prepared: Prepared, chunks_done: int) -> None:
-            n = len(prepared.drafts)
-            if n > 40:  # large documents: move their bar while they embed
-                self.progress.put((prepared.document.pk, 20 + int(75 * chunks_done / n)))
-
-        def embed() -> list[tuple[np.ndarray, int]]:
-            started = time.perf_counter()
-            try:
-                return _embed_prepared(group, step)
-            finally:
-                self.report.embed_s += time.perf_counter() - started
-
-        future = self.encoder.submit(embed)
-        self.collect()
-        self.in_flight = (group, future)
-
-    def collect(self) -> None:
-        """Wait for the group in flight (writing its progress meanwhile) and store it."""
-        if self.in_flight is None:
-            return
-        group, future = self.in_flight
-        self.in_flight = None
-        while True:
-            try:
-                embedded = future.result(timeout=0.5)
-            except FutureTimeout:
-                self.write_progress()
-                continue
-            except EmbeddingError as exc:
-                for prepared in group:
-                    document_fail(prepared.document.pk, f"The embedding service failed: {exc}")
-                self.report.failed += len(group)
-                self.finish(len(group))
-                return
-            break
-        self.write_progress()
-        self.store_group(group, embedded)
-
-    def write_progress(self) -> None:
-        latest: dict[int, int] = {}
-        while True:
-            try:
-                document_id, percent = self.progress.get_nowait()
-            except queue.Empty:
-                break
-            latest[document_id] = percent
-        for document_id, percent in latest.items():
-            _progress(document_id, percent)
-
-    def store_group(self, group: list[Prepared], embedded: list[tuple[np.ndarray, int]]) -> None:
+    def store_group(group: list[Prepared], embedded: list[tuple[np.ndarray, int]]) -> None:
         started = time.perf_counter()
         for prepared, (vectors, tokens) in zip(group, embedded, strict=True):
             try:
-                store(prepared, vectors, tokens, self.collections[prepared.document.collection_id])
+                store(prepared, vectors, tokens, collections[prepared.document.collection_id])
             except Document.DoesNotExist:
                 logger.info("document_deleted_while_indexing", document=prepared.document.pk)
             except Exception as exc:
                 logger.exception("document_store_failed", document=prepared.document.pk)
                 document_fail(prepared.document.pk,
                               f"Storing the index failed unexpectedly ({type(exc).__name__}); try re-indexing.")
-                self.report.failed += 1
+                report.failed += 1
             else:
-                self.report.indexed += 1
-                self.report.chunks += len(prepared.drafts)
-            self.finish(1)
-        self.report.store_s += time.perf_counter() - started
+                report.indexed += 1
+                report.chunks += len(prepared.drafts)
+            finish(1)
+        report.store_s += time.perf_counter() - started
+
+    def flush() -> None:
+        nonlocal pending, pending_chunks
+        if not pending:
+            return
+        group, pending, pending_chunks = pending, [], 0
+
+        def step(prepared: Prepared, chunks_done: int) -> None:
+            n = len(prepared.drafts)
+            if n > 40:  # large documents: move their bar while they embed
+                _progress(prepared.document.pk, 20 + int(75 * chunks_done / n))
+
+        started = time.perf_counter()
+        try:
+            embedded = _embed_prepared(group, step)
+        except EmbeddingError as exc:
+            for prepared in group:
+                document_fail(prepared.document.pk, f"The embedding service failed: {exc}")
+            report.failed += len(group)
+            finish(len(group))
+            return
+        finally:
+            report.embed_s += time.perf_counter() - started
+        store_group(group, embedded)
+
+    for document in Document.objects.filter(pk__in=ids).order_by("pk").iterator(chunk_size=200):
+        collection = collections.get(document.collection_id)
+        if collection is None:
+            collection = collections[document.collection_id] = Collection.objects.get(pk=document.collection_id)
+        started = time.perf_counter()
+        try:
+            prepared = prepare(document, collection)
+        except ExtractionError as exc:
+            document_fail(document.pk, exc.message)
+            report.failed += 1
+            finish(1)
+            continue
+        except Exception as exc:
+            logger.exception("document_prepare_failed", document=document.pk)
+            document_fail(document.pk, f"Indexing failed unexpectedly ({type(exc).__name__}); try re-indexing.")
+            report.failed += 1
+            finish(1)
+            continue
+        report.prepare_s += time.perf_counter() - started
+        pending.append(prepared)
+        pending_chunks += len(prepared.drafts)
+        if pending_chunks >= group_chunks:
+            flush()
+    flush()
+    return report
 
 
 def record_text(record: dict[str, object]) -> str:

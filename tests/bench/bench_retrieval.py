@@ -6,8 +6,8 @@ when absent). Runs in a fresh database ``bench_kb`` on the embedded PostgreSQL (
 
 1. Ingestion: corpus.jsonl (5,183 abstracts) uploaded and indexed with the same services as
    ``kb_import`` (JSONL upload -> ingest_documents: chunk, embed, store chunks, vectors and
-   postings); documents/s and chunks/s, next to the raw encoder (``SentenceTransformer.encode``
-   on the very same chunk texts, one call, in the same run). The ratio is the figure.
+   postings); documents/s and chunks/s, next to the raw encoder (the embedder's ``embed`` on the
+   very same chunk texts, one call, in the same run). The ratio is the figure.
 2. Quality: the 300 test queries through ``chunk_search`` in each mode; documents ranked by
    their best chunk (MaxP); nDCG@10 and recall@100 against qrels/test.tsv (binary relevance,
    as BEIR's pytrec_eval computes them).
@@ -156,10 +156,13 @@ def ingest(tenant_slug: str = "scifact", chunk_size: int = 200, overlap: int = 3
         for chunk in Chunk.objects.select_related("document").order_by("id").iterator(chunk_size=2000):
             header = contextual_header(chunk.document.title, tuple(chunk.heading_path))
             texts.append(f"{header}\n{chunk.text}" if header else chunk.text)
+        # The pipeline's own encoder (``embed``: tokenize once, length-sorted batches, mean
+        # pooling), given every text at once: no database, no grouping, the best length sorting.
+        # (sentence-transformers' ``encode`` on the same texts is slower still: measured 8 % slower
+        # on 1,024 of them, so it would flatter the ratio.)
         model = embedder()
         started = time.perf_counter()
-        model._model.encode(texts, batch_size=64, normalize_embeddings=True,  # type: ignore[attr-defined]
-                            show_progress_bar=False)
+        model.embed(texts)
         raw_s = time.perf_counter() - started
     figures = {
         "documents": float(report.indexed), "failed": float(report.failed), "chunks": float(report.chunks),
@@ -207,7 +210,7 @@ def main() -> None:
         print(f"  pipeline    {figures['pipeline_docs_per_s']:.1f} docs/s, "
               f"{figures['pipeline_chunks_per_s']:.1f} chunks/s")
         print(f"  raw encoder {figures['raw_docs_per_s']:.1f} docs/s, {figures['raw_chunks_per_s']:.1f} chunks/s "
-              f"(same texts, one encode call)")
+              f"(same texts, one embed call)")
         print(f"  pipeline / raw encoder = {ratio:.1%} (target >= 90%)")
         print(f"  pipeline stages: extract+chunk {figures['prepare_s']:.1f} s, embed {figures['embed_s']:.1f} s, "
               f"store {figures['store_s']:.1f} s; raw encoder {figures['raw_s']:.1f} s", flush=True)
