@@ -76,6 +76,34 @@ def test_hybrid_scores_every_result_both_ways(handbook: Collection) -> None:
     assert hits[0].title == "Laptop security" and hits[0].text.startswith("Lock your laptop")
 
 
+def test_hybrid_gives_a_chunk_only_the_vector_side_found_its_true_bm25(handbook: Collection) -> None:
+    from knowledge.embeddings import embedder
+    from knowledge.models import Chunk
+    from knowledge.retrieval import KeywordSide, hybrid_rescore, keyword_side
+
+    # The keyword side keeps only its best chunk (security); the dense side, asked with the
+    # parking record's own vector, proposes parking, which also matches "parking": its BM25 comes
+    # from its own postings and must equal what keyword search computes for it.
+    full = keyword_side("laptop screen encryption parking", [handbook], 5)
+    scores = dict(full.hits)
+    parking = Chunk.objects.get(document__external_id="parking")
+    assert full.hits[0][0] != parking.pk and scores[parking.pk] > 0
+    vector = embedder().embed_query(parking.text)
+    candidates = hybrid_rescore(vector, KeywordSide(full.hits[:1], full.idf), [handbook], 1)
+    dense_only = [c for c in candidates if c.in_dense and not c.in_sparse]
+    assert [c.chunk_id for c in dense_only] == [parking.pk]
+    assert dense_only[0].bm25 == pytest.approx(scores[parking.pk])
+    keyword_only = [c for c in candidates if c.in_sparse and not c.in_dense]
+    assert [c.chunk_id for c in keyword_only] == [full.hits[0][0]] and keyword_only[0].cosine < dense_only[0].cosine
+
+
+def test_a_query_of_stop_words_only_is_ranked_by_vectors_alone(handbook: Collection) -> None:
+    hits = chunk_search(query="the of and to", collections=[handbook], mode="hybrid", top_k=3, record_usage=False)
+    assert len(hits) == 3
+    assert all(h.keyword_score == 0 and h.keyword_rank is None for h in hits)
+    assert [h.vector_score for h in hits] == sorted((h.vector_score for h in hits), reverse=True)
+
+
 def test_rrf_fusion_is_available(handbook: Collection) -> None:
     hits = chunk_search(query="vacation days", collections=[handbook], mode="hybrid", fusion="rrf", top_k=3)
     assert _ids(hits)[0] == "leave"
