@@ -10,6 +10,10 @@ Client -> server, JSON (htmx's ws extension sends the form's fields)::
     {"content": "question"}            send a message (starts a turn)
     {"action": "cancel", "turn_id": 7}  stop a running turn
 
+A message is handed to the Celery worker (``agents.chat_message_accept``), which saves it and
+queues the turn; ``message.accepted`` or ``error`` comes back through the session's group, so
+this process does no database work per message and only relays.
+
 Server -> client: the turn events of ``agents.runtime.events``, as HTML fragments that htmx
 swaps in by id (default), or as the raw JSON events with ``?format=json``. On connect the
 client first gets the state of the session's latest turn (and the text streamed so far).
@@ -45,8 +49,8 @@ def _host(scope: dict[str, Any]) -> str:
 
 
 @database_sync_to_async
-def _authorize(scope: dict[str, Any], session_id: int) -> tuple[str, Any, dict[str, Any] | None] | int:
-    """(schema, principal, snapshot) for an allowed connection, else a close code."""
+def _authorize(scope: dict[str, Any], session_id: int) -> tuple[str, Any, int] | int:
+    """(schema, principal, membership id) for an allowed connection, else a close code."""
     from django_otp import DEVICE_ID_SESSION_KEY
     from django_otp.plugins.otp_totp.models import TOTPDevice
 
@@ -79,10 +83,10 @@ def _authorize(scope: dict[str, Any], session_id: int) -> tuple[str, Any, dict[s
     principal = Principal.for_member(membership)
     with schema_context(tenant.schema_name):
         try:
-            session = session_get(principal=principal, session_id=session_id)
+            session_get(principal=principal, session_id=session_id)
         except DomainError:
             return refuse("no_such_session", CLOSE_NOT_FOUND)
-        return tenant.schema_name, principal, None if session is None else {"session_id": session.pk}
+        return tenant.schema_name, principal, membership.pk
 
 
 @database_sync_to_async
@@ -123,19 +127,13 @@ def _snapshot(schema: str, principal: Any, session_id: int) -> list[dict[str, An
         return out
 
 
-@database_sync_to_async
-def _send_message(schema: str, principal: Any, session_id: int, content: str) -> dict[str, Any]:
-    from agents.selectors import session_get
-    from agents.services import chat_message_send
+def _hand_off(schema: str, membership_id: int, session_id: int, content: str) -> None:
+    """Queue the message for the worker, in the tenant's schema (tenant-schemas-celery sends the
+    schema of the current connection with the task)."""
+    from agents.tasks import chat_message_accept_task
 
     with schema_context(schema):
-        try:
-            session = session_get(principal=principal, session_id=session_id)
-            turn = chat_message_send(principal=principal, session=session, content=content)
-        except DomainError as exc:
-            return {"event": "error", "error": {"code": exc.code, "message": exc.message}}
-        return {"event": "message.accepted", "turn_id": turn.pk, "user_message_id": turn.user_message_id,
-                "content": turn.user_message.content}
+        chat_message_accept_task.apply_async(args=[membership_id, session_id, content])
 
 
 @database_sync_to_async
@@ -158,6 +156,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
     schema: str = ""
     principal: Any = None
     session_id: int = 0
+    membership_id: int = 0
     group: str = ""
     as_json: bool = False
     # Characters of the running turn's text already sent, to drop overlaps after a snapshot.
@@ -172,7 +171,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
         if isinstance(outcome, int):
             await self.close(code=outcome)
             return
-        self.schema, self.principal, _ = outcome
+        self.schema, self.principal, self.membership_id = outcome
         self.group = events.session_group(self.schema, self.session_id)
         # Join before reading the snapshot, so nothing published in between is missed.
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -203,7 +202,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
             await self._relay({"event": "error", "error": {"code": "bad_request",
                                                             "message": "Send {\"content\": \"your message\"}."}})
             return
-        await self._relay(await _send_message(self.schema, self.principal, self.session_id, text))
+        # A publish to Redis, on a pool thread: never the sync thread, never a database statement.
+        await sync_to_async(_hand_off, thread_sensitive=False)(self.schema, self.membership_id, self.session_id, text)
 
     async def decode_json(self, text_data: str) -> Any:
         try:

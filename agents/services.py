@@ -321,13 +321,15 @@ def _enqueue(turn: Turn) -> None:
 
 @transaction.atomic
 def chat_message_send(*, principal: Principal, session: ChatSession, content: str,
-                      history: list[dict[str, str]] | None = None) -> Turn:
+                      history: list[dict[str, str]] | None = None, announce: bool = False) -> Turn:
     """Save the user's message and a queued turn; after commit, enqueue the turn on its tier's
     queue and tell the session's group (``turn.queued``).
 
     ``history`` (OpenAI-compatible calls only) are earlier messages the client sends along;
-    they are stored before the question. Raises ``ValidationFailed`` for empty or overlong
-    content, ``Conflict`` when the agent is not active or a turn of this session is unfinished.
+    they are stored before the question. ``announce`` (the chat socket's path) first publishes
+    ``message.accepted`` with the question to the session's group. Raises ``ValidationFailed``
+    for empty or overlong content, ``Conflict`` when the agent is not active or a turn of this
+    session is unfinished.
     """
     principal.require("chat")
     content = (content or "").strip()
@@ -354,6 +356,9 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
     session.save(update_fields=["updated_at", "title"])
     schema: str = connection.schema_name  # type: ignore[attr-defined]
     group = events.session_group(schema, session.pk)
+    if announce:
+        transaction.on_commit(lambda: events.publish(group, {
+            "event": "message.accepted", "turn_id": turn.pk, "user_message_id": message.pk, "content": content}))
     transaction.on_commit(lambda: _enqueue(turn))
     transaction.on_commit(lambda: events.publish(group, {"event": "turn.queued", "turn_id": turn.pk,
                                                          "session_id": session.pk, "user_message_id": message.pk}))

@@ -78,3 +78,25 @@ def test_the_consumer_sends_each_character_once_and_fills_a_lost_delta_from_the_
     asyncio.run(relay_all())
     assert [(e["offset"], e["text"]) for e in sent] == [(0, "Hello"), (5, ", world there"), (18, ".")]
     assert "".join(e["text"] for e in sent) == "Hello, world there."
+
+
+def test_a_message_the_worker_refuses_comes_back_as_an_error_and_the_running_turn_goes_on(
+        portal: Portal, celery_worker: Any, chat_world: ChatWorld, scripted_llm: ScriptedLLM,
+        member_cookie: Any) -> None:
+    # The socket hands messages to the worker; what the service refuses (a turn still running,
+    # an empty message) returns through the session's group with the REST API's codes.
+    scripted_llm.script(chat_world.model, tokens=["Thirty", " days", "."], token_interval=0.3)
+    session_id = chat_session_commit(portal.world.tenant_a, portal.world.user("operator"),
+                                     chat_world.agent_id)
+    with ws_connect(portal.port, f"/ws/chat/{session_id}/?format=json", cookie=member_cookie("operator")) as ws:
+        ws.send(json.dumps({"content": "How long is the refund window?"}))
+        first = json.loads(ws.recv(timeout=30))
+        assert first["event"] == "message.accepted" and first["content"] == "How long is the refund window?"
+        ws.send(json.dumps({"content": "And exchanges?"}))
+        ws.send(json.dumps({"content": "   "}))
+        events = _events_until_final(ws)
+    errors = [e["error"]["code"] for e in events if e["event"] == "error"]
+    assert sorted(errors) == ["empty_message", "turn_in_progress"]
+    assert not [e for e in events if e["event"] == "message.accepted"]
+    assert events[-1]["event"] == "turn.completed" and events[-1]["content"] == "Thirty days."
+    assert all(e.get("turn_id") == first["turn_id"] for e in events if e["event"] != "error")
