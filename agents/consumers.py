@@ -10,9 +10,9 @@ Client -> server, JSON (htmx's ws extension sends the form's fields)::
     {"content": "question"}            send a message (starts a turn)
     {"action": "cancel", "turn_id": 7}  stop a running turn
 
-A message is handed to the Celery worker (``agents.chat_message_accept``), which saves it and
-queues the turn; ``message.accepted`` or ``error`` comes back through the session's group, so
-this process does no database work per message and only relays.
+A message is handed to a Celery worker of the agent's tier (``agents.chat_message_accept``),
+which saves it and runs the turn; ``message.accepted`` or ``error`` comes back through the
+session's group, so this process does no database work per message and only relays.
 
 Server -> client: the turn events of ``agents.runtime.events``, as HTML fragments that htmx
 swaps in by id (default), or as the raw JSON events with ``?format=json``. On connect the
@@ -49,12 +49,14 @@ def _host(scope: dict[str, Any]) -> str:
 
 
 @database_sync_to_async
-def _authorize(scope: dict[str, Any], session_id: int) -> tuple[str, Any, int] | int:
-    """(schema, principal, membership id) for an allowed connection, else a close code."""
+def _authorize(scope: dict[str, Any], session_id: int) -> tuple[str, Any, int, str] | int:
+    """(schema, principal, membership id, queue of the agent's tier) for an allowed connection,
+    else a close code."""
     from django_otp import DEVICE_ID_SESSION_KEY
     from django_otp.plugins.otp_totp.models import TOTPDevice
 
     from agents.selectors import session_get
+    from agents.services import queue_for
     from tenants.middleware import two_factor_required
     from tenants.models import Domain, Membership
     from tenants.principal import Principal
@@ -83,10 +85,12 @@ def _authorize(scope: dict[str, Any], session_id: int) -> tuple[str, Any, int] |
     principal = Principal.for_member(membership)
     with schema_context(tenant.schema_name):
         try:
-            session_get(principal=principal, session_id=session_id)
+            session = session_get(principal=principal, session_id=session_id)
         except DomainError:
             return refuse("no_such_session", CLOSE_NOT_FOUND)
-        return tenant.schema_name, principal, membership.pk
+        version = session.agent.active_version
+        queue = queue_for(version) if version is not None else settings.CELERY_TASK_DEFAULT_QUEUE
+        return tenant.schema_name, principal, membership.pk, queue
 
 
 @database_sync_to_async
@@ -127,13 +131,13 @@ def _snapshot(schema: str, principal: Any, session_id: int) -> list[dict[str, An
         return out
 
 
-def _hand_off(schema: str, membership_id: int, session_id: int, content: str) -> None:
-    """Queue the message for the worker, in the tenant's schema (tenant-schemas-celery sends the
-    schema of the current connection with the task)."""
+def _hand_off(schema: str, queue: str, membership_id: int, session_id: int, content: str) -> None:
+    """Queue the message for a worker of the agent's tier, in the tenant's schema
+    (tenant-schemas-celery sends the schema of the current connection with the task)."""
     from agents.tasks import chat_message_accept_task
 
     with schema_context(schema):
-        chat_message_accept_task.apply_async(args=[membership_id, session_id, content])
+        chat_message_accept_task.apply_async(args=[membership_id, session_id, content], queue=queue)
 
 
 @database_sync_to_async
@@ -157,6 +161,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
     principal: Any = None
     session_id: int = 0
     membership_id: int = 0
+    queue: str = ""
     group: str = ""
     as_json: bool = False
     # Characters of the running turn's text already sent, to drop overlaps after a snapshot.
@@ -171,7 +176,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
         if isinstance(outcome, int):
             await self.close(code=outcome)
             return
-        self.schema, self.principal, self.membership_id = outcome
+        self.schema, self.principal, self.membership_id, self.queue = outcome
         self.group = events.session_group(self.schema, self.session_id)
         # Join before reading the snapshot, so nothing published in between is missed.
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -203,7 +208,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
                                                             "message": "Send {\"content\": \"your message\"}."}})
             return
         # A publish to Redis, on a pool thread: never the sync thread, never a database statement.
-        await sync_to_async(_hand_off, thread_sensitive=False)(self.schema, self.membership_id, self.session_id, text)
+        await sync_to_async(_hand_off, thread_sensitive=False)(self.schema, self.queue, self.membership_id,
+                                                               self.session_id, text)
 
     async def decode_json(self, text_data: str) -> Any:
         try:

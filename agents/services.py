@@ -313,7 +313,8 @@ def queue_for(version: AgentVersion) -> str:
     return f"llm.{tier}"
 
 
-def _enqueue(turn: Turn) -> None:
+def turn_enqueue(turn: Turn) -> None:
+    """Send the turn's task to its queue (after the commit that saved it)."""
     from agents.tasks import turn_run_task
 
     turn_run_task.apply_async(args=[turn.pk], queue=turn.queue)
@@ -321,13 +322,15 @@ def _enqueue(turn: Turn) -> None:
 
 @transaction.atomic
 def chat_message_send(*, principal: Principal, session: ChatSession, content: str,
-                      history: list[dict[str, str]] | None = None, announce: bool = False) -> Turn:
+                      history: list[dict[str, str]] | None = None, announce: bool = False,
+                      enqueue: bool = True) -> Turn:
     """Save the user's message and a queued turn; after commit, enqueue the turn on its tier's
     queue and tell the session's group (``turn.queued``).
 
     ``history`` (OpenAI-compatible calls only) are earlier messages the client sends along;
     they are stored before the question. ``announce`` (the chat socket's path) first publishes
-    ``message.accepted`` with the question to the session's group. Raises ``ValidationFailed``
+    ``message.accepted`` with the question to the session's group; ``enqueue=False`` leaves
+    running the turn to the caller (a worker already on the turn's queue). Raises ``ValidationFailed``
     for empty or overlong content, ``Conflict`` when the agent is not active or a turn of this
     session is unfinished.
     """
@@ -359,7 +362,8 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
     if announce:
         transaction.on_commit(lambda: events.publish(group, {
             "event": "message.accepted", "turn_id": turn.pk, "user_message_id": message.pk, "content": content}))
-    transaction.on_commit(lambda: _enqueue(turn))
+    if enqueue:
+        transaction.on_commit(lambda: turn_enqueue(turn))
     transaction.on_commit(lambda: events.publish(group, {"event": "turn.queued", "turn_id": turn.pk,
                                                          "session_id": session.pk, "user_message_id": message.pk}))
     return turn

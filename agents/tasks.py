@@ -4,13 +4,13 @@ wait on model tokens, not the CPU); tenant-schemas-celery runs each in the sende
 from __future__ import annotations
 
 import structlog
-from celery import shared_task
+from celery import Task, shared_task
 from django.db import connection
 
 from agents.runtime import events
 from agents.runtime.orchestrator import turn_run
 from agents.selectors import session_get
-from agents.services import chat_message_send, turns_sweep
+from agents.services import chat_message_send, turn_enqueue, turns_sweep
 from config.errors import DomainError
 from tenants.models import Membership
 from tenants.principal import Principal
@@ -33,14 +33,16 @@ def turn_sweep() -> int:
     return result.failed
 
 
-@shared_task(name="agents.chat_message_accept", ignore_result=True, acks_late=False)
-def chat_message_accept_task(membership_id: int, session_id: int, content: str) -> None:
-    """Save a message sent over the chat socket and queue its turn, in the worker rather than in
+@shared_task(name="agents.chat_message_accept", ignore_result=True, acks_late=False, bind=True)
+def chat_message_accept_task(self: Task, membership_id: int, session_id: int, content: str) -> None:
+    """Save a message sent over the chat socket and run its turn, in the worker rather than in
     the socket's process: that process relays every session's tokens, and the send's database
-    work (about ten statements) held its GIL while first tokens waited (``tests/bench/bench_chat.py``:
-    p95 of the 50-session first-token overhead 924 ms with the save in the socket's process,
-    150-185 ms here). The outcome reaches the session's sockets through its group:
-    ``message.accepted`` (then the turn's events) or ``error``, with the same codes as the REST API.
+    work (about ten statements) held its GIL while first tokens waited (``tests/bench/bench_chat.py``,
+    50 sessions: first-token overhead p95 924 ms with the save in the socket's process, 150-185 ms
+    here). The socket sends this task to the queue of the agent's tier, so the turn runs right
+    here; if the tier changed since, the turn is queued where it belongs. The outcome reaches the
+    session's sockets through its group: ``message.accepted`` (then the turn's events) or
+    ``error``, with the REST API's codes.
     """
     schema: str = connection.schema_name  # type: ignore[attr-defined]
     group = events.session_group(schema, session_id)
@@ -53,6 +55,12 @@ def chat_message_accept_task(membership_id: int, session_id: int, content: str) 
     principal = Principal.for_member(membership)
     try:
         session = session_get(principal=principal, session_id=session_id)
-        chat_message_send(principal=principal, session=session, content=content, announce=True)
+        turn = chat_message_send(principal=principal, session=session, content=content, announce=True,
+                                 enqueue=False)
     except DomainError as exc:
         events.publish(group, {"event": "error", "error": {"code": exc.code, "message": exc.message}})
+        return
+    if turn.queue == (self.request.delivery_info or {}).get("routing_key"):
+        turn_run(turn.pk)
+    else:
+        turn_enqueue(turn)
