@@ -100,3 +100,23 @@ def test_a_message_the_worker_refuses_comes_back_as_an_error_and_the_running_tur
     assert not [e for e in events if e["event"] == "message.accepted"]
     assert events[-1]["event"] == "turn.completed" and events[-1]["content"] == "Thirty days."
     assert all(e.get("turn_id") == first["turn_id"] for e in events if e["event"] != "error")
+
+
+def test_a_member_removed_after_the_socket_opened_gets_an_error_and_nothing_is_saved(
+        world: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from django_tenants.utils import schema_context
+
+    from agents import tasks
+    from agents.models import Message
+    from tenants.models import Membership
+
+    published: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(tasks.events, "publish", lambda group, event: published.append((group, event)))
+    # Tenant B's operator membership, sent into tenant A's schema: no such member here.
+    foreign = Membership.objects.filter(tenant=world.tenant_b).first()
+    assert foreign is not None
+    with schema_context(world.tenant_a.schema_name):
+        tasks.chat_message_accept_task(foreign.pk, 1, "hello")
+        assert not Message.objects.exists()
+    assert [event["error"]["code"] for _, event in published] == ["forbidden"]
+    assert published[0][0] == tasks.events.session_group(world.tenant_a.schema_name, 1)
