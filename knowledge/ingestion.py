@@ -208,25 +208,30 @@ def store(prepared: Prepared, vectors: np.ndarray, tokens: int, collection: Coll
 
 def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], None]) -> list[tuple[np.ndarray, int]]:
     """Embed the chunks of ``group`` in calls of ``EMBED_GROUP``; return per-document
-    ``(vectors, tokens)``. ``report(prepared, done_chunks)`` is called after each call."""
+    ``(vectors, tokens)``. ``report(prepared, done_chunks)`` is called after each call.
+
+    The chunks are ordered by length across the whole group before they are cut into calls, so
+    each call (and each batch inside it) holds inputs of nearly one length and pads little, as
+    one call over every text would; vectors are put back in document order.
+    """
     model = embedder()
     texts = [d.embed_text for p in group for d in p.drafts]
-    owners = [i for i, p in enumerate(group) for _ in p.drafts]
-    firsts = np.cumsum([0] + [len(p.drafts) for p in group])[:-1]
+    owners = np.array([i for i, p in enumerate(group) for _ in p.drafts], dtype=np.int64)
+    order = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
     vectors = np.zeros((len(texts), model.dim), dtype=np.float32)
     tokens = np.zeros(len(group), dtype=np.int64)
+    done = np.zeros(len(group), dtype=np.int64)
     for start in range(0, len(texts), EMBED_GROUP):
-        batch = model.embed(texts[start:start + EMBED_GROUP])
-        vectors[start:start + len(batch.vectors)] = batch.vectors
-        # Split the batch's token count over its documents by their share of characters.
-        chars = np.bincount([owners[i] for i in range(start, start + len(batch.vectors))],
-                            weights=[len(texts[i]) for i in range(start, start + len(batch.vectors))],
-                            minlength=len(group))
+        rows = order[start:start + EMBED_GROUP]
+        batch = model.embed([texts[i] for i in rows])
+        vectors[rows] = batch.vectors
+        # Split the call's token count over its documents by their share of characters.
+        chars = np.bincount(owners[rows], weights=[len(texts[i]) for i in rows], minlength=len(group))
         if chars.sum():
             tokens += np.round(chars / chars.sum() * batch.tokens).astype(np.int64)
-        done = start + len(batch.vectors)
+        done += np.bincount(owners[rows], minlength=len(group))
         for index, prepared in enumerate(group):
-            report(prepared, max(0, min(done - int(firsts[index]), len(prepared.drafts))))
+            report(prepared, int(done[index]))
     result = []
     offset = 0
     for index, prepared in enumerate(group):
