@@ -11,6 +11,8 @@ Every event is a dict with an ``event`` name and the ``turn_id``:
 | ``turn.completed`` | ``message_id``, ``content``, ``citations``, ``usage``                |
 | ``turn.failed``    | ``error`` (``code``, ``message``)                                    |
 | ``turn.cancelled`` | ``message_id`` (the partial answer kept, if any)                     |
+| ``message.accepted`` | ``user_message_id``, ``content`` (socket messages only, before ``turn.queued``) |
+| ``error``          | ``error`` (``code``, ``message``); no ``turn_id``: a socket message the worker refused |
 
 They go to the session's channel-layer group (``ChatSession.group_name``). The text streamed so
 far is also appended to a Redis key, so a client that (re)connects mid-turn reads the snapshot
