@@ -32,7 +32,7 @@ def test_embed_matches_the_sentence_transformers_pipeline_in_any_input_order() -
     np.testing.assert_allclose(np.linalg.norm(batch.vectors, axis=1), 1.0, atol=1e-5)
 
 
-def test_embed_counts_the_tokens_the_model_reads_including_truncation(settings: object) -> None:
+def test_embed_counts_the_tokens_the_model_reads_including_truncation() -> None:
     model = _local()
     batch = model.embed(TEXTS)
     assert batch.tokens == count_tokens(TEXTS)
