@@ -31,6 +31,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.core.exceptions import ObjectDoesNotExist
 from django_tenants.utils import schema_context
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from agents.runtime import events
 from config.errors import DomainError
@@ -208,8 +209,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
                                                             "message": "Send {\"content\": \"your message\"}."}})
             return
         # A publish to Redis, on a pool thread: never the sync thread, never a database statement.
-        await sync_to_async(_hand_off, thread_sensitive=False)(self.schema, self.queue, self.membership_id,
-                                                               self.session_id, text)
+        try:
+            await sync_to_async(_hand_off, thread_sensitive=False)(self.schema, self.queue, self.membership_id,
+                                                                   self.session_id, text)
+        except KombuOperationalError:
+            # The broker is down: nothing was saved, so the user can simply send it again.
+            logger.warning("chat_hand_off_failed", session_id=self.session_id, exc_info=True)
+            await self._relay({"event": "error", "error": {
+                "code": "unavailable", "message": "The chat service is unavailable; send your message again shortly."}})
 
     async def decode_json(self, text_data: str) -> Any:
         try:

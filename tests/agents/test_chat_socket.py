@@ -120,3 +120,26 @@ def test_a_member_removed_after_the_socket_opened_gets_an_error_and_nothing_is_s
         assert not Message.objects.exists()
     assert [event["error"]["code"] for _, event in published] == ["forbidden"]
     assert published[0][0] == tasks.events.session_group(world.tenant_a.schema_name, 1)
+
+
+def test_a_message_the_broker_cannot_take_is_answered_with_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from kombu.exceptions import OperationalError
+
+    from agents import consumers
+
+    sent: list[dict[str, Any]] = []
+    consumer = consumers.ChatConsumer()
+    consumer.schema, consumer.sent, consumer.as_json, consumer.session_id = "tenant_x", {}, True, 3
+
+    async def send_json(content: dict[str, Any], close: bool = False) -> None:
+        sent.append(content)
+
+    def broker_down(*args: Any) -> None:
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(consumer, "send_json", send_json)
+    monkeypatch.setattr(consumers, "_hand_off", broker_down)
+    asyncio.run(consumer.receive_json({"content": "Is shipping free?"}))
+    assert [e["error"]["code"] for e in sent] == ["unavailable"]
