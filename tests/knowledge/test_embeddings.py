@@ -41,10 +41,42 @@ def test_embed_counts_the_tokens_the_model_reads_including_truncation() -> None:
     assert model.embed([]).tokens == 0 and model.embed([]).vectors.shape == (0, 384)
 
 
-def test_embed_query_is_the_same_vector_as_embed() -> None:
-    model = _local()
+def test_embed_query_in_float32_is_the_same_vector_as_embed(settings: object) -> None:
+    settings.EMBEDDING_QUERY_DTYPE = "float32"  # type: ignore[attr-defined]
+    model = LocalEmbedder()
+    assert model.query_dtype == "float32"
     for text in TEXTS:
         np.testing.assert_allclose(model.embed_query(text), model.embed([text]).vectors[0], atol=2e-5)
+
+
+def test_bfloat16_queries_stay_within_cosine_0_9999_of_the_float32_vectors(settings: object) -> None:
+    import torch
+
+    settings.EMBEDDING_QUERY_DTYPE = "bfloat16"  # type: ignore[attr-defined]
+    model = LocalEmbedder()
+    assert next(model._query_transformer.parameters()).dtype == torch.bfloat16
+    # Documents keep the float32 weights.
+    assert next(model._transformer.parameters()).dtype == torch.float32
+    documents = model.embed(TEXTS).vectors
+    np.testing.assert_allclose(documents, model._model.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
+    for text, reference in zip(TEXTS, documents, strict=True):
+        query = model.embed_query(text)
+        assert query.dtype == np.float32 and abs(float(np.linalg.norm(query)) - 1.0) < 1e-5
+        # Not the float32 vector (the bfloat16 weights are in use), but within the bound.
+        assert 0.9999 <= float(query @ reference) < 1.0 - 1e-7
+
+
+def test_auto_query_dtype_takes_bfloat16_only_where_the_cpu_has_it(monkeypatch: object) -> None:
+    import torch
+
+    from knowledge.embeddings import query_dtype
+
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported",  # type: ignore[attr-defined]
+                            lambda native=native: native)
+        assert query_dtype("auto") == expected
+    # An explicit setting is taken as it is.
+    assert query_dtype("float32") == "float32" and query_dtype("bfloat16") == "bfloat16"
 
 
 def test_small_batches_give_the_same_vectors(settings: object) -> None:
