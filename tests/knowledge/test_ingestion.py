@@ -71,6 +71,31 @@ def test_a_markdown_upload_is_chunked_embedded_and_searchable(world: World, coll
     assert AuditEvent.objects.filter(action="document.uploaded", target_id=str(document.pk)).exists()
 
 
+def _chunk_row_writes() -> tuple[int, int]:
+    """(rows inserted, rows updated) in ``knowledge_chunk`` by this transaction so far."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT n_tup_ins, n_tup_upd FROM pg_stat_xact_user_tables "
+                       "WHERE schemaname = current_schema() AND relname = 'knowledge_chunk'")
+        row = cursor.fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def test_each_chunk_row_is_written_once_with_the_length_its_postings_carry(world: World,
+                                                                          collection_a: Collection) -> None:
+    inserted, updated = _chunk_row_writes()
+    document = _upload(world, collection_a, "handbook.md", HANDBOOK).created[0]
+    _index([document.pk])
+    document.refresh_from_db()
+    # An UPDATE after the insert would be a second row version: a second entry in every index
+    # of the table, the HNSW graph included.
+    assert _chunk_row_writes() == (inserted + document.chunk_count, updated)
+    for chunk in Chunk.objects.filter(document=document):
+        postings = list(Posting.objects.filter(chunk=chunk))
+        assert chunk.lexeme_count == sum(p.tf for p in postings) > 0
+        assert {p.chunk_len for p in postings} == {chunk.lexeme_count}
+        assert {p.collection_id for p in postings} == {collection_a.pk}
+
+
 def test_the_same_bytes_twice_return_the_existing_document(world: World, collection_a: Collection) -> None:
     first = _upload(world, collection_a, "handbook.md", HANDBOOK).created[0]
     again = _upload(world, collection_a, "copy-of-handbook.md", HANDBOOK)
