@@ -156,6 +156,31 @@ def test_the_hnsw_index_serves_vector_search(handbook: Collection) -> None:
     assert "chunk_embedding_hnsw" in plan
 
 
+def _setting(cursor: Any, name: str) -> str:
+    cursor.execute("SELECT current_setting(%s)", [name])
+    return str(cursor.fetchone()[0])
+
+
+def test_vector_queries_turn_sequential_scans_off_only_while_they_run(handbook: Collection) -> None:
+    from django.db import DataError, transaction
+
+    from knowledge.retrieval import _hnsw_settings
+
+    with connection.cursor() as cursor:
+        with _hnsw_settings(cursor, 300):
+            assert _setting(cursor, "enable_seqscan") == "off"
+            assert _setting(cursor, "hnsw.ef_search") == "300"
+        # Back on for every other query; ef_search stays (only vector queries read it).
+        assert _setting(cursor, "enable_seqscan") == "on"
+        assert _setting(cursor, "hnsw.ef_search") == "300"
+        # A failing vector query leaves nothing behind either.
+        with pytest.raises(DataError), transaction.atomic(), _hnsw_settings(cursor, 10):
+            cursor.execute("SELECT 1 / 0")
+        assert _setting(cursor, "enable_seqscan") == "on"
+    # And the search itself still works with the settings in place.
+    assert chunk_search(query="vacation days", collections=[handbook], mode="vector", top_k=2)
+
+
 def test_hits_carry_the_heading_path_and_page(world: World, collection_a: Collection) -> None:
     text = b"# Travel\n\n## Meals\n\nMeals on business trips are reimbursed up to forty euros per day.\n"
     principal = Principal.system("t", tenant=world.tenant_a)
