@@ -94,9 +94,8 @@ class DeltaBatcher:
         if not self.pending:
             return
         text, self.pending = self.pending, ""
-        events.snapshot_append(self.schema, self.turn_id, text)
         events.publish(self.group, {"event": "token.delta", "turn_id": self.turn_id, "offset": self.sent_chars,
-                                    "text": text})
+                                    "text": text}, snapshot=(self.schema, self.turn_id, text))
         self.sent_chars += len(text)
         self.last_flush = now if now is not None else time.monotonic()
         self.flushes += 1
