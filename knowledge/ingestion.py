@@ -100,9 +100,9 @@ def prepare(document: Document, collection: Collection) -> Prepared:
     return Prepared(document, drafts, extracted)
 
 
-# A document's chunks arrive by binary COPY in a temporary staging table (dropped at commit), and
-# one statement moves them into ``knowledge_chunk`` with their BM25 lengths already computed and
-# writes their postings. Each chunk row is written once: setting ``lexeme_count`` by an UPDATE
+# A document's chunks arrive by binary COPY in a temporary staging table (dropped again in the same
+# transaction), and one statement moves them into ``knowledge_chunk`` with their BM25 lengths
+# already computed and writes their postings. Each chunk row is written once: setting ``lexeme_count`` by an UPDATE
 # after the COPY made a second row version, which is a second insertion into every index of the
 # table, the HNSW graph included, whenever it does not fit on the same page (measured on SciFact:
 # 3,401 of 11,867 chunks), and dead rows that autovacuum then removes from the HNSW graph again.
