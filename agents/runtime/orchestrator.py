@@ -212,6 +212,9 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
     endpoints = endpoints_for(tenant=tenant, tier=version.tier, endpoint_id=version.endpoint_id)
     if not endpoints:
         raise TurnRefused("no_model", f"No model endpoint is enabled for the '{version.tier}' tier.")
+    # Saved first, so a client that joins later reads the same turn.started from the database
+    # (the answer's save replaces them with the endpoint that answered, after any fallback).
+    Turn.objects.filter(pk=turn.pk).update(model=endpoints[0].model, endpoint_name=endpoints[0].name)
     events.publish(group, {"event": "turn.started", "turn_id": turn.pk, "model": endpoints[0].model,
                            "endpoint": endpoints[0].name})
 

@@ -248,6 +248,16 @@ def test_reconnecting_mid_turn_shows_the_text_so_far_then_continues_without_dupl
         deadline = time.monotonic() + 30
         while len(_streamed(seen)) < 4 * len(" r0"):
             seen.append(_recv(first, deadline))
+    # An SSE client joining now reads turn.started from the database: the same model and endpoint
+    # the worker announced.
+    from agents.streaming import _snapshot_sync
+
+    turn_id = next(e["turn_id"] for e in seen if e["event"] == "turn.started")
+    announced = next(e for e in seen if e["event"] == "turn.started")
+    started = next(e for e in _snapshot_sync(portal.world.tenant_a.schema_name, turn_id)
+                   if e["event"] == "turn.started")
+    assert (started["model"], started["endpoint"]) == (announced["model"], announced["endpoint"])
+    assert announced["model"]
     # The first socket is gone; a new one joins mid-turn.
     with ws_connect(portal.port, path, cookie=member_cookie("operator")) as second:
         events = _events_until_final(second)
