@@ -171,8 +171,9 @@ class LocalEmbedder:
         ``torch.inference_mode``. Pooling is computed in float32 whatever the weights."""
         import torch
 
-        hidden = (transformer or self._transformer)(input_ids=input_ids, attention_mask=attention_mask,
-                                                    token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+        model = self._transformer if transformer is None else transformer
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask,
+                       token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
         hidden = hidden.float()
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
