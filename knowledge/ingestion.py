@@ -101,14 +101,15 @@ def prepare(document: Document, collection: Collection) -> Prepared:
 
 
 # A document's chunks arrive by binary COPY in a temporary staging table (dropped again in the same
-# transaction), and one statement moves them into ``knowledge_chunk`` with their BM25 lengths
-# already computed and writes their postings. Each chunk row is written once: setting ``lexeme_count`` by an UPDATE
-# after the COPY made a second row version, which is a second insertion into every index of the
-# table, the HNSW graph included, whenever it does not fit on the same page (measured on SciFact:
-# 3,401 of 11,867 chunks), and dead rows that autovacuum then removes from the HNSW graph again.
+# transaction; a failure rolls its creation back), and one statement moves them into
+# ``knowledge_chunk`` with their BM25 lengths already computed and writes their postings. Each
+# chunk row is written once: setting ``lexeme_count`` by an UPDATE after the COPY made a second
+# row version, which is a second insertion into every index of the table, the HNSW graph
+# included, whenever it does not fit on the same page (measured on SciFact: 3,401 of 11,867
+# chunks), and dead rows that autovacuum then removes from the HNSW graph again.
 _STAGE_SQL = (
     "CREATE TEMPORARY TABLE _ingest_chunk_stage (ordinal int, text text, heading_path jsonb, page_number int, "
-    "char_start int, char_end int, token_count int, embedding vector) ON COMMIT DROP"
+    "char_start int, char_end int, token_count int, embedding vector)"
 )
 _COPY_STAGE = (
     "COPY _ingest_chunk_stage (ordinal, text, heading_path, page_number, char_start, char_end, token_count, "

@@ -118,27 +118,22 @@ def publish(group: str, event: dict[str, Any], *, timeout: float = 5.0,
     message = {"type": EVENT_TYPE, "event": event}
     channel = _direct_channel(layer, group) if layer is not None else None
     try:
+        pipe = redis_client().pipeline(transaction=False)
+        if snapshot is not None:
+            _queue_snapshot_append(pipe, *snapshot)
         if layer is None or channel is None:
-            if snapshot is not None:
-                snapshot_append(*snapshot)
+            pipe.execute()  # the snapshot first, never after the event
             if layer is not None:
                 _loop_thread().submit(layer.group_send(group, message)).result(timeout)
             return
-        pipe = redis_client().pipeline(transaction=False)
-        if snapshot is not None:
-            key = snapshot_key(snapshot[0], snapshot[1])
-            pipe.append(key, snapshot[2].encode())
-            pipe.expire(key, SNAPSHOT_TTL_SECONDS)
         pipe.publish(channel, layer.serialize(message))
         pipe.execute()
     except Exception:
         logger.exception("chat_event_publish_failed", group=group, event_name=event.get("event"))
 
 
-def snapshot_append(schema: str, turn_id: int, text: str) -> None:
-    """Append ``text`` to the turn's snapshot (publish the delta after this, never before)."""
+def _queue_snapshot_append(pipe: Any, schema: str, turn_id: int, text: str) -> None:
+    """Queue on ``pipe`` the commands that append ``text`` to the turn's snapshot."""
     key = snapshot_key(schema, turn_id)
-    pipe = redis_client().pipeline(transaction=False)
     pipe.append(key, text.encode())
     pipe.expire(key, SNAPSHOT_TTL_SECONDS)
-    pipe.execute()

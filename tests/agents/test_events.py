@@ -53,9 +53,15 @@ def test_a_layer_on_another_redis_is_published_to_through_its_own_group_send(set
     settings.REDIS_URL = "redis://127.0.0.1:6379/15"  # no longer the layer's host
     group = f"chat.test.{uuid.uuid4().hex[:8]}"
     assert events._direct_channel(get_channel_layer(), group) is None
-    event = {"event": "turn.started", "turn_id": 1, "model": "m", "endpoint": "e"}
-    received = _receive_published(group, lambda: events.publish(group, event))
-    assert received == {"type": events.EVENT_TYPE, "event": event}
+    turn_id = 434343
+    event = {"event": "token.delta", "turn_id": turn_id, "offset": 0, "text": "Hi"}
+    try:
+        received = _receive_published(
+            group, lambda: events.publish(group, event, snapshot=("t_events", turn_id, "Hi")))
+        assert received == {"type": events.EVENT_TYPE, "event": event}
+        assert events.text_snapshot("t_events", turn_id) == "Hi"
+    finally:
+        events.redis_client().delete(events.snapshot_key("t_events", turn_id))
 
 
 @pytest.mark.parametrize("layer", [None, object()])
