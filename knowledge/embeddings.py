@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Protocol
 
@@ -38,10 +39,17 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class EmbeddingBatch:
-    """Vectors (shape ``(n, dim)``, float32, unit length) and the tokens they cost."""
+    """Vectors (shape ``(n, dim)``, float32, unit length) and the tokens they cost: ``tokens`` in
+    all, and ``text_tokens`` (shape ``(n,)``, int64) per text when the backend knows them (the
+    local model counts exactly; an endpoint's total is shared out by characters)."""
 
     vectors: np.ndarray
     tokens: int
+    text_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+# Called after each encoder batch with the indices (into the texts given) just embedded.
+BatchCallback = Callable[[np.ndarray], None]
 
 
 class Embedder(Protocol):
@@ -52,8 +60,9 @@ class Embedder(Protocol):
     def tokenizer(self) -> Any:
         """A Hugging Face fast tokenizer, used for chunking and token counts."""
 
-    def embed(self, texts: list[str]) -> EmbeddingBatch:
-        """Embed ``texts`` (each truncated to ``max_tokens``). Raises ``EmbeddingError``."""
+    def embed(self, texts: list[str], *, on_batch: BatchCallback | None = None) -> EmbeddingBatch:
+        """Embed ``texts`` (each truncated to ``max_tokens``), calling ``on_batch(indices)``
+        after each batch. Raises ``EmbeddingError``."""
 
     def embed_query(self, text: str) -> np.ndarray:
         """One query's vector, on the fastest path (no batching, no token count)."""
@@ -134,7 +143,7 @@ class LocalEmbedder:
     def tokenizer(self) -> Any:
         return self._model.tokenizer
 
-    def embed(self, texts: list[str]) -> EmbeddingBatch:
+    def embed(self, texts: list[str], *, on_batch: BatchCallback | None = None) -> EmbeddingBatch:
         """Vectors of ``texts`` (shape ``(len(texts), 384)``) and the WordPiece tokens they cost.
 
         The model's own pipeline (transformer, mean pooling, L2 normalization; its
@@ -142,6 +151,8 @@ class LocalEmbedder:
         by length so each batch of ``EMBEDDING_BATCH_SIZE`` pads little), except that the texts
         are tokenized once: the token count is the sum of the attention masks ([CLS] and [SEP]
         included, truncation at ``max_tokens`` applied) instead of a second tokenization.
+        The more texts one call gets, the less its batches pad (they are sorted by token count
+        across the call). ``on_batch(indices)`` is called after each batch (for progress).
         """
         if not texts:
             return EmbeddingBatch(np.zeros((0, self.dim), dtype=np.float32), 0)
@@ -163,7 +174,9 @@ class LocalEmbedder:
                     input_ids[row, :lengths[index]] = ids[index]
                     mask[row, :lengths[index]] = 1
                 vectors[rows] = self._forward(torch.from_numpy(input_ids), torch.from_numpy(mask))
-        return EmbeddingBatch(vectors, int(lengths.sum()))
+                if on_batch is not None:
+                    on_batch(rows)
+        return EmbeddingBatch(vectors, int(lengths.sum()), lengths)
 
     def _forward(self, input_ids: Any, attention_mask: Any, transformer: Any = None) -> np.ndarray:
         """Mean-pooled, L2-normalized last hidden states (``(batch, 384)`` float32) of
@@ -197,6 +210,18 @@ class LocalEmbedder:
             return self._forward(encoded["input_ids"], encoded["attention_mask"], self._query_transformer)[0]
 
 
+def _share(total: int, weights: list[int]) -> np.ndarray:
+    """``total`` split into integers proportional to ``weights`` that add up to ``total``
+    (largest remainders get the leftover units; equal shares when every weight is 0)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w if w.sum() > 0 else np.ones_like(w)
+    exact = total * w / w.sum()
+    shares = np.floor(exact).astype(np.int64)
+    leftover = int(total - shares.sum())
+    shares[np.argsort(-(exact - shares), kind="stable")[:leftover]] += 1
+    return shares
+
+
 class LiteLLMEmbedder:
     """An OpenAI-compatible embeddings endpoint through litellm."""
 
@@ -208,13 +233,16 @@ class LiteLLMEmbedder:
     def tokenizer(self) -> Any:
         return _wordpiece_tokenizer()
 
-    def embed(self, texts: list[str]) -> EmbeddingBatch:
+    def embed(self, texts: list[str], *, on_batch: BatchCallback | None = None) -> EmbeddingBatch:
+        """Vectors of ``texts`` from the endpoint, in requests of ``EMBEDDING_BATCH_SIZE``
+        texts; each request's ``usage.prompt_tokens`` (counted by WordPiece when the endpoint
+        reports none) is shared out over its texts by characters. Raises ``EmbeddingError``."""
         import litellm
 
         if not texts:
             return EmbeddingBatch(np.zeros((0, self.dim), dtype=np.float32), 0)
         vectors: list[list[float]] = []
-        tokens = 0
+        text_tokens = np.zeros(len(texts), dtype=np.int64)
         for start in range(0, len(texts), settings.EMBEDDING_BATCH_SIZE):
             batch = texts[start:start + settings.EMBEDDING_BATCH_SIZE]
             try:
@@ -226,13 +254,16 @@ class LiteLLMEmbedder:
                 raise EmbeddingError(f"embedding endpoint failed: {type(exc).__name__}: {exc}") from exc
             vectors.extend(item["embedding"] for item in response.data)
             usage = getattr(response, "usage", None)
-            tokens += int(getattr(usage, "prompt_tokens", 0) or 0) or count_tokens(batch)
+            spent = int(getattr(usage, "prompt_tokens", 0) or 0) or count_tokens(batch)
+            text_tokens[start:start + len(batch)] = _share(spent, [len(t) for t in batch])
+            if on_batch is not None:
+                on_batch(np.arange(start, start + len(batch)))
         array = np.asarray(vectors, dtype=np.float32)
         if array.shape != (len(texts), self.dim):
             raise EmbeddingError(f"embedding endpoint returned shape {array.shape}, expected "
                                  f"({len(texts)}, {self.dim}); check EMBEDDING_DIM")
         norms = np.linalg.norm(array, axis=1, keepdims=True)
-        return EmbeddingBatch(array / np.maximum(norms, 1e-12), tokens)
+        return EmbeddingBatch(array / np.maximum(norms, 1e-12), int(text_tokens.sum()), text_tokens)
 
     def embed_query(self, text: str) -> np.ndarray:
         return self.embed([text]).vectors[0]

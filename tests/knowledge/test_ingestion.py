@@ -295,11 +295,11 @@ def test_an_embedding_failure_fails_its_group_only_and_says_why(world: World, co
     real = model.embed
     calls = {"n": 0}
 
-    def flaky(texts: list[str]):  # type: ignore[no-untyped-def]
+    def flaky(texts: list[str], **kwargs):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 2:
             raise EmbeddingError("embedding endpoint failed: ReadTimeout")
-        return real(texts)
+        return real(texts, **kwargs)
 
     monkeypatch.setattr(model, "embed", flaky)
     report = ingest_documents(ids, group_chunks=2)
@@ -312,13 +312,13 @@ def test_an_embedding_failure_fails_its_group_only_and_says_why(world: World, co
 
 
 def test_a_large_document_shows_its_embedding_progress(
-        world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+        world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
     from knowledge import ingestion
 
     body = "\n\n".join(f"## Section {i}\n\n" + f"Paragraph {i} explains the expense rules in detail. " * 12
                        for i in range(60))
     document = _upload(world, collection_a, "big.md", f"# Big\n\n{body}".encode()).created[0]
-    monkeypatch.setattr(ingestion, "EMBED_GROUP", 8)
+    settings.EMBEDDING_BATCH_SIZE = 8
     written: list[int] = []
     real = ingestion._progress
 
@@ -332,3 +332,87 @@ def test_a_large_document_shows_its_embedding_progress(
     assert report.indexed == 1 and document.chunk_count > 40 and document.progress == 100
     embedding_steps = [p for p in written if 20 < p <= 95]
     assert len(embedding_steps) > 1 and embedding_steps == sorted(embedding_steps)
+
+
+def test_outside_a_transaction_groups_are_stored_on_one_other_thread_in_the_tenant_schema(world: World) -> None:
+    import threading
+
+    from django.db import connections as db_connections
+    from django_tenants.utils import schema_context
+
+    from knowledge.ingestion import _Storer
+
+    seen: list[tuple[str, str, list[str]]] = []
+    connections: list[Any] = []
+    release = threading.Event()
+
+    def store_group(group: list[str], embedded: list[Any]) -> None:
+        if group == ["first"]:
+            assert release.wait(10)  # the caller goes on while this group is stored
+        own = db_connections["default"]  # this thread's connection (``connection`` is a proxy)
+        seen.append((threading.current_thread().name, own.schema_name, group))  # type: ignore[attr-defined]
+        connections.append(own)
+        if group == ["broken"]:
+            raise RuntimeError("storing failed")
+
+    # pytest-django runs each test in a transaction; ingestion outside one chooses the thread.
+    with schema_context(world.tenant_a.schema_name):
+        storer = _Storer(store_group, threaded=True)  # type: ignore[arg-type]
+    storer.submit(["first"], [])  # type: ignore[list-item]
+    assert seen == []  # submit returned while the group was still being stored
+    release.set()
+    storer.submit(["second"], [])  # type: ignore[list-item]  # waits for "first": one group in flight
+    storer.submit(["broken"], [])  # type: ignore[list-item]
+    with pytest.raises(RuntimeError, match="storing failed"):
+        storer.close()
+    assert [group for _, _, group in seen] == [["first"], ["second"], ["broken"]]
+    assert {name.startswith("ingest-store") for name, _, _ in seen} == {True}
+    assert {schema for _, schema, _ in seen} == {world.tenant_a.schema_name}
+    # The store thread's own connection, not the test's, and closed at the end.
+    assert connections[0] is not db_connections["default"] and connections[0].connection is None
+
+
+def test_inside_a_transaction_groups_are_stored_on_the_calling_thread(world: World) -> None:
+    import threading
+
+    from knowledge.ingestion import _Storer
+
+    names: list[str] = []
+    storer = _Storer(lambda group, embedded: names.append(threading.current_thread().name))
+    storer.submit([], [])
+    storer.close()
+    assert names == [threading.current_thread().name]
+
+
+def test_storing_a_document_deleted_meanwhile_writes_nothing(world: World, collection_a: Collection) -> None:
+    from knowledge.embeddings import embedder
+    from knowledge.ingestion import prepare, store
+
+    document = _upload(world, collection_a, "gone.md", HANDBOOK).created[0]
+    prepared = prepare(document, collection_a)
+    vectors = embedder().embed([d.embed_text for d in prepared.drafts]).vectors
+    Document.objects.filter(pk=document.pk).delete()
+    with pytest.raises(Document.DoesNotExist):
+        store(prepared, vectors, 10, collection_a)
+    collection_a.refresh_from_db()
+    assert Chunk.objects.filter(document_id=document.pk).count() == 0
+    assert (collection_a.chunk_count, collection_a.lexeme_total) == (0, 0)
+    assert not UsageEvent.objects.filter(kind="embedding.tokens").exists()
+
+
+def test_a_document_that_gained_chunks_meanwhile_has_them_replaced(world: World, collection_a: Collection) -> None:
+    from knowledge.embeddings import embedder
+    from knowledge.ingestion import prepare, store
+
+    document = _upload(world, collection_a, "twice.md", HANDBOOK).created[0]
+    _index([document.pk])  # another job indexed it after this one loaded the row (chunk_count 0)
+    collection_a.refresh_from_db()
+    first = (collection_a.chunk_count, collection_a.lexeme_total)
+    prepared = prepare(document, collection_a)
+    assert prepared.document.chunk_count == 0  # the stale copy
+    vectors = embedder().embed([d.embed_text for d in prepared.drafts]).vectors
+    store(prepared, vectors, 10, collection_a)
+    collection_a.refresh_from_db()
+    assert Chunk.objects.filter(document_id=document.pk).count() == len(prepared.drafts) == first[0]
+    assert (collection_a.chunk_count, collection_a.lexeme_total) == first
+    assert UsageEvent.objects.filter(kind="embedding.tokens").count() == 2
