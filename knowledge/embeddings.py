@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, Protocol
 
@@ -40,12 +40,16 @@ class Tokenizer(Protocol):
 @dataclass(frozen=True)
 class EmbeddingBatch:
     """Vectors (shape ``(n, dim)``, float32, unit length) and the tokens they cost: ``tokens`` in
-    all, and ``text_tokens`` (shape ``(n,)``, int64) per text when the backend knows them (the
-    local model counts exactly; an endpoint's total is shared out by characters)."""
+    all, and ``text_tokens`` (shape ``(n,)``, int64) per text (the local model counts exactly;
+    an endpoint's total per request is shared out by characters)."""
 
     vectors: np.ndarray
     tokens: int
-    text_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    text_tokens: np.ndarray
+
+
+def _empty_batch(dim: int) -> EmbeddingBatch:
+    return EmbeddingBatch(np.zeros((0, dim), dtype=np.float32), 0, np.zeros(0, dtype=np.int64))
 
 
 # Called after each encoder batch with the indices (into the texts given) just embedded.
@@ -155,7 +159,7 @@ class LocalEmbedder:
         across the call). ``on_batch(indices)`` is called after each batch (for progress).
         """
         if not texts:
-            return EmbeddingBatch(np.zeros((0, self.dim), dtype=np.float32), 0)
+            return _empty_batch(self.dim)
         import torch
 
         ids = self._model.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_tokens,
@@ -240,7 +244,7 @@ class LiteLLMEmbedder:
         import litellm
 
         if not texts:
-            return EmbeddingBatch(np.zeros((0, self.dim), dtype=np.float32), 0)
+            return _empty_batch(self.dim)
         vectors: list[list[float]] = []
         text_tokens = np.zeros(len(texts), dtype=np.int64)
         for start in range(0, len(texts), settings.EMBEDDING_BATCH_SIZE):

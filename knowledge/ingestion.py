@@ -221,16 +221,18 @@ def _execute(sql: str, params: dict[str, Any]) -> Any:
     from pgvector.psycopg.vector import register_vector_info
     from psycopg.types import TypeInfo
 
-    connection.ensure_connection()
-    raw_connection = connection.connection
-    assert raw_connection is not None
-    database = str(connection.settings_dict["NAME"])
-    if database not in _vector_types:
-        _vector_types[database] = TypeInfo.fetch(raw_connection, "vector")
-    with psycopg.Cursor(raw_connection) as cursor:
-        register_vector_info(cursor, _vector_types[database])  # type: ignore[arg-type]  # any adapt context
-        cursor.execute(sql, params)
-        return cursor.fetchone()
+    # A Django cursor first: django-tenants points the connection's search_path at the current
+    # tenant's schema when it hands one out, and a bare psycopg cursor would skip that.
+    with connection.cursor():
+        raw_connection = connection.connection
+        assert raw_connection is not None
+        database = str(connection.settings_dict["NAME"])
+        if database not in _vector_types:
+            _vector_types[database] = TypeInfo.fetch(raw_connection, "vector")
+        with psycopg.Cursor(raw_connection) as cursor:
+            register_vector_info(cursor, _vector_types[database])  # type: ignore[arg-type]  # any adapt context
+            cursor.execute(sql, params)
+            return cursor.fetchone()
 
 
 def _insert_chunks(collection: Collection, document: Document, drafts: list[ChunkDraft], vectors: np.ndarray) -> int:
@@ -319,11 +321,7 @@ def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], Non
             report(group[index], int(done[index]))
 
     batch = model.embed(texts, on_batch=on_batch)
-    if len(batch.text_tokens) == len(texts):
-        tokens = np.bincount(owners, weights=batch.text_tokens, minlength=len(group)).astype(np.int64)
-    else:  # a backend that reports only a total: share it by characters
-        tokens = np.bincount(owners, weights=[len(t) for t in texts], minlength=len(group))
-        tokens = np.round(tokens / max(tokens.sum(), 1) * batch.tokens).astype(np.int64)
+    tokens = np.bincount(owners, weights=batch.text_tokens, minlength=len(group)).astype(np.int64)
     result = []
     offset = 0
     for index, prepared in enumerate(group):
@@ -358,12 +356,7 @@ def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallba
     """
     ids = list(document_ids)
     report = IngestReport()
-    # Everything this writes is derived from the stored source and rebuilt by re-indexing, and
-    # the sweeper re-queues a job whose progress was lost, so commits need not wait for the WAL
-    # flush: a crash can lose the last moments of work, never consistency (PostgreSQL manual,
-    # "Asynchronous Commit"). One flush per document would otherwise cost more than storing it.
-    with connection.cursor() as cursor:
-        cursor.execute("SET synchronous_commit = off")
+    _commit_asynchronously()
     try:
         return _ingest(ids, report, on_document, group_chunks)
     finally:
@@ -371,11 +364,23 @@ def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallba
             cursor.execute("RESET synchronous_commit")
 
 
+def _commit_asynchronously() -> None:
+    """Let this thread's connection commit without waiting for the WAL flush.
+
+    Everything ingestion writes is derived from the stored source and rebuilt by re-indexing, and
+    the sweeper re-queues a job whose progress was lost, so a crash can lose the last moments of
+    work, never consistency (PostgreSQL manual, "Asynchronous Commit"). One flush per document
+    would otherwise cost more than storing it.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit = off")
+
+
 class _Storer:
     """Stores embedded groups, on a second thread with its own database connection when the
     caller is not inside a transaction (another connection could not see its uncommitted rows),
-    so that group N is written while group N + 1 is embedded: storing is mostly waiting for
-    PostgreSQL round trips, and the encoder's threads release the GIL. At most one group is
+    so that group N is written while group N + 1 is embedded (the encoder's threads release the
+    GIL, and PostgreSQL does most of the storing in its own process). At most one group is
     in flight; ``submit`` waits for the previous one. Inside a transaction, groups are stored
     on the calling thread, as before."""
 
@@ -387,14 +392,14 @@ class _Storer:
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: Future[None] | None = None
         if (not connection.in_atomic_block) if threaded is None else threaded:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-store")
+            # The thread's connection is its own, closed in ``close``: set it up once.
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-store",
+                                            initializer=_commit_asynchronously)
 
     def _run(self, group: list[Prepared], embedded: list[tuple[np.ndarray, int]]) -> None:
         from django_tenants.utils import schema_context
 
         with schema_context(self._schema):
-            with connection.cursor() as cursor:
-                cursor.execute("SET synchronous_commit = off")
             self._store_group(group, embedded)
 
     def submit(self, group: list[Prepared], embedded: list[tuple[np.ndarray, int]]) -> None:

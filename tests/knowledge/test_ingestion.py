@@ -344,6 +344,7 @@ def test_outside_a_transaction_groups_are_stored_on_one_other_thread_in_the_tena
 
     seen: list[tuple[str, str, list[str]]] = []
     connections: list[Any] = []
+    commit_modes: list[str] = []
     release = threading.Event()
 
     def store_group(group: list[str], embedded: list[Any]) -> None:
@@ -352,6 +353,9 @@ def test_outside_a_transaction_groups_are_stored_on_one_other_thread_in_the_tena
         own = db_connections["default"]  # this thread's connection (``connection`` is a proxy)
         seen.append((threading.current_thread().name, own.schema_name, group))  # type: ignore[attr-defined]
         connections.append(own)
+        with own.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            commit_modes.append(cursor.fetchone()[0])
         if group == ["broken"]:
             raise RuntimeError("storing failed")
 
@@ -368,6 +372,7 @@ def test_outside_a_transaction_groups_are_stored_on_one_other_thread_in_the_tena
     assert [group for _, _, group in seen] == [["first"], ["second"], ["broken"]]
     assert {name.startswith("ingest-store") for name, _, _ in seen} == {True}
     assert {schema for _, schema, _ in seen} == {world.tenant_a.schema_name}
+    assert commit_modes == ["off", "off", "off"]  # set up once, when the thread started
     # The store thread's own connection, not the test's, and closed at the end.
     assert connections[0] is not db_connections["default"] and connections[0].connection is None
 
@@ -416,3 +421,26 @@ def test_a_document_that_gained_chunks_meanwhile_has_them_replaced(world: World,
     assert Chunk.objects.filter(document_id=document.pk).count() == len(prepared.drafts) == first[0]
     assert (collection_a.chunk_count, collection_a.lexeme_total) == first
     assert UsageEvent.objects.filter(kind="embedding.tokens").count() == 2
+
+
+def test_the_binary_statement_runs_in_the_tenant_schema_on_a_fresh_connection(world: World) -> None:
+    import threading
+
+    from django.db import connections as db_connections
+    from django_tenants.utils import schema_context
+
+    from knowledge.ingestion import _execute
+
+    schemas: list[str] = []
+
+    def on_a_new_thread() -> None:  # a new thread has a connection of its own, not yet opened
+        try:
+            with schema_context(world.tenant_a.schema_name):
+                schemas.append(_execute("SELECT current_schema()", {})[0])
+        finally:
+            db_connections["default"].close()
+
+    thread = threading.Thread(target=on_a_new_thread)
+    thread.start()
+    thread.join(10)
+    assert schemas == [world.tenant_a.schema_name]
