@@ -37,6 +37,7 @@ from knowledge.models import Collection, Document
 logger = structlog.get_logger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
+ChunkCallback = Callable[[int], None]
 
 
 @dataclass
@@ -299,10 +300,11 @@ def store(prepared: Prepared, vectors: np.ndarray, tokens: int, collection: Coll
     return document
 
 
-def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], None]) -> list[tuple[np.ndarray, int]]:
+def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], None],
+                    on_chunks: ChunkCallback | None = None) -> list[tuple[np.ndarray, int]]:
     """Embed the chunks of ``group`` in one encoder call; return per-document ``(vectors,
     tokens)``. ``report(prepared, done_chunks)`` is called after each encoder batch for the
-    documents that batch advanced.
+    documents that batch advanced, and ``on_chunks(n)`` with the batch's number of chunks.
 
     One call over the whole group lets the encoder sort every chunk of it by token count, so its
     batches pad little. Padding on SciFact's 11,867 chunks (2,125,678 tokens): one call over all
@@ -319,6 +321,8 @@ def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], Non
         done[:] += advanced
         for index in np.flatnonzero(advanced):
             report(group[index], int(done[index]))
+        if on_chunks is not None:
+            on_chunks(len(rows))
 
     batch = model.embed(texts, on_batch=on_batch)
     tokens = np.bincount(owners, weights=batch.text_tokens, minlength=len(group)).astype(np.int64)
@@ -344,7 +348,7 @@ class IngestReport:
 
 
 def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallback | None = None,
-                     group_chunks: int = 2048) -> IngestReport:
+                     on_chunks: ChunkCallback | None = None, group_chunks: int = 2048) -> IngestReport:
     """Index the given documents of the current schema; return how many succeeded.
 
     Documents are prepared, then embedded together once ``group_chunks`` chunks are waiting
@@ -352,13 +356,16 @@ def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallba
     and stored while the next group is embedded (``_Storer``). Failures of one document (bad
     content, embedding endpoint down) mark that document ``failed`` with its reason and do not
     stop the others. ``on_document(done, total)`` is called after each stored or failed
-    document (for progress bars), from the thread that stored it.
+    document (for progress bars), from the thread that stored it; ``on_chunks(n)`` after each
+    encoder batch, with its number of chunks, from the calling thread (a document is only done
+    once its whole group is embedded and stored, which for a group of 2,048 chunks takes about a
+    minute on two cores: this is the finer-grained progress).
     """
     ids = list(document_ids)
     report = IngestReport()
     _commit_asynchronously()
     try:
-        return _ingest(ids, report, on_document, group_chunks)
+        return _ingest(ids, report, on_document, on_chunks, group_chunks)
     finally:
         with connection.cursor() as cursor:
             cursor.execute("RESET synchronous_commit")
@@ -428,7 +435,7 @@ class _Storer:
 
 
 def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback | None,
-            group_chunks: int) -> IngestReport:
+            on_chunks: ChunkCallback | None, group_chunks: int) -> IngestReport:
     collections: dict[int, Collection] = {}
     pending: list[Prepared] = []
     pending_chunks = 0
@@ -479,7 +486,7 @@ def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback 
 
         started = time.perf_counter()
         try:
-            embedded = _embed_prepared(group, step)
+            embedded = _embed_prepared(group, step, on_chunks)
         except EmbeddingError as exc:
             for prepared in group:
                 document_fail(prepared.document.pk, f"The embedding service failed: {exc}")

@@ -327,11 +327,15 @@ def test_a_large_document_shows_its_embedding_progress(
         real(document_id, percent, **fields)
 
     monkeypatch.setattr(ingestion, "_progress", spy)
-    report = ingestion.ingest_documents([document.pk])
+    batches: list[int] = []
+    report = ingestion.ingest_documents([document.pk], on_chunks=batches.append)
     document.refresh_from_db()
     assert report.indexed == 1 and document.chunk_count > 40 and document.progress == 100
     embedding_steps = [p for p in written if 20 < p <= 95]
     assert len(embedding_steps) > 1 and embedding_steps == sorted(embedding_steps)
+    # The finer-grained callback (kb_import's chunk bar): one call per encoder batch of 8.
+    assert sum(batches) == document.chunk_count and max(batches) == 8
+    assert len(batches) == -(-document.chunk_count // 8)
 
 
 def test_outside_a_transaction_groups_are_stored_on_one_other_thread_in_the_tenant_schema(world: World) -> None:

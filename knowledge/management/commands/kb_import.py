@@ -63,8 +63,12 @@ class Command(BaseCommand):
                 self.stdout.write(self.style.SUCCESS(f"{len(ids)} document(s) queued; {rejected} file(s) rejected"))
                 return
             started = time.perf_counter()
-            with tqdm(total=len(ids), desc="index", unit="doc") as bar:
-                report = ingest_documents(ids, on_document=lambda done, total: bar.update(done - bar.n))
+            # Two bars: documents finish a group (2,048 chunks) at a time, so the chunk bar is the
+            # one that moves while a group embeds.
+            with (tqdm(total=len(ids), desc="index", unit="doc") as documents,
+                  tqdm(desc="embed", unit="chunk") as chunks):
+                report = ingest_documents(ids, on_document=lambda done, total: documents.update(done - documents.n),
+                                          on_chunks=chunks.update)
             elapsed = time.perf_counter() - started
             for document in Document.objects.filter(pk__in=ids, status=Document.Status.FAILED)[:50]:
                 self.stderr.write(f"failed: {document.title}: {document.error_message}")
