@@ -49,7 +49,7 @@ def main() -> None:
     from knowledge.retrieval import fuse, hybrid_candidates
 
     grid_k1b = [(0.9, 0.4), (1.2, 0.75), (1.2, 0.4), (0.9, 0.6), (1.5, 0.6)]
-    alphas = [0.3, 0.4, 0.5, 0.6, 0.7]
+    alphas = [round(0.3 + 0.025 * i, 3) for i in range(21)]  # 0.3 to 0.8
     with schema_context("t_scifact"):
         collections = list(Collection.objects.all())
         doc_of = dict(Chunk.objects.values_list("id", "document__external_id"))
@@ -79,15 +79,34 @@ def main() -> None:
     train, test = results["train"], results["test"]
     print(f"\n{'k1':>4} {'b':>5} {'fusion':>7} {'alpha':>5} | {'train nDCG':>10} {'R@100':>6} | "
           f"{'test nDCG':>9} {'R@100':>6}")
-    for key in sorted(train, key=lambda k: -train[k][0]):
+    for key in sorted(train, key=lambda k: -train[k][0])[:30]:  # the 30 best of the grid
         k1, b, fusion, alpha = key
         print(f"{k1:>4} {b:>5} {fusion:>7} {alpha if alpha is not None else '-':>5} | {train[key][0]:10.3f} "
               f"{train[key][1]:6.3f} | {test[key][0]:9.3f} {test[key][1]:6.3f}")
-    # The rule, fixed before looking at test figures: the best train nDCG@10.
-    best = max((k for k in train if k[2].startswith("convex")), key=lambda k: train[k][0])
-    print(f"\nchosen on train: k1={best[0]} b={best[1]} {best[2]} alpha={best[3]}: train nDCG@10 "
-          f"{train[best][0]:.3f}, recall@100 {train[best][1]:.3f}; test nDCG@10 {test[best][0]:.3f}, "
-          f"recall@100 {test[best][1]:.3f}")
+    convex = [k for k in train if k[2].startswith("convex")]
+    for label, best in (("best train nDCG@10", max(convex, key=lambda k: train[k][0])),
+                        (f"best train recall@100 within {NDCG_TOLERANCE} of the best train nDCG@10",
+                         choose(convex, train))):
+        print(f"\n{label}: k1={best[0]} b={best[1]} {best[2]} alpha={best[3]}: train nDCG@10 "
+              f"{train[best][0]:.4f}, recall@100 {train[best][1]:.4f}; test nDCG@10 {test[best][0]:.4f}, "
+              f"recall@100 {test[best][1]:.4f}")
+
+
+# The defaults follow the first rule: the best train nDCG@10. The second rule also weighs the
+# recall@100 target: among the settings within NDCG_TOLERANCE of the best train nDCG@10, the best
+# train recall@100 (ties: the better nDCG@10). Measured on 2026-11-30 it picks k1 0.9, b 0.6,
+# min-max, alpha 0.675: train recall@100 0.9615 (first rule 0.9588), test 0.956 (first rule
+# 0.963). Train recall@100 differences of this size (two or three of 809 queries) do not carry to
+# the test queries, so the defaults stay on the first rule; the line is printed so that a change
+# of data or model can be judged on both targets.
+NDCG_TOLERANCE = 0.005
+
+
+def choose(keys: list[tuple[Any, ...]], train: dict[tuple[Any, ...], tuple[float, float]]) -> tuple[Any, ...]:
+    """The setting the rule above picks from ``keys`` by their train (nDCG@10, recall@100)."""
+    best_ndcg = max(train[k][0] for k in keys)
+    eligible = [k for k in keys if train[k][0] >= best_ndcg - NDCG_TOLERANCE]
+    return max(eligible, key=lambda k: (train[k][1], train[k][0]))
 
 
 if __name__ == "__main__":
