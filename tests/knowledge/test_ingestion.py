@@ -94,6 +94,18 @@ def test_each_chunk_row_is_written_once_with_the_length_its_postings_carry(world
         assert chunk.lexeme_count == sum(p.tf for p in postings) > 0
         assert {p.chunk_len for p in postings} == {chunk.lexeme_count}
         assert {p.collection_id for p in postings} == {collection_a.pk}
+        assert {p.pk for p in postings} == {(chunk.pk, p.lexeme) for p in postings}
+
+
+def test_a_chunk_has_one_posting_per_term(world: World, collection_a: Collection) -> None:
+    from django.db import IntegrityError, transaction
+
+    document = _upload(world, collection_a, "handbook.md", HANDBOOK).created[0]
+    _index([document.pk])
+    posting = Posting.objects.filter(chunk__document=document, lexeme="leav").get()
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Posting.objects.create(collection_id=collection_a.pk, chunk_id=posting.chunk_id, lexeme="leav", tf=1,
+                               chunk_len=posting.chunk_len)
 
 
 def test_the_same_bytes_twice_return_the_existing_document(world: World, collection_a: Collection) -> None:
