@@ -39,17 +39,21 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class EmbeddingBatch:
-    """Vectors (shape ``(n, dim)``, float32, unit length) and the tokens they cost: ``tokens`` in
-    all, and ``text_tokens`` (shape ``(n,)``, int64) per text (the local model counts exactly;
-    an endpoint's total per request is shared out by characters)."""
+    """Vectors (shape ``(n, dim)``, float32, unit length) and the tokens they cost per text:
+    ``text_tokens`` (shape ``(n,)``, int64; the local model counts exactly, an endpoint's total
+    per request is shared out by characters)."""
 
     vectors: np.ndarray
-    tokens: int
     text_tokens: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        """The tokens of all the texts."""
+        return int(self.text_tokens.sum())
 
 
 def _empty_batch(dim: int) -> EmbeddingBatch:
-    return EmbeddingBatch(np.zeros((0, dim), dtype=np.float32), 0, np.zeros(0, dtype=np.int64))
+    return EmbeddingBatch(np.zeros((0, dim), dtype=np.float32), np.zeros(0, dtype=np.int64))
 
 
 # Called after each encoder batch with the indices (into the texts given) just embedded.
@@ -180,7 +184,7 @@ class LocalEmbedder:
                 vectors[rows] = self._forward(torch.from_numpy(input_ids), torch.from_numpy(mask))
                 if on_batch is not None:
                     on_batch(rows)
-        return EmbeddingBatch(vectors, int(lengths.sum()), lengths)
+        return EmbeddingBatch(vectors, lengths)
 
     def _forward(self, input_ids: Any, attention_mask: Any, transformer: Any = None) -> np.ndarray:
         """Mean-pooled, L2-normalized last hidden states (``(batch, 384)`` float32) of
@@ -267,7 +271,7 @@ class LiteLLMEmbedder:
             raise EmbeddingError(f"embedding endpoint returned shape {array.shape}, expected "
                                  f"({len(texts)}, {self.dim}); check EMBEDDING_DIM")
         norms = np.linalg.norm(array, axis=1, keepdims=True)
-        return EmbeddingBatch(array / np.maximum(norms, 1e-12), int(text_tokens.sum()), text_tokens)
+        return EmbeddingBatch(array / np.maximum(norms, 1e-12), text_tokens)
 
     def embed_query(self, text: str) -> np.ndarray:
         return self.embed([text]).vectors[0]
