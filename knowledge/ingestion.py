@@ -28,7 +28,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from billing.models import UsageEvent
-from billing.services import usage_event_record, usage_event_values
+from billing.services import usage_event_values
 from knowledge.chunking import ChunkDraft, chunk_text
 from knowledge.embeddings import EmbeddingError, embedder
 from knowledge.extraction import ExtractedText, ExtractionError, Section, extract
@@ -100,16 +100,24 @@ def prepare(document: Document, collection: Collection) -> Prepared:
     return Prepared(document, drafts, extracted)
 
 
-# A document's chunks travel as parallel arrays in one statement (vectors as a binary
-# ``vector[]``), which writes them to ``knowledge_chunk`` with their BM25 lengths already computed
-# and writes their postings. Each chunk row is written once: setting ``lexeme_count`` by an UPDATE
-# after the insert made a second row version, which is a second insertion into every index of the
-# table, the HNSW graph included, whenever it does not fit on the same page (measured on SciFact:
-# 3,401 of 11,867 chunks), and dead rows that autovacuum then removes from the HNSW graph again.
-# (A temporary staging table filled by COPY did the same with three more statements per document,
-# and creating and dropping it wrote and deleted a dozen catalog rows each time.)
-_CHUNK_CTES = """
-stage AS (
+# A document without chunks is indexed in one statement, so in one transaction and one round
+# trip: lock its row (only while it has no chunks), write its chunks and their postings, add them
+# to the collection's statistics, mark the document ``indexed`` and append its usage event.
+# Returns whether the document was indexed (0, having written nothing, when it was deleted or
+# gained chunks meanwhile). A statement per step, each waiting for its round trip, cost more
+# than the writes themselves; re-indexing removes the old chunks first (``store``).
+#
+# The chunks travel as parallel arrays (vectors as a binary ``vector[]``). Each chunk row is
+# written once, with its BM25 length already computed: setting ``lexeme_count`` by an UPDATE
+# after the insert made a second row version, which is a second insertion into every index of
+# the table, the HNSW graph included, whenever it does not fit on the same page (measured on
+# SciFact: 3,401 of 11,867 chunks), and dead rows that autovacuum then removes from the HNSW
+# graph again. (A temporary staging table filled by COPY did the same with three more statements
+# per document, and creating and dropping it wrote and deleted a dozen catalog rows each time.)
+_INDEX_SQL = """
+WITH doc AS (
+    SELECT id FROM knowledge_document WHERE id = %(document)s AND chunk_count = 0 FOR UPDATE
+), stage AS (
     SELECT * FROM unnest(%(ordinals)s::int[], %(texts)s::text[], %(headings)s::text[], %(pages)s::int[],
                          %(starts)s::int[], %(ends)s::int[], %(tokens)s::int[], %(embeddings)b::vector[])
         AS s(ordinal, text, heading_path, page_number, char_start, char_end, token_count, embedding)
@@ -130,30 +138,14 @@ stage AS (
     SELECT %(collection)s, %(document)s, s.ordinal, s.text, s.heading_path::jsonb, s.page_number, s.char_start,
            s.char_end, s.token_count, COALESCE(lengths.len, 0), s.embedding
     FROM stage s LEFT JOIN lengths USING (ordinal)
-    {gate}
+    WHERE EXISTS (SELECT 1 FROM doc)
     ORDER BY s.ordinal
     RETURNING id, ordinal, lexeme_count
 ), postings AS (
     INSERT INTO knowledge_posting (collection_id, chunk_id, lexeme, tf, chunk_len)
     SELECT %(collection)s, chunks.id, terms.lexeme, terms.tf, chunks.lexeme_count
     FROM terms JOIN chunks USING (ordinal)
-    RETURNING tf
-)"""
-
-# In the caller's transaction (re-indexing, after the old chunks were deleted): the chunks and
-# their postings; returns the stemmed terms written.
-_INSERT_SQL = "WITH " + _CHUNK_CTES.format(gate="") + "\nSELECT COALESCE(SUM(tf), 0) FROM postings"
-
-# A document indexed for the first time, in one statement, so in one transaction and one round
-# trip: lock its row (only while it has no chunks), write chunks and postings, add them to the
-# collection's statistics, mark the document ``indexed`` and append its usage event. Returns
-# whether the document was indexed (0 when it was deleted or gained chunks meanwhile). A
-# statement per step, each waiting for its round trip, cost more than the writes themselves.
-_LOCK_NEW_CTE = """
-doc AS (
-    SELECT id FROM knowledge_document WHERE id = %(document)s AND chunk_count = 0 FOR UPDATE
-),"""
-_INDEX_NEW_TAIL = """, written AS (
+), written AS (
     SELECT COUNT(*) AS chunks, COALESCE(SUM(lexeme_count), 0) AS lexemes FROM chunks
 ), statistics AS (
     UPDATE knowledge_collection c
@@ -176,22 +168,25 @@ _INDEX_NEW_TAIL = """, written AS (
 )
 SELECT (SELECT COUNT(*) FROM indexed)
 """
-# Only constants are joined here; values travel as parameters.
-_INDEX_NEW_SQL = ("WITH " + _LOCK_NEW_CTE  # noqa: S608
-                  + _CHUNK_CTES.format(gate="WHERE EXISTS (SELECT 1 FROM doc)") + _INDEX_NEW_TAIL)
 
 
-def chunks_delete(document_id: int) -> tuple[int, int]:
+def chunks_delete(document: Document) -> int:
     """Delete a document's chunks and postings with set-based SQL (Django's cascade would load
-    every posting into memory). Returns ``(chunks, lexemes)`` removed, for the statistics."""
+    every posting into memory), take them out of its collection's statistics (the N and average
+    length of BM25) and set its ``chunk_count`` to 0. Returns the number of chunks removed. Run
+    it in the transaction that holds the document's row lock."""
     with connection.cursor() as cursor:
         cursor.execute(
             "DELETE FROM knowledge_posting WHERE chunk_id IN (SELECT id FROM knowledge_chunk WHERE document_id = %s)",
-            [document_id],
+            [document.pk],
         )
-        cursor.execute("DELETE FROM knowledge_chunk WHERE document_id = %s RETURNING lexeme_count", [document_id])
+        cursor.execute("DELETE FROM knowledge_chunk WHERE document_id = %s RETURNING lexeme_count", [document.pk])
         rows = cursor.fetchall()
-    return len(rows), int(sum(r[0] for r in rows))
+    chunks, lexemes = len(rows), int(sum(r[0] for r in rows))
+    Collection.objects.filter(pk=document.collection_id).update(
+        chunk_count=F("chunk_count") - chunks, lexeme_total=F("lexeme_total") - lexemes, updated_at=timezone.now())
+    Document.objects.filter(pk=document.pk).update(chunk_count=0)
+    return chunks
 
 
 _vector_types: dict[str, Any] = {}
@@ -236,15 +231,8 @@ def _execute(sql: str, params: dict[str, Any]) -> Any:
             return cursor.fetchone()
 
 
-def _insert_chunks(collection: Collection, document: Document, drafts: list[ChunkDraft], vectors: np.ndarray) -> int:
-    """Write a document's chunks, vectors and postings in the caller's transaction, in one
-    statement; return the number of stemmed terms written (the sum of the chunks' ``lexeme_count``)."""
-    row = _execute(_INSERT_SQL, _chunk_params(collection, document, drafts, vectors))
-    return int(row[0]) if row else 0
-
-
 def _index_new(prepared: Prepared, vectors: np.ndarray, tokens: int, collection: Collection) -> bool:
-    """Index a document that has no chunks in one statement (``_INDEX_NEW_SQL``); return False,
+    """Index a document that has no chunks in one statement (``_INDEX_SQL``); return False,
     having written nothing, when the document is gone or has chunks by now."""
     document = prepared.document
     params = _chunk_params(collection, document, prepared.drafts, vectors)
@@ -256,10 +244,10 @@ def _index_new(prepared: Prepared, vectors: np.ndarray, tokens: int, collection:
                   metadata=json.dumps({"warnings": prepared.extracted.warnings} if prepared.extracted.warnings else {}))
     if connection.in_atomic_block:
         with transaction.atomic():  # a savepoint: a failure must not abort the caller's transaction
-            row = _execute(_INDEX_NEW_SQL, params)
+            row = _execute(_INDEX_SQL, params)
     else:
         # Autocommit: the statement is its own transaction.
-        row = _execute(_INDEX_NEW_SQL, params)
+        row = _execute(_INDEX_SQL, params)
     return bool(row and row[0])
 
 
@@ -268,34 +256,21 @@ def store(prepared: Prepared, vectors: np.ndarray, tokens: int, collection: Coll
     ``indexed``. Returns the updated document; raises ``Document.DoesNotExist`` if it was
     deleted meanwhile.
 
-    A document without chunks (the common case) takes one statement (``_INDEX_NEW_SQL``);
-    re-indexing deletes the old chunks first, in the same transaction as the new ones.
+    A document without chunks (the common case) takes one statement (``_INDEX_SQL``). A
+    document indexed before (re-indexing, or a second copy of a job that got there first) has
+    its old chunks removed from the index and the statistics first, in the same transaction,
+    and then takes the same statement.
     """
     document = prepared.document
-    if not document.chunk_count and _index_new(prepared, vectors, tokens, collection):
-        document.status, document.chunk_count, document.progress = Document.Status.INDEXED, len(prepared.drafts), 100
-        return document
-    with transaction.atomic():
-        # Only what this reads: a JSONL record's row carries its whole text.
-        locked = Document.objects.select_for_update().only("pk", "chunk_count", "metadata").get(pk=document.pk)
-        # Chunks exist only for a document indexed before (its count is kept in step).
-        old_chunks, old_lexemes = chunks_delete(document.pk) if locked.chunk_count else (0, 0)
-        lexemes = _insert_chunks(collection, document, prepared.drafts, vectors)
-        Collection.objects.filter(pk=collection.pk).update(
-            chunk_count=F("chunk_count") + len(prepared.drafts) - old_chunks,
-            lexeme_total=F("lexeme_total") + lexemes - old_lexemes,
-            updated_at=timezone.now(),
-        )
-        now = timezone.now()
-        metadata = dict(locked.metadata)
-        if prepared.extracted.warnings:
-            metadata["warnings"] = prepared.extracted.warnings
-        Document.objects.filter(pk=document.pk).update(
-            status=Document.Status.INDEXED, progress=100, chunk_count=len(prepared.drafts), indexed_at=now,
-            updated_at=now, heartbeat_at=now, error_message="", metadata=metadata,
-        )
-        usage_event_record(kind=UsageEvent.Kind.EMBEDDING_TOKENS, quantity=tokens, model=embedder().name,
-                           metadata={"document_id": document.pk, "chunks": len(prepared.drafts)})
+    if document.chunk_count or not _index_new(prepared, vectors, tokens, collection):
+        with transaction.atomic():
+            # Only what this reads: a JSONL record's row carries its whole text.
+            locked = Document.objects.select_for_update().only("pk", "collection_id", "chunk_count").get(
+                pk=document.pk)
+            if locked.chunk_count:
+                chunks_delete(locked)
+            if not _index_new(prepared, vectors, tokens, collection):  # the row is locked without chunks
+                raise RuntimeError(f"document {document.pk} could not be indexed after its chunks were removed")
     document.status, document.chunk_count, document.progress = Document.Status.INDEXED, len(prepared.drafts), 100
     return document
 

@@ -12,7 +12,6 @@ import structlog
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import IntegrityError, transaction
-from django.db.models import F
 from django.utils import timezone
 
 from compliance.services import audit_event_create
@@ -300,9 +299,7 @@ def document_delete(*, principal: Principal, document: Document) -> None:
     """Delete a document, its chunks and its file."""
     principal.require("kb:write")
     document = Document.objects.select_for_update().get(pk=document.pk)
-    chunks, lexemes = chunks_delete(document.pk)
-    Collection.objects.filter(pk=document.collection_id).update(
-        chunk_count=F("chunk_count") - chunks, lexeme_total=F("lexeme_total") - lexemes, updated_at=timezone.now())
+    chunks = chunks_delete(document)
     audit_event_create(actor=principal, action="document.deleted", target_type="document", target_id=document.pk,
                        payload={"title": document.title, "collection": document.collection_id, "chunks": chunks})
     name = document.file.name
