@@ -4,8 +4,9 @@
 are prepared one by one, their chunks are embedded together in large groups (the encoder is
 the bottleneck and batches of tiny documents would waste it), and each document is stored in
 its own transaction (chunks, vectors, postings, collection statistics, status, usage event), so
-a failure never leaves a half-indexed document. A document indexed for the first time takes one
-statement; a group is stored on a second thread while the next group is embedded.
+a failure never leaves a half-indexed document. A document's chunks are written by one statement
+(re-indexing first removes the old ones in the same transaction); a group is stored on a second
+thread while the next group is embedded.
 
 Progress is written as it goes (outside that transaction, so pages and the API see it):
 extraction and chunking take it to 20 %, embedding to 95 %, storing to 100 %.
