@@ -320,8 +320,8 @@ EMBEDDING_BATCH_SIZE = env_int("EMBEDDING_BATCH_SIZE", 64, minimum=1)
 EMBEDDING_TIMEOUT_SECONDS = env_float("EMBEDDING_TIMEOUT_SECONDS", 60.0)
 # Weights the local model uses for search queries (one short text, where reading the 90 MB of
 # float32 weights is most of the time): "bfloat16" halves that read; "auto" takes it where the CPU
-# computes bfloat16 natively (oneDNN reports AVX512-BF16 or AMX), "float32" never. Documents are
-# always embedded in float32.
+# has bfloat16 instructions (AVX512-BF16 or AMX; emulated bfloat16 is slower than float32),
+# "float32" never. Documents are always embedded in float32.
 EMBEDDING_QUERY_DTYPE = env_str("EMBEDDING_QUERY_DTYPE", "auto")
 if EMBEDDING_QUERY_DTYPE not in ("auto", "float32", "bfloat16"):
     raise ImproperlyConfigured("EMBEDDING_QUERY_DTYPE must be auto, float32 or bfloat16")

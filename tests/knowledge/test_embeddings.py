@@ -71,10 +71,18 @@ def test_auto_query_dtype_takes_bfloat16_only_where_the_cpu_has_it(monkeypatch: 
 
     from knowledge.embeddings import query_dtype
 
-    for native, expected in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported",  # type: ignore[attr-defined]
-                            lambda native=native: native)
+    # oneDNN says yes on plain AVX-512 too (it emulates bfloat16 there, slower than float32):
+    # its answer must not matter.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # type: ignore[attr-defined]
+    for avx512_bf16, amx, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"),
+                                       (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported",  # type: ignore[attr-defined]
+                            lambda avx512_bf16=avx512_bf16: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)  # type: ignore[attr-defined]
         assert query_dtype("auto") == expected
+    # A torch without the probe: float32.
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # type: ignore[attr-defined]
+    assert query_dtype("auto") == "float32"
     # An explicit setting is taken as it is.
     assert query_dtype("float32") == "float32" and query_dtype("bfloat16") == "bfloat16"
 
