@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -80,9 +80,28 @@ def _extract(document: Document) -> ExtractedText:
     return extract(kind, data)
 
 
+def documents_start(document_ids: list[int]) -> None:
+    """Mark documents ``processing`` at 5 %, started and alive now, in one statement.
+
+    ``_ingest`` marks each slice of ``START_SLICE`` documents as it reaches it, not each
+    document as it prepares it: one UPDATE per document, each a round trip and a commit, cost
+    2.4 ms of the 4.2 ms a SciFact abstract took to prepare, on the thread the encoder waits for
+    (measured with cProfile on 550 documents).
+    """
+    now = timezone.now()
+    Document.objects.filter(pk__in=document_ids).update(
+        status=Document.Status.PROCESSING, progress=5, started_at=now, heartbeat_at=now, updated_at=now,
+        error_message="")
+
+
+# Documents marked ``processing`` together (``documents_start``); a slice is prepared in about a
+# second, well inside ``KB_INGEST_STALE_SECONDS``.
+START_SLICE = 200
+
+
 def prepare(document: Document, collection: Collection) -> Prepared:
-    """Extract and chunk ``document`` (status ``processing``). Raises ``ExtractionError``."""
-    _progress(document.pk, 5, status=Document.Status.PROCESSING, started_at=timezone.now(), error_message="")
+    """Extract and chunk ``document`` (already marked ``processing`` by ``documents_start``).
+    Raises ``ExtractionError``."""
     extracted = _extract(document)
     title = document.title
     if document.metadata.get("title_from_content") and extracted.title:
@@ -474,7 +493,7 @@ def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback 
         storer.submit(group, embedded)
 
     try:
-        for document in Document.objects.filter(pk__in=ids).order_by("pk").iterator(chunk_size=200):
+        for document in _documents(ids):
             collection = collections.get(document.collection_id)
             if collection is None:
                 collection = collections[document.collection_id] = Collection.objects.get(pk=document.collection_id)
@@ -499,6 +518,16 @@ def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback 
     finally:
         storer.close()
     return report
+
+
+def _documents(ids: list[int]) -> Iterator[Document]:
+    """The documents of ``ids`` that still exist, in id order, each slice of ``START_SLICE``
+    marked ``processing`` (``documents_start``) before it is read."""
+    ordered = sorted(set(ids))
+    for start in range(0, len(ordered), START_SLICE):
+        batch = ordered[start:start + START_SLICE]
+        documents_start(batch)
+        yield from Document.objects.filter(pk__in=batch).order_by("pk")
 
 
 def record_text(record: dict[str, object]) -> str:

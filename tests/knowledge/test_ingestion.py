@@ -297,6 +297,30 @@ def test_documents_over_several_groups_end_indexed_in_order_each_with_its_own_ve
         assert hits[0].document_id == document_id
 
 
+def test_documents_are_marked_processing_one_slice_at_a_time(
+        world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+    from knowledge import ingestion
+
+    ids = [_upload(world, collection_a, f"s{i}.md", data).created[0].pk for i, data in enumerate(_policies(5))]
+    monkeypatch.setattr(ingestion, "START_SLICE", 2)
+    real_prepare = ingestion.prepare
+    seen: list[tuple[int, dict[int, str]]] = []
+
+    def prepare(document: Document, collection: Collection) -> ingestion.Prepared:
+        seen.append((document.pk, dict(Document.objects.filter(pk__in=ids).values_list("pk", "status"))))
+        return real_prepare(document, collection)
+
+    monkeypatch.setattr(ingestion, "prepare", prepare)
+    report = ingestion.ingest_documents([*reversed(ids), ids[0]], group_chunks=100)  # order and repeats do not matter
+    assert (report.indexed, report.failed) == (5, 0)
+    assert [pk for pk, _ in seen] == ids  # each document once, in id order
+    # Preparing the third document: its slice (the 3rd and 4th) is processing, the 5th still pending.
+    statuses = seen[2][1]
+    assert [statuses[pk] for pk in ids] == ["processing", "processing", "processing", "processing", "pending"]
+    started = Document.objects.filter(pk__in=ids).values_list("started_at", flat=True)
+    assert all(started) and set(Document.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"indexed"}
+
+
 def test_an_embedding_failure_fails_its_group_only_and_says_why(world: World, collection_a: Collection,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from knowledge.embeddings import EmbeddingError, embedder
