@@ -146,6 +146,10 @@ class LocalEmbedder:
             import torch
 
             self._query_transformer = copy.deepcopy(self._transformer).to(torch.bfloat16)
+        # The graph only for float32 weights: in bfloat16 it was not measured on a CPU that has
+        # bfloat16 instructions.
+        self._query_graph = (_query_graph(self._query_transformer, self._model.tokenizer, self.max_tokens)
+                             if self.query_dtype == "float32" else None)
         # One model, many threads (web requests): torch modules are not re-entrant for
         # inference with shared buffers, and two concurrent encodes would only fight for cores.
         self._lock = threading.Lock()
@@ -205,7 +209,8 @@ class LocalEmbedder:
 
     def embed_query(self, text: str) -> np.ndarray:
         """One text's vector (384 float32, unit length) with no batching overhead: the same
-        arithmetic as ``embed``, with bfloat16 weights when ``query_dtype`` says so.
+        arithmetic as ``embed``, with bfloat16 weights when ``query_dtype`` says so, and in
+        float32 through the traced graph of ``_query_graph`` when it could be built.
 
         One short text reads every weight once per layer, so the time is that read, not
         arithmetic (measured on this project's 2-vCPU machines, one thread: 9.9 ms for a one-word
@@ -218,7 +223,62 @@ class LocalEmbedder:
         encoded = self._model.tokenizer([text], return_tensors="pt", truncation=True, max_length=self.max_tokens,
                                         return_token_type_ids=False)
         with self._lock, torch.inference_mode():
+            if self._query_graph is not None:
+                return self._query_graph(encoded["input_ids"])[0].numpy()
             return self._forward(encoded["input_ids"], encoded["attention_mask"], self._query_transformer)[0]
+
+
+# Texts the query graph is checked on (two lengths: the graph must not have kept the traced one).
+_GRAPH_PROBES = ("insulin", "Does a high body-mass index in middle age increase mortality from heart disease "
+                            "among adults who never smoked, compared with those of normal weight?")
+_GRAPH_MIN_COSINE = 0.99999
+
+
+def _query_graph(transformer: Any, tokenizer: Any, max_tokens: int) -> Any | None:
+    """``transformer`` with mean pooling and L2 normalization for one unpadded text, as a frozen
+    TorchScript graph (``torch.jit.trace``, ``freeze``, ``optimize_for_inference``: fused
+    linear and activation, oneDNN layouts); called with ``input_ids`` of shape ``(1, n)``, it
+    returns a ``(1, dim)`` float32 tensor. ``None`` when tracing fails or the graph's vectors
+    differ from the eager model's (cosine below ``_GRAPH_MIN_COSINE`` on ``_GRAPH_PROBES``):
+    ``embed_query`` then runs the eager model.
+
+    One text has no padding, so the graph takes no attention mask (all ones). Measured on
+    SciFact's 300 test queries, one thread, float32, on an Intel Xeon without AVX512-BF16:
+    15.3 -> 11.4 ms p50 and 20.2 -> 16.2 ms p95 (a second run: 19.8 -> 11.8 and 23.6 -> 17.0),
+    cosine to the eager vectors >= 0.9999997.
+    """
+    import warnings
+
+    import torch
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            hidden = self.model(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+            return torch.nn.functional.normalize(hidden.float().mean(dim=1), dim=1)
+
+    probes = [tokenizer([text], return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"]
+              for text in _GRAPH_PROBES]
+    module = Pooled(copy.deepcopy(transformer)).eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The tracer warns that shape-dependent branches become constants; the check below
+            # runs the graph on another length.
+            warnings.simplefilter("ignore")
+            graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(module, probes[1])))
+        with torch.inference_mode():
+            for ids in probes * 2:  # twice: the graph executor optimizes on the first runs
+                cosine = float((graph(ids) * module(ids)).sum())
+                if cosine < _GRAPH_MIN_COSINE:
+                    logger.warning("query_graph_mismatch", cosine=cosine, tokens=int(ids.shape[1]))
+                    return None
+    except Exception as exc:  # a torch or transformers version the tracer cannot follow
+        logger.warning("query_graph_unavailable", error=f"{type(exc).__name__}: {exc}")
+        return None
+    return graph
 
 
 def _share(total: int, weights: list[int]) -> np.ndarray:

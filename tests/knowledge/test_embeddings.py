@@ -44,9 +44,32 @@ def test_embed_counts_the_tokens_the_model_reads_including_truncation() -> None:
 def test_embed_query_in_float32_is_the_same_vector_as_embed(settings: object) -> None:
     settings.EMBEDDING_QUERY_DTYPE = "float32"  # type: ignore[attr-defined]
     model = LocalEmbedder()
-    assert model.query_dtype == "float32"
-    for text in TEXTS:
+    assert model.query_dtype == "float32" and model._query_graph is not None  # the traced graph answers
+    for text in TEXTS:  # of every length, the truncated one included
         np.testing.assert_allclose(model.embed_query(text), model.embed([text]).vectors[0], atol=2e-5)
+
+
+def test_without_a_usable_query_graph_queries_run_the_eager_model(settings: object, monkeypatch: object) -> None:
+    import torch
+
+    from knowledge import embeddings
+
+    settings.EMBEDDING_QUERY_DTYPE = "float32"  # type: ignore[attr-defined]
+    # A graph whose vectors drift from the eager model's is refused...
+    monkeypatch.setattr(embeddings, "_GRAPH_MIN_COSINE", 1.5)  # type: ignore[attr-defined]
+    drifted = LocalEmbedder()
+    assert drifted._query_graph is None
+    # ...and so is one the tracer cannot build.
+    monkeypatch.undo()  # type: ignore[attr-defined]
+
+    def broken_trace(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.jit, "trace", broken_trace)  # type: ignore[attr-defined]
+    untraced = LocalEmbedder()
+    assert untraced._query_graph is None
+    for model in (drifted, untraced):
+        np.testing.assert_allclose(model.embed_query(TEXTS[0]), model.embed(TEXTS[:1]).vectors[0], atol=2e-5)
 
 
 def test_bfloat16_queries_stay_within_cosine_0_9999_of_the_float32_vectors(settings: object) -> None:
@@ -55,6 +78,7 @@ def test_bfloat16_queries_stay_within_cosine_0_9999_of_the_float32_vectors(setti
     settings.EMBEDDING_QUERY_DTYPE = "bfloat16"  # type: ignore[attr-defined]
     model = LocalEmbedder()
     assert next(model._query_transformer.parameters()).dtype == torch.bfloat16
+    assert model._query_graph is None  # the traced graph is for float32 weights only
     # Documents keep the float32 weights.
     assert next(model._transformer.parameters()).dtype == torch.float32
     documents = model.embed(TEXTS).vectors
