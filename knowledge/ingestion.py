@@ -94,9 +94,12 @@ def documents_start(document_ids: list[int]) -> None:
         error_message="")
 
 
-# Documents marked ``processing`` together (``documents_start``); a slice is prepared in about a
-# second, well inside ``KB_INGEST_STALE_SECONDS``.
+# Documents marked ``processing`` together (``documents_start``): a slice of SciFact abstracts is
+# prepared in about a second. Slow documents (long PDFs) can take longer than the sweeper's
+# ``KB_INGEST_STALE_SECONDS`` for a slice, so the rest of a slice is marked again once its mark
+# is ``START_REFRESH_SECONDS`` old.
 START_SLICE = 200
+START_REFRESH_SECONDS = 30.0
 
 
 def prepare(document: Document, collection: Collection) -> Prepared:
@@ -522,12 +525,18 @@ def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback 
 
 def _documents(ids: list[int]) -> Iterator[Document]:
     """The documents of ``ids`` that still exist, in id order, each slice of ``START_SLICE``
-    marked ``processing`` (``documents_start``) before it is read."""
+    marked ``processing`` (``documents_start``) before it is read, and what is left of it
+    marked again when the mark is older than ``START_REFRESH_SECONDS``."""
     ordered = sorted(set(ids))
     for start in range(0, len(ordered), START_SLICE):
         batch = ordered[start:start + START_SLICE]
         documents_start(batch)
-        yield from Document.objects.filter(pk__in=batch).order_by("pk")
+        marked = time.monotonic()
+        for document in Document.objects.filter(pk__in=batch).order_by("pk"):
+            if time.monotonic() - marked > START_REFRESH_SECONDS:
+                documents_start([pk for pk in batch if pk >= document.pk])
+                marked = time.monotonic()
+            yield document
 
 
 def record_text(record: dict[str, object]) -> str:

@@ -321,6 +321,31 @@ def test_documents_are_marked_processing_one_slice_at_a_time(
     assert all(started) and set(Document.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"indexed"}
 
 
+def test_slow_documents_do_not_leave_the_rest_of_their_slice_looking_stalled(
+        world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from knowledge import ingestion
+
+    ids = [_upload(world, collection_a, f"slow{i}.md", data).created[0].pk for i, data in enumerate(_policies(4))]
+    monkeypatch.setattr(ingestion, "START_REFRESH_SECONDS", 0.05)
+    real_prepare = ingestion.prepare
+    ages: list[float] = []
+
+    def slow_prepare(document: Document, collection: Collection) -> ingestion.Prepared:
+        heartbeat = Document.objects.get(pk=document.pk).heartbeat_at
+        assert heartbeat is not None
+        ages.append((timezone.now() - heartbeat).total_seconds())
+        time.sleep(0.1)  # a long PDF
+        return real_prepare(document, collection)
+
+    monkeypatch.setattr(ingestion, "prepare", slow_prepare)
+    assert ingestion.ingest_documents(ids).indexed == 4
+    # One slice, marked again before each document once the mark is 50 ms old: no document
+    # starts with a heartbeat older than that (unmarked, the fourth would start 0.3 s old).
+    assert len(ages) == 4 and max(ages) < 0.08
+
+
 def test_an_embedding_failure_fails_its_group_only_and_says_why(world: World, collection_a: Collection,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from knowledge.embeddings import EmbeddingError, embedder
