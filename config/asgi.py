@@ -16,6 +16,10 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from config.routing import websocket_urlpatterns  # noqa: E402
+from knowledge.embeddings import embedder_warm  # noqa: E402
+
+# The first search of this process should not wait for the model to load.
+embedder_warm()
 
 application = ProtocolTypeRouter(
     {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from celery import signals
 from tenant_schemas_celery.app import CeleryApp
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -21,3 +22,12 @@ app.autodiscover_tasks()
 from django_structlog.celery.steps import DjangoStructLogInitStep  # noqa: E402
 
 app.steps["worker"].add(DjangoStructLogInitStep)
+
+
+@signals.worker_ready.connect
+def _embedder_preload(**kwargs: object) -> None:
+    """Load the embedding model when the worker starts: chat turns search the knowledge base,
+    and the first one should not wait for the model (``embedder_warm``)."""
+    from knowledge.embeddings import embedder_warm
+
+    embedder_warm()

@@ -358,3 +358,24 @@ def embedder() -> Embedder:
                 else:
                     raise EmbeddingError(f"unknown EMBEDDING_BACKEND {backend!r} (use local or litellm)")
     return _embedder
+
+
+def embedder_warm() -> threading.Thread | None:
+    """Load the local model on a background thread so that the first search or chat turn of a
+    web or Celery worker process does not wait for it (about 9 s on this project's 2-vCPU
+    machines: sentence-transformers, the weights, the query graph). Returns the thread, or
+    ``None`` when ``EMBEDDING_PRELOAD`` is off or the backend is not ``local`` (an endpoint has
+    nothing to load). A failure is logged, not raised: the first real use raises it again.
+    """
+    if not settings.EMBEDDING_PRELOAD or settings.EMBEDDING_BACKEND != "local":
+        return None
+
+    def warm() -> None:
+        try:
+            embedder().embed_query("warm up")
+        except Exception as exc:
+            logger.warning("embedder_preload_failed", error=f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=warm, name="embedder-preload", daemon=True)
+    thread.start()
+    return thread

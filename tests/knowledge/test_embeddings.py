@@ -116,3 +116,41 @@ def test_small_batches_give_the_same_vectors(settings: object) -> None:
     model = _local()
     reference = model._model.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
     np.testing.assert_allclose(model.embed(TEXTS).vectors, reference, atol=2e-5)
+
+
+def test_embedder_warm_loads_the_model_on_a_background_thread(settings: object, monkeypatch: object) -> None:
+    import threading
+
+    from structlog.testing import capture_logs
+
+    from knowledge import embeddings
+
+    calls: list[str] = []
+
+    def loading() -> LocalEmbedder:
+        calls.append(threading.current_thread().name)
+        return _local()
+
+    monkeypatch.setattr(embeddings, "embedder", loading)  # type: ignore[attr-defined]
+    thread = embeddings.embedder_warm()
+    assert thread is not None
+    thread.join(60)
+    assert calls == ["embedder-preload"] and calls[0] != threading.current_thread().name
+    # Off by setting, or with an endpoint backend (nothing to load): no thread.
+    settings.EMBEDDING_PRELOAD = False  # type: ignore[attr-defined]
+    assert embeddings.embedder_warm() is None
+    settings.EMBEDDING_PRELOAD, settings.EMBEDDING_BACKEND = True, "litellm"  # type: ignore[attr-defined]
+    assert embeddings.embedder_warm() is None
+    # A model that cannot load is logged; the process goes on (the first search raises it).
+    settings.EMBEDDING_BACKEND = "local"  # type: ignore[attr-defined]
+
+    def broken() -> LocalEmbedder:
+        raise embeddings.EmbeddingError("weights missing")
+
+    monkeypatch.setattr(embeddings, "embedder", broken)  # type: ignore[attr-defined]
+    with capture_logs() as logs:
+        thread = embeddings.embedder_warm()
+        assert thread is not None
+        thread.join(60)
+    assert [entry["event"] for entry in logs] == ["embedder_preload_failed"]
+    assert "weights missing" in logs[0]["error"]
