@@ -262,7 +262,10 @@ def _query_graph(transformer: Any, tokenizer: Any, max_tokens: int) -> Any | Non
 
     probes = [tokenizer([text], return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"]
               for text in _GRAPH_PROBES]
-    module = Pooled(copy.deepcopy(transformer)).eval()
+    # The graph shares the eager model's weights where it does not repack them (no copy: 75 MB
+    # more resident memory with the graph, 206 MB with a copy); tracing and freezing do not
+    # change them.
+    module = Pooled(transformer).eval()
     try:
         with warnings.catch_warnings(), torch.no_grad():
             # The tracer warns that shape-dependent branches become constants; the check below

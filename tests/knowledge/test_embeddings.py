@@ -154,3 +154,18 @@ def test_embedder_warm_loads_the_model_on_a_background_thread(settings: object, 
         thread.join(60)
     assert [entry["event"] for entry in logs] == ["embedder_preload_failed"]
     assert "weights missing" in logs[0]["error"]
+
+
+def test_building_the_query_graph_leaves_the_eager_weights_untouched() -> None:
+    import torch
+
+    from knowledge.embeddings import _query_graph
+
+    model = _local()
+    before = {name: tensor.clone() for name, tensor in model._transformer.state_dict().items()}
+    graph = _query_graph(model._transformer, model._model.tokenizer, model.max_tokens)
+    assert graph is not None
+    after = model._transformer.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(p.dtype == torch.float32 and p.layout == torch.strided for p in model._transformer.parameters())
