@@ -48,9 +48,10 @@ class Prepared:
     extracted: ExtractedText
 
 
-def _progress(document_id: int, percent: int, **fields: object) -> None:
+def _progress(document_ids: list[int], percent: int, **fields: object) -> None:
+    """Set the documents' progress (and ``fields``) and mark them alive now, in one statement."""
     now = timezone.now()
-    Document.objects.filter(pk=document_id).update(progress=percent, heartbeat_at=now, updated_at=now, **fields)
+    Document.objects.filter(pk__in=document_ids).update(progress=percent, heartbeat_at=now, updated_at=now, **fields)
 
 
 def document_fail(document_id: int, message: str) -> None:
@@ -88,10 +89,7 @@ def documents_start(document_ids: list[int]) -> None:
     2.4 ms of the 4.2 ms a SciFact abstract took to prepare, on the thread the encoder waits for
     (measured with cProfile on 550 documents).
     """
-    now = timezone.now()
-    Document.objects.filter(pk__in=document_ids).update(
-        status=Document.Status.PROCESSING, progress=5, started_at=now, heartbeat_at=now, updated_at=now,
-        error_message="")
+    _progress(document_ids, 5, status=Document.Status.PROCESSING, started_at=timezone.now(), error_message="")
 
 
 # Documents marked ``processing`` together (``documents_start``): a slice of SciFact abstracts is
@@ -119,7 +117,7 @@ def prepare(document: Document, collection: Collection) -> Prepared:
         raise ExtractionError("The document produced no chunks to index.", code="no_text")
     if len(drafts) > 40 or extracted.page_count:
         # Worth a visible step only for documents that take a while to embed.
-        _progress(document.pk, 20, page_count=extracted.page_count)
+        _progress([document.pk], 20, page_count=extracted.page_count)
     return Prepared(document, drafts, extracted)
 
 
@@ -480,7 +478,7 @@ def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback 
         def step(prepared: Prepared, chunks_done: int) -> None:
             n = len(prepared.drafts)
             if n > 40:  # large documents: move their bar while they embed
-                _progress(prepared.document.pk, 20 + int(75 * chunks_done / n))
+                _progress([prepared.document.pk], 20 + int(75 * chunks_done / n))
 
         started = time.perf_counter()
         try:

@@ -383,9 +383,9 @@ def test_a_large_document_shows_its_embedding_progress(
     written: list[int] = []
     real = ingestion._progress
 
-    def spy(document_id: int, percent: int, **fields: object) -> None:
+    def spy(document_ids: list[int], percent: int, **fields: object) -> None:
         written.append(percent)
-        real(document_id, percent, **fields)
+        real(document_ids, percent, **fields)
 
     monkeypatch.setattr(ingestion, "_progress", spy)
     batches: list[int] = []
