@@ -361,10 +361,30 @@ def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallba
     report = IngestReport()
     _commit_asynchronously()
     try:
-        return _ingest(ids, report, on_document, on_chunks, group_chunks)
+        _ingest(ids, report, on_document, on_chunks, group_chunks)
     finally:
         with connection.cursor() as cursor:
             cursor.execute("RESET synchronous_commit")
+    if report.chunks >= ANALYZE_AFTER_CHUNKS:
+        _analyze()
+    return report
+
+
+# A run that indexed this many chunks refreshes the planner's statistics itself (``_analyze``).
+ANALYZE_AFTER_CHUNKS = 1000
+
+
+def _analyze() -> None:
+    """``ANALYZE`` the chunk and posting tables of the current schema after a bulk load
+    (PostgreSQL's manual, "Populating a Database": run ANALYZE afterwards).
+
+    Until autovacuum analyzes them (up to a minute or two later), the planner keeps the
+    statistics from before the load: measured after importing 200 SciFact abstracts into the
+    demo tenant, it estimated 1 posting row for the new collection, merge-joined all 26,354 of
+    them, and a hybrid search's keyword statement took 45-75 ms; after the analyze, 3.2 ms.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE knowledge_chunk, knowledge_posting")
 
 
 def _commit_asynchronously() -> None:

@@ -346,6 +346,25 @@ def test_slow_documents_do_not_leave_the_rest_of_their_slice_looking_stalled(
     assert len(ages) == 4 and max(ages) < 0.08
 
 
+def test_a_bulk_load_refreshes_the_planner_statistics(
+        world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+    from knowledge import ingestion
+
+    def posting_rows_estimate() -> float:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT reltuples FROM pg_class WHERE oid = 'knowledge_posting'::regclass")
+            return float(cursor.fetchone()[0])
+
+    ids = [_upload(world, collection_a, f"bulk{i}.md", data).created[0].pk for i, data in enumerate(_policies(6))]
+    first, second = ids[:3], ids[3:]
+    before = posting_rows_estimate()
+    ingestion.ingest_documents(first)  # 3 chunks: below the threshold, no analyze
+    assert posting_rows_estimate() == before
+    monkeypatch.setattr(ingestion, "ANALYZE_AFTER_CHUNKS", 3)
+    ingestion.ingest_documents(second)
+    assert posting_rows_estimate() == Posting.objects.count() > 0
+
+
 def test_an_embedding_failure_fails_its_group_only_and_says_why(world: World, collection_a: Collection,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from knowledge.embeddings import EmbeddingError, embedder
