@@ -358,11 +358,15 @@ def test_a_bulk_load_refreshes_the_planner_statistics(
     ids = [_upload(world, collection_a, f"bulk{i}.md", data).created[0].pk for i, data in enumerate(_policies(6))]
     first, second = ids[:3], ids[3:]
     before = posting_rows_estimate()
-    ingestion.ingest_documents(first)  # 3 chunks: below the threshold, no analyze
+    ingestion.ingest_documents(first)  # 3 chunks: below the minimum, no analyze
     assert posting_rows_estimate() == before
-    monkeypatch.setattr(ingestion, "ANALYZE_AFTER_CHUNKS", 3)
-    ingestion.ingest_documents(second)
+    monkeypatch.setattr(ingestion, "ANALYZE_MIN_CHUNKS", 3)
+    ingestion.ingest_documents(second)  # 3 chunks, half the table: analyzed
     assert posting_rows_estimate() == Posting.objects.count() > 0
+    # A run that adds little to what the planner already knows leaves it to autovacuum.
+    assert ingestion._analyze_if_grown(3)
+    monkeypatch.setattr(ingestion, "ANALYZE_FRACTION", 0.6)  # 3 chunks against 6 known
+    assert not ingestion._analyze_if_grown(3)
 
 
 def test_an_embedding_failure_fails_its_group_only_and_says_why(world: World, collection_a: Collection,
