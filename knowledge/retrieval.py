@@ -92,6 +92,13 @@ def _vector_literal(vector: np.ndarray) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in vector.tolist()) + "]"
 
 
+# One posting's BM25 term (formula in the module docstring). k1 and b are cast to float8: Django's
+# psycopg cursors bind parameters on the client, so a bare ``0.4`` reaches PostgreSQL as a numeric
+# literal, and ``b * chunk_len`` was computed in numeric arithmetic for every posting. Measured on
+# SciFact's 300 test queries (keyword side, 100 chunks): p50/p95 10.4/22.0 ms before, 7.4/14.6 after.
+_BM25_TERM = ("idf.idf * p.tf * (%(k1)s::float8 + 1)"
+              " / (p.tf + %(k1)s::float8 * (1 - %(b)s::float8 + %(b)s::float8 * p.chunk_len / stats.avglen))")
+
 # Shared CTEs: the query's stemmed terms under each collection language, the corpus statistics
 # of the searched collections (N chunks, average length), each term's IDF, every matching
 # chunk's BM25 score.
@@ -109,9 +116,7 @@ q AS (
     WHERE p.collection_id = ANY(%(collections)s)
     GROUP BY p.lexeme, stats.n
 ), bm25 AS (
-    SELECT p.chunk_id,
-           SUM(idf.idf * p.tf * (%(k1)s + 1)
-               / (p.tf + %(k1)s * (1 - %(b)s + %(b)s * p.chunk_len / stats.avglen))) AS score
+    SELECT p.chunk_id, SUM(""" + _BM25_TERM + """) AS score
     FROM knowledge_posting p JOIN idf USING (lexeme) CROSS JOIN stats
     WHERE p.collection_id = ANY(%(collections)s)
     GROUP BY p.chunk_id
@@ -155,9 +160,7 @@ WITH stats AS (
     FROM (SELECT chunk_id, true AS from_dense FROM dense UNION ALL SELECT chunk_id, false FROM sparse) AS both_lists
     GROUP BY chunk_id
 ), dense_bm25 AS (
-    SELECT p.chunk_id,
-           SUM(idf.idf * p.tf * (%(k1)s + 1)
-               / (p.tf + %(k1)s * (1 - %(b)s + %(b)s * p.chunk_len / stats.avglen))) AS score
+    SELECT p.chunk_id, SUM(""" + _BM25_TERM + """) AS score
     FROM knowledge_posting p JOIN idf USING (lexeme) CROSS JOIN stats
     WHERE p.chunk_id IN (SELECT chunk_id FROM candidates WHERE NOT in_sparse)
     GROUP BY p.chunk_id

@@ -97,6 +97,57 @@ def test_hybrid_gives_a_chunk_only_the_vector_side_found_its_true_bm25(handbook:
     assert [c.chunk_id for c in keyword_only] == [full.hits[0][0]] and keyword_only[0].cosine < dense_only[0].cosine
 
 
+@pytest.mark.parametrize(("k1", "b"), [(0.9, 0.4), (1.2, 0.75), (2.0, 0.0)])
+def test_keyword_scores_are_okapi_bm25_of_the_postings(handbook: Collection, k1: float, b: float) -> None:
+    import math
+
+    from knowledge.embeddings import embedder
+    from knowledge.models import Posting
+    from knowledge.retrieval import KeywordSide, hybrid_rescore, keyword_side
+
+    # The module docstring's formula, computed here from the postings themselves: both
+    # statements (the keyword side, and the dense side's scoring of its own candidates) must
+    # give the same score for every chunk, whatever k1 and b are.
+    query = "leave your laptop at the parking garage"
+    side = keyword_side(query, [handbook], 10, k1=k1, b=b)
+    postings = list(Posting.objects.filter(collection=handbook).values_list("chunk_id", "lexeme", "tf", "chunk_len"))
+    n = handbook.chunk_count
+    avglen = handbook.lexeme_total / n
+    df: dict[str, int] = {}
+    for _, lexeme, _, _ in postings:
+        df[lexeme] = df.get(lexeme, 0) + 1
+    assert set(side.idf) == {"leav", "laptop", "park", "garag"}
+    expected: dict[int, float] = {}
+    for chunk_id, lexeme, tf, length in postings:
+        if lexeme in side.idf:
+            idf = math.log(1 + (n - df[lexeme] + 0.5) / (df[lexeme] + 0.5))
+            assert side.idf[lexeme] == pytest.approx(idf)
+            expected[chunk_id] = expected.get(chunk_id, 0.0) + idf * tf * (k1 + 1) / (
+                tf + k1 * (1 - b + b * length / avglen))
+    assert dict(side.hits) == pytest.approx(expected) and len(expected) == 3
+    # The dense side, given none of the keyword hits, scores its own candidates the same way.
+    vector = embedder().embed_query(query)
+    rescored = hybrid_rescore(vector, KeywordSide([], side.idf), [handbook], len(RECORDS), k1=k1, b=b)
+    assert {c.chunk_id: c.bm25 for c in rescored if c.bm25 > 0} == pytest.approx(expected)
+
+
+def test_bm25_is_computed_in_floating_point(handbook: Collection) -> None:
+    from knowledge import retrieval
+    from knowledge.embeddings import embedder
+
+    # Parameters are bound on the client: an uncast k1 or b is a numeric literal, and PostgreSQL
+    # then computes every posting's length normalization in (slow) numeric arithmetic.
+    params = retrieval._params("laptop parking", [handbook], 5, k1=None, b=None,
+                               vector=embedder().embed_query("laptop parking"))
+    params.update(lexemes=["laptop"], idfs=[1.0], sparse_ids=[], sparse_scores=[])
+    for sql in (retrieval._KEYWORD_SQL, retrieval._HYBRID_SQL):
+        with connection.cursor() as cursor:
+            cursor.execute("EXPLAIN VERBOSE " + sql, params)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        # Uncast, the plan reads ``(0.4 * (p.chunk_len)::numeric)``.
+        assert "chunk_len" in plan and "chunk_len)::numeric" not in plan
+
+
 def test_a_query_of_stop_words_only_is_ranked_by_vectors_alone(handbook: Collection) -> None:
     hits = chunk_search(query="the of and to", collections=[handbook], mode="hybrid", top_k=3, record_usage=False)
     assert len(hits) == 3
