@@ -210,8 +210,9 @@ CHANNEL_LAYERS = {
     }
 }
 # Jobs are enqueued from transaction.on_commit callbacks already (knowledge.jobs); django-rq's
-# own deferral would postpone them again inside an outer atomic block.
-RQ = {"COMMIT_MODE": "auto"}
+# own deferral would postpone them again inside an outer atomic block. The worker class runs jobs
+# without a fork per job and loads the embedding model at start (knowledge.jobs.IngestWorker).
+RQ = {"COMMIT_MODE": "auto", "WORKER_CLASS": "knowledge.jobs.IngestWorker"}
 RQ_QUEUES = {
     name: {"URL": REDIS_URL, "DEFAULT_TIMEOUT": timeout}
     for name, timeout in (("ingest", 3600), ("default", 600))

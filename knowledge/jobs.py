@@ -1,7 +1,8 @@
 """django-rq jobs for ingestion. Jobs carry the tenant's schema name and run inside it.
 
-The ``rq`` process runs ``SimpleWorker`` (jobs in the worker process itself, no fork per job),
-so the embedding model is loaded once per worker process and kept. A worker that dies mid-job
+``manage.py rqworker`` runs ``IngestWorker`` (``RQ["WORKER_CLASS"]``): jobs run in the worker
+process itself, with no fork per job, so the embedding model is loaded once per worker process
+(when it starts) and kept. A worker that dies mid-job
 leaves the document ``processing``; ``knowledge.tasks.document_sweep`` notices the stale
 heartbeat and re-queues it (or fails it after ``KB_INGEST_MAX_ATTEMPTS``).
 """
@@ -17,10 +18,29 @@ from django.db import connection, transaction
 from django.db.models import F
 from django_tenants.utils import schema_context
 from rq import Callback
+from rq.worker import SimpleWorker
 
 from knowledge.models import Document
 
 logger = structlog.get_logger(__name__)
+
+class IngestWorker(SimpleWorker):
+    """The project's rq worker, django-rq's default here (``RQ["WORKER_CLASS"]``), so Procfile,
+    Helm and a bare ``manage.py rqworker`` all run it.
+
+    rq's default ``Worker`` forks a work horse per job: the model a job loads dies with the horse,
+    and every job would load it again (about 6 s on a 2-vCPU machine). ``SimpleWorker`` runs jobs
+    in the worker process; this class also starts loading the model when the worker starts
+    (``embedder_warm``, off with ``EMBEDDING_PRELOAD=false``), so the first upload does not wait
+    for it either.
+    """
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        from knowledge.embeddings import embedder_warm
+
+        embedder_warm()
+        return bool(super().work(*args, **kwargs))
+
 
 # One job for a whole import; the timeout grows with the number of documents.
 BASE_TIMEOUT_SECONDS = 1800

@@ -151,7 +151,7 @@ def ingest_worker(portal: Portal, tmp_path_factory: pytest.TempPathFactory) -> I
     env = {**os.environ, "DATABASE_URL": _database_url(), "PUBLIC_PORT": str(portal.port)}
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: S603 (fixed argument list)
-            [sys.executable, "manage.py", "rqworker", "--worker-class", "rq.worker.SimpleWorker", "ingest"],
+            [sys.executable, "manage.py", "rqworker", "ingest"],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     try:

@@ -232,7 +232,13 @@ def test_deleting_removes_chunks_postings_statistics_and_the_file(world: World, 
 
 
 def test_the_upload_is_queued_and_an_rq_worker_indexes_it(world: World, collection_a: Collection,
-                                                          django_capture_on_commit_callbacks: Any) -> None:
+                                                          django_capture_on_commit_callbacks: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from knowledge import embeddings
+    from knowledge.jobs import IngestWorker
+
+    warmed: list[bool] = []
+    monkeypatch.setattr(embeddings, "embedder_warm", lambda: warmed.append(True))
     queue = django_rq.get_queue("ingest")
     queue.empty()
     # Jobs that an earlier run's worker left "started" on this Redis (killed mid-job) would be
@@ -244,7 +250,12 @@ def test_the_upload_is_queued_and_an_rq_worker_indexes_it(world: World, collecti
                                  data=HANDBOOK)
     document = Document.objects.get(pk=result.created[0].pk)
     assert document.job_id and len(queue) == 1
-    SimpleWorker([queue], connection=queue.connection).work(burst=True)
+    # ``manage.py rqworker``'s worker: jobs in the worker process (no fork that would take the
+    # model with it), the model loading as the worker starts.
+    worker = django_rq.get_worker("ingest")
+    assert isinstance(worker, IngestWorker) and isinstance(worker, SimpleWorker)
+    worker.work(burst=True)
+    assert warmed == [True]
     document.refresh_from_db()
     assert document.status == "indexed" and document.attempts == 1
 

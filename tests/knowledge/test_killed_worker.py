@@ -44,8 +44,7 @@ def _database_url() -> str:
 def _start_worker(queue: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "DATABASE_URL": _database_url(), "LOG_LEVEL": "WARNING"}
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), "rqworker", "--burst", "--worker-class", "rq.worker.SimpleWorker",
-         queue],
+        [sys.executable, str(ROOT / "manage.py"), "rqworker", "--burst", queue],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 
