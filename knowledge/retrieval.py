@@ -134,18 +134,23 @@ SELECT (SELECT COALESCE(array_agg(chunk_id ORDER BY score DESC, chunk_id), '{}')
        (SELECT COALESCE(array_agg(idf ORDER BY lexeme), '{}') FROM idf)
 """
 
-_VECTOR_SQL = """
-SELECT id, 1 - (embedding <=> %(vector)s::vector) AS cosine FROM knowledge_chunk
+# The query vector is bound once, in a CTE the statements read through a sub-select: it is 384
+# numbers of text, and parsing it three times cost about 1.3 ms of a hybrid search's dense
+# statement (p50 9.1 -> 7.7 ms on SciFact). The HNSW index scan still serves the ORDER BY (the
+# sub-select is evaluated once, before the scan, as an init plan).
+_QUERY_VECTOR = "qv AS MATERIALIZED (SELECT %(vector)s::vector AS v)"
+
+_VECTOR_SQL = "WITH " + _QUERY_VECTOR + """
+SELECT id, 1 - (embedding <=> (SELECT v FROM qv)) AS cosine FROM knowledge_chunk
 WHERE collection_id = ANY(%(collections)s)
-ORDER BY embedding <=> %(vector)s::vector LIMIT %(pool)s
+ORDER BY embedding <=> (SELECT v FROM qv) LIMIT %(pool)s
 """
 
 # The dense side of a hybrid search, given the keyword side: the ``pool`` nearest chunks, the
 # union with the keyword candidates, each candidate's exact cosine, and the BM25 score of the
 # dense candidates the keyword side did not return (from their own postings and the keyword
 # side's IDFs), so every candidate carries both scores.
-_HYBRID_SQL = """
-WITH stats AS (
+_HYBRID_SQL = "WITH " + _QUERY_VECTOR + """, stats AS (
     SELECT GREATEST(SUM(lexeme_total)::float8 / GREATEST(SUM(chunk_count), 1), 1) AS avglen
     FROM knowledge_collection WHERE id = ANY(%(collections)s)
 ), idf AS (
@@ -154,7 +159,7 @@ WITH stats AS (
     SELECT * FROM unnest(%(sparse_ids)s::bigint[], %(sparse_scores)s::float8[]) AS s(chunk_id, bm25)
 ), dense AS (
     SELECT id AS chunk_id FROM knowledge_chunk WHERE collection_id = ANY(%(collections)s)
-    ORDER BY embedding <=> %(vector)s::vector LIMIT %(pool)s
+    ORDER BY embedding <=> (SELECT v FROM qv) LIMIT %(pool)s
 ), candidates AS (
     SELECT chunk_id, bool_or(from_dense) AS in_dense, bool_or(NOT from_dense) AS in_sparse
     FROM (SELECT chunk_id, true AS from_dense FROM dense UNION ALL SELECT chunk_id, false FROM sparse) AS both_lists
@@ -165,7 +170,7 @@ WITH stats AS (
     WHERE p.chunk_id IN (SELECT chunk_id FROM candidates WHERE NOT in_sparse)
     GROUP BY p.chunk_id
 )
-SELECT c.chunk_id, 1 - (k.embedding <=> %(vector)s::vector) AS cosine, COALESCE(s.bm25, d.score, 0) AS bm25,
+SELECT c.chunk_id, 1 - (k.embedding <=> (SELECT v FROM qv)) AS cosine, COALESCE(s.bm25, d.score, 0) AS bm25,
        c.in_dense, c.in_sparse
 FROM candidates c JOIN knowledge_chunk k ON k.id = c.chunk_id
 LEFT JOIN sparse s ON s.chunk_id = c.chunk_id LEFT JOIN dense_bm25 d ON d.chunk_id = c.chunk_id

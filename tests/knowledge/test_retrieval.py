@@ -199,12 +199,21 @@ def test_searching_an_empty_collection_returns_nothing(world: World, collection_
 
 
 def test_the_hnsw_index_serves_vector_search(handbook: Collection) -> None:
-    with connection.cursor() as cursor:
-        cursor.execute("SET LOCAL enable_seqscan = off")
-        cursor.execute("EXPLAIN SELECT id FROM knowledge_chunk ORDER BY embedding <=> %s::vector LIMIT 5",
-                       ["[" + ",".join(["0.01"] * 384) + "]"])
-        plan = " ".join(row[0] for row in cursor.fetchall())
-    assert "chunk_embedding_hnsw" in plan
+    from knowledge import retrieval
+    from knowledge.embeddings import embedder
+
+    # Both statements that search by vector, as they run: the query vector comes from a CTE
+    # through a sub-select, which the index scan must still take as its ORDER BY argument. On
+    # five chunks the planner would rather sort them; without sorts and bitmap scans, only an
+    # index that can order by distance is left.
+    params = retrieval._params("", [handbook], 5, k1=None, b=None, vector=embedder().embed_query("parking"))
+    params.update(lexemes=[], idfs=[], sparse_ids=[], sparse_scores=[])
+    for sql in (retrieval._VECTOR_SQL, retrieval._HYBRID_SQL):
+        with connection.cursor() as cursor, retrieval._hnsw_settings(cursor, 5):
+            cursor.execute("SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off")
+            cursor.execute("EXPLAIN " + sql, params)
+            plan = " ".join(row[0] for row in cursor.fetchall())
+        assert "Index Scan using chunk_embedding_hnsw" in plan, plan
 
 
 def _setting(cursor: Any, name: str) -> str:
