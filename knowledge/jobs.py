@@ -2,9 +2,9 @@
 
 ``manage.py rqworker`` runs ``IngestWorker`` (``RQ["WORKER_CLASS"]``): jobs run in the worker
 process itself, with no fork per job, so the embedding model is loaded once per worker process
-(when it starts) and kept. A worker that dies mid-job
-leaves the document ``processing``; ``knowledge.tasks.document_sweep`` notices the stale
-heartbeat and re-queues it (or fails it after ``KB_INGEST_MAX_ATTEMPTS``).
+(when it starts) and kept. A worker that dies mid-job leaves the document ``processing``;
+``knowledge.tasks.document_sweep`` notices the stale heartbeat and re-queues it (or fails it
+after ``KB_INGEST_MAX_ATTEMPTS``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from rq.worker import SimpleWorker
 from knowledge.models import Document
 
 logger = structlog.get_logger(__name__)
+
 
 class IngestWorker(SimpleWorker):
     """The project's rq worker, django-rq's default here (``RQ["WORKER_CLASS"]``), so Procfile,
