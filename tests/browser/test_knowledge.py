@@ -51,6 +51,9 @@ def test_upload_pdfs_and_a_docx_watch_them_index_and_search(portal: Portal, inge
     assert page.evaluate("window.__notReloaded") is True, "statuses updated in place"
     text = table.inner_text()
     assert text.count("indexed") == 3 and "failed" in text and "password-protected" in text
+    chunk_cells = table.locator("tbody tr td:nth-child(5)").all_inner_texts()
+    summary = page.locator("[data-testid=collection-summary]").inner_text()
+    assert f"4 documents · {sum(int(c) for c in chunk_cells)} chunks" in summary, "the summary follows the polls"
 
     with page.expect_navigation():
         page.get_by_role("link", name="pdflatex-outline").click()

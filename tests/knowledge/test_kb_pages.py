@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -49,6 +50,23 @@ def test_the_document_table_polls_only_while_indexing(world: World) -> None:
         ingest_documents(list(Document.objects.values_list("pk", flat=True)))
     done = client.get(f"/kb/collections/{collection.pk}/", HTTP_HX_REQUEST="true")
     assert b"every 2s" not in done.content and b"indexed" in done.content
+
+
+def test_the_polled_table_refreshes_the_collection_summary_out_of_band(world: World) -> None:
+    """The chunk count above the table is outside the polled fragment; each poll sends it again
+    with ``hx-swap-oob`` so it does not stay at its value from before indexing."""
+    collection = _collection(world)
+    client = host_client(HOST_A, world.user("owner"))
+    client.post(f"/kb/collections/{collection.pk}/upload/", {"files": [SimpleUploadedFile("a.md", b"# A\n\nText.")]})
+    page = client.get(f"/kb/collections/{collection.pk}/").content.decode()
+    summary = re.search(r'<p[^>]*id="collection-summary"[^>]*>(.*?)</p>', page, re.S)
+    assert summary and "hx-swap-oob" not in summary.group(0)
+    assert "1 document · 0 chunks" in summary.group(1) and not summary.group(1).strip().startswith("·")
+    with schema_context(world.tenant_a.schema_name):
+        ingest_documents(list(Document.objects.values_list("pk", flat=True)))
+    done = client.get(f"/kb/collections/{collection.pk}/", HTTP_HX_REQUEST="true").content.decode()
+    oob = re.search(r'<p[^>]*id="collection-summary"[^>]*hx-swap-oob="true"[^>]*>(.*?)</p>', done, re.S)
+    assert oob and "1 document · 1 chunk" in oob.group(1)
 
 
 def test_document_detail_shows_chunks_with_pages_and_headings(world: World) -> None:
