@@ -22,12 +22,18 @@ EXTENSIONS = {
     ".pdf": "pdf", ".docx": "docx", ".html": "html", ".htm": "html", ".md": "markdown",
     ".markdown": "markdown", ".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
 }
-# Formats we recognize but do not ingest: a clearer 415 than "unknown".
+# Formats we recognize but do not ingest: what the file is, and what to do instead (a clearer 415
+# than "unknown").
+SAVE_AS_DOCX = "Save it as .docx"
 UNSUPPORTED_EXTENSIONS = {
-    ".doc": "legacy Word (.doc); save it as .docx", ".xls": "Excel", ".xlsx": "Excel", ".pptx": "PowerPoint",
-    ".ppt": "PowerPoint", ".rtf": "RTF", ".odt": "OpenDocument", ".png": "an image", ".jpg": "an image",
-    ".jpeg": "an image", ".gif": "an image", ".zip": "a ZIP archive", ".exe": "a program",
+    ".doc": ("a legacy Word document", SAVE_AS_DOCX), ".rtf": ("an RTF document", SAVE_AS_DOCX),
+    ".odt": ("an OpenDocument text", SAVE_AS_DOCX), ".xls": ("an Excel workbook", ""),
+    ".xlsx": ("an Excel workbook", ""), ".ppt": ("a PowerPoint presentation", ""),
+    ".pptx": ("a PowerPoint presentation", ""), ".png": ("an image", ""), ".jpg": ("an image", ""),
+    ".jpeg": ("an image", ""), ".gif": ("an image", ""),
+    ".zip": ("a ZIP archive", "Upload the files inside it"), ".exe": ("a program", ""),
 }
+ACCEPTED = "PDF, DOCX, HTML, Markdown, plain text or JSONL"
 
 
 class UnsupportedFile(Exception):
@@ -94,8 +100,9 @@ def detect_kind(filename: str, data: bytes) -> str:
     claimed = EXTENSIONS.get(suffix)
     sniffed = _sniff(data)
     if suffix in UNSUPPORTED_EXTENSIONS and sniffed not in ("pdf", "docx"):
-        raise UnsupportedFile(f"{filename}: {UNSUPPORTED_EXTENSIONS[suffix]} files are not supported. "
-                              "Upload PDF, DOCX, HTML, Markdown, plain text or JSONL.")
+        what, advice = UNSUPPORTED_EXTENSIONS[suffix]
+        raise UnsupportedFile(f"{filename} is {what}, which is not supported. "
+                              f"{advice or 'Upload ' + ACCEPTED}.")
     if sniffed == "zip-damaged":
         if claimed in (None, "docx"):
             return "docx"  # let the DOCX extractor report the damage on the document row

@@ -161,3 +161,15 @@ def test_content_decides_when_the_name_says_nothing(corpus: Path) -> None:
     assert detect_kind("download", docx_bytes([("Normal", "x")])) == "docx"
     assert detect_kind("notes", b'{"_id": "1", "text": "a"}\n') == "jsonl"
     assert detect_kind("notes", b"<!doctype html><p>x</p>") == "html"
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("setup.exe", "setup.exe is a program, which is not supported. Upload PDF, DOCX, HTML, Markdown, plain text "
+                  "or JSONL."),
+    ("memo.doc", "memo.doc is a legacy Word document, which is not supported. Save it as .docx."),
+    ("photos.zip", "photos.zip is a ZIP archive, which is not supported. Upload the files inside it."),
+])
+def test_a_known_unsupported_format_is_named_with_what_to_do(name: str, message: str) -> None:
+    with pytest.raises(UnsupportedFile) as excinfo:
+        detect_kind(name, b"\x01\x02 not a document")
+    assert excinfo.value.message == message
