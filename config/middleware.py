@@ -7,7 +7,9 @@ import uuid
 from collections.abc import Callable
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.utils.http import url_has_allowed_host_and_scheme
 
 from config.probes import liveness, metrics, readiness
 
@@ -62,6 +64,12 @@ class BodySizeMiddleware:
     JSON endpoints accept ``API_MAX_BODY_BYTES``; upload endpoints (paths listed in
     ``UPLOAD_PATH_PREFIXES``) accept ``KB_MAX_UPLOAD_MB``. The check uses Content-Length;
     bodies without one are bounded by Django's DATA_UPLOAD_MAX_MEMORY_SIZE as they are read.
+
+    API paths get the API's error body. A console form post that came from one of our own pages
+    (same-origin ``Referer``) is sent back there (303) with the reason as an error message, so a
+    user who picked too many files sees the page they were on, not a bare status page; anything
+    else gets a plain-text 413. It sits after the message middleware and before any view runs
+    (CSRF reads the form only in ``process_view``), so nothing has read the body yet.
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
@@ -73,29 +81,42 @@ class BodySizeMiddleware:
         except ValueError:
             length = 0
         limit = body_limit_for(request.path)
-        if length > limit:
-            message = f"Request body of {length} bytes exceeds the limit of {limit} bytes."
-            if request.path.startswith("/api/"):
-                return JsonResponse(
-                    {
-                        "error": {
-                            "code": "payload_too_large",
-                            "message": message,
-                            "details": {"limit_bytes": limit},
-                            "request_id": getattr(request, "request_id", None),
-                        }
-                    },
-                    status=413,
-                )
-            return HttpResponse(message, status=413, content_type="text/plain")
-        return self.get_response(request)
+        if length <= limit:
+            return self.get_response(request)
+        if request.path.startswith("/api/"):
+            return JsonResponse(
+                {
+                    "error": {
+                        "code": "payload_too_large",
+                        "message": f"Request body of {length} bytes exceeds the limit of {limit} bytes.",
+                        "details": {"limit_bytes": limit},
+                        "request_id": getattr(request, "request_id", None),
+                    }
+                },
+                status=413,
+            )
+        message = (f"That upload is {length / 1048576:.1f} MB; one upload takes at most "
+                   f"{limit / 1048576:.0f} MB. Upload fewer or smaller files at a time."
+                   if is_upload_path(request.path)
+                   else f"That form sent {length} bytes; the limit is {limit} bytes.")
+        back = request.META.get("HTTP_REFERER", "")
+        if back and hasattr(request, "_messages") and url_has_allowed_host_and_scheme(
+                back, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
+            messages.error(request, message)
+            return HttpResponseRedirect(back, status=303)
+        return HttpResponse(message, status=413, content_type="text/plain")
+
+
+def is_upload_path(path: str) -> bool:
+    """True when ``path`` is an upload endpoint (it matches one of ``UPLOAD_PATH_PREFIXES``)."""
+    return any(re.match(prefix, path) for prefix in getattr(settings, "UPLOAD_PATH_PREFIXES", ()))
 
 
 def body_limit_for(path: str) -> int:
-    """Return the largest request body in bytes that ``path`` accepts."""
-    for prefix in getattr(settings, "UPLOAD_PATH_PREFIXES", ()):
-        if re.match(prefix, path):
-            return int(settings.KB_MAX_UPLOAD_MB * 1024 * 1024)
+    """Return the largest request body in bytes that ``path`` accepts: ``KB_MAX_UPLOAD_MB`` MiB
+    for upload endpoints, ``API_MAX_BODY_BYTES`` for everything else."""
+    if is_upload_path(path):
+        return int(settings.KB_MAX_UPLOAD_MB * 1024 * 1024)
     return int(settings.API_MAX_BODY_BYTES)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
@@ -13,6 +14,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from config.errors import DomainError
 from config.htmx import after_write, domain_errors_as_pages, is_fragment, render_page, toast
+from config.middleware import body_limit_for
 from knowledge import selectors, services
 from knowledge.forms import CollectionForm, SearchForm
 from knowledge.retrieval import SearchTimings, chunk_search
@@ -54,6 +56,8 @@ def _detail_context(request: HttpRequest, collection_id: int, settings_form: Col
     return {
         "collection": collection, "page": page, "active": active, "status": status or "",
         "can_write": principal.can("kb:write"),
+        "max_upload_mb": settings.KB_MAX_UPLOAD_MB, "max_upload_bytes": body_limit_for(
+            reverse("collection_upload", args=[collection.pk])),
         "settings_form": settings_form or CollectionForm(initial={
             "name": collection.name, "description": collection.description,
             "chunk_size_tokens": collection.chunk_size_tokens,

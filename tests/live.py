@@ -36,6 +36,7 @@ from tests.scripted_llm import ScriptedLLM
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 60.0
+LIVE_KB_MAX_UPLOAD_MB = 4  # the live server's KB_MAX_UPLOAD_MB (the default is 50)
 LIVE_FIXTURES = {"portal", "ingest_worker", "celery_worker"}
 
 
@@ -128,8 +129,10 @@ def portal(django_db_setup: World, django_db_blocker: Any,
         pytest.skip(f"daphne is not installed next to {sys.executable}")
     port = _free_port()
     log = tmp_path_factory.mktemp("daphne") / "daphne.log"
-    # PYTEST_VERSION is inherited, so the server runs with the test settings.
-    env = {**os.environ, "DATABASE_URL": _database_url(), "PUBLIC_PORT": str(port)}
+    # PYTEST_VERSION is inherited, so the server runs with the test settings. A small upload
+    # limit lets the browser tests cross it with a few megabytes.
+    env = {**os.environ, "DATABASE_URL": _database_url(), "PUBLIC_PORT": str(port),
+           "KB_MAX_UPLOAD_MB": str(LIVE_KB_MAX_UPLOAD_MB)}
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: S603 (fixed argument list)
             [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],

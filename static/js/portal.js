@@ -19,10 +19,32 @@ document.body.addEventListener("htmx:configRequest", function (event) {
   var token = document.querySelector("meta[name=csrf-token]");
   if (token) { event.detail.headers["X-CSRFToken"] = token.content; }
 });
-// Drag-and-drop onto upload forms: dropped files go into the form's file input, then submit.
+// Upload forms: dropped files go into the form's file input, then submit. A selection larger than
+// the form's data-max-bytes (the server's limit for one upload) is stopped here with the reason,
+// before megabytes go over the wire; the server refuses it anyway.
+function formatMegabytes(bytes) { return (bytes / 1048576).toFixed(1) + " MB"; }
 document.querySelectorAll("[data-dropzone]").forEach(function (form) {
   var input = form.querySelector("input[type=file]");
   if (!input) { return; }
+  var error = form.querySelector("[data-upload-error]");
+  var limit = parseInt(form.dataset.maxBytes || "0", 10);
+  function tooLarge() {
+    var files = Array.prototype.slice.call(input.files || []);
+    var total = files.reduce(function (sum, f) { return sum + f.size; }, 0);
+    if (!limit || total <= limit) { return ""; }
+    var big = files.filter(function (f) { return f.size > limit; }).map(function (f) {
+      return f.name + " (" + formatMegabytes(f.size) + ")";
+    });
+    return (big.length ? big.join(", ") + (big.length > 1 ? " are" : " is") + " larger than the "
+                       : "These " + files.length + " files total " + formatMegabytes(total) + "; one upload takes at most ")
+      + formatMegabytes(limit) + (big.length ? " limit for one upload." : ". Upload fewer files at a time.");
+  }
+  form.addEventListener("submit", function (event) {
+    var problem = tooLarge();
+    if (error) { error.textContent = problem; error.classList.toggle("d-none", !problem); }
+    if (problem) { event.preventDefault(); }
+  });
+  input.addEventListener("change", function () { if (error) { error.classList.add("d-none"); } });
   ["dragenter", "dragover"].forEach(function (name) {
     form.addEventListener(name, function (event) { event.preventDefault(); form.classList.add("border-primary"); });
   });
@@ -33,7 +55,7 @@ document.querySelectorAll("[data-dropzone]").forEach(function (form) {
     event.preventDefault();
     if (event.dataTransfer && event.dataTransfer.files.length) {
       input.files = event.dataTransfer.files;
-      form.submit();
+      if (form.requestSubmit) { form.requestSubmit(); } else { form.submit(); }
     }
   });
 });

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.browser.conftest import Portal, sign_in
+from tests.live import LIVE_KB_MAX_UPLOAD_MB
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
 pytestmark = [pytest.mark.browser, pytest.mark.django_db]
@@ -66,3 +67,48 @@ def test_upload_pdfs_and_a_docx_watch_them_index_and_search(portal: Portal, inge
     results.wait_for()
     assert "multicolumn" in results.inner_text()
     assert "Fused" in results.inner_text()
+
+
+def _collection_page(page: Any, portal: Portal) -> str:
+    sign_in(page, portal, "owner@acme.test")
+    page.goto(portal.url(path="/kb/"))
+    page.locator("input[name=name]").fill(f"Limits {uuid.uuid4().hex[:6]}")
+    with page.expect_navigation():
+        page.get_by_role("button", name="Create collection").click()
+    return str(page.url)
+
+
+def _file(name: str, megabytes: float) -> dict[str, Any]:
+    return {"name": name, "mimeType": "text/plain", "buffer": b"word " * int(megabytes * 1048576 / 5)}
+
+
+def test_a_selection_past_the_upload_limit_is_stopped_in_the_page(portal: Portal, page: Any) -> None:
+    url = _collection_page(page, portal)
+    assert f"up to {LIVE_KB_MAX_UPLOAD_MB} MB per upload" in page.content()
+    page.evaluate("window.__notReloaded = true")
+    page.locator("input[name=files]").set_input_files([_file("small.txt", 0.5), _file("huge.txt", 4.5)])
+    page.get_by_role("button", name="Upload", exact=True).click()
+    alert = page.locator("[data-upload-error]")
+    alert.wait_for(state="visible")
+    assert "huge.txt (4.5 MB) is larger than the 4.0 MB limit" in alert.inner_text()
+    assert page.evaluate("window.__notReloaded") is True and page.url == url, "nothing was sent"
+
+    page.locator("input[name=files]").set_input_files([_file(f"part{i}.txt", 1.5) for i in range(3)])
+    assert alert.is_hidden(), "a new selection clears the old reason"
+    page.get_by_role("button", name="Upload", exact=True).click()
+    alert.wait_for(state="visible")
+    assert "These 3 files total 4.5 MB" in alert.inner_text()
+    assert "No documents" in page.locator("[data-testid=document-table]").inner_text()
+
+
+def test_without_javascript_an_upload_past_the_limit_returns_to_the_page_with_the_reason(
+        portal: Portal, new_page: Any) -> None:
+    page = new_page(java_script_enabled=False)
+    url = _collection_page(page, portal)
+    page.locator("input[name=files]").set_input_files([_file("huge.txt", 4.5)])
+    with page.expect_navigation():
+        page.get_by_role("button", name="Upload", exact=True).click()
+    assert page.url == url
+    reason = page.locator(".alert-danger:not([data-upload-error])").inner_text()
+    assert f"one upload takes at most {LIVE_KB_MAX_UPLOAD_MB} MB" in reason
+    assert "No documents" in page.locator("[data-testid=document-table]").inner_text()

@@ -312,6 +312,43 @@ def test_an_oversized_page_post_gets_a_plain_413(world: World) -> None:
     assert not Invitation.objects.filter(email="big@example.test").exists()
 
 
+def _oversized_console_upload(world: World, **headers: str) -> Any:
+    """POST a 2 MB file to a collection's console upload with ``KB_MAX_UPLOAD_MB`` at 1."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from knowledge.models import Document
+    from knowledge.services import collection_create
+    from tenants.principal import Principal
+
+    with schema_context(world.tenant_a.schema_name):
+        collection = collection_create(principal=Principal.system("t", tenant=world.tenant_a),
+                                       name=f"Limits {len(headers)}")
+    client = host_client(HOST_A, world.user("owner"))
+    response = client.post(f"/kb/collections/{collection.pk}/upload/",
+                           {"files": [SimpleUploadedFile("big.txt", b"x " * 1_048_576)]}, **headers)
+    with schema_context(world.tenant_a.schema_name):
+        assert not Document.objects.filter(collection=collection).exists()
+    return client, collection, response
+
+
+def test_a_console_upload_past_the_limit_goes_back_to_its_page_with_the_reason(world: World, settings: Any) -> None:
+    settings.KB_MAX_UPLOAD_MB = 1
+    referer = f"http://{HOST_A}/kb/collections/0/"
+    client, collection, response = _oversized_console_upload(world, HTTP_REFERER=referer)
+    assert response.status_code == 303 and response["Location"] == referer
+    page = client.get(f"/kb/collections/{collection.pk}/").content.decode()
+    assert "That upload is 2.0 MB; one upload takes at most 1 MB. Upload fewer or smaller files" in page
+
+
+@pytest.mark.parametrize("headers", [{}, {"HTTP_REFERER": "https://evil.example/kb/"}])
+def test_an_oversized_upload_from_elsewhere_gets_a_plain_413(world: World, settings: Any,
+                                                             headers: dict[str, str]) -> None:
+    settings.KB_MAX_UPLOAD_MB = 1
+    _client, _collection, response = _oversized_console_upload(world, **headers)
+    assert response.status_code == 413 and response["Content-Type"].startswith("text/plain")
+    assert b"one upload takes at most 1 MB" in response.content
+
+
 @pytest.mark.parametrize("path", ["/api/v1/no-such-endpoint", "/api/v2/me", "/api/", "/api/v1/audit/events/x/y"])
 def test_an_unknown_api_path_gets_the_404_error_body(world: World, path: str) -> None:
     response = api_client(HOST_A, world.key_a).get(path)
