@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,17 @@ def test_a_missing_path_or_a_directory_without_importable_files_is_a_clear_error
         _run("--tenant", "acme", "--collection", "C", "--create", str(tmp_path))
     with schema_context(world.tenant_a.schema_name):
         assert not Collection.objects.filter(name="C").exists()
+
+
+@pytest.mark.parametrize(("verbosity", "logged"), [("1", False), ("2", True)])
+def test_per_document_logs_stay_off_the_progress_bars_unless_asked_for(
+        world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture, verbosity: str, logged: bool) -> None:
+    (tmp_path / "handbook.md").write_bytes(HANDBOOK)
+    (tmp_path / "blank.html").write_bytes(b"<p> </p>")  # fails in ingestion: logged as document_failed
+    caplog.set_level("INFO")
+    out, err = _run("--tenant", "acme", "--collection", f"Quiet {verbosity}", "--create", "--verbosity", verbosity,
+                    str(tmp_path))
+    assert "indexed 1 document(s)" in out and "failed: blank: " in err
+    noisy = [r for r in caplog.records if r.name.startswith(("knowledge", "compliance")) and r.levelname == "INFO"]
+    assert bool(noisy) is logged
+    assert logging.getLogger("knowledge").level == logging.NOTSET, "the command restores the log level"

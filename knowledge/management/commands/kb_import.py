@@ -7,7 +7,10 @@ Directories are walked recursively.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,31 @@ from knowledge.models import Collection, Document
 from knowledge.services import collection_create, document_upload
 from tenants.models import Tenant
 from tenants.principal import Principal
+
+
+@contextlib.contextmanager
+def _quiet_logs(verbosity: int) -> Iterator[None]:
+    """Below ``--verbosity 2``, keep the per-document info logs (uploads, audit events, failures)
+    and the model's weight-loading bar off the terminal while the progress bars run; rejected and
+    failed files are listed at the end either way."""
+    if verbosity >= 2:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("knowledge", "compliance")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # the litellm embedding backend needs no transformers
+        pass
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 class Command(BaseCommand):
@@ -42,7 +70,7 @@ class Command(BaseCommand):
         if not files:
             raise CommandError("No importable files found (PDF, DOCX, HTML, Markdown, text, JSONL).")
         actor = Principal.system("manage.py kb_import", tenant=tenant)
-        with schema_context(tenant.schema_name):
+        with schema_context(tenant.schema_name), _quiet_logs(options["verbosity"]):
             collection = self._collection(options["collection"], options["create"], actor)
             ids: list[int] = []
             rejected = 0
