@@ -341,6 +341,11 @@ KB_BM25_B = env_float("KB_BM25_B", 0.4)
 KB_HYBRID_ALPHA = env_float("KB_HYBRID_ALPHA", 0.6)
 KB_HYBRID_NORMALIZATION = env_str("KB_HYBRID_NORMALIZATION", "zscore")
 KB_HYBRID_CANDIDATES = env_int("KB_HYBRID_CANDIDATES", 100, minimum=1)
+# Pseudo-relevance feedback on the dense side of hybrid search (Rocchio): the query vector plus
+# KB_HYBRID_FEEDBACK_WEIGHT times the mean of its KB_HYBRID_FEEDBACK_CHUNKS nearest chunks; 0 turns
+# it off.
+KB_HYBRID_FEEDBACK_CHUNKS = env_int("KB_HYBRID_FEEDBACK_CHUNKS", 3, minimum=0)
+KB_HYBRID_FEEDBACK_WEIGHT = env_float("KB_HYBRID_FEEDBACK_WEIGHT", 0.5)
 KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 100, minimum=1)
 
 # --- Agents and chat ------------------------------------------------------------------------

@@ -18,10 +18,19 @@
   and it is not bounded to [0, 1]. Two round trips: the keyword side (which also returns the
   query terms' IDFs) runs while another thread embeds the query, then one statement finds the
   dense side and completes both scores of every candidate.
+* Pseudo-relevance feedback on hybrid's dense side (Rocchio, "Relevance Feedback in Information
+  Retrieval", 1971, applied to dense vectors as in Li et al., "Pseudo Relevance Feedback with Deep
+  Language Models and Dense Retrievers: Successes and Pitfalls", TOIS 2023): the dense side
+  searches with ``q + w * mean(v_1..v_m)``, the query vector plus ``w`` times the mean of its
+  ``m`` nearest chunks (``KB_HYBRID_FEEDBACK_CHUNKS`` = 3, ``KB_HYBRID_FEEDBACK_WEIGHT`` = 0.5),
+  and its cosines are taken against that vector. The feedback search is a CTE of the same
+  statement. On SciFact (documents by best chunk, 200 chunks) it moved train nDCG@10 / recall@100
+  from 0.7427 / 0.9588 to 0.7455 / 0.9613 and test from 0.7351 / 0.9627 to 0.7379 / 0.9667.
 
-The defaults (``KB_BM25_K1``, ``KB_BM25_B``, ``KB_HYBRID_ALPHA``, ``KB_HYBRID_NORMALIZATION``)
-were chosen on SciFact's *train* queries (``tests/bench/tune_retrieval.py``) and are evaluated
-on its test queries.
+The defaults (``KB_BM25_K1``, ``KB_BM25_B``, ``KB_HYBRID_ALPHA``, ``KB_HYBRID_NORMALIZATION``,
+the feedback's chunks and weight) were chosen on SciFact's *train* queries
+(``tests/bench/tune_retrieval.py``, ``--feedback`` for the last two) and are evaluated on its test
+queries.
 """
 
 from __future__ import annotations
@@ -59,7 +68,8 @@ class SearchHit:
     """One retrieved chunk with its source and the scores that ranked it.
 
     ``score`` is what the mode ranks by (cosine, BM25 or the fused score, unbounded);
-    ``vector_score`` (cosine similarity) and ``keyword_score`` (BM25) are given whenever they
+    ``vector_score`` (cosine similarity; in hybrid mode to the query vector expanded by the
+    dense side's feedback) and ``keyword_score`` (BM25) are given whenever they
     were computed, with their ranks among the candidates (1 = best).
     """
 
@@ -150,7 +160,24 @@ ORDER BY embedding <=> (SELECT v FROM qv) LIMIT %(pool)s
 # union with the keyword candidates, each candidate's exact cosine, and the BM25 score of the
 # dense candidates the keyword side did not return (from their own postings and the keyword
 # side's IDFs), so every candidate carries both scores.
-_HYBRID_SQL = "WITH " + _QUERY_VECTOR + """, stats AS (
+# The hybrid's query vector with pseudo-relevance feedback: ``%(vector)s`` is the query vector
+# divided by the feedback weight (cosine ignores scale, so ``q / w + mean`` ranks and scores as
+# ``q + w * mean``), plus the mean of its ``%(feedback)s`` nearest chunks; with no feedback chunks
+# (``LIMIT 0``, or an empty collection) the mean is NULL and the vector is the query's own.
+# The nearest chunks are read from a materialized CTE planned for ``pool`` rows, as the dense
+# side is: asked for 3 rows, the planner priced an exact sort of the collection below the HNSW
+# scan's start-up cost and chose it (28 ms on SciFact's 11,867 chunks, against about 1 ms). The
+# CTE is read lazily, so only the feedback's rows are fetched from the index scan.
+_FEEDBACK_QUERY_VECTOR = """q0 AS MATERIALIZED (SELECT %(vector)s::vector AS v), nearest AS MATERIALIZED (
+    SELECT embedding FROM knowledge_chunk WHERE collection_id = ANY(%(collections)s)
+    ORDER BY embedding <=> (SELECT v FROM q0) LIMIT %(pool)s
+), feedback AS (
+    SELECT embedding FROM nearest LIMIT %(feedback)s
+), qv AS MATERIALIZED (
+    SELECT COALESCE((SELECT v FROM q0) + (SELECT avg(embedding) FROM feedback), (SELECT v FROM q0)) AS v
+)"""
+
+_HYBRID_SQL = "WITH " + _FEEDBACK_QUERY_VECTOR + """, stats AS (
     SELECT GREATEST(SUM(lexeme_total)::float8 / GREATEST(SUM(chunk_count), 1), 1) AS avglen
     FROM knowledge_collection WHERE id = ANY(%(collections)s)
 ), idf AS (
@@ -258,9 +285,20 @@ def vector_candidates(vector: np.ndarray, collections: list[Collection], pool: i
 
 
 def hybrid_rescore(vector: np.ndarray, keyword: KeywordSide, collections: list[Collection], pool: int, *,
-                   k1: float | None = None, b: float | None = None) -> list[Candidate]:
-    """The union of ``keyword.hits`` and the ``pool`` nearest chunks, each scored by both methods."""
-    params = _params("", collections, pool, k1=k1, b=b, vector=vector)
+                   k1: float | None = None, b: float | None = None, feedback: int | None = None,
+                   feedback_weight: float | None = None) -> list[Candidate]:
+    """The union of ``keyword.hits`` and the ``pool`` nearest chunks, each scored by both methods.
+
+    The dense side searches (and scores cosines) with the query vector plus ``feedback_weight``
+    times the mean of its ``feedback`` nearest chunks (defaults ``KB_HYBRID_FEEDBACK_CHUNKS`` and
+    ``KB_HYBRID_FEEDBACK_WEIGHT``; ``feedback=0`` or a weight of 0 searches with ``vector`` alone).
+    """
+    feedback = settings.KB_HYBRID_FEEDBACK_CHUNKS if feedback is None else feedback
+    weight = settings.KB_HYBRID_FEEDBACK_WEIGHT if feedback_weight is None else feedback_weight
+    if weight <= 0:
+        feedback, weight = 0, 1.0
+    params = _params("", collections, pool, k1=k1, b=b, vector=vector / weight)
+    params["feedback"] = feedback
     params.update(lexemes=list(keyword.idf), idfs=list(keyword.idf.values()),
                   sparse_ids=[i for i, _ in keyword.hits], sparse_scores=[s for _, s in keyword.hits])
     with connection.cursor() as cursor, _hnsw_settings(cursor, pool):
@@ -392,7 +430,8 @@ def chunk_search(
 
     ``mode`` is ``vector``, ``keyword`` or ``hybrid``; ``fusion`` (hybrid only) is ``convex``
     (weight ``alpha`` on the vector side, default ``KB_HYBRID_ALPHA``) or ``rrf``. Each side
-    contributes ``candidates`` chunks (default ``max(top_k, KB_HYBRID_CANDIDATES)``) before fusion.
+    contributes ``candidates`` chunks (default ``max(top_k, KB_HYBRID_CANDIDATES)``) before fusion;
+    hybrid's dense side searches with pseudo-relevance feedback (``hybrid_rescore``).
     Collections must belong to the current tenant (they are rows of its schema). Records one
     ``kb.query`` usage event (referencing ``agent_id``/``session_id``/``turn_id`` when a chat turn
     searched). Raises ``ValidationFailed`` for an empty or overlong query, a bad

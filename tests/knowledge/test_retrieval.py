@@ -139,7 +139,7 @@ def test_bm25_is_computed_in_floating_point(handbook: Collection) -> None:
     # then computes every posting's length normalization in (slow) numeric arithmetic.
     params = retrieval._params("laptop parking", [handbook], 5, k1=None, b=None,
                                vector=embedder().embed_query("laptop parking"))
-    params.update(lexemes=["laptop"], idfs=[1.0], sparse_ids=[], sparse_scores=[])
+    params.update(lexemes=["laptop"], idfs=[1.0], sparse_ids=[], sparse_scores=[], feedback=3)
     for sql in (retrieval._KEYWORD_SQL, retrieval._HYBRID_SQL):
         with connection.cursor() as cursor:
             cursor.execute("EXPLAIN VERBOSE " + sql, params)
@@ -207,13 +207,14 @@ def test_the_hnsw_index_serves_vector_search(handbook: Collection) -> None:
     # five chunks the planner would rather sort them; without sorts and bitmap scans, only an
     # index that can order by distance is left.
     params = retrieval._params("", [handbook], 5, k1=None, b=None, vector=embedder().embed_query("parking"))
-    params.update(lexemes=[], idfs=[], sparse_ids=[], sparse_scores=[])
-    for sql in (retrieval._VECTOR_SQL, retrieval._HYBRID_SQL):
+    params.update(lexemes=[], idfs=[], sparse_ids=[], sparse_scores=[], feedback=3)
+    # The hybrid statement searches twice: the feedback chunks, then the dense side.
+    for sql, scans in ((retrieval._VECTOR_SQL, 1), (retrieval._HYBRID_SQL, 2)):
         with connection.cursor() as cursor, retrieval._hnsw_settings(cursor, 5):
             cursor.execute("SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off")
             cursor.execute("EXPLAIN " + sql, params)
             plan = " ".join(row[0] for row in cursor.fetchall())
-        assert "Index Scan using chunk_embedding_hnsw" in plan, plan
+        assert plan.count("Index Scan using chunk_embedding_hnsw") == scans, plan
 
 
 def _setting(cursor: Any, name: str) -> str:
@@ -251,3 +252,39 @@ def test_hits_carry_the_heading_path_and_page(world: World, collection_a: Collec
         hits = chunk_search(query="meals reimbursed per day", collections=[collection_a], mode=mode, top_k=1)
         assert hits[0].heading_path == ["Travel", "Meals"], mode
         assert hits[0].title and hits[0].document_id == result.created[0].pk
+
+
+def test_hybrid_feedback_searches_with_the_query_plus_its_nearest_chunks(handbook: Collection) -> None:
+    import numpy as np
+
+    from knowledge.embeddings import embedder
+    from knowledge.models import Chunk
+    from knowledge.retrieval import KeywordSide, hybrid_rescore
+
+    # Rocchio on the dense side: the cosines hybrid reports must be those against
+    # q + w * mean(the m chunks nearest q), computed here from the stored vectors.
+    query = embedder().embed_query("where do I park my car")
+    chunks = {c.pk: np.asarray(c.embedding, dtype=np.float64) for c in Chunk.objects.filter(collection=handbook)}
+    nearest = sorted(chunks, key=lambda i: -float(chunks[i] @ query) / np.linalg.norm(chunks[i]))[:2]
+    expanded = query + 0.5 * np.mean([chunks[i] for i in nearest], axis=0)
+    expanded /= np.linalg.norm(expanded)
+
+    def cosines(**feedback: Any) -> dict[int, float]:
+        found = hybrid_rescore(query, KeywordSide([], {}), [handbook], len(chunks), **feedback)
+        return {c.chunk_id: c.cosine for c in found}
+
+    with_feedback = cosines(feedback=2, feedback_weight=0.5)
+    assert set(with_feedback) == set(chunks)
+    for chunk_id, vector in chunks.items():
+        assert with_feedback[chunk_id] == pytest.approx(float(vector @ expanded) / np.linalg.norm(vector), abs=1e-5)
+    plain = cosines(feedback=0)
+    for chunk_id, vector in chunks.items():
+        assert plain[chunk_id] == pytest.approx(float(vector @ query) / np.linalg.norm(vector), abs=1e-5)
+    assert cosines(feedback=2, feedback_weight=0) == pytest.approx(plain)
+    assert with_feedback != pytest.approx(plain, abs=1e-3), "the feedback moved the query"
+
+
+def test_hybrid_feedback_on_an_empty_collection_finds_nothing_without_error(world: World,
+                                                                           collection_a: Collection) -> None:
+    empty = collection_create(principal=Principal.system("t", tenant=world.tenant_a), name="Empty")
+    assert chunk_search(query="parking", collections=[empty], mode="hybrid", record_usage=False) == []
