@@ -125,3 +125,6 @@ def test_per_document_logs_stay_off_the_progress_bars_unless_asked_for(
     noisy = [r for r in caplog.records if r.name.startswith(("knowledge", "compliance")) and r.levelname == "INFO"]
     assert bool(noisy) is logged
     assert logging.getLogger("knowledge").level == logging.NOTSET, "the command restores the log level"
+    from transformers.utils import logging as transformers_logging
+
+    assert transformers_logging.is_progress_bar_enabled(), "and the model's progress bars"

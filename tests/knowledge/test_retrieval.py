@@ -288,3 +288,21 @@ def test_hybrid_feedback_on_an_empty_collection_finds_nothing_without_error(worl
                                                                            collection_a: Collection) -> None:
     empty = collection_create(principal=Principal.system("t", tenant=world.tenant_a), name="Empty")
     assert chunk_search(query="parking", collections=[empty], mode="hybrid", record_usage=False) == []
+
+
+@pytest.mark.parametrize(("fusion", "feedback"), [("convex", None), ("rrf", 0)])
+def test_only_convex_fusion_searches_with_feedback(handbook: Collection, monkeypatch: pytest.MonkeyPatch,
+                                                   fusion: str, feedback: int | None) -> None:
+    from knowledge import retrieval
+
+    seen: list[int | None] = []
+    rescore = retrieval.hybrid_rescore
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("feedback"))
+        return rescore(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "hybrid_rescore", spy)
+    hits = chunk_search(query="parking garage", collections=[handbook], mode="hybrid", fusion=fusion,
+                        top_k=2, record_usage=False)
+    assert seen == [feedback] and hits[0].external_id == "parking"

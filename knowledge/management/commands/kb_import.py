@@ -39,17 +39,19 @@ def _quiet_logs(verbosity: int) -> Iterator[None]:
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
-    try:
+    transformers_logging: Any = None
+    with contextlib.suppress(ImportError):  # the litellm embedding backend needs no transformers
         from transformers.utils import logging as transformers_logging
-
+    bar = transformers_logging is not None and transformers_logging.is_progress_bar_enabled()
+    if bar:
         transformers_logging.disable_progress_bar()
-    except ImportError:  # the litellm embedding backend needs no transformers
-        pass
     try:
         yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+        if bar:
+            transformers_logging.enable_progress_bar()
 
 
 class Command(BaseCommand):
