@@ -175,6 +175,7 @@ def search(request: HttpRequest, payload: SearchIn) -> dict[str, Any]:
     collections = selectors.collections_for_search(principal=principal, collection_ids=payload.collection_ids)
     timings = SearchTimings()
     hits = chunk_search(query=payload.query, collections=collections, top_k=payload.top_k, mode=payload.mode,
-                        fusion=payload.fusion, timings=timings)
+                        fusion=payload.fusion, max_chunks_per_document=payload.max_chunks_per_document,
+                        timings=timings)
     return {"query": payload.query, "mode": payload.mode, "results": [h.__dict__ for h in hits],
             "timings_ms": {k: round(v, 2) for k, v in timings.__dict__.items()}}

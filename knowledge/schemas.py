@@ -105,6 +105,9 @@ class SearchIn(Schema):
     top_k: int = 10
     mode: str = "hybrid"
     fusion: str = "convex"
+    max_chunks_per_document: int | None = Field(
+        None, description="At most this many chunks of any one document (1: a ranking of documents by their best "
+                          "chunk); absent or null for no limit. Below 1 is a validation error.")
 
 
 class SearchHitOut(Schema):

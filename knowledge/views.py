@@ -202,7 +202,9 @@ def search_playground(request: HttpRequest) -> HttpResponse:
         try:
             context["hits"] = chunk_search(query=form.cleaned_data["query"], collections=chosen,
                                            top_k=form.cleaned_data["top_k"], mode=form.cleaned_data["mode"],
-                                           fusion=form.cleaned_data["fusion"], timings=timings)
+                                           fusion=form.cleaned_data["fusion"],
+                                           max_chunks_per_document=form.cleaned_data["max_chunks_per_document"],
+                                           timings=timings)
         except DomainError as exc:
             form.add_error(None, exc.message)
         context["timings"] = timings

@@ -144,6 +144,30 @@ def test_search_returns_cited_chunks(world: World, api_a: Client) -> None:
     assert response.json()["timings_ms"]["total_ms"] > 0
 
 
+def test_search_collapses_on_the_document_when_asked(world: World, api_a: Client) -> None:
+    with schema_context(world.tenant_a.schema_name):
+        principal = Principal.system("t", tenant=world.tenant_a)
+        collection = collection_create(principal=principal, name="Rules", chunk_size_tokens=32,
+                                       chunk_overlap_tokens=0)
+        long_rules = "\n\n".join(f"Launch rule {n}: the launch code opens the launch bay doors." for n in range(8))
+        for name, text in (("rules.txt", long_rules), ("secret.txt", SECRET_TEXT)):
+            result = document_upload(principal=principal, collection=collection, filename=name, data=text.encode(),
+                                     queue=False)
+            ingest_documents([d.pk for d in result.created])
+
+    def search(**extra: Any) -> Any:
+        return api_a.post("/api/v1/knowledge/search", {"query": "launch code", "collection_ids": [collection.pk],
+                                                       "top_k": 4, **extra}, content_type="application/json")
+
+    chunks = [h["document_id"] for h in search().json()["results"]]
+    assert len(chunks) == 4 and len(set(chunks)) < 4
+    documents = search(max_chunks_per_document=1)
+    assert documents.status_code == 200, documents.content
+    assert len({h["document_id"] for h in documents.json()["results"]}) == len(documents.json()["results"]) == 2
+    bad = search(max_chunks_per_document=0)
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_max_chunks_per_document"
+
+
 def test_searching_an_unknown_collection_is_not_found(world: World, api_a: Client) -> None:
     response = api_a.post("/api/v1/knowledge/search", {"query": "x", "collection_ids": [999999]},
                           content_type="application/json")

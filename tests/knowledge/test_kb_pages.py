@@ -104,6 +104,12 @@ def test_the_playground_shows_vector_keyword_and_fused_scores(world: World) -> N
     html = client.get("/kb/search/", {"query": "vacation days", "collections": [collection.pk]}).content.decode()
     assert "Twenty-five days of paid vacation." in html
     assert "Fused" in html and "Vector (rank)" in html and "Keyword (rank)" in html
+    assert 'name="max_chunks_per_document"' in html
+    collapsed = client.get("/kb/search/", {"query": "vacation days", "collections": [collection.pk],
+                                           "max_chunks_per_document": "1"}).content.decode()
+    assert "Twenty-five days of paid vacation." in collapsed and '<option value="1" selected>' in collapsed
+    bad = client.get("/kb/search/", {"query": "vacation", "max_chunks_per_document": "0"}).content.decode()
+    assert "Select a valid choice" in bad
     fragment = client.get("/kb/search/", {"query": "vacation"}, HTTP_HX_REQUEST="true")
     assert b"<html" not in fragment.content and b"Twenty-five" in fragment.content
 

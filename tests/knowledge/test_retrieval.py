@@ -306,3 +306,90 @@ def test_only_convex_fusion_searches_with_feedback(handbook: Collection, monkeyp
     hits = chunk_search(query="parking garage", collections=[handbook], mode="hybrid", fusion=fusion,
                         top_k=2, record_usage=False)
     assert seen == [feedback] and hits[0].external_id == "parking"
+
+
+# Field collapsing on the document (max_chunks_per_document).
+
+GARAGE_RULES = "\n\n".join(
+    f"Parking rule {n}: parking permits for the parking garage are checked at the gate, parking "
+    f"spaces are numbered and parking fees are paid monthly." for n in range(1, 13))
+
+
+@pytest.fixture
+def garage(world: World, handbook: Collection) -> Collection:
+    """The handbook's five one-chunk records plus a twelve-chunk document about parking."""
+    principal = Principal.system("t", tenant=world.tenant_a)
+    collection = collection_create(principal=principal, name="Garage", chunk_size_tokens=32, chunk_overlap_tokens=0)
+    document_upload(principal=principal, collection=collection, filename="handbook.jsonl", queue=False,
+                    data="\n".join(f'{{"_id": "{i}", "title": "{t}", "text": "{x}"}}'
+                                   for i, t, x in RECORDS).encode())
+    document_upload(principal=principal, collection=collection, filename="garage.md", queue=False,
+                    data=GARAGE_RULES.encode())
+    from knowledge.models import Document
+
+    report = ingest_documents(list(Document.objects.filter(collection=collection).values_list("pk", flat=True)))
+    assert report.indexed == len(RECORDS) + 1
+    collection.refresh_from_db()
+    assert Document.objects.get(collection=collection, original_filename="garage.md").chunk_count >= 10
+    return collection
+
+
+@pytest.mark.parametrize("mode", ["keyword", "vector", "hybrid"])
+def test_one_chunk_per_document_ranks_documents_by_their_best_chunk(garage: Collection, mode: str) -> None:
+    query = "parking garage permits"
+    chunks = chunk_search(query=query, collections=[garage], mode=mode, top_k=200, record_usage=False)
+    assert len({h.document_id for h in chunks[:6]}) < 6, "the long document fills the chunk ranking"
+    by_best_chunk = list(dict.fromkeys(h.document_id for h in chunks))
+    documents = chunk_search(query=query, collections=[garage], mode=mode, top_k=4, max_chunks_per_document=1,
+                             record_usage=False)
+    # The first chunk of every document in the uncollapsed ranking, in that order (MaxP).
+    assert [h.document_id for h in documents] == by_best_chunk[:4]
+    first_chunk = {}
+    for hit in chunks:
+        first_chunk.setdefault(hit.document_id, hit.chunk_id)
+    assert [h.chunk_id for h in documents] == [first_chunk[d] for d in by_best_chunk[:4]]
+    assert documents[0].title and documents[0].text
+
+
+def test_a_collapsed_search_widens_its_candidates_until_it_has_top_k_documents(
+        garage: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+    from knowledge import retrieval
+
+    pools: list[int] = []
+    candidates = retrieval.keyword_candidates
+
+    def spy(query: str, collections: list[Collection], pool: int, **kwargs: Any) -> Any:
+        pools.append(pool)
+        return candidates(query, collections, pool, **kwargs)
+
+    monkeypatch.setattr(retrieval, "keyword_candidates", spy)
+    # "parking" is in the garage document's twelve chunks and in one handbook record: the first
+    # six candidates (2 x top_k) are all the garage's, one document; doubling finds the record.
+    hits = chunk_search(query="parking", collections=[garage], mode="keyword", top_k=3, max_chunks_per_document=1,
+                        record_usage=False)
+    assert len(hits) == 2 and hits[1].external_id == "parking" and hits[0].document_id != hits[1].document_id
+    # Doubled while every list came back full; stopped at the first short one (all that match).
+    assert pools[:2] == [6, 12] and all(b == 2 * a for a, b in zip(pools, pools[1:], strict=False))
+
+
+def test_up_to_two_chunks_per_document(garage: Collection) -> None:
+    hits = chunk_search(query="parking garage permits", collections=[garage], mode="hybrid", top_k=5,
+                        max_chunks_per_document=2, record_usage=False)
+    per_document: dict[int, int] = {}
+    for hit in hits:
+        per_document[hit.document_id] = per_document.get(hit.document_id, 0) + 1
+    assert len(hits) == 5 and max(per_document.values()) == 2
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_collapsing_asks_for_no_more_than_the_collections_hold(garage: Collection) -> None:
+    hits = chunk_search(query="parking", collections=[garage], mode="vector", top_k=50, max_chunks_per_document=1,
+                        record_usage=False)
+    assert len(hits) == len(RECORDS) + 1  # every document once, and no error past the chunk count
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_max_chunks_per_document_below_one_is_rejected(handbook: Collection, value: int) -> None:
+    with pytest.raises(ValidationFailed) as excinfo:
+        chunk_search(query="parking", collections=[handbook], max_chunks_per_document=value)
+    assert excinfo.value.code == "invalid_max_chunks_per_document"
