@@ -235,36 +235,30 @@ def main() -> None:
         collections = list(Collection.objects.all())
         # Warm up the model and the database caches.
         evaluate(collections, dict(list(queries.items())[:5]), qrels, mode="hybrid")
-        print(f"\nquality and latency over {len(queries)} test queries (documents ranked by best chunk):")
-        print(f"  {'mode':28} {'nDCG@10':>8} {'R@100':>7} {'p50 ms':>8} {'p95 ms':>8}")
-        for label, kwargs in (
+        modes: list[tuple[str, dict[str, Any]]] = [
             ("keyword (BM25)", {"mode": "keyword"}),
             ("vector (MiniLM, HNSW)", {"mode": "vector"}),
             ("hybrid, RRF k=60", {"mode": "hybrid", "fusion": "rrf"}),
             ("hybrid, convex (default)", {"mode": "hybrid"}),
-            # Deeper candidate lists (each side proposes 400 chunks for the 200 asked for):
-            # what recall@100 gains, and what it costs in latency.
-            ("hybrid, convex, 400 per side", {"mode": "hybrid", "candidates": 400}),
-        ):
-            result = evaluate(collections, queries, qrels, **kwargs)  # type: ignore[arg-type]
-            print(f"  {label:28} {result['ndcg@10']:8.3f} {result['recall@100']:7.3f} "
-                  f"{result['p50_ms']:8.1f} {result['p95_ms']:8.1f}", flush=True)
+        ]
+
+        def table(title: str, rows: list[tuple[str, dict[str, Any]]], **common: Any) -> None:
+            print(f"\n{title}:\n  {'mode':28} {'nDCG@10':>8} {'R@100':>7} {'p50 ms':>8} {'p95 ms':>8}")
+            for label, kwargs in rows:
+                result = evaluate(collections, queries, qrels, **common, **kwargs)
+                print(f"  {label:28} {result['ndcg@10']:8.3f} {result['recall@100']:7.3f} "
+                      f"{result['p50_ms']:8.1f} {result['p95_ms']:8.1f}", flush=True)
+
+        # Deeper candidate lists (each side proposes 400 chunks for the 200 asked for): what
+        # recall@100 gains, and what it costs in latency.
+        table(f"quality and latency over {len(queries)} test queries (documents ranked by best chunk)",
+              [*modes, ("hybrid, convex, 400 per side", {"mode": "hybrid", "candidates": 400})])
         print("  (latency above: top_k=200 chunks per query, as recall@100 over documents needs)")
         # The same rankings collapsed on the document (max_chunks_per_document=1, top_k=100): the
         # 100 documents BEIR's recall@100 reads, each by its best chunk among all the candidates,
         # where 200 chunks can hold fewer than 100 documents.
-        print("\ndocuments (one chunk per document, top_k=100; each method proposes 200 chunks):")
-        print(f"  {'mode':28} {'nDCG@10':>8} {'R@100':>7} {'p50 ms':>8} {'p95 ms':>8}")
-        for label, kwargs in (
-            ("keyword (BM25)", {"mode": "keyword"}),
-            ("vector (MiniLM, HNSW)", {"mode": "vector"}),
-            ("hybrid, RRF k=60", {"mode": "hybrid", "fusion": "rrf"}),
-            ("hybrid, convex (default)", {"mode": "hybrid"}),
-        ):
-            result = evaluate(collections, queries, qrels, top_k=100, max_chunks_per_document=1,
-                              **kwargs)  # type: ignore[arg-type]
-            print(f"  {label:28} {result['ndcg@10']:8.3f} {result['recall@100']:7.3f} "
-                  f"{result['p50_ms']:8.1f} {result['p95_ms']:8.1f}", flush=True)
+        table("documents (one chunk per document, top_k=100; each method proposes 200 chunks)", modes,
+              top_k=100, max_chunks_per_document=1)
         print("\nsearch latency at top_k=10 (one RAG request), query embedding included:")
         for mode in ("keyword", "vector", "hybrid"):
             result = evaluate(collections, queries, qrels, mode=mode, top_k=10)
