@@ -51,7 +51,7 @@ browsers:
 migrate: install
 	$(PY) manage.py migrate_schemas --noinput
 
-seed: install
+seed: migrate
 	$(PY) manage.py demo_seed
 
 bench: install ## Benchmarks: print figures, assert nothing (about 30 minutes)

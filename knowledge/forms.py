@@ -27,7 +27,7 @@ class SearchForm(forms.Form):
                                initial="convex", required=False)
     top_k = forms.IntegerField(min_value=1, max_value=50, initial=10, label="Top k")
     max_chunks_per_document = forms.TypedChoiceField(
-        choices=[("", "No limit"), ("1", "1 (best chunk: a ranking of documents)"), ("2", "Up to 2"),
+        choices=[("", "No limit"), ("1", "1 (best chunk only)"), ("2", "Up to 2"),
                  ("3", "Up to 3")],
         coerce=int, empty_value=None, required=False, label="Chunks per document")
 
