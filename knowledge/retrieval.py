@@ -52,7 +52,7 @@ from django.db import DatabaseError, connection
 from billing.models import UsageEvent
 from billing.services import usage_event_record
 from config.errors import ValidationFailed
-from knowledge.embeddings import embedder
+from knowledge.embeddings import Embedder, embedder
 from knowledge.models import Collection
 
 logger = structlog.get_logger(__name__)
@@ -509,8 +509,9 @@ def chunk_search(
 
     query_vector: np.ndarray | None = None
     while True:
-        hits, full, query_vector = _ranked(query, query_vector, collections, pool, mode=mode, fusion=fusion,
-                                           alpha=alpha, timings=timings)
+        hits, full, query_vector = _ranked(model, query, query_vector, collections, pool, mode=mode, fusion=fusion,
+                                           alpha=alpha, timings=timings,
+                                           limit=top_k if max_chunks_per_document is None else None)
         if max_chunks_per_document is None:
             break
         hits = collapse_by_document(hits, _document_ids([h.chunk_id for h in hits]), max_chunks_per_document)
@@ -529,13 +530,13 @@ def chunk_search(
     return hits
 
 
-def _ranked(query: str, query_vector: np.ndarray | None, collections: list[Collection], pool: int, *, mode: str,
-            fusion: str, alpha: float | None,
-            timings: SearchTimings) -> tuple[list[SearchHit], bool, np.ndarray | None]:
-    """The mode's ranking of up to ``pool`` candidates per method (not yet hydrated), whether a
-    method returned all ``pool`` it was asked for (so more exist), and the query vector (embedded
-    here unless given, ``None`` for keyword mode). Timings add up over calls."""
-    model = embedder()
+def _ranked(model: Embedder, query: str, query_vector: np.ndarray | None, collections: list[Collection], pool: int, *,
+            mode: str, fusion: str, alpha: float | None, timings: SearchTimings,
+            limit: int | None) -> tuple[list[SearchHit], bool, np.ndarray | None]:
+    """The mode's ranking of up to ``pool`` candidates per method (the first ``limit``, or all;
+    not yet hydrated), whether a method returned all ``pool`` it was asked for (so more exist),
+    and the query vector (embedded here unless given, ``None`` for keyword mode). Timings add up
+    over calls."""
     if mode == "vector":
         if query_vector is None:
             t0 = time.perf_counter()
@@ -571,6 +572,6 @@ def _ranked(query: str, query_vector: np.ndarray | None, collections: list[Colle
     timings.vector_ms += (time.perf_counter() - t0) * 1000
     hits = [SearchHit(chunk_id=c.chunk_id, score=score, vector_score=c.cosine, keyword_score=c.bm25,
                       vector_rank=vr, keyword_rank=kr)
-            for c, score, vr, kr in fuse(proposed, fusion=fusion, alpha=alpha)]
+            for c, score, vr, kr in fuse(proposed, fusion=fusion, alpha=alpha)[:limit]]
     full = len(keyword.hits) >= pool or sum(c.in_dense for c in proposed) >= pool
     return hits, full, query_vector
