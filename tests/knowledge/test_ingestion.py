@@ -543,3 +543,87 @@ def test_the_binary_statement_runs_in_the_tenant_schema_on_a_fresh_connection(wo
     thread.start()
     thread.join(10)
     assert schemas == [world.tenant_a.schema_name]
+
+
+def test_the_encoder_gives_up_one_thread_only_while_a_group_is_being_stored() -> None:
+    import torch
+
+    from knowledge.ingestion import _EncoderThreads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads = _EncoderThreads()
+        assert threads.full == 2
+        threads.update(True)
+        assert torch.get_num_threads() == 1
+        threads.update(True)
+        assert torch.get_num_threads() == 1
+        threads.update(False)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)  # one thread to begin with: nothing to give up
+        single = _EncoderThreads()
+        single.update(True)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_storer_is_busy_only_while_its_thread_stores_a_group(world: World) -> None:
+    import threading
+
+    from django_tenants.utils import schema_context
+
+    from knowledge.ingestion import _Storer
+
+    release = threading.Event()
+    with schema_context(world.tenant_a.schema_name):
+        storer = _Storer(lambda group, embedded: release.wait(10), threaded=True)  # type: ignore[arg-type, return-value]
+    assert not storer.busy
+    storer.submit([], [])
+    assert storer.busy
+    release.set()
+    storer.wait()
+    assert not storer.busy
+    storer.close()
+
+
+def test_ingestion_embeds_with_one_thread_fewer_while_storing_and_restores_them(
+        world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
+    import torch
+
+    from knowledge import ingestion
+    from knowledge.embeddings import embedder
+
+    ids = [_upload(world, collection_a, f"t{i}.md", data).created[0].pk for i, data in enumerate(_policies(4))]
+    model = embedder()
+    real_forward = model._forward  # type: ignore[attr-defined]
+    threads_seen: list[int] = []
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        threads_seen.append(torch.get_num_threads())
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "_forward", forward)
+    # Inside the test's transaction groups are stored on this thread; a store in flight is
+    # simulated from the second group on (the first group has nothing stored before it).
+    submitted: list[int] = []
+    real_submit = ingestion._Storer.submit
+
+    def submit(self: Any, group: Any, embedded: Any) -> None:
+        submitted.append(len(group))
+        real_submit(self, group, embedded)
+
+    monkeypatch.setattr(ingestion._Storer, "submit", submit)
+    monkeypatch.setattr(ingestion._Storer, "busy", property(lambda self: bool(submitted)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        settings.EMBEDDING_BATCH_SIZE = 1  # one forward pass per chunk
+        report = ingestion.ingest_documents(ids, group_chunks=2)  # two groups of two one-chunk documents
+        assert report.indexed == 4 and submitted == [2, 2]
+        # The first group has nothing being stored beside it; the second has the first.
+        assert threads_seen == [2, 2, 1, 1]
+        assert torch.get_num_threads() == 2  # restored when ingestion ends
+    finally:
+        torch.set_num_threads(before)
