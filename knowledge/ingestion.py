@@ -481,9 +481,9 @@ class _EncoderThreads:
     (96.4 % of the raw encoder's 191.7 s on the same texts in that run, against 92.9 % before),
     218.6 s storing on the calling thread (no overlap). Without the postings' foreign keys the
     store took 13.9 s instead of 18.2 s but the wall time stayed 199.2 s: the store is hidden
-    behind the encoder, so they stay. The thread count is per
-    calling thread in torch, so this touches no other thread's encoder (query embedding).
-    Applies to the ``local`` backend only; an endpoint's threads are not ours.
+    behind the encoder, so they stay. The thread count is per calling thread in torch, so this
+    touches no other thread's encoder (query embedding). Applies to the ``local`` backend only;
+    an endpoint's threads are not ours.
     """
 
     def __init__(self) -> None:
