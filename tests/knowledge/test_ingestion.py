@@ -311,17 +311,18 @@ def test_documents_over_several_groups_end_indexed_in_order_each_with_its_own_ve
 def test_documents_are_marked_processing_one_slice_at_a_time(
         world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
     from knowledge import ingestion
+    from knowledge.ingestion import pipeline, preparation
 
     ids = [_upload(world, collection_a, f"s{i}.md", data).created[0].pk for i, data in enumerate(_policies(5))]
-    monkeypatch.setattr(ingestion, "START_SLICE", 2)
+    monkeypatch.setattr(pipeline, "START_SLICE", 2)
     real_prepare = ingestion.prepare
     seen: list[tuple[int, dict[int, str]]] = []
 
-    def prepare(document: Document, collection: Collection) -> ingestion.Prepared:
+    def prepare(document: Document, collection: Collection) -> preparation.Prepared:
         seen.append((document.pk, dict(Document.objects.filter(pk__in=ids).values_list("pk", "status"))))
         return real_prepare(document, collection)
 
-    monkeypatch.setattr(ingestion, "prepare", prepare)
+    monkeypatch.setattr(pipeline, "prepare", prepare)
     report = ingestion.ingest_documents([*reversed(ids), ids[0]], group_chunks=100)  # order and repeats do not matter
     assert (report.indexed, report.failed) == (5, 0)
     assert [pk for pk, _ in seen] == ids  # each document once, in id order
@@ -337,20 +338,21 @@ def test_slow_documents_do_not_leave_the_rest_of_their_slice_looking_stalled(
     import time
 
     from knowledge import ingestion
+    from knowledge.ingestion import pipeline, preparation
 
     ids = [_upload(world, collection_a, f"slow{i}.md", data).created[0].pk for i, data in enumerate(_policies(4))]
-    monkeypatch.setattr(ingestion, "START_REFRESH_SECONDS", 0.05)
+    monkeypatch.setattr(pipeline, "START_REFRESH_SECONDS", 0.05)
     real_prepare = ingestion.prepare
     ages: list[float] = []
 
-    def slow_prepare(document: Document, collection: Collection) -> ingestion.Prepared:
+    def slow_prepare(document: Document, collection: Collection) -> preparation.Prepared:
         heartbeat = Document.objects.get(pk=document.pk).heartbeat_at
         assert heartbeat is not None
         ages.append((timezone.now() - heartbeat).total_seconds())
         time.sleep(0.1)  # a long PDF
         return real_prepare(document, collection)
 
-    monkeypatch.setattr(ingestion, "prepare", slow_prepare)
+    monkeypatch.setattr(pipeline, "prepare", slow_prepare)
     assert ingestion.ingest_documents(ids).indexed == 4
     # One slice, marked again before each document once the mark is 50 ms old: no document
     # starts with a heartbeat older than that (unmarked, the fourth would start 0.3 s old).
@@ -360,6 +362,7 @@ def test_slow_documents_do_not_leave_the_rest_of_their_slice_looking_stalled(
 def test_a_bulk_load_refreshes_the_planner_statistics(
         world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
     from knowledge import ingestion
+    from knowledge.ingestion import storage
 
     def posting_rows_estimate() -> float:
         with connection.cursor() as cursor:
@@ -371,13 +374,13 @@ def test_a_bulk_load_refreshes_the_planner_statistics(
     before = posting_rows_estimate()
     ingestion.ingest_documents(first)  # 3 chunks: below the minimum, no analyze
     assert posting_rows_estimate() == before
-    monkeypatch.setattr(ingestion, "ANALYZE_MIN_CHUNKS", 3)
+    monkeypatch.setattr(storage, "ANALYZE_MIN_CHUNKS", 3)
     ingestion.ingest_documents(second)  # 3 chunks, half the table: analyzed
     assert posting_rows_estimate() == Posting.objects.count() > 0
     # A run that adds little to what the planner already knows leaves it to autovacuum.
-    assert ingestion._analyze_if_grown(3)
-    monkeypatch.setattr(ingestion, "ANALYZE_FRACTION", 0.6)  # 3 chunks against 6 known
-    assert not ingestion._analyze_if_grown(3)
+    assert storage._analyze_if_grown(3)
+    monkeypatch.setattr(storage, "ANALYZE_FRACTION", 0.6)  # 3 chunks against 6 known
+    assert not storage._analyze_if_grown(3)
 
 
 def test_an_embedding_failure_fails_its_group_only_and_says_why(world: World, collection_a: Collection,
@@ -409,19 +412,21 @@ def test_an_embedding_failure_fails_its_group_only_and_says_why(world: World, co
 def test_a_large_document_shows_its_embedding_progress(
         world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
     from knowledge import ingestion
+    from knowledge.ingestion import pipeline, preparation
 
     body = "\n\n".join(f"## Section {i}\n\n" + f"Paragraph {i} explains the expense rules in detail. " * 12
                        for i in range(60))
     document = _upload(world, collection_a, "big.md", f"# Big\n\n{body}".encode()).created[0]
     settings.EMBEDDING_BATCH_SIZE = 8
     written: list[int] = []
-    real = ingestion._progress
+    real = preparation._progress
 
     def spy(document_ids: list[int], percent: int, **fields: object) -> None:
         written.append(percent)
         real(document_ids, percent, **fields)
 
-    monkeypatch.setattr(ingestion, "_progress", spy)
+    for module in (preparation, pipeline):  # each module that writes progress looks the name up itself
+        monkeypatch.setattr(module, "_progress", spy)
     batches: list[int] = []
     report = ingestion.ingest_documents([document.pk], on_chunks=batches.append)
     document.refresh_from_db()
@@ -439,7 +444,7 @@ def test_outside_a_transaction_groups_are_stored_on_one_other_thread_in_the_tena
     from django.db import connections as db_connections
     from django_tenants.utils import schema_context
 
-    from knowledge.ingestion import _Storer
+    from knowledge.ingestion.storage import _Storer
 
     seen: list[tuple[str, str, list[str]]] = []
     connections: list[Any] = []
@@ -479,7 +484,7 @@ def test_outside_a_transaction_groups_are_stored_on_one_other_thread_in_the_tena
 def test_inside_a_transaction_groups_are_stored_on_the_calling_thread(world: World) -> None:
     import threading
 
-    from knowledge.ingestion import _Storer
+    from knowledge.ingestion.storage import _Storer
 
     names: list[str] = []
     storer = _Storer(lambda group, embedded: names.append(threading.current_thread().name))
@@ -528,7 +533,7 @@ def test_the_binary_statement_runs_in_the_tenant_schema_on_a_fresh_connection(wo
     from django.db import connections as db_connections
     from django_tenants.utils import schema_context
 
-    from knowledge.ingestion import _execute
+    from knowledge.ingestion.storage import _execute
 
     schemas: list[str] = []
 
@@ -548,7 +553,7 @@ def test_the_binary_statement_runs_in_the_tenant_schema_on_a_fresh_connection(wo
 def test_the_encoder_gives_up_one_thread_only_while_a_group_is_being_stored() -> None:
     import torch
 
-    from knowledge.ingestion import _EncoderThreads
+    from knowledge.ingestion.encoding import _EncoderThreads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -574,7 +579,7 @@ def test_the_storer_is_busy_only_while_its_thread_stores_a_group(world: World) -
 
     from django_tenants.utils import schema_context
 
-    from knowledge.ingestion import _Storer
+    from knowledge.ingestion.storage import _Storer
 
     release = threading.Event()
     with schema_context(world.tenant_a.schema_name):
@@ -594,6 +599,7 @@ def test_ingestion_embeds_with_one_thread_fewer_while_storing_and_restores_them(
 
     from knowledge import ingestion
     from knowledge.embeddings import embedder
+    from knowledge.ingestion import storage
 
     ids = [_upload(world, collection_a, f"t{i}.md", data).created[0].pk for i, data in enumerate(_policies(4))]
     model = embedder()
@@ -608,14 +614,14 @@ def test_ingestion_embeds_with_one_thread_fewer_while_storing_and_restores_them(
     # Inside the test's transaction groups are stored on this thread; a store in flight is
     # simulated from the second group on (the first group has nothing stored before it).
     submitted: list[int] = []
-    real_submit = ingestion._Storer.submit
+    real_submit = storage._Storer.submit
 
     def submit(self: Any, group: Any, embedded: Any) -> None:
         submitted.append(len(group))
         real_submit(self, group, embedded)
 
-    monkeypatch.setattr(ingestion._Storer, "submit", submit)
-    monkeypatch.setattr(ingestion._Storer, "busy", property(lambda self: bool(submitted)))
+    monkeypatch.setattr(storage._Storer, "submit", submit)
+    monkeypatch.setattr(storage._Storer, "busy", property(lambda self: bool(submitted)))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
