@@ -335,7 +335,7 @@ if EMBEDDING_QUERY_DTYPE not in ("auto", "float32", "bfloat16"):
 # failed after KB_INGEST_MAX_ATTEMPTS) by the sweeper.
 KB_INGEST_STALE_SECONDS = env_int("KB_INGEST_STALE_SECONDS", 300, minimum=10)
 KB_INGEST_MAX_ATTEMPTS = env_int("KB_INGEST_MAX_ATTEMPTS", 3, minimum=1)
-# Retrieval (see knowledge/retrieval.py; chosen on SciFact's train queries).
+# Retrieval (see the knowledge.retrieval package; chosen on SciFact's train queries).
 KB_BM25_K1 = env_float("KB_BM25_K1", 0.9)
 KB_BM25_B = env_float("KB_BM25_B", 0.4)
 KB_HYBRID_ALPHA = env_float("KB_HYBRID_ALPHA", 0.6)

@@ -61,7 +61,7 @@ def main() -> None:
     from django_tenants.utils import schema_context
 
     from knowledge.models import Collection, Document
-    from knowledge.retrieval import _VECTOR_SQL, _params
+    from knowledge.retrieval.candidates import _VECTOR_SQL, _params
     from knowledge.services import collection_create
     from tenants.principal import Principal
     from tenants.services.provisioning import tenant_create

@@ -132,15 +132,15 @@ def test_keyword_scores_are_okapi_bm25_of_the_postings(handbook: Collection, k1:
 
 
 def test_bm25_is_computed_in_floating_point(handbook: Collection) -> None:
-    from knowledge import retrieval
     from knowledge.embeddings import embedder
+    from knowledge.retrieval import candidates
 
     # Parameters are bound on the client: an uncast k1 or b is a numeric literal, and PostgreSQL
     # then computes every posting's length normalization in (slow) numeric arithmetic.
-    params = retrieval._params("laptop parking", [handbook], 5, k1=None, b=None,
+    params = candidates._params("laptop parking", [handbook], 5, k1=None, b=None,
                                vector=embedder().embed_query("laptop parking"))
     params.update(lexemes=["laptop"], idfs=[1.0], sparse_ids=[], sparse_scores=[], feedback=3)
-    for sql in (retrieval._KEYWORD_SQL, retrieval._HYBRID_SQL):
+    for sql in (candidates._KEYWORD_SQL, candidates._HYBRID_SQL):
         with connection.cursor() as cursor:
             cursor.execute("EXPLAIN VERBOSE " + sql, params)
             plan = "\n".join(row[0] for row in cursor.fetchall())
@@ -199,18 +199,18 @@ def test_searching_an_empty_collection_returns_nothing(world: World, collection_
 
 
 def test_the_hnsw_index_serves_vector_search(handbook: Collection) -> None:
-    from knowledge import retrieval
     from knowledge.embeddings import embedder
+    from knowledge.retrieval import candidates
 
     # Both statements that search by vector, as they run: the query vector comes from a CTE
     # through a sub-select, which the index scan must still take as its ORDER BY argument. On
     # five chunks the planner would rather sort them; without sorts and bitmap scans, only an
     # index that can order by distance is left.
-    params = retrieval._params("", [handbook], 5, k1=None, b=None, vector=embedder().embed_query("parking"))
+    params = candidates._params("", [handbook], 5, k1=None, b=None, vector=embedder().embed_query("parking"))
     params.update(lexemes=[], idfs=[], sparse_ids=[], sparse_scores=[], feedback=3)
     # The hybrid statement searches twice: the feedback chunks, then the dense side.
-    for sql, scans in ((retrieval._VECTOR_SQL, 1), (retrieval._HYBRID_SQL, 2)):
-        with connection.cursor() as cursor, retrieval._hnsw_settings(cursor, 5):
+    for sql, scans in ((candidates._VECTOR_SQL, 1), (candidates._HYBRID_SQL, 2)):
+        with connection.cursor() as cursor, candidates._hnsw_settings(cursor, 5):
             cursor.execute("SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off")
             cursor.execute("EXPLAIN " + sql, params)
             plan = " ".join(row[0] for row in cursor.fetchall())
@@ -225,7 +225,7 @@ def _setting(cursor: Any, name: str) -> str:
 def test_vector_queries_turn_sequential_scans_off_only_while_they_run(handbook: Collection) -> None:
     from django.db import DataError, transaction
 
-    from knowledge.retrieval import _hnsw_settings
+    from knowledge.retrieval.candidates import _hnsw_settings
 
     with connection.cursor() as cursor:
         with _hnsw_settings(cursor, 300):
@@ -293,16 +293,16 @@ def test_hybrid_feedback_on_an_empty_collection_finds_nothing_without_error(worl
 @pytest.mark.parametrize(("fusion", "feedback"), [("convex", None), ("rrf", 0)])
 def test_only_convex_fusion_searches_with_feedback(handbook: Collection, monkeypatch: pytest.MonkeyPatch,
                                                    fusion: str, feedback: int | None) -> None:
-    from knowledge import retrieval
+    from knowledge.retrieval import search
 
     seen: list[int | None] = []
-    rescore = retrieval.hybrid_rescore
+    rescore = search.hybrid_rescore
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs.get("feedback"))
         return rescore(*args, **kwargs)
 
-    monkeypatch.setattr(retrieval, "hybrid_rescore", spy)
+    monkeypatch.setattr(search, "hybrid_rescore", spy)  # where chunk_search looks it up
     hits = chunk_search(query="parking garage", collections=[handbook], mode="hybrid", fusion=fusion,
                         top_k=2, record_usage=False)
     assert seen == [feedback] and hits[0].external_id == "parking"
@@ -353,16 +353,16 @@ def test_one_chunk_per_document_ranks_documents_by_their_best_chunk(garage: Coll
 
 def test_a_collapsed_search_widens_its_candidates_until_it_has_top_k_documents(
         garage: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
-    from knowledge import retrieval
+    from knowledge.retrieval import search
 
     pools: list[int] = []
-    candidates = retrieval.keyword_candidates
+    candidates = search.keyword_candidates
 
     def spy(query: str, collections: list[Collection], pool: int, **kwargs: Any) -> Any:
         pools.append(pool)
         return candidates(query, collections, pool, **kwargs)
 
-    monkeypatch.setattr(retrieval, "keyword_candidates", spy)
+    monkeypatch.setattr(search, "keyword_candidates", spy)
     # "parking" is in the garage document's twelve chunks and in one handbook record: the first
     # six candidates (2 x top_k) are all the garage's, one document; doubling finds the record.
     hits = chunk_search(query="parking", collections=[garage], mode="keyword", top_k=3, max_chunks_per_document=1,
