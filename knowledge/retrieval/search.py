@@ -56,6 +56,11 @@ class SearchHit:
 
 @dataclass
 class SearchTimings:
+    """Wall-clock milliseconds of one ``chunk_search`` per stage (embedding the query, the vector
+    and keyword statements, fusion with hydration) and in total; a collapsed search's wider
+    passes add to them. In hybrid mode the query is embedded while the keyword statement runs,
+    so the stages can add up to more than ``total_ms``."""
+
     embed_ms: float = 0.0
     vector_ms: float = 0.0
     keyword_ms: float = 0.0
