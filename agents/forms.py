@@ -58,6 +58,10 @@ class AgentVersionForm(forms.Form):
                                                     label="Knowledge collections")
     retrieval_top_k = forms.IntegerField(min_value=1, max_value=50, initial=5, label="Retrieval top-k")
     retrieval_mode = forms.ChoiceField(choices=AgentVersion.RetrievalMode.choices, initial="hybrid")
+    retrieval_max_chunks_per_document = forms.IntegerField(
+        min_value=1, max_value=50, required=False, label="Chunks per document",
+        help_text="At most this many retrieved chunks from one document (1: one chunk each from top-k documents); "
+                  "empty for no limit.")
     output_format = forms.ChoiceField(choices=AgentVersion.OutputFormat.choices, initial="text")
     output_schema = forms.CharField(required=False, label="Output JSON Schema",
                                     widget=forms.Textarea(attrs={"rows": 6, "class": "font-monospace"}),

@@ -48,7 +48,9 @@ class AgentVersion(models.Model):
     ``tier`` picks the platform's endpoints of that tier (with their fallbacks) unless
     ``endpoint_id`` pins one ``tenants.ModelEndpoint``. ``history_window`` is the most recent
     messages kept in the prompt (then trimmed further to the model's context window).
-    ``collection_ids`` are knowledge collections searched for every turn (none: no retrieval).
+    ``collection_ids`` are knowledge collections searched for every turn (none: no retrieval);
+    ``retrieval_max_chunks_per_document`` caps how many of the ``retrieval_top_k`` chunks may come
+    from one document (``chunk_search``'s ``max_chunks_per_document``; null: no cap).
     ``output_schema`` is a JSON Schema when ``output_format`` is ``json_schema``.
     """
 
@@ -73,6 +75,7 @@ class AgentVersion(models.Model):
     collection_ids = ArrayField(models.BigIntegerField(), default=list, blank=True)
     retrieval_top_k = models.PositiveIntegerField(default=5)
     retrieval_mode = models.CharField(max_length=10, choices=RetrievalMode.choices, default=RetrievalMode.HYBRID)
+    retrieval_max_chunks_per_document = models.PositiveIntegerField(null=True, blank=True)
     output_format = models.CharField(max_length=12, choices=OutputFormat.choices, default=OutputFormat.TEXT)
     output_schema = models.JSONField(null=True, blank=True)
     note = models.CharField(max_length=300, blank=True)

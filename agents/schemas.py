@@ -26,6 +26,9 @@ class VersionConfigIn(Schema):
     collection_ids: list[int] | None = None
     retrieval_top_k: int | None = None
     retrieval_mode: str | None = None
+    # At most this many of the retrieved chunks from one document (1-50; 1: the best chunk of each
+    # of top_k documents); null: no cap.
+    retrieval_max_chunks_per_document: int | None = None
     output_format: str | None = None
     output_schema: dict[str, Any] | None = None
 
@@ -82,6 +85,7 @@ class VersionOut(Schema):
     collection_ids: list[int]
     retrieval_top_k: int
     retrieval_mode: str
+    retrieval_max_chunks_per_document: int | None
     output_format: str
     output_schema: dict[str, Any] | None
     note: str

@@ -41,6 +41,7 @@ VERSION_DEFAULTS: dict[str, Any] = {
     "collection_ids": [],
     "retrieval_top_k": 5,
     "retrieval_mode": "hybrid",
+    "retrieval_max_chunks_per_document": None,
     "output_format": "text",
     "output_schema": None,
 }
@@ -64,9 +65,10 @@ def version_config_clean(*, principal: Principal, config: dict[str, Any]) -> dic
 
     Raises ``ValidationFailed`` naming the field: empty system prompt, unknown tier, an endpoint
     that is neither the platform's nor this tenant's, temperature outside 0-2, output tokens
-    outside 1-32768, history window outside 0-200, top_k outside 1-50, unknown retrieval mode or
-    output format, collections not in this tenant, or an output schema that is not a JSON Schema
-    (checked against its metaschema with ``jsonschema``).
+    outside 1-32768, history window outside 0-200, top_k outside 1-50, unknown retrieval mode,
+    chunks per document outside 1-50 (``None`` or ``""``: no cap), unknown output format,
+    collections not in this tenant, or an output schema that is not a JSON Schema (checked
+    against its metaschema with ``jsonschema``).
     """
     from knowledge.models import Collection
 
@@ -101,6 +103,10 @@ def version_config_clean(*, principal: Principal, config: dict[str, Any]) -> dic
     if cfg["retrieval_mode"] not in AgentVersion.RetrievalMode.values:
         raise ValidationFailed("retrieval_mode must be hybrid, vector or keyword.", code="invalid_version",
                                details={"field": "retrieval_mode"})
+    if cfg["retrieval_max_chunks_per_document"] in ("", None):
+        cfg["retrieval_max_chunks_per_document"] = None
+    else:
+        cfg["retrieval_max_chunks_per_document"] = _number(cfg, "retrieval_max_chunks_per_document", int, 1, 50)
     try:
         ids = sorted({int(i) for i in (cfg["collection_ids"] or [])})
     except (TypeError, ValueError):

@@ -214,7 +214,8 @@ DIFF_LABELS = {
     "system_prompt": "System prompt", "rules": "Rules", "tier": "Tier", "endpoint_id": "Pinned endpoint",
     "temperature": "Temperature", "max_output_tokens": "Max output tokens", "history_window": "History window",
     "collection_ids": "Knowledge collections", "retrieval_top_k": "Retrieval top-k",
-    "retrieval_mode": "Retrieval mode", "output_format": "Output format", "output_schema": "Output JSON Schema",
+    "retrieval_mode": "Retrieval mode", "retrieval_max_chunks_per_document": "Chunks per document",
+    "output_format": "Output format", "output_schema": "Output JSON Schema",
     "note": "Note",
 }
 
@@ -224,6 +225,8 @@ def _field_text(name: str, value: Any, collections: dict[int, str], endpoints: d
         return "\n".join(collections.get(i, f"#{i}") for i in value or []) or "(none)"
     if name == "endpoint_id":
         return endpoints.get(value, f"#{value}") if value else "(none: use the tier)"
+    if name == "retrieval_max_chunks_per_document":
+        return str(value) if value else "(no limit)"
     if name == "output_schema":
         return json.dumps(value, indent=2, sort_keys=True) if value is not None else "(none)"
     return str(value)

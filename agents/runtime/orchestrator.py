@@ -223,7 +223,9 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
     collections = list(Collection.objects.filter(pk__in=version.collection_ids))
     if collections:
         hits = chunk_search(query=question[:2000], collections=collections, top_k=version.retrieval_top_k,
-                            mode=version.retrieval_mode, agent_id=agent.pk, session_id=turn.session_id,
+                            mode=version.retrieval_mode,
+                            max_chunks_per_document=version.retrieval_max_chunks_per_document,
+                            agent_id=agent.pk, session_id=turn.session_id,
                             turn_id=turn.pk)
     history = list(Message.objects.filter(session_id=turn.session_id, pk__lt=turn.user_message_id)
                    .exclude(role=Message.Role.SYSTEM).order_by("-pk")[: max(version.history_window, 1)])

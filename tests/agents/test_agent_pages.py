@@ -60,7 +60,7 @@ def test_an_owner_creates_an_agent_with_every_version_field(world: World, client
     response = client_a("owner").post("/agents/new/", {
         **VERSION_POST, "slug": "refunds", "name": "Refunds bot", "description": "Answers refund questions.",
         "collection_ids": [str(collection.pk)], "output_format": "json_schema", "output_schema": schema,
-        "tier": "light"})
+        "tier": "light", "retrieval_max_chunks_per_document": "2"})
     assert response.status_code == 302
     with schema_context(world.tenant_a.schema_name):
         agent = Agent.objects.get(slug="refunds")
@@ -70,6 +70,7 @@ def test_an_owner_creates_an_agent_with_every_version_field(world: World, client
     assert (version.tier, version.temperature, version.max_output_tokens, version.history_window) == \
         ("light", 0.3, 400, 10)
     assert version.collection_ids == [collection.pk] and version.retrieval_top_k == 4
+    assert version.retrieval_max_chunks_per_document == 2
     assert version.output_schema == {"type": "object", "properties": {"answer": {"type": "string"}}}
     page = client_a("owner").get(f"/agents/{agent.pk}/").content.decode()
     assert "Publish v1" in page and "Draft" in page
@@ -93,10 +94,14 @@ def test_the_create_form_shows_the_services_errors_on_their_fields(world: World,
 def test_edit_is_prefilled_and_saves_a_new_version_that_publish_and_rollback_switch(
         world: World, client_a: Any) -> None:
     agent = _agent(world)
+    with schema_context(world.tenant_a.schema_name):
+        collection = collection_create(principal=_system(world), name="Policies")
     client = client_a("operator")
     form = client.get(f"/agents/{agent.pk}/edit/").content.decode()
     assert "Answer briefly." in form and "Save new version" in form
     saved = client.post(f"/agents/{agent.pk}/edit/", {**VERSION_POST, "system_prompt": "Answer in detail.",
+                                                      "collection_ids": [str(collection.pk)],
+                                                      "retrieval_max_chunks_per_document": "1",
                                                       "note": "More detail"})
     assert saved.status_code == 302
     with schema_context(world.tenant_a.schema_name):
@@ -110,6 +115,7 @@ def test_edit_is_prefilled_and_saves_a_new_version_that_publish_and_rollback_swi
         assert Agent.objects.get(pk=agent.pk).active_version.number == 2  # type: ignore[union-attr]
     page = client.get(f"/agents/{agent.pk}/").content.decode()
     assert "Roll back to v1" in page
+    assert "top-k 4 (at most 1 per document), hybrid" in page
     # Through htmx the agent's state fragment comes back, with a toast.
     rolled = client.post(f"/agents/{agent.pk}/versions/1/publish/", HTTP_HX_REQUEST="true")
     assert rolled.status_code == 200 and b"<html" not in rolled.content and b'id="agent-state"' in rolled.content
@@ -136,11 +142,14 @@ def test_the_diff_shows_changed_fields_as_a_table_and_collapses_the_rest(world: 
     with schema_context(world.tenant_a.schema_name):
         agent_version_create(principal=_system(world), agent=agent,
                              config={"system_prompt": "Line one.\nLine 2.\nLine three.", "temperature": 0.9})
-        agent_version_create(principal=_system(world), agent=agent, config={"tier": "heavy"})
+        agent_version_create(principal=_system(world), agent=agent,
+                             config={"tier": "heavy", "retrieval_max_chunks_per_document": 3})
     html = client_a("viewer").get(f"/agents/{agent.pk}/diff/", {"a": 1, "b": 3}).content.decode()
     table = html[html.index('data-testid="diff-table"'):html.index('data-testid="unchanged-fields"')]
     assert 'data-field="system_prompt"' in table and 'data-field="temperature"' in table
     assert 'data-field="tier"' in table and 'data-field="rules"' not in table
+    capped = table[table.index('data-field="retrieval_max_chunks_per_document"'):]
+    assert "(no limit)\n</pre>" in capped[:600] and 'text-wrap">3\n</pre>' in capped[:600]
     assert "Line two." in table and "Line 2." in table and 'class="diff-replace"' in table
     assert 'class="diff-equal"' in table  # the unchanged lines around the change
     unchanged = html[html.index('data-testid="unchanged-fields"'):]

@@ -186,6 +186,25 @@ def test_another_tenants_collection_cannot_be_attached(world: World, api_a: Clie
     assert api_a.get(f"/api/v1/agents/{attached['id']}/versions/1").json()["collection_ids"] == [own.pk]
 
 
+def test_a_versions_chunks_per_document_cap_is_bounded_kept_and_cleared(world: World, api_a: Client) -> None:
+    agent = _agent(api_a, slug="capped", config={"retrieval_max_chunks_per_document": 2})
+    assert api_a.get(f"/api/v1/agents/{agent['id']}/versions/1").json()["retrieval_max_chunks_per_document"] == 2
+    for bad in (0, 51, "two"):
+        response = _post(api_a, f"/api/v1/agents/{agent['id']}/versions",
+                         {"config": {"retrieval_max_chunks_per_document": bad}})
+        assert response.status_code == 422, (bad, response.json())
+        if bad != "two":  # a string is the schema's refusal, before the service's bounds
+            assert response.json()["error"]["details"] == {"field": "retrieval_max_chunks_per_document"}
+    # A new version keeps the cap unless the request names it; null lifts it.
+    kept = _post(api_a, f"/api/v1/agents/{agent['id']}/versions", {"config": {"temperature": 0.5}}).json()
+    assert kept["retrieval_max_chunks_per_document"] == 2
+    lifted = _post(api_a, f"/api/v1/agents/{agent['id']}/versions",
+                   {"config": {"retrieval_max_chunks_per_document": None}}).json()
+    assert lifted["retrieval_max_chunks_per_document"] is None
+    fresh = _agent(api_a, slug="uncapped")
+    assert api_a.get(f"/api/v1/agents/{fresh['id']}/versions/1").json()["retrieval_max_chunks_per_document"] is None
+
+
 def test_agents_are_paged_by_cursor(world: World, api_a: Client) -> None:
     for n in range(5):
         _agent(api_a, slug=f"agent-{n}")

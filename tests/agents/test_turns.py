@@ -64,11 +64,11 @@ def make_agent(portal: Portal, scripted_llm: ScriptedLLM) -> AgentMaker:
     """``make_agent(model, **script)``: a committed, published agent in tenant A pinned to its own
     endpoint on the scripted model ``model`` (scripted with ``script``); returns the agent id.
 
-    ``timeout_seconds``, ``collection_ids`` and ``context_window`` configure the endpoint and
-    version; scripted models get a unique suffix so runs never share a script."""
+    ``timeout_seconds``, ``collection_ids``, ``config`` (more version fields) and ``context_window``
+    configure the endpoint and version; scripted models get a unique suffix so runs never share a script."""
 
     def make(model: str, *, timeout_seconds: float = 10.0, collection_ids: list[int] | None = None,
-             **script: Any) -> int:
+             config: dict[str, Any] | None = None, **script: Any) -> int:
         suffix = uuid.uuid4().hex[:8]
         name = f"turns-{model}-{suffix}"
         scripted_llm.script(name, **script)
@@ -81,7 +81,7 @@ def make_agent(portal: Portal, scripted_llm: ScriptedLLM) -> AgentMaker:
                 principal = Principal.system("tests", tenant=tenant)
                 agent = agent_create(principal=principal, slug=name, name=name, config={
                     "system_prompt": "Answer briefly.", "tier": "light", "endpoint_id": endpoint.pk,
-                    "collection_ids": collection_ids or []})
+                    "collection_ids": collection_ids or [], **(config or {})})
                 agent_version_publish(principal=principal, version=agent.versions.get())
                 return int(agent.pk)
 
@@ -328,6 +328,53 @@ def test_usage_events_are_recorded_per_call_with_the_endpoints_prices_and_the_kb
     kb = by_kind[UsageEvent.Kind.KB_QUERY]
     assert (kb.quantity, kb.agent_id, kb.session_id) == (1, agent_id, turn.session_id)
     assert [r["title"] for r in turn.retrieved] == ["Refund policy"]
+
+
+@pytest.fixture
+def two_policies_collection(portal: Portal) -> tuple[int, int, int]:
+    """A committed collection in tenant A: a long refund policy cut into many small chunks, and a
+    one-chunk refund FAQ; the ids of the collection, the policy and the FAQ."""
+    from knowledge.ingestion import ingest_documents
+    from knowledge.models import Chunk
+    from knowledge.services import collection_create, document_upload
+
+    tenant = portal.world.tenant_a
+    policy = "\n\n".join(f"Refund rule {n}: a refund for purchase type {n} is paid within {n + 3} days."
+                          for n in range(12)).encode()
+    faq = b"Refund FAQ\n\nAsk for a refund by mail; the refund is paid to the card you used."
+
+    def create() -> tuple[int, int, int]:
+        with schema_context(tenant.schema_name):
+            principal = Principal.system("tests", tenant=tenant)
+            collection = collection_create(principal=principal, name=f"Policies {uuid.uuid4().hex[:8]}",
+                                           chunk_size_tokens=32, chunk_overlap_tokens=0)
+            ids = [document_upload(principal=principal, collection=collection, filename=name, data=data,
+                                   queue=False).documents[0].pk
+                   for name, data in (("policy.txt", policy), ("faq.txt", faq))]
+            report = ingest_documents(ids)
+            assert report.indexed == 2, report
+            assert Chunk.objects.filter(document_id=ids[0]).count() >= 6
+            return int(collection.pk), int(ids[0]), int(ids[1])
+
+    return committed(create)
+
+
+@pytest.mark.parametrize("cap", [None, 1], ids=["no-cap", "one-per-document"])
+def test_the_versions_chunks_per_document_cap_reaches_retrieval(
+        portal: Portal, celery_worker: Any, make_agent: AgentMaker, member_cookie: Any,
+        two_policies_collection: tuple[int, int, int], cap: int | None) -> None:
+    collection, policy, faq = two_policies_collection
+    agent_id = make_agent("capped", tokens=["Paid", " [1]."], collection_ids=[collection],
+                          config={"retrieval_top_k": 4, "retrieval_max_chunks_per_document": cap})
+    events, turn = _ask(portal, member_cookie, agent_id, "How is a refund paid?")
+    assert events[-1]["event"] == "turn.completed", events
+    documents = [r["document_id"] for r in turn.retrieved]
+    if cap is None:
+        # Without a cap the policy's many matching chunks fill the top 4.
+        assert len(documents) == 4 and documents.count(policy) >= 3, turn.retrieved
+    else:
+        # One chunk of each: two documents hold fewer than top_k chunks' worth.
+        assert sorted(documents) == sorted([policy, faq]), turn.retrieved
 
 
 # --- Isolation over the socket ----------------------------------------------------------------
