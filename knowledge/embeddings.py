@@ -163,7 +163,7 @@ class LocalEmbedder:
 
         The model's own pipeline (transformer, mean pooling, L2 normalization; its
         ``modules.json``), run the way sentence-transformers' ``encode`` runs it (inputs sorted
-        by length so each batch of ``EMBEDDING_BATCH_SIZE`` pads little), except that the texts
+        by length so each batch of ``EMBEDDING_LOCAL_BATCH_SIZE`` pads little), except that the texts
         are tokenized once: the token count is the sum of the attention masks ([CLS] and [SEP]
         included, truncation at ``max_tokens`` applied) instead of a second tokenization.
         The more texts one call gets, the less its batches pad (they are sorted by token count
@@ -178,7 +178,7 @@ class LocalEmbedder:
         lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
         order = np.argsort(-lengths, kind="stable")
         vectors = np.empty((len(texts), self.dim), dtype=np.float32)
-        batch_size = settings.EMBEDDING_BATCH_SIZE
+        batch_size = settings.EMBEDDING_LOCAL_BATCH_SIZE
         with self._lock, torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 rows = order[start:start + batch_size]

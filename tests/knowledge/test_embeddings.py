@@ -112,7 +112,7 @@ def test_auto_query_dtype_takes_bfloat16_only_where_the_cpu_has_it(monkeypatch: 
 
 
 def test_small_batches_give_the_same_vectors(settings: object) -> None:
-    settings.EMBEDDING_BATCH_SIZE = 2  # type: ignore[attr-defined]
+    settings.EMBEDDING_LOCAL_BATCH_SIZE = 2  # type: ignore[attr-defined]
     model = _local()
     reference = model._model.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
     np.testing.assert_allclose(model.embed(TEXTS).vectors, reference, atol=2e-5)

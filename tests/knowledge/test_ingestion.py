@@ -417,7 +417,7 @@ def test_a_large_document_shows_its_embedding_progress(
     body = "\n\n".join(f"## Section {i}\n\n" + f"Paragraph {i} explains the expense rules in detail. " * 12
                        for i in range(60))
     document = _upload(world, collection_a, "big.md", f"# Big\n\n{body}".encode()).created[0]
-    settings.EMBEDDING_BATCH_SIZE = 8
+    settings.EMBEDDING_LOCAL_BATCH_SIZE = 8
     written: list[int] = []
     real = preparation._progress
 
@@ -625,7 +625,7 @@ def test_ingestion_embeds_with_one_thread_fewer_while_storing_and_restores_them(
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        settings.EMBEDDING_BATCH_SIZE = 1  # one forward pass per chunk
+        settings.EMBEDDING_LOCAL_BATCH_SIZE = 1  # one forward pass per chunk
         report = ingestion.ingest_documents(ids, group_chunks=2)  # two groups of two one-chunk documents
         assert report.indexed == 4 and submitted == [2, 2]
         # The first group has nothing being stored beside it; the second has the first.
