@@ -68,6 +68,11 @@ class _EncoderThreads:
     behind the encoder, so they stay. The thread count is per calling thread in torch, so this
     touches no other thread's encoder (query embedding). Applies to the ``local`` backend only;
     an endpoint's threads are not ours.
+
+    On an Intel Xeon with AMX (2 cores, forward passes of 16), the first 2,000 SciFact abstracts
+    (4,537 chunks): 60.5 s storing on the second thread like this, 64.6 s storing on the calling
+    thread, against 53.2-54.0 s for the raw encoder; the encoder there is faster, so the store's
+    PostgreSQL CPU (8.6-9.1 s) is a larger share and ingestion stays near 89 % of the raw encoder.
     """
 
     def __init__(self) -> None:
