@@ -281,27 +281,35 @@ def test_reconnecting_mid_turn_shows_the_text_so_far_then_continues_without_dupl
 
 # --- Usage and retrieval ----------------------------------------------------------------------
 
-@pytest.fixture
-def handbook_collection(portal: Portal) -> int:
-    """A committed collection in tenant A holding one indexed text document; its id."""
+def _indexed_collection(portal: Portal, name: str, files: dict[str, bytes], **settings: Any) -> list[int]:
+    """Create a collection in tenant A (with ``settings``) holding ``files`` (name -> content), index
+    them, and commit it all so live processes see it; the collection's id, then the documents' ids
+    in the order of ``files``."""
     from knowledge.ingestion import ingest_documents
     from knowledge.services import collection_create, document_upload
 
     tenant = portal.world.tenant_a
-    text = (b"Refund policy\n\nCustomers may ask for a refund within 30 days of purchase. "
-            b"Refunds are paid to the original card within five business days.\n")
 
-    def create() -> int:
+    def create() -> list[int]:
         with schema_context(tenant.schema_name):
             principal = Principal.system("tests", tenant=tenant)
-            collection = collection_create(principal=principal, name=f"Refunds {uuid.uuid4().hex[:8]}")
-            upload = document_upload(principal=principal, collection=collection, filename="refunds.txt",
-                                     data=text, queue=False)
-            report = ingest_documents([upload.documents[0].pk])
-            assert report.indexed == 1, report
-            return int(collection.pk)
+            collection = collection_create(principal=principal, name=f"{name} {uuid.uuid4().hex[:8]}", **settings)
+            ids = [int(document_upload(principal=principal, collection=collection, filename=filename, data=data,
+                                       queue=False).documents[0].pk)
+                   for filename, data in files.items()]
+            report = ingest_documents(ids)
+            assert report.indexed == len(ids), report
+            return [int(collection.pk), *ids]
 
-    return int(committed(create))
+    return list(committed(create))
+
+
+@pytest.fixture
+def handbook_collection(portal: Portal) -> int:
+    """A committed collection in tenant A holding one indexed text document; its id."""
+    text = (b"Refund policy\n\nCustomers may ask for a refund within 30 days of purchase. "
+            b"Refunds are paid to the original card within five business days.\n")
+    return _indexed_collection(portal, "Refunds", {"refunds.txt": text})[0]
 
 
 def test_usage_events_are_recorded_per_call_with_the_endpoints_prices_and_the_kb_query(
@@ -334,29 +342,16 @@ def test_usage_events_are_recorded_per_call_with_the_endpoints_prices_and_the_kb
 def two_policies_collection(portal: Portal) -> tuple[int, int, int]:
     """A committed collection in tenant A: a long refund policy cut into many small chunks, and a
     one-chunk refund FAQ; the ids of the collection, the policy and the FAQ."""
-    from knowledge.ingestion import ingest_documents
     from knowledge.models import Chunk
-    from knowledge.services import collection_create, document_upload
 
-    tenant = portal.world.tenant_a
     policy = "\n\n".join(f"Refund rule {n}: a refund for purchase type {n} is paid within {n + 3} days."
                           for n in range(12)).encode()
     faq = b"Refund FAQ\n\nAsk for a refund by mail; the refund is paid to the card you used."
-
-    def create() -> tuple[int, int, int]:
-        with schema_context(tenant.schema_name):
-            principal = Principal.system("tests", tenant=tenant)
-            collection = collection_create(principal=principal, name=f"Policies {uuid.uuid4().hex[:8]}",
-                                           chunk_size_tokens=32, chunk_overlap_tokens=0)
-            ids = [document_upload(principal=principal, collection=collection, filename=name, data=data,
-                                   queue=False).documents[0].pk
-                   for name, data in (("policy.txt", policy), ("faq.txt", faq))]
-            report = ingest_documents(ids)
-            assert report.indexed == 2, report
-            assert Chunk.objects.filter(document_id=ids[0]).count() >= 6
-            return int(collection.pk), int(ids[0]), int(ids[1])
-
-    return committed(create)
+    collection, policy_id, faq_id = _indexed_collection(portal, "Policies", {"policy.txt": policy, "faq.txt": faq},
+                                                        chunk_size_tokens=32, chunk_overlap_tokens=0)
+    with schema_context(portal.world.tenant_a.schema_name):
+        assert Chunk.objects.filter(document_id=policy_id).count() >= 6
+    return collection, policy_id, faq_id
 
 
 @pytest.mark.parametrize("cap", [None, 1], ids=["no-cap", "one-per-document"])
