@@ -278,6 +278,11 @@ class _Storer:
         self._inflight = self._pool.submit(self._run, group, embedded)
 
     @property
+    def threaded(self) -> bool:
+        """Whether groups are stored on the second thread (else on the calling one)."""
+        return self._pool is not None
+
+    @property
     def busy(self) -> bool:
         """Whether a group is being stored on the second thread right now."""
         return self._inflight is not None and not self._inflight.done()

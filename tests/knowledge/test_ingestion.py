@@ -633,3 +633,59 @@ def test_ingestion_embeds_with_one_thread_fewer_while_storing_and_restores_them(
         assert torch.get_num_threads() == 2  # restored when ingestion ends
     finally:
         torch.set_num_threads(before)
+
+
+def _drafted(*chunk_counts: int) -> list[Any]:
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(drafts=[None] * n, name=i) for i, n in enumerate(chunk_counts)]
+
+
+def test_the_last_group_is_cut_into_parts_of_shrinking_size_keeping_documents_whole() -> None:
+    from knowledge.ingestion.pipeline import TAIL_FRACTION, TAIL_MIN_CHUNKS, tail_parts
+
+    group = _drafted(*([2, 3] * 320))  # 1,600 chunks
+    parts = tail_parts(group)
+    assert [p.name for part in parts for p in part] == [p.name for p in group]  # in order, each document once
+    sizes = [sum(len(p.drafts) for p in part) for part in parts]
+    assert sizes == sorted(sizes, reverse=True) and len(sizes) >= 3
+    left = 1600
+    for size in sizes[:-1]:  # each part closes once it holds the fraction of what was left
+        assert TAIL_FRACTION * left <= size < TAIL_FRACTION * left + 3
+        left -= size
+    assert sizes[-1] == left <= TAIL_MIN_CHUNKS
+    # Small groups and single documents stay whole.
+    small = _drafted(*([1] * 4 * TAIL_MIN_CHUNKS))
+    assert tail_parts(small) == [small]
+    one = _drafted(2000)
+    assert tail_parts(one) == [one]
+    # A long document at the end closes the part it falls in; nothing is left empty.
+    mixed = _drafted(200, 100, 900)
+    assert [[p.name for p in part] for part in tail_parts(mixed)] == [[0, 1, 2]]
+
+
+def test_the_last_group_is_embedded_and_stored_in_parts_when_stores_run_on_the_second_thread(
+        world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+    from knowledge import ingestion
+    from knowledge.ingestion import pipeline, storage
+
+    ids = [_upload(world, collection_a, f"u{i}.md", data).created[0].pk for i, data in enumerate(_policies(7))]
+    submitted: list[int] = []
+    real_submit = storage._Storer.submit
+
+    def submit(self: Any, group: Any, embedded: Any) -> None:
+        submitted.append(len(group))
+        real_submit(self, group, embedded)
+
+    monkeypatch.setattr(storage._Storer, "submit", submit)
+    monkeypatch.setattr(pipeline, "TAIL_MIN_CHUNKS", 1)  # a group over 4 chunks is cut
+    # Inside the test's transaction the storer runs on this thread and the last group stays whole.
+    report = ingestion.ingest_documents(ids[:5], group_chunks=100)
+    assert report.indexed == 5 and submitted == [5]
+    submitted.clear()
+    monkeypatch.setattr(storage._Storer, "threaded", property(lambda self: True))
+    report = ingestion.ingest_documents(ids[5:] + ids[:5], group_chunks=100)  # 2 new, 5 re-indexed
+    # Seven one-chunk documents: 6 (>= 0.75 * 7), then the last one.
+    assert report.indexed == 7 and submitted == [6, 1]
+    assert Chunk.objects.filter(document_id__in=ids).count() == 7
+    assert set(Document.objects.filter(pk__in=ids).values_list("status", "chunk_count")) == {("indexed", 1)}
