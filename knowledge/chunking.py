@@ -35,6 +35,9 @@ class ChunkDraft:
     char_end: int
     token_count: int
     header: str
+    # The model's input for ``embed_text`` ([CLS] header text [SEP]) cut from the chunker's own
+    # tokenization, or None where that could differ from tokenizing ``embed_text`` (``chunk_text``).
+    input_ids: tuple[int, ...] | None = None
 
     @property
     def embed_text(self) -> str:
@@ -48,15 +51,17 @@ def contextual_header(title: str, heading_path: tuple[str, ...]) -> str:
     return " — ".join(p for p in (title.strip(), " > ".join(parts)) if p)
 
 
-def _fit_header(header: str, tokenizer: Any) -> tuple[str, int]:
+def _fit_header(header: str, tokenizer: Any) -> tuple[str, int, list[int] | None]:
+    """The header cut to ``MAX_HEADER_TOKENS``, its token count, and its token ids when it is
+    whole (a cut header may tokenize differently on its own, so it has none)."""
     if not header:
-        return "", 0
+        return "", 0, []
     encoded = tokenizer(header, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     if len(ids) <= MAX_HEADER_TOKENS:
-        return header, len(ids)
+        return header, len(ids), list(ids)
     end = encoded["offset_mapping"][MAX_HEADER_TOKENS - 1][1]
-    return header[:end], MAX_HEADER_TOKENS
+    return header[:end], MAX_HEADER_TOKENS, None
 
 
 def chunk_text(
@@ -89,16 +94,25 @@ def chunk_text(
             carry_start = start
             continue
         carry_start = None
-        header, header_tokens = _fit_header(contextual_header(title, section.heading_path), tokenizer)
+        header, header_tokens, header_ids = _fit_header(contextual_header(title, section.heading_path), tokenizer)
         budget = min(chunk_tokens, max_tokens - SPECIAL_TOKENS - header_tokens - (1 if header else 0))
         encoded = tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
         offsets: list[tuple[int, int]] = [tuple(o) for o in encoded["offset_mapping"]]  # type: ignore[misc]
         if not offsets:
             continue
+        ids, words = encoded["input_ids"], encoded.word_ids()
         boundaries = sorted({m.end() for m in _BOUNDARY.finditer(body)})
         token_starts = [o[0] for o in offsets]
         for first, stop in _windows(token_starts, offsets, boundaries, budget, overlap_tokens):
             char_start, char_end = start + offsets[first][0], start + offsets[stop - 1][1]
+            # A window that starts and ends on word boundaries holds the tokens its text gets on
+            # its own (the tokenizer splits words at whitespace and punctuation before WordPiece),
+            # so the encoder can take them instead of tokenizing the chunk again. A window cut
+            # inside a word ("embed|ding") could tokenize differently, and gets none.
+            whole_words = ((first == 0 or words[first] != words[first - 1])
+                           and (stop == len(ids) or words[stop] != words[stop - 1]))
+            input_ids = (tuple([tokenizer.cls_token_id, *header_ids, *ids[first:stop], tokenizer.sep_token_id])
+                         if whole_words and header_ids is not None else None)
             drafts.append(ChunkDraft(
                 ordinal=len(drafts),
                 text=text[char_start:char_end],
@@ -108,6 +122,7 @@ def chunk_text(
                 char_end=char_end,
                 token_count=stop - first,
                 header=header,
+                input_ids=input_ids,
             ))
     return drafts
 

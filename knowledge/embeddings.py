@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Protocol
@@ -68,9 +68,12 @@ class Embedder(Protocol):
     def tokenizer(self) -> Any:
         """A Hugging Face fast tokenizer, used for chunking and token counts."""
 
-    def embed(self, texts: list[str], *, on_batch: BatchCallback | None = None) -> EmbeddingBatch:
+    def embed(self, texts: list[str], *, on_batch: BatchCallback | None = None,
+              input_ids: Sequence[Sequence[int] | None] | None = None) -> EmbeddingBatch:
         """Embed ``texts`` (each truncated to ``max_tokens``), calling ``on_batch(indices)``
-        after each batch. Raises ``EmbeddingError``."""
+        after each batch. ``input_ids`` (one entry per text, or None) may give a text's model
+        input already tokenized by ``tokenizer()``, special tokens included; a backend that does
+        not tokenize itself ignores it. Raises ``EmbeddingError``."""
 
     def embed_query(self, text: str) -> np.ndarray:
         """One query's vector, on the fastest path (no batching, no token count)."""
@@ -158,7 +161,8 @@ class LocalEmbedder:
     def tokenizer(self) -> Any:
         return self._model.tokenizer
 
-    def embed(self, texts: list[str], *, on_batch: BatchCallback | None = None) -> EmbeddingBatch:
+    def embed(self, texts: list[str], *, on_batch: BatchCallback | None = None,
+              input_ids: Sequence[Sequence[int] | None] | None = None) -> EmbeddingBatch:
         """Vectors of ``texts`` (shape ``(len(texts), 384)``) and the WordPiece tokens they cost.
 
         The model's own pipeline (transformer, mean pooling, L2 normalization; its
@@ -168,13 +172,30 @@ class LocalEmbedder:
         included, truncation at ``max_tokens`` applied) instead of a second tokenization.
         The more texts one call gets, the less its batches pad (they are sorted by token count
         across the call). ``on_batch(indices)`` is called after each batch (for progress).
+
+        ``input_ids[i]``, when given, is text ``i`` already tokenized ([CLS] ... [SEP], at most
+        ``max_tokens``; ``ValueError`` otherwise) and is used instead of tokenizing it again:
+        ingestion's chunker has tokenized every chunk to cut it (``ChunkDraft.input_ids``).
+        Tokenizing SciFact's 11,867 chunks took 1.6-1.8 s of wall time on 2 cores, about 1 %
+        of embedding them.
         """
         if not texts:
             return _empty_batch(self.dim)
         import torch
 
-        ids = self._model.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_tokens,
-                                    return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        given = list(input_ids) if input_ids is not None else [None] * len(texts)
+        if len(given) != len(texts):
+            raise ValueError(f"{len(given)} input_ids for {len(texts)} texts")
+        missing = [i for i, row in enumerate(given) if row is None]
+        if missing:
+            fresh = self._model.tokenizer([texts[i] for i in missing], add_special_tokens=True, truncation=True,
+                                          max_length=self.max_tokens, return_attention_mask=False,
+                                          return_token_type_ids=False)["input_ids"]
+            for i, row in zip(missing, fresh, strict=True):
+                given[i] = row
+        ids: list[Sequence[int]] = [row for row in given if row is not None]
+        if any(len(row) > self.max_tokens for row in ids):
+            raise ValueError(f"an input is longer than the model's {self.max_tokens} tokens")
         lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
         order = np.argsort(-lengths, kind="stable")
         vectors = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -183,12 +204,12 @@ class LocalEmbedder:
             for start in range(0, len(texts), batch_size):
                 rows = order[start:start + batch_size]
                 width = int(lengths[rows].max())
-                input_ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+                batch_ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
                 mask = np.zeros((len(rows), width), dtype=np.int64)
                 for row, index in enumerate(rows):
-                    input_ids[row, :lengths[index]] = ids[index]
+                    batch_ids[row, :lengths[index]] = ids[index]
                     mask[row, :lengths[index]] = 1
-                vectors[rows] = self._forward(torch.from_numpy(input_ids), torch.from_numpy(mask))
+                vectors[rows] = self._forward(torch.from_numpy(batch_ids), torch.from_numpy(mask))
                 if on_batch is not None:
                     on_batch(rows)
         return EmbeddingBatch(vectors, lengths)
@@ -309,10 +330,12 @@ class LiteLLMEmbedder:
     def tokenizer(self) -> Any:
         return _wordpiece_tokenizer()
 
-    def embed(self, texts: list[str], *, on_batch: BatchCallback | None = None) -> EmbeddingBatch:
+    def embed(self, texts: list[str], *, on_batch: BatchCallback | None = None,
+              input_ids: Sequence[Sequence[int] | None] | None = None) -> EmbeddingBatch:
         """Vectors of ``texts`` from the endpoint, in requests of ``EMBEDDING_BATCH_SIZE``
         texts; each request's ``usage.prompt_tokens`` (counted by WordPiece when the endpoint
-        reports none) is shared out over its texts by characters. Raises ``EmbeddingError``."""
+        reports none) is shared out over its texts by characters. ``input_ids`` is ignored (the
+        endpoint tokenizes the texts itself). Raises ``EmbeddingError``."""
         import litellm
 
         if not texts:

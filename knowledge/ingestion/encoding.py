@@ -18,9 +18,10 @@ ChunkCallback = Callable[[int], None]
 
 def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], None],
                     on_chunks: ChunkCallback | None = None) -> list[tuple[np.ndarray, int]]:
-    """Embed the chunks of ``group`` in one encoder call; return per-document ``(vectors,
-    tokens)``. ``report(prepared, done_chunks)`` is called after each encoder batch for the
-    documents that batch advanced, and ``on_chunks(n)`` with the batch's number of chunks.
+    """Embed the chunks of ``group`` in one encoder call (with the chunker's token ids where it
+    has them, ``ChunkDraft.input_ids``); return per-document ``(vectors, tokens)``.
+    ``report(prepared, done_chunks)`` is called after each encoder batch for the documents that
+    batch advanced, and ``on_chunks(n)`` with the batch's number of chunks.
 
     One call over the whole group lets the encoder sort every chunk of it by token count, so its
     batches pad little. Padding on SciFact's 11,867 chunks (2,125,678 tokens) in forward passes of
@@ -41,7 +42,8 @@ def _embed_prepared(group: list[Prepared], report: Callable[[Prepared, int], Non
         if on_chunks is not None:
             on_chunks(len(rows))
 
-    batch = model.embed(texts, on_batch=on_batch)
+    # The chunker's own tokens, where it has them: the local encoder need not tokenize again.
+    batch = model.embed(texts, on_batch=on_batch, input_ids=[d.input_ids for p in group for d in p.drafts])
     tokens = np.bincount(owners, weights=batch.text_tokens, minlength=len(group)).astype(np.int64)
     result = []
     offset = 0

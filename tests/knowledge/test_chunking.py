@@ -93,3 +93,37 @@ def test_settings_that_leave_no_room_are_refused(size: int, overlap: int) -> Non
     with pytest.raises(ValueError):
         chunk_text(builder.build(), title="", tokenizer=TOKENIZER, chunk_tokens=size, overlap_tokens=overlap,
                    max_tokens=256)
+
+
+def _embed_ids(text: str) -> list[int]:
+    return TOKENIZER(text, add_special_tokens=True, truncation=True, max_length=256)["input_ids"]
+
+
+def test_chunks_carry_the_model_input_of_their_embed_text_from_the_chunkers_own_tokens() -> None:
+    builder = TextBuilder()
+    builder.heading(1, "Travel policy")
+    builder.paragraph(_sentences(40) + " Café naïve façade, e-mail: ops@example.com (ISO-8601); 3.5% ≥ 2½.")
+    builder.heading(2, "Approvals")
+    builder.paragraph(_sentences(30, prefix="Rule"))
+    chunks = chunk_text(builder.build(), title="Handbook", tokenizer=TOKENIZER, chunk_tokens=64,
+                        overlap_tokens=16, max_tokens=256)
+    assert len(chunks) > 6 and all(c.header for c in chunks)
+    for chunk in chunks:
+        assert chunk.input_ids is not None  # every window here starts and ends between words
+        assert list(chunk.input_ids) == _embed_ids(chunk.embed_text)
+
+
+def test_a_window_cut_inside_a_word_carries_no_input_ids() -> None:
+    # No sentence boundary and words of several WordPiece tokens each: windows of 16 tokens end
+    # inside words, where the chunk's text on its own could tokenize differently.
+    extracted = extract("text", ("pseudopseudohypoparathyroidism antidisestablishmentarianism " * 20).encode())
+    chunks = chunk_text(extracted, title="", tokenizer=TOKENIZER, chunk_tokens=16, overlap_tokens=4, max_tokens=256)
+    cut = [c for c in chunks if c.input_ids is None]
+    whole = [c for c in chunks if c.input_ids is not None]
+    assert cut, "some window must end inside a word"
+    for chunk in whole:
+        assert list(chunk.input_ids or ()) == _embed_ids(chunk.embed_text)
+    # A header that had to be cut is not reused either.
+    long_title = chunk_text(extract("text", b"One short sentence."), title="Title word " * 40, tokenizer=TOKENIZER,
+                            chunk_tokens=64, overlap_tokens=0, max_tokens=256)
+    assert long_title[0].input_ids is None

@@ -169,3 +169,23 @@ def test_building_the_query_graph_leaves_the_eager_weights_untouched() -> None:
     assert before.keys() == after.keys()
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert all(p.dtype == torch.float32 and p.layout == torch.strided for p in model._transformer.parameters())
+
+
+def test_embed_takes_given_input_ids_instead_of_tokenizing_and_checks_them() -> None:
+    import pytest
+
+    model = embedder()
+    tokenizer = model.tokenizer()
+    ids = tokenizer(TEXTS, add_special_tokens=True, truncation=True, max_length=model.max_tokens)["input_ids"]
+    plain = model.embed(TEXTS)
+    # Some texts given as ids, the others tokenized here: the same vectors and token counts.
+    mixed = model.embed(TEXTS, input_ids=[row if i % 2 else None for i, row in enumerate(ids)])
+    np.testing.assert_allclose(mixed.vectors, plain.vectors, atol=1e-6)
+    assert mixed.text_tokens.tolist() == plain.text_tokens.tolist()
+    # The ids are what is embedded (here: the first text's ids for every text).
+    swapped = model.embed(TEXTS, input_ids=[ids[0]] * len(TEXTS))
+    np.testing.assert_allclose(swapped.vectors, np.repeat(plain.vectors[:1], len(TEXTS), axis=0), atol=1e-6)
+    with pytest.raises(ValueError, match="input_ids for"):
+        model.embed(TEXTS, input_ids=[None])
+    with pytest.raises(ValueError, match="longer than the model"):
+        model.embed(["x"], input_ids=[[101] + [1000] * model.max_tokens + [102]])
