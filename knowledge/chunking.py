@@ -85,6 +85,8 @@ def chunk_text(
         raise ValueError("overlap must be less than half the chunk size")
     drafts: list[ChunkDraft] = []
     text = extracted.text
+    # The special tokens around a model input ([CLS] and [SEP] for BERT-family tokenizers).
+    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
     carry_start: int | None = None  # a heading-only section is prepended to the next one
     for position, section in enumerate(extracted.sections):
         start = section.start if carry_start is None else carry_start
@@ -111,8 +113,9 @@ def chunk_text(
             # inside a word ("embed|ding") could tokenize differently, and gets none.
             whole_words = ((first == 0 or words[first] != words[first - 1])
                            and (stop == len(ids) or words[stop] != words[stop - 1]))
-            input_ids = (tuple([tokenizer.cls_token_id, *header_ids, *ids[first:stop], tokenizer.sep_token_id])
-                         if whole_words and header_ids is not None else None)
+            input_ids = (tuple([cls, *header_ids, *ids[first:stop], sep])
+                         if whole_words and header_ids is not None and cls is not None and sep is not None
+                         else None)
             drafts.append(ChunkDraft(
                 ordinal=len(drafts),
                 text=text[char_start:char_end],
