@@ -550,6 +550,21 @@ def test_the_binary_statement_runs_in_the_tenant_schema_on_a_fresh_connection(wo
     assert schemas == [world.tenant_a.schema_name]
 
 
+def _submitted_groups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes (documents) of the groups handed to the storer, in order, as ingestion runs."""
+    from knowledge.ingestion import storage
+
+    submitted: list[int] = []
+    real_submit = storage._Storer.submit
+
+    def submit(self: Any, group: Any, embedded: Any) -> None:
+        submitted.append(len(group))
+        real_submit(self, group, embedded)
+
+    monkeypatch.setattr(storage._Storer, "submit", submit)
+    return submitted
+
+
 def test_the_encoder_gives_up_one_thread_only_while_a_group_is_being_stored() -> None:
     import torch
 
@@ -613,14 +628,7 @@ def test_ingestion_embeds_with_one_thread_fewer_while_storing_and_restores_them(
     monkeypatch.setattr(model, "_forward", forward)
     # Inside the test's transaction groups are stored on this thread; a store in flight is
     # simulated from the second group on (the first group has nothing stored before it).
-    submitted: list[int] = []
-    real_submit = storage._Storer.submit
-
-    def submit(self: Any, group: Any, embedded: Any) -> None:
-        submitted.append(len(group))
-        real_submit(self, group, embedded)
-
-    monkeypatch.setattr(storage._Storer, "submit", submit)
+    submitted = _submitted_groups(monkeypatch)
     monkeypatch.setattr(storage._Storer, "busy", property(lambda self: bool(submitted)))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -670,14 +678,7 @@ def test_the_last_group_is_embedded_and_stored_in_parts_when_stores_run_on_the_s
     from knowledge.ingestion import pipeline, storage
 
     ids = [_upload(world, collection_a, f"u{i}.md", data).created[0].pk for i, data in enumerate(_policies(7))]
-    submitted: list[int] = []
-    real_submit = storage._Storer.submit
-
-    def submit(self: Any, group: Any, embedded: Any) -> None:
-        submitted.append(len(group))
-        real_submit(self, group, embedded)
-
-    monkeypatch.setattr(storage._Storer, "submit", submit)
+    submitted = _submitted_groups(monkeypatch)
     monkeypatch.setattr(pipeline, "TAIL_MIN_CHUNKS", 1)  # a group over 4 chunks is cut
     # Inside the test's transaction the storer runs on this thread and the last group stays whole.
     report = ingestion.ingest_documents(ids[:5], group_chunks=100)
