@@ -116,11 +116,13 @@ def test_chunks_carry_the_model_input_of_their_embed_text_from_the_chunkers_own_
 def test_a_window_cut_inside_a_word_carries_no_input_ids() -> None:
     # No sentence boundary and words of several WordPiece tokens each: windows of 16 tokens end
     # inside words, where the chunk's text on its own could tokenize differently.
-    extracted = extract("text", ("pseudopseudohypoparathyroidism antidisestablishmentarianism " * 20).encode())
+    words = "pseudopseudohypoparathyroidism and antidisestablishmentarianism differ "
+    extracted = extract("text", (words * 20).encode())
     chunks = chunk_text(extracted, title="", tokenizer=TOKENIZER, chunk_tokens=16, overlap_tokens=4, max_tokens=256)
     cut = [c for c in chunks if c.input_ids is None]
     whole = [c for c in chunks if c.input_ids is not None]
     assert cut, "some window must end inside a word"
+    assert whole, "the window that ends with the text ends between words"
     for chunk in whole:
         assert list(chunk.input_ids or ()) == _embed_ids(chunk.embed_text)
     # A header that had to be cut is not reused either.
