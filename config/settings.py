@@ -352,6 +352,12 @@ KB_HYBRID_CANDIDATES = env_int("KB_HYBRID_CANDIDATES", 100, minimum=1)
 # it off.
 KB_HYBRID_FEEDBACK_CHUNKS = env_int("KB_HYBRID_FEEDBACK_CHUNKS", 3, minimum=0)
 KB_HYBRID_FEEDBACK_WEIGHT = env_float("KB_HYBRID_FEEDBACK_WEIGHT", 0.5)
+# Pseudo-relevance feedback on the keyword side of hybrid search (RM3): the query's terms, weighted
+# KB_HYBRID_KEYWORD_FEEDBACK_QUERY_WEIGHT, plus the KB_HYBRID_KEYWORD_FEEDBACK_TERMS most likely
+# terms of its KB_HYBRID_KEYWORD_FEEDBACK_CHUNKS best BM25 chunks; 0 chunks turns it off.
+KB_HYBRID_KEYWORD_FEEDBACK_CHUNKS = env_int("KB_HYBRID_KEYWORD_FEEDBACK_CHUNKS", 7, minimum=0)
+KB_HYBRID_KEYWORD_FEEDBACK_TERMS = env_int("KB_HYBRID_KEYWORD_FEEDBACK_TERMS", 15, minimum=1)
+KB_HYBRID_KEYWORD_FEEDBACK_QUERY_WEIGHT = env_float("KB_HYBRID_KEYWORD_FEEDBACK_QUERY_WEIGHT", 0.8)
 KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 100, minimum=1)
 
 # --- Agents and chat ------------------------------------------------------------------------

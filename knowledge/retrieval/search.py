@@ -275,15 +275,17 @@ def _ranked(model: Embedder, query: str, query_vector: np.ndarray | None, collec
         return hits, len(sparse) >= pool, None
     # The query is embedded on another thread (the encoder releases the GIL) while this one runs
     # the keyword side on its database connection; then one statement adds the dense side.
+    # Both sides' pseudo-relevance feedback was tuned for convex fusion, so RRF searches without.
+    keyword_feedback = 0 if fusion == "rrf" else settings.KB_HYBRID_KEYWORD_FEEDBACK_CHUNKS
     t0 = time.perf_counter()
     if query_vector is None:
         embedding = _query_encoder().submit(_timed, model.embed_query, query)
-        keyword = keyword_side(query, collections, pool)
+        keyword = keyword_side(query, collections, pool, feedback_chunks=keyword_feedback)
         timings.keyword_ms += (time.perf_counter() - t0) * 1000
         query_vector, embed_ms = embedding.result()
         timings.embed_ms += embed_ms
     else:  # a collapsed search's wider second pass: the query is embedded already
-        keyword = keyword_side(query, collections, pool)
+        keyword = keyword_side(query, collections, pool, feedback_chunks=keyword_feedback)
         timings.keyword_ms += (time.perf_counter() - t0) * 1000
     t0 = time.perf_counter()
     # The feedback was tuned for convex fusion; with RRF it cost nDCG@10 on SciFact's test

@@ -290,22 +290,121 @@ def test_hybrid_feedback_on_an_empty_collection_finds_nothing_without_error(worl
     assert chunk_search(query="parking", collections=[empty], mode="hybrid", record_usage=False) == []
 
 
-@pytest.mark.parametrize(("fusion", "feedback"), [("convex", None), ("rrf", 0)])
+@pytest.mark.parametrize(("fusion", "feedback", "keyword_feedback"), [("convex", None, 7), ("rrf", 0, 0)])
 def test_only_convex_fusion_searches_with_feedback(handbook: Collection, monkeypatch: pytest.MonkeyPatch,
-                                                   fusion: str, feedback: int | None) -> None:
+                                                   fusion: str, feedback: int | None, keyword_feedback: int) -> None:
     from knowledge.retrieval import search
 
     seen: list[int | None] = []
-    rescore = search.hybrid_rescore
+    keyword_seen: list[int] = []
+    rescore, keyword = search.hybrid_rescore, search.keyword_side
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs.get("feedback"))
         return rescore(*args, **kwargs)
 
-    monkeypatch.setattr(search, "hybrid_rescore", spy)  # where chunk_search looks it up
+    def keyword_spy(*args: Any, **kwargs: Any) -> Any:
+        keyword_seen.append(kwargs.get("feedback_chunks", 0))
+        return keyword(*args, **kwargs)
+
+    monkeypatch.setattr(search, "hybrid_rescore", spy)  # where chunk_search looks them up
+    monkeypatch.setattr(search, "keyword_side", keyword_spy)
     hits = chunk_search(query="parking garage", collections=[handbook], mode="hybrid", fusion=fusion,
                         top_k=2, record_usage=False)
-    assert seen == [feedback] and hits[0].external_id == "parking"
+    assert seen == [feedback] and keyword_seen == [keyword_feedback] and hits[0].external_id == "parking"
+    # keyword mode itself stays plain BM25 of the query's own terms
+    plain = keyword("vacation", [handbook], 10)
+    hits = chunk_search(query="vacation", collections=[handbook], mode="keyword", record_usage=False)
+    assert [(h.chunk_id, h.keyword_score) for h in hits] == plain.hits and len(hits) == 1
+
+
+def _rm3(collection: Collection, query_terms: set[str], chunks: int, terms: int, weight: float,
+         k1: float = 0.9, b: float = 0.4) -> tuple[dict[str, float], dict[int, float]]:
+    """RM3 as the package docstring gives it, from the postings: (term -> weight * IDF, chunk ->
+    BM25 of the weighted expanded query)."""
+    import math
+
+    from knowledge.models import Posting
+
+    postings = list(Posting.objects.filter(collection=collection).values_list("chunk_id", "lexeme", "tf",
+                                                                             "chunk_len"))
+    n, avglen = collection.chunk_count, collection.lexeme_total / collection.chunk_count
+    df: dict[str, int] = {}
+    for _, lexeme, _, _ in postings:
+        df[lexeme] = df.get(lexeme, 0) + 1
+
+    def idf(term: str) -> float:
+        return math.log(1 + (n - df[term] + 0.5) / (df[term] + 0.5))
+
+    def bm25(term_idf: dict[str, float]) -> dict[int, float]:
+        scores: dict[int, float] = {}
+        for chunk_id, lexeme, tf, length in postings:
+            if lexeme in term_idf:
+                scores[chunk_id] = scores.get(chunk_id, 0.0) + term_idf[lexeme] * tf * (k1 + 1) / (
+                    tf + k1 * (1 - b + b * length / avglen))
+        return scores
+
+    query = {t for t in query_terms if t in df}
+    first = bm25({t: idf(t) for t in query})
+    best = sorted(first, key=lambda c: (-first[c], c))[:chunks]
+    share = {c: first[c] / sum(first[c] for c in best) for c in best}
+    relevance: dict[str, float] = {}
+    for chunk_id, lexeme, tf, length in postings:
+        if chunk_id in share:
+            relevance[lexeme] = relevance.get(lexeme, 0.0) + share[chunk_id] * tf / length
+    top = sorted(relevance, key=lambda t: (-relevance[t], t))[:terms]
+    total = sum(relevance[t] for t in top)
+    weights = {t: weight / len(query) if t in query else 0.0 for t in query}
+    for t in top:
+        weights[t] = weights.get(t, 0.0) + (1 - weight) * relevance[t] / total
+    weighted_idf = {t: w * idf(t) for t, w in weights.items()}
+    return weighted_idf, bm25(weighted_idf)
+
+
+def test_keyword_feedback_is_rm3_over_the_postings(handbook: Collection) -> None:
+    from knowledge.retrieval import keyword_side
+
+    # Expanding "paid vacation days" from its 2 best chunks by their 4 likeliest terms, with the
+    # query's own terms at 0.6: every weighted IDF and every score must match RM3 computed here.
+    side = keyword_side("paid vacation days", [handbook], 10, feedback_chunks=2, feedback_terms=4, query_weight=0.6)
+    weighted_idf, scores = _rm3(handbook, {"paid", "vacat", "day"}, chunks=2, terms=4, weight=0.6)
+    assert side.idf == pytest.approx(weighted_idf)
+    assert len(weighted_idf) > 3, "the expansion added terms"
+    assert dict(side.hits) == pytest.approx(scores)
+    assert [s for _, s in side.hits] == sorted((s for _, s in side.hits), reverse=True)
+
+
+def test_keyword_feedback_finds_a_chunk_that_shares_no_query_term(handbook: Collection) -> None:
+    from knowledge.models import Chunk
+    from knowledge.retrieval import keyword_side
+
+    # "vacation" is only in the leave record; its other terms ("day", ...) bring in the expense
+    # record ("within thirty days"), which plain BM25 of the query cannot reach.
+    expenses = Chunk.objects.get(document__external_id="expenses").pk
+    leave = Chunk.objects.get(document__external_id="leave").pk
+    plain = keyword_side("vacation", [handbook], 10)
+    assert [c for c, _ in plain.hits] == [leave]
+    expanded = keyword_side("vacation", [handbook], 10, feedback_chunks=1, feedback_terms=10, query_weight=0.8)
+    assert expanded.hits[0][0] == leave and expenses in dict(expanded.hits)
+    assert "day" in expanded.idf and expanded.idf["vacat"] > expanded.idf["day"]
+    # a query weight of 1 keeps the query's own terms only: the ranking of plain BM25
+    only_query = keyword_side("vacation", [handbook], 10, feedback_chunks=1, feedback_terms=10, query_weight=1.0)
+    assert [c for c, s in only_query.hits if s > 0] == [leave]
+
+
+def test_keyword_feedback_with_no_matching_term_finds_nothing(handbook: Collection) -> None:
+    from knowledge.retrieval import keyword_side
+
+    side = keyword_side("spaceship quasar", [handbook], 10, feedback_chunks=3)
+    assert side.hits == [] and side.idf == {}
+
+
+@pytest.mark.parametrize(("weight", "terms"), [(1.5, 10), (-0.1, 10), (0.5, 0)])
+def test_keyword_feedback_rejects_bad_settings(handbook: Collection, weight: float, terms: int) -> None:
+    from knowledge.retrieval import keyword_side
+
+    with pytest.raises(ValueError, match="query_weight|feedback_terms"):
+        keyword_side("parking", [handbook], 10, feedback_chunks=2, feedback_terms=terms, query_weight=weight)
 
 
 # Field collapsing on the document (max_chunks_per_document).
