@@ -117,83 +117,66 @@ def main() -> None:
               f"recall@100 {test[best][1]:.4f}")
 
 
-def tune_feedback(pool: int) -> None:
-    """Score the feedback grid (chunks m, weight w; m = 0 is none) on train and test at the other
-    defaults; print every setting and the one the first rule picks."""
+def _score_grid(grid: list[Any], pool: int, settings_of: Any) -> dict[str, dict[Any, tuple[float, float]]]:
+    """Mean (nDCG@10, recall@100) of every setting of ``grid`` per split: each query's keyword side
+    and hybrid candidates come from ``settings_of(setting)``, a (keyword_side kwargs,
+    hybrid_rescore kwargs) pair, at the other defaults."""
     from django_tenants.utils import schema_context
 
     from knowledge.embeddings import embedder
     from knowledge.models import Chunk, Collection
     from knowledge.retrieval import fuse, hybrid_rescore, keyword_side
 
-    grid = [(0, 0.0)] + [(m, w) for m in (3, 5, 10) for w in (0.25, 0.5, 1.0)]
+    results: dict[str, dict[Any, tuple[float, float]]] = {}
     with schema_context("t_scifact"):
         collections = list(Collection.objects.all())
         doc_of = dict(Chunk.objects.values_list("id", "document__external_id"))
         model = embedder()
-        results: dict[str, dict[tuple[int, float], tuple[float, float]]] = {}
-        for split in ("train", "test"):
-            queries, qrels = load_queries(split)
-            scores: dict[tuple[int, float], list[tuple[float, float]]] = {}
-            for qid, text in queries.items():
-                vector = model.embed_query(text)
-                keyword = keyword_side(text, collections, pool)
-                for m, w in grid:
-                    candidates = hybrid_rescore(vector, keyword, collections, pool, feedback=m, feedback_weight=w)
-                    ranking = _doc_ranking(fuse(candidates), doc_of)
-                    scores.setdefault((m, w), []).append((ndcg_at(ranking, qrels[qid]),
-                                                          recall_at(ranking, qrels[qid])))
-            results[split] = {key: (statistics.fmean(s[0] for s in v), statistics.fmean(s[1] for s in v))
-                              for key, v in scores.items()}
-            print(f"  {split}: done", flush=True)
-    train, test = results["train"], results["test"]
-    print(f"\n{'m':>3} {'w':>5} | {'train nDCG':>10} {'R@100':>6} | {'test nDCG':>9} {'R@100':>6}")
-    for key in grid:
-        print(f"{key[0]:>3} {key[1]:>5} | {train[key][0]:10.4f} {train[key][1]:6.4f} | "
-              f"{test[key][0]:9.4f} {test[key][1]:6.4f}")
-    best = max(grid, key=lambda k: train[k][0])
-    print(f"\nbest train nDCG@10: m={best[0]} w={best[1]}: train {train[best][0]:.4f} / {train[best][1]:.4f}, "
-          f"test {test[best][0]:.4f} / {test[best][1]:.4f}")
-
-
-def tune_keyword_feedback(pool: int) -> None:
-    """Score the keyword side's RM3 grid (feedback chunks d, terms t, query weight l; None is no
-    feedback) on train and test at the other defaults; print every setting and the first rule's."""
-    from django_tenants.utils import schema_context
-
-    from knowledge.embeddings import embedder
-    from knowledge.models import Chunk, Collection
-    from knowledge.retrieval import fuse, hybrid_rescore, keyword_side
-
-    grid: list[tuple[int, int, float] | None] = [None] + [
-        (d, t, w) for d in (3, 5, 7) for t in (5, 10, 15) for w in (0.6, 0.7, 0.8)]
-    with schema_context("t_scifact"):
-        collections = list(Collection.objects.all())
-        doc_of = dict(Chunk.objects.values_list("id", "document__external_id"))
-        model = embedder()
-        results: dict[str, dict[Any, tuple[float, float]]] = {}
         for split in ("train", "test"):
             queries, qrels = load_queries(split)
             scores: dict[Any, list[tuple[float, float]]] = {}
             for qid, text in queries.items():
                 vector = model.embed_query(text)
                 for setting in grid:
-                    keyword = (keyword_side(text, collections, pool) if setting is None else
-                               keyword_side(text, collections, pool, feedback_chunks=setting[0],
-                                            feedback_terms=setting[1], query_weight=setting[2]))
-                    ranking = _doc_ranking(fuse(hybrid_rescore(vector, keyword, collections, pool)), doc_of)
+                    keyword_kwargs, rescore_kwargs = settings_of(setting)
+                    keyword = keyword_side(text, collections, pool, **keyword_kwargs)
+                    candidates = hybrid_rescore(vector, keyword, collections, pool, **rescore_kwargs)
+                    ranking = _doc_ranking(fuse(candidates), doc_of)
                     scores.setdefault(setting, []).append((ndcg_at(ranking, qrels[qid]),
                                                            recall_at(ranking, qrels[qid])))
             results[split] = {key: (statistics.fmean(s[0] for s in v), statistics.fmean(s[1] for s in v))
                               for key, v in scores.items()}
             print(f"  {split}: done", flush=True)
+    return results
+
+
+def _print_grid(grid: list[Any], results: dict[str, dict[Any, tuple[float, float]]], label: str) -> None:
     train, test = results["train"], results["test"]
-    print(f"\n{'d, t, l':>14} | {'train nDCG':>10} {'R@100':>6} | {'test nDCG':>9} {'R@100':>6}")
+    print(f"\n{label:>14} | {'train nDCG':>10} {'R@100':>6} | {'test nDCG':>9} {'R@100':>6}")
     for key in grid:
         print(f"{key!s:>14} | {train[key][0]:10.4f} {train[key][1]:6.4f} | {test[key][0]:9.4f} {test[key][1]:6.4f}")
     best = max(grid, key=lambda k: train[k][0])
     print(f"\nbest train nDCG@10: {best}: train {train[best][0]:.5f} / {train[best][1]:.4f}, "
           f"test {test[best][0]:.4f} / {test[best][1]:.4f}")
+
+
+def tune_feedback(pool: int) -> None:
+    """Score the dense side's feedback grid (chunks m, weight w; m = 0 is none) on train and test
+    at the other defaults (the keyword side without feedback, as when it was chosen); print every
+    setting and the one the first rule picks."""
+    grid = [(0, 0.0)] + [(m, w) for m in (3, 5, 10) for w in (0.25, 0.5, 1.0)]
+    results = _score_grid(grid, pool, lambda s: ({}, {"feedback": s[0], "feedback_weight": s[1]}))
+    _print_grid(grid, results, "m, w")
+
+
+def tune_keyword_feedback(pool: int) -> None:
+    """Score the keyword side's RM3 grid (feedback chunks d, terms t, query weight l; None is no
+    feedback) on train and test at the other defaults; print every setting and the first rule's."""
+    grid: list[tuple[int, int, float] | None] = [None] + [
+        (d, t, w) for d in (3, 5, 7) for t in (5, 10, 15) for w in (0.6, 0.7, 0.8)]
+    results = _score_grid(grid, pool, lambda s: ({} if s is None else {
+        "feedback_chunks": s[0], "feedback_terms": s[1], "query_weight": s[2]}, {}))
+    _print_grid(grid, results, "d, t, l")
 
 
 # The defaults follow the first rule: the best train nDCG@10. The second rule also weighs the
