@@ -74,15 +74,21 @@ def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
     return number
 
 
-def env_float(name: str, default: float) -> float:
-    """Return a float setting."""
+def env_float(name: str, default: float, *, minimum: float | None = None, maximum: float | None = None) -> float:
+    """Return a float setting, optionally bounded to ``minimum``-``maximum`` (inclusive).
+
+    Raises ``ImproperlyConfigured`` for a value that is not a number or lies outside the bounds.
+    """
     value = _raw(name)
     if value is None:
         return default
     try:
-        return float(value)
+        number = float(value)
     except ValueError as exc:
         raise ImproperlyConfigured(f"{name}={value!r} is not a number") from exc
+    if (minimum is not None and not number >= minimum) or (maximum is not None and not number <= maximum):
+        raise ImproperlyConfigured(f"{name}={number} is outside {minimum}-{maximum}")
+    return number
 
 
 def env_list(name: str, default: list[str] | None = None) -> list[str]:

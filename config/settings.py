@@ -357,7 +357,8 @@ KB_HYBRID_FEEDBACK_WEIGHT = env_float("KB_HYBRID_FEEDBACK_WEIGHT", 0.5)
 # terms of its KB_HYBRID_KEYWORD_FEEDBACK_CHUNKS best BM25 chunks; 0 chunks turns it off.
 KB_HYBRID_KEYWORD_FEEDBACK_CHUNKS = env_int("KB_HYBRID_KEYWORD_FEEDBACK_CHUNKS", 7, minimum=0)
 KB_HYBRID_KEYWORD_FEEDBACK_TERMS = env_int("KB_HYBRID_KEYWORD_FEEDBACK_TERMS", 15, minimum=1)
-KB_HYBRID_KEYWORD_FEEDBACK_QUERY_WEIGHT = env_float("KB_HYBRID_KEYWORD_FEEDBACK_QUERY_WEIGHT", 0.8)
+KB_HYBRID_KEYWORD_FEEDBACK_QUERY_WEIGHT = env_float("KB_HYBRID_KEYWORD_FEEDBACK_QUERY_WEIGHT", 0.8,
+                                                    minimum=0.0, maximum=1.0)
 KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 100, minimum=1)
 
 # --- Agents and chat ------------------------------------------------------------------------
