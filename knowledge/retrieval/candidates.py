@@ -30,6 +30,11 @@ def _vector_literal(vector: np.ndarray) -> str:
 _BM25_TERM = ("idf.idf * p.tf * (%(k1)s::float8 + 1)"
               " / (p.tf + %(k1)s::float8 * (1 - %(b)s::float8 + %(b)s::float8 * p.chunk_len / stats.avglen))")
 
+# A term's BM25 IDF (the non-negative variant; module docstring) from its document frequency
+# ``{df}``, over the searched collections' ``stats.n`` chunks: one definition for the plain and the
+# expanded query.
+_BM25_IDF = "ln(1 + (stats.n - {df} + 0.5) / ({df} + 0.5))"
+
 # Shared CTEs: the query's stemmed terms under each collection language, the corpus statistics
 # of the searched collections (N chunks, average length), each term's IDF, every matching
 # chunk's BM25 score.
@@ -42,7 +47,7 @@ q AS (
            GREATEST(SUM(lexeme_total)::float8 / GREATEST(SUM(chunk_count), 1), 1) AS avglen
     FROM knowledge_collection WHERE id = ANY(%(collections)s)
 ), idf AS (
-    SELECT p.lexeme, ln(1 + (stats.n - COUNT(*) + 0.5) / (COUNT(*) + 0.5)) AS idf
+    SELECT p.lexeme, """ + _BM25_IDF.format(df="COUNT(*)") + """ AS idf
     FROM knowledge_posting p JOIN q USING (lexeme) CROSS JOIN stats
     WHERE p.collection_id = ANY(%(collections)s)
     GROUP BY p.lexeme, stats.n
@@ -91,7 +96,7 @@ feedback AS (
                    + (1 - %(query_weight)s::float8) * COALESCE(e.weight, 0) AS weight
     FROM original o FULL JOIN expansion e USING (lexeme)
 ), widf AS MATERIALIZED (
-    SELECT w.lexeme, w.weight * ln(1 + (stats.n - d.df + 0.5) / (d.df + 0.5)) AS idf
+    SELECT w.lexeme, w.weight * """ + _BM25_IDF.format(df="d.df") + """ AS idf
     FROM weighted w CROSS JOIN stats CROSS JOIN LATERAL (
         SELECT COUNT(*) AS df FROM knowledge_posting p
         WHERE p.collection_id = ANY(%(collections)s) AND p.lexeme = w.lexeme
