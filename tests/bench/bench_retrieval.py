@@ -32,8 +32,8 @@ that reproduces chunk_search's 200/32 figures exactly): 128/32 20,197 chunks, tr
 test recall@100 (standard error about 0.01 on 300 queries), so the default stays.
 
 The ingestion ratio depends on the CPU: the store is a fixed amount of PostgreSQL work, so it
-is a larger share where the encoder is faster. Measured: AMD EPYC (2 cores; raw encoder 258-263
-s) 94.2 % and 92.2 % on 2026-12-06; Intel Xeon (2 cores; raw encoder 216-232 s) 92.5, 89.4,
+is a larger share where the encoder is faster. Measured: AMD EPYC (2 cores; raw encoder 258-268
+s) 94.2, 92.2 and 93.5 % on 2026-12-06; Intel Xeon (2 cores; raw encoder 216-232 s) 92.5, 89.4,
 88.5, 92.2 and 86.8 % on 2026-12-05. Where the time goes on the EPYC: the store alone (11,867
 chunks on one thread, vectors given) is 19.7 s of wall time and 17.9 s of PostgreSQL CPU, of
 which the HNSW insertions are about 40 % (the store of the first 1,500 abstracts without the
