@@ -32,14 +32,14 @@ that reproduces chunk_search's 200/32 figures exactly): 128/32 20,197 chunks, tr
 test recall@100 (standard error about 0.01 on 300 queries), so the default stays.
 
 The ingestion ratio depends on the CPU: the store is a fixed amount of PostgreSQL work, so it
-is a larger share where the encoder is faster. Measured: AMD EPYC (2 cores; raw encoder 258-268
+is a larger share where the encoder is faster. Measured: AMD EPYC (2 cores; raw encoder 257-273
 s) 94.2, 92.2 and 93.5 % on 2026-12-06; Intel Xeon (2 cores; raw encoder 216-232 s) 92.5, 89.4,
 88.5, 92.2 and 86.8 % on 2026-12-05. Where the time goes on the EPYC: the store alone (11,867
 chunks on one thread, vectors given) is 19.7 s of wall time and 17.9 s of PostgreSQL CPU, of
 which the HNSW insertions are about 40 % (the store of the first 1,500 abstracts without the
 HNSW index: 2.9 s of PostgreSQL CPU instead of 4.8 s); the encoder gives up one of its two
 threads while a group is stored, and one thread runs at 55 % of two (32.5 s against 18 s for
-600 abstracts), so the embedding stage takes about 12 s longer than the raw encoder. Tried
+600 abstracts), so the embedding stage takes 12-14 s longer than the raw encoder. Tried
 without effect on the store (within the noise of 1,500 abstracts, two runs each): server-side
 prepared statements (the statement's planning is not its cost), ``COLLATE "C"`` on the
 postings' lexeme (the database's C.UTF-8 already compares bytes), 512 MB of shared_buffers
