@@ -324,10 +324,8 @@ EMBEDDING_API_KEY = env_optional("EMBEDDING_API_KEY")
 EMBEDDING_MAX_TOKENS = env_int("EMBEDDING_MAX_TOKENS", 256, minimum=16)
 # Texts per request to an embeddings endpoint (litellm backend).
 EMBEDDING_BATCH_SIZE = env_int("EMBEDDING_BATCH_SIZE", 64, minimum=1)
-# Texts per forward pass of the local model. Smaller batches keep a pass's activations in the
-# CPU's caches: on 2,048 SciFact chunks (Intel Xeon with AMX, 2 cores, two rounds each) a pass of
-# 16 took 20.8 / 20.9 s, of 8 21.4 / 21.5 s, of 32 23.3 / 23.7 s and of 64 26.2 / 26.3 s; with one
-# thread 40.2, 40.9, 44.5 and 49.0 s. Ingesting 2,000 abstracts: 59.8 s at 16 against 76.7 s at 64.
+# Texts per forward pass of the local model: smaller batches keep a pass's activations in the
+# CPU's caches (docs/perf/embedding-and-ingestion.md has the measurements).
 EMBEDDING_LOCAL_BATCH_SIZE = env_int("EMBEDDING_LOCAL_BATCH_SIZE", 16, minimum=1)
 EMBEDDING_TIMEOUT_SECONDS = env_float("EMBEDDING_TIMEOUT_SECONDS", 60.0)
 # Weights the local model uses for search queries (one short text, where reading the 90 MB of

@@ -112,9 +112,8 @@ def query_dtype(setting: str) -> str:
     ``setting`` is ``EMBEDDING_QUERY_DTYPE``: ``auto`` resolves to bfloat16 only where the CPU
     has bfloat16 instructions (x86's AVX512-BF16 or AMX tiles, as torch's CPU capability probe
     reports them). oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) also says
-    yes on plain AVX-512, where it emulates bfloat16; measured on such a machine (Intel Xeon
-    without AVX512-BF16, one thread, SciFact's test queries): 36.1 ms p50 in bfloat16 against
-    22.6 ms in float32.
+    yes on plain AVX-512, where it emulates bfloat16, which is slower than float32 there
+    (docs/perf/embedding-and-ingestion.md).
     """
     if setting != "auto":
         return setting
@@ -265,10 +264,8 @@ def _query_graph(transformer: Any, tokenizer: Any, max_tokens: int) -> Any | Non
     differ from the eager model's (cosine below ``_GRAPH_MIN_COSINE`` on ``_GRAPH_PROBES``):
     ``embed_query`` then runs the eager model.
 
-    One text has no padding, so the graph takes no attention mask (all ones). Measured on
-    SciFact's 300 test queries, one thread, float32, on an Intel Xeon without AVX512-BF16:
-    15.3 -> 11.4 ms p50 and 20.2 -> 16.2 ms p95 (a second run: 19.8 -> 11.8 and 23.6 -> 17.0),
-    cosine to the eager vectors >= 0.9999997.
+    One text has no padding, so the graph takes no attention mask (all ones). The graph's gain
+    and its agreement with the eager model are in docs/perf/embedding-and-ingestion.md.
     """
     import warnings
 

@@ -58,23 +58,11 @@ class _EncoderThreads:
     """The local encoder's intra-op threads on the ingesting thread: one fewer while a group is
     being stored on the second thread, all of them again once it is stored.
 
-    The store is PostgreSQL's work (HNSW insertions, postings and their indexes: about 20 s of
-    CPU for SciFact's 11,867 chunks, measured with the same rows inserted by INSERT ... SELECT),
-    so while it runs one core is busy; torch's threads synchronize at every operator, and one of
-    two on the shared core holds back the other. Measured on an AMD EPYC with 2 cores, the first
-    2,600 SciFact abstracts (5,968 chunks, groups of 2,048), two rounds: wall time 206.1 and
-    205.7 s with both encoder threads throughout, 199.0 and 198.9 s giving one up while storing
-    (96.4 % of the raw encoder's 191.7 s on the same texts in that run, against 92.9 % before),
-    218.6 s storing on the calling thread (no overlap). Without the postings' foreign keys the
-    store took 13.9 s instead of 18.2 s but the wall time stayed 199.2 s: the store is hidden
-    behind the encoder, so they stay. The thread count is per calling thread in torch, so this
+    The store is PostgreSQL's work (HNSW insertions, postings and their indexes), so while it
+    runs one core is busy; torch's threads synchronize at every operator, and one of two on the
+    shared core holds back the other. The thread count is per calling thread in torch, so this
     touches no other thread's encoder (query embedding). Applies to the ``local`` backend only;
-    an endpoint's threads are not ours.
-
-    On an Intel Xeon with AMX (2 cores, forward passes of 16), the first 2,000 SciFact abstracts
-    (4,537 chunks): 60.5 s storing on the second thread like this, 64.6 s storing on the calling
-    thread, against 53.2-54.0 s for the raw encoder; the encoder there is faster, so the store's
-    PostgreSQL CPU (8.6-9.1 s) is a larger share and ingestion stays near 89 % of the raw encoder.
+    an endpoint's threads are not ours. Measurements: docs/perf/embedding-and-ingestion.md.
     """
 
     def __init__(self) -> None:

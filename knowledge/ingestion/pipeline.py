@@ -193,9 +193,9 @@ def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback 
 
 # ``tail_parts``: each part of the last group holds TAIL_FRACTION of the chunks still left, until
 # TAIL_MIN_CHUNKS or fewer are. A part is stored while the next one is embedded, which it must
-# outlast: storing took about 2 ms per SciFact chunk on the store thread, embedding about 23 ms
-# per chunk on the one encoder thread left meanwhile (Intel Xeon, 2 cores), so a part a tenth the
-# size of the one before still hides its store.
+# outlast: storing a chunk costs about a tenth of embedding it on the one encoder thread left
+# meanwhile (docs/perf/embedding-and-ingestion.md), so a part a tenth the size of the one before
+# still hides its store.
 TAIL_FRACTION = 0.75
 TAIL_MIN_CHUNKS = 64
 

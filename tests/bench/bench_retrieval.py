@@ -22,30 +22,8 @@ documents): BM25 0.666, MiniLM dense 0.645, RRF 0.697, min-max fusion 0.714 nDCG
 Targets: hybrid nDCG@10 >= 0.72 and recall@100 >= 0.97; ingestion >= 90 % of the raw encoder;
 search p95 <= 30 ms.
 
-Other chunkings (``--chunk-size``, ``--overlap``, ``--database`` to keep each), measured on
-2026-12-04 against the default 200/32 (hybrid at the default fusion, train / test nDCG@10 and
-recall@100, scored from each database's postings and vectors by a script outside the project
-that reproduces chunk_search's 200/32 figures exactly): 128/32 20,197 chunks, train 0.741 /
-0.974 (recall +0.013, paired SE 0.004), test 0.739 / 0.966, ingestion 83 % of the raw encoder;
-256/32 10,251 chunks, train 0.741 / 0.967, test 0.729 / 0.965; 200/96 14,961 chunks, train
-0.741 / 0.966, test 0.739 / 0.963. All three lower train nDCG@10 (by 0.004), and none moved
-test recall@100 (standard error about 0.01 on 300 queries), so the default stays.
-
-The ingestion ratio depends on the CPU: the store is a fixed amount of PostgreSQL work, so it
-is a larger share where the encoder is faster. Measured: AMD EPYC (2 cores; raw encoder 257-273
-s) 94.2, 92.2 and 93.5 % on 2026-12-06; Intel Xeon (2 cores; raw encoder 216-232 s) 92.5, 89.4,
-88.5, 92.2 and 86.8 % on 2026-12-05. Where the time goes on the EPYC: the store alone (11,867
-chunks on one thread, vectors given) is 19.7 s of wall time and 17.9 s of PostgreSQL CPU, of
-which the HNSW insertions are about 40 % (the store of the first 1,500 abstracts without the
-HNSW index: 2.9 s of PostgreSQL CPU instead of 4.8 s); the encoder gives up one of its two
-threads while a group is stored, and one thread runs at 55 % of two (32.5 s against 18 s for
-600 abstracts), so the embedding stage takes 12-14 s longer than the raw encoder. Tried
-without effect on the store (within the noise of 1,500 abstracts, two runs each): server-side
-prepared statements (the statement's planning is not its cost), ``COLLATE "C"`` on the
-postings' lexeme (the database's C.UTF-8 already compares bytes), 512 MB of shared_buffers
-instead of 128 MB. Preparing the next group on the store thread instead of the calling one
-would hide little: the store thread is already busy while the calling thread prepares, so it
-would only move about a tenth of the 3 s of preparation off the critical path.
+Other chunkings measured, and how the ingestion ratio depends on the CPU, are in
+docs/perf/embedding-and-ingestion.md.
 
 Usage: ``make bench`` or ``.venv/bin/python tests/bench/bench_retrieval.py [--reuse] [--queries N]``.
 """
