@@ -257,8 +257,10 @@ class ModelEndpoint(models.Model):
     ``openai/gpt-4o-mini``); ``api_base`` its OpenAI-compatible base URL. The API key is stored
     only encrypted (``config.crypto``) and never shown again. Within a tier, endpoints are tried
     in ``priority`` order (lowest first): the first is the primary, the others its fallbacks.
-    A tenant's own endpoints of a tier come before the platform's. Prices are per million
-    tokens, in ``currency``, and are snapshotted on every usage event.
+    An agent version that pins no endpoint uses only the platform's endpoints of its tier; a
+    tenant's own endpoint serves only the versions that pin it, and its ``api_base`` goes through
+    the egress guard (``config.egress``). Prices are per million tokens, in ``currency``, and are
+    snapshotted on every usage event.
     """
 
     class Tier(models.TextChoices):

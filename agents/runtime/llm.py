@@ -80,14 +80,15 @@ def endpoints_for(*, tenant: Tenant, tier: str, endpoint_id: int | None = None) 
     """Endpoints to try, in order, for a version of ``tenant``'s agent.
 
     A pinned ``endpoint_id`` gives just that endpoint (if enabled and the platform's or this
-    tenant's own). Otherwise: the tenant's enabled endpoints of ``tier``, then the platform's,
-    each by ``priority``. An empty list means no model is configured for the tier.
+    tenant's own). Otherwise the platform's enabled endpoints of ``tier`` by ``priority``: a
+    tenant's own endpoint adds a model that versions may pin, and never takes a tier over for
+    the versions that did not pin it. An empty list means no model is configured for the tier.
     """
-    visible = ModelEndpoint.objects.filter(Q(tenant__isnull=True) | Q(tenant=tenant), enabled=True)
     if endpoint_id is not None:
+        visible = ModelEndpoint.objects.filter(Q(tenant__isnull=True) | Q(tenant=tenant), enabled=True)
         return list(visible.filter(pk=endpoint_id))
-    rows = list(visible.filter(tier=tier))
-    return sorted(rows, key=lambda e: (e.tenant_id is None, e.priority, e.pk))
+    return list(ModelEndpoint.objects.filter(tenant__isnull=True, enabled=True, tier=tier)
+                .order_by("priority", "pk"))
 
 
 def estimate_tokens(text: str) -> int:

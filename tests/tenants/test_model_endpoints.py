@@ -514,6 +514,18 @@ def test_a_tenant_endpoint_on_a_local_server_needs_an_allow_rule_a_platform_one_
     assert _call(legacy) == "egress_denied"
 
 
+def test_a_tenant_endpoint_does_not_take_over_its_tier(world: World) -> None:
+    from agents.runtime.llm import endpoints_for
+
+    platform = _platform_endpoint()
+    own = _own_endpoint(world)
+    ModelEndpoint.objects.filter(pk=own.pk).update(tier=platform.tier, priority=0)
+    assert endpoints_for(tenant=world.tenant_a, tier=platform.tier) == [platform]
+    # An agent version that pins it gets it.
+    assert endpoints_for(tenant=world.tenant_a, tier=platform.tier, endpoint_id=own.pk) == [own]
+    assert endpoints_for(tenant=world.tenant_b, tier=platform.tier, endpoint_id=own.pk) == []
+
+
 def test_staff_edit_the_egress_allowlist_on_the_admin_audited(world: World) -> None:
     client = verified_staff_client(world)
     assert client.get("/admin/tenants/egressallowrule/add/").status_code == 200
