@@ -175,7 +175,7 @@ class _Recorder(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, handle: Callable[[BaseHTTPRequestHandler], None]) -> None:
+    def __init__(self, handle: Callable[[BaseHTTPRequestHandler], None], tls: Any = None) -> None:
         self.connections = 0
         self.hosts: list[str] = []
         recorder = self
@@ -190,6 +190,8 @@ class _Recorder(ThreadingHTTPServer):
 
         super().__init__(("127.0.0.1", 0), Handler)
         self.port = int(self.server_address[1])
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         self.connections += 1
@@ -197,11 +199,12 @@ class _Recorder(ThreadingHTTPServer):
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[BaseHTTPRequestHandler], None]], _Recorder]]:
+def serve() -> Iterator[Callable[..., _Recorder]]:
+    """``serve(handle, tls=None)``: a started ``_Recorder`` (over TLS with an ``ssl.SSLContext``)."""
     servers: list[_Recorder] = []
 
-    def start(handle: Callable[[BaseHTTPRequestHandler], None]) -> _Recorder:
-        server = _Recorder(handle)
+    def start(handle: Callable[[BaseHTTPRequestHandler], None], tls: Any = None) -> _Recorder:
+        server = _Recorder(handle, tls)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return server
@@ -284,3 +287,46 @@ def test_responses_over_the_size_cap_or_compressed_are_refused(db: Any, serve: A
         with pytest.raises(EgressResponseRefused, match="gzip"):
             client.get(f"http://127.0.0.1:{gzipped.port}/")
         assert isinstance(EgressResponseRefused("x"), httpx.HTTPError)
+
+
+def _self_signed(host: str, directory: Any) -> tuple[str, str]:
+    """A certificate for ``host`` and its key, as PEM files in ``directory``."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_tls_to_the_checked_address_sends_and_verifies_the_host_name(db: Any, serve: Any, tmp_path: Any) -> None:
+    import ssl
+
+    host = "model.tls.test"
+    cert, key = _self_signed(host, tmp_path)
+    server_names: list[str | None] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, ctx: server_names.append(name)  # type: ignore[assignment,func-returns-value]
+    server = serve(_answer(b"over tls"), tls=context)
+    trust = ssl.create_default_context(cafile=cert)
+    with override_settings(EGRESS_ALLOWLIST=[f"127.0.0.1:{server.port}"]), \
+            resolver_override(_resolver({host: ["127.0.0.1"]})), egress_client(verify=trust) as client:
+        response = client.get(f"https://{host}:{server.port}/v1/models")
+    assert response.status_code == 200 and response.content == b"over tls"
+    assert server_names == [host] and server.hosts == [f"{host}:{server.port}"]
