@@ -8,6 +8,11 @@ foreign tenant's endpoint is "not found", never "forbidden".
 
 The API key is write-only: it is stored encrypted (``config.crypto``), never returned, and audit
 events record only whether it was set or cleared (``"key": "set" | "cleared"``).
+
+A tenant's ``api_base`` is a URL the tenant supplied: creating or changing it (or the model)
+runs ``agents.runtime.llm.tenant_endpoint_check`` through the egress guard, and a refused one
+is ``EgressDenied`` (HTTP 422, code ``egress_denied``, ``details`` naming the field). The
+guard checks it again at every connection.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from django.utils import timezone
 
 from compliance.services import audit_event_create
 from config.crypto import secret_encrypt
+from config.egress import EgressDenied
 from config.errors import Conflict, NotFound, ValidationFailed
 from tenants.models import ModelEndpoint
 from tenants.principal import Principal
@@ -137,6 +143,17 @@ def audit_changes(fields: dict[str, Any], *, key_change: str | None) -> dict[str
     return payload
 
 
+def _egress_check(*, model: str, api_base: str) -> None:
+    # Imported here: the runtime module pulls in the HTTP clients, which the pages do not need.
+    from agents.runtime.llm import DIRECT_PREFIXES, tenant_endpoint_check
+
+    try:
+        tenant_endpoint_check(model=model, api_base=api_base)
+    except EgressDenied as exc:
+        field = "api_base" if api_base and model.startswith(DIRECT_PREFIXES) else "model"
+        raise EgressDenied(exc.message, details={field: exc.message}) from exc
+
+
 def _tenant_of(principal: Principal) -> Any:
     if principal.tenant is None or principal.tenant.is_public:
         raise NotFound("Model endpoints are managed inside a tenant.")
@@ -187,12 +204,14 @@ def model_endpoint_create(*, principal: Principal, name: str, model: str, api_ke
     """Create an endpoint owned by the principal's tenant; ``fields`` are the other
     ``EDITABLE_FIELDS`` (model defaults otherwise). ``api_key`` is stored encrypted.
 
-    Raises ``Forbidden`` without ``agents:write``, ``ValidationFailed`` for bad values and
-    ``Conflict`` when the tenant already has an endpoint of that name.
+    Raises ``Forbidden`` without ``agents:write``, ``ValidationFailed`` for bad values,
+    ``EgressDenied`` (a ``ValidationFailed``, code ``egress_denied``) for an address or model the
+    egress guard refuses, and ``Conflict`` when the tenant already has an endpoint of that name.
     """
     principal.require("agents:write")
     tenant = _tenant_of(principal)
     clean = model_endpoint_validate({"name": name, "model": model, **fields})
+    _egress_check(model=clean["model"], api_base=clean.get("api_base", ""))
     now = timezone.now()
     endpoint = ModelEndpoint(tenant=tenant, api_key_encrypted=secret_encrypt(api_key.strip()), created_at=now,
                              updated_at=now, **clean)
@@ -210,7 +229,8 @@ def model_endpoint_update(*, principal: Principal, endpoint: ModelEndpoint, api_
     the stored key; ``clear_api_key`` removes it; otherwise the key is kept.
 
     Raises ``Forbidden`` without ``agents:write``, ``NotFound`` for an endpoint that is not the
-    tenant's own, ``ValidationFailed`` (also for both a new key and ``clear_api_key``) and
+    tenant's own, ``ValidationFailed`` (also for both a new key and ``clear_api_key``),
+    ``EgressDenied`` when a changed ``api_base`` or ``model`` is refused by the egress guard, and
     ``Conflict`` for a duplicate name. A change that changes nothing records no audit event.
     """
     principal.require("agents:write")
@@ -222,6 +242,8 @@ def model_endpoint_update(*, principal: Principal, endpoint: ModelEndpoint, api_
                                details={"api_key": "Give a new key or clear it, not both."})
     clean = model_endpoint_validate(fields)
     changed = {name: value for name, value in clean.items() if getattr(endpoint, name) != value}
+    if "api_base" in changed or "model" in changed:
+        _egress_check(model=changed.get("model", endpoint.model), api_base=changed.get("api_base", endpoint.api_base))
     key_change = None
     if new_key:
         key_change = "set"

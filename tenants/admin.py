@@ -1,5 +1,5 @@
 """Staff admin pages on the public host: tenants, domains, users, memberships, plans, keys,
-model endpoints.
+model endpoints, the egress allowlist.
 
 The admin site is django-otp's ``OTPAdminSite``: staff sign in with e-mail, password and a
 TOTP code. Every change made here is recorded in the public audit chain through
@@ -28,7 +28,7 @@ from django_otp.admin import OTPAdminSite
 from compliance.services import audit_event_create
 from config.crypto import secret_encrypt
 from config.errors import DomainError
-from tenants.models import ApiKey, Domain, Membership, ModelEndpoint, Plan, Tenant, User
+from tenants.models import ApiKey, Domain, EgressAllowRule, Membership, ModelEndpoint, Plan, Tenant, User
 from tenants.principal import Principal
 from tenants.services.keys import api_key_revoke
 from tenants.services.provisioning import (
@@ -494,3 +494,37 @@ class ModelEndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ModelEndpoint]) -> None:
         for endpoint in queryset.filter(tenant__isnull=True):
             self.delete_model(request, endpoint)
+
+
+class EgressAllowRuleForm(forms.ModelForm):  # type: ignore[type-arg]
+    """A rule is stored as typed once ``config.egress.allow_rule_parse`` reads it."""
+
+    class Meta:
+        model = EgressAllowRule
+        fields = ("target", "port", "description", "enabled")
+
+    def clean(self) -> dict[str, Any]:
+        from config.egress import allow_rule_parse
+
+        cleaned = super().clean() or {}
+        target, port = (cleaned.get("target") or "").strip(), cleaned.get("port")
+        if target:
+            try:
+                allow_rule_parse(target, port)
+            except ValueError as exc:
+                self.add_error("target", str(exc))
+            cleaned["target"] = target
+        return cleaned
+
+
+@admin.register(EgressAllowRule)
+class EgressAllowRuleAdmin(AuditedAdmin):
+    """The staff egress allowlist (besides ``EGRESS_ALLOWLIST``): each rule opens a private
+    address, network or host name, on 80/443 or on the one port it names, to every tenant's
+    model endpoints (and later HTTP tools, webhooks, OIDC discovery). Changes are audited."""
+
+    form = EgressAllowRuleForm
+    audit_target = "egress_allow_rule"
+    list_display = ("target", "port", "enabled", "description", "created_at")
+    list_filter = ("enabled",)
+    search_fields = ("target", "description")

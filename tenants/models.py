@@ -257,8 +257,10 @@ class ModelEndpoint(models.Model):
     ``openai/gpt-4o-mini``); ``api_base`` its OpenAI-compatible base URL. The API key is stored
     only encrypted (``config.crypto``) and never shown again. Within a tier, endpoints are tried
     in ``priority`` order (lowest first): the first is the primary, the others its fallbacks.
-    A tenant's own endpoints of a tier come before the platform's. Prices are per million
-    tokens, in ``currency``, and are snapshotted on every usage event.
+    An agent version that pins no endpoint uses only the platform's endpoints of its tier; a
+    tenant's own endpoint serves only the versions that pin it, and its ``api_base`` goes through
+    the egress guard (``config.egress``). Prices are per million tokens, in ``currency``, and are
+    snapshotted on every usage event.
     """
 
     class Tier(models.TextChoices):
@@ -304,3 +306,26 @@ class ModelEndpoint(models.Model):
         from config.crypto import secret_decrypt
 
         return secret_decrypt(self.api_key_encrypted)
+
+
+class EgressAllowRule(models.Model):
+    """A staff rule of the egress allowlist (``config.egress``): the only way for a tenant-supplied
+    URL to reach a private address or a port other than 80/443.
+
+    ``target`` is a host name (admits whatever that exact name resolves to), an IP address or a
+    CIDR network (admits those addresses under any name); ``port`` null opens 80 and 443 only.
+    The cloud metadata services stay closed whatever the rules say.
+    """
+
+    target = models.CharField(max_length=255, help_text="Host name, IP address or CIDR network, e.g. 10.20.0.0/16.")
+    port = models.PositiveIntegerField(null=True, blank=True,
+                                       help_text="The one port this rule opens; empty opens 80 and 443 only.")
+    description = models.CharField(max_length=200, blank=True, help_text="Why this is open, and for whom.")
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering: ClassVar = ["target", "port"]
+
+    def __str__(self) -> str:
+        return f"{self.target}:{self.port}" if self.port else self.target

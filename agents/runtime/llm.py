@@ -11,6 +11,17 @@ goes through litellm. litellm's stream wrapper costs about 1 ms of CPU per chunk
 SDK's model construction plus its own chunk building, measured with cProfile), so one worker
 process could relay only some hundreds of tokens per second in all; parsing the server-sent
 events directly costs about 30 us per chunk (``tests/bench/bench_chat.py`` shows the effect).
+
+Egress: a tenant's own endpoint is a URL the tenant supplied, so it never reaches the network
+unguarded. It is streamed only by the direct path, through the egress guard's client
+(``config.egress.egress_client``: resolved and checked at connect time, pinned to the checked
+address, no redirects, size and time caps). litellm is not given a tenant's ``api_base``: its
+providers open their own HTTP clients (and some, such as ``ollama/``, default to a local
+address), which the guard cannot wrap. So a tenant endpoint with an ``api_base`` must speak the
+OpenAI protocol (``DIRECT_PREFIXES``), and one without goes through litellm only for a provider of
+``HOSTED_PROVIDERS``, whose fixed public base URL the tenant cannot change
+(``tenant_endpoint_check``, at save time and again before each call). Platform endpoints
+(``tenant`` null) are staff's and keep the plain client, so the local model on 127.0.0.1 works.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import structlog
 from django.conf import settings
 from django.db.models import Q
 
+from config.egress import EgressDenied, EgressTarget, egress_check_url
 from tenants.models import ModelEndpoint, Tenant
 
 logger = structlog.get_logger(__name__)
@@ -68,14 +80,15 @@ def endpoints_for(*, tenant: Tenant, tier: str, endpoint_id: int | None = None) 
     """Endpoints to try, in order, for a version of ``tenant``'s agent.
 
     A pinned ``endpoint_id`` gives just that endpoint (if enabled and the platform's or this
-    tenant's own). Otherwise: the tenant's enabled endpoints of ``tier``, then the platform's,
-    each by ``priority``. An empty list means no model is configured for the tier.
+    tenant's own). Otherwise the platform's enabled endpoints of ``tier`` by ``priority``: a
+    tenant's own endpoint adds a model that versions may pin, and never takes a tier over for
+    the versions that did not pin it. An empty list means no model is configured for the tier.
     """
-    visible = ModelEndpoint.objects.filter(Q(tenant__isnull=True) | Q(tenant=tenant), enabled=True)
     if endpoint_id is not None:
+        visible = ModelEndpoint.objects.filter(Q(tenant__isnull=True) | Q(tenant=tenant), enabled=True)
         return list(visible.filter(pk=endpoint_id))
-    rows = list(visible.filter(tier=tier))
-    return sorted(rows, key=lambda e: (e.tenant_id is None, e.priority, e.pk))
+    return list(ModelEndpoint.objects.filter(tenant__isnull=True, enabled=True, tier=tier)
+                .order_by("priority", "pk"))
 
 
 def estimate_tokens(text: str) -> int:
@@ -208,8 +221,38 @@ def _from_provider(response: Any, result: StreamResult) -> None:
 
 # Model strings whose endpoint speaks OpenAI's chat-completions protocol, streamed with httpx.
 DIRECT_PREFIXES = ("openai/", "hosted_vllm/")
+# The base URL of a direct endpoint without an api_base.
+OPENAI_API_BASE = "https://api.openai.com/v1"
+# litellm providers a tenant endpoint may use without an api_base: hosted services whose base URL
+# is fixed in litellm (public, not the tenant's to choose). Local-server providers (ollama,
+# lm_studio, vllm, ...) default to a local address and are left out on purpose.
+HOSTED_PROVIDERS = frozenset({"anthropic", "gemini", "mistral", "groq", "cohere", "cohere_chat", "deepseek",
+                              "together_ai", "fireworks_ai", "openrouter", "xai", "perplexity", "deepinfra"})
 _http: Any = None
+_guarded_http: Any = None
 _http_lock = threading.Lock()
+
+
+def tenant_endpoint_check(*, model: str, api_base: str) -> EgressTarget | None:
+    """Check where a tenant's own endpoint would send requests, before saving it and before
+    each call: an ``api_base`` needs an OpenAI-protocol model (``DIRECT_PREFIXES``) and must
+    pass the egress guard (``config.egress.egress_check_url``); without one, the model is
+    either direct (OpenAI's public API) or a litellm provider of ``HOSTED_PROVIDERS``.
+
+    Returns the checked target of the ``api_base`` (``None`` without one). Raises
+    ``EgressDenied`` (HTTP 422, code ``egress_denied``) saying why.
+    """
+    direct = model.startswith(DIRECT_PREFIXES)
+    if api_base:
+        if not direct:
+            raise EgressDenied(f"An endpoint with its own API base must use an OpenAI-compatible model string "
+                               f"({' or '.join(DIRECT_PREFIXES)}...).")
+        return egress_check_url(api_base)
+    provider = model.split("/", 1)[0] if "/" in model else ""
+    if not direct and provider not in HOSTED_PROVIDERS:
+        raise EgressDenied(f"Without an API base, a model string must name a hosted provider "
+                           f"({', '.join(sorted(p + '/' for p in HOSTED_PROVIDERS | {'openai'}))}).")
+    return None
 
 
 def _http_client() -> Any:
@@ -223,6 +266,20 @@ def _http_client() -> Any:
             _http = httpx.Client(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
                                  follow_redirects=False)
         return _http
+
+
+def _guarded_http_client() -> Any:
+    """The egress guard's client (``config.egress.egress_client``) for tenants' own endpoints,
+    one per process like ``_http_client``."""
+    global _guarded_http
+    import httpx
+
+    from config.egress import egress_client
+
+    with _http_lock:
+        if _guarded_http is None:
+            _guarded_http = egress_client(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
+        return _guarded_http
 
 
 def _status_error(status: int, body: str) -> LLMError:
@@ -248,11 +305,14 @@ def _stream_direct(endpoint: ModelEndpoint, messages: list[dict[str, str]], *, t
     The finish reason and usage are only what the server sent, so a stream cut after some tokens
     (no finish reason) is ``stream_interrupted`` and one with no chunks ``malformed_stream``. The
     timeout (the endpoint's, capped by ``LLM_TIMEOUT_SECONDS``) bounds connecting and each wait
-    for bytes, as litellm's does.
+    for bytes, as litellm's does. A tenant's own endpoint goes through the egress guard's client:
+    a destination it refuses (also one that re-resolved to a private address since it was saved)
+    is ``egress_denied`` and no request leaves.
     """
     import httpx
 
-    base = (endpoint.api_base or "https://api.openai.com/v1").rstrip("/")
+    base = (endpoint.api_base or OPENAI_API_BASE).rstrip("/")
+    client = _http_client() if endpoint.tenant_id is None else _guarded_http_client()
     body: dict[str, Any] = {
         "model": endpoint.model.split("/", 1)[1],
         "messages": messages,
@@ -268,8 +328,12 @@ def _stream_direct(endpoint: ModelEndpoint, messages: list[dict[str, str]], *, t
     timeout = httpx.Timeout(min(endpoint.timeout_seconds, settings.LLM_TIMEOUT_SECONDS))
     streamed_any = False
     try:
-        with _http_client().stream("POST", f"{base}/chat/completions", json=body, headers=headers,
-                                   timeout=timeout) as response:
+        with client.stream("POST", f"{base}/chat/completions", json=body, headers=headers,
+                           timeout=timeout) as response:
+            if 300 <= response.status_code < 400:
+                # Redirects are not followed: an answer must come from the endpoint itself.
+                raise LLMError("model_error", f"The model server answered with a redirect (HTTP "
+                               f"{response.status_code}).", fallback_ok=True)
             if response.status_code >= 400:
                 response.read()
                 raise _status_error(response.status_code, response.text[:2000])
@@ -305,6 +369,9 @@ def _stream_direct(endpoint: ModelEndpoint, messages: list[dict[str, str]], *, t
                     return
     except LLMError:
         raise
+    except EgressDenied as exc:
+        raise LLMError("egress_denied", f"The model endpoint's address is not allowed: {exc.message}",
+                       fallback_ok=True) from exc
     except httpx.TimeoutException as exc:
         if streamed_any:
             raise LLMError("stream_interrupted", "The model's answer was cut off; retry the turn.") from exc
@@ -320,6 +387,20 @@ def _stream_direct(endpoint: ModelEndpoint, messages: list[dict[str, str]], *, t
     # See _stream_one: no finish reason after some tokens means the stream was cut.
     if not result.finish_reason:
         raise LLMError("stream_interrupted", "The model's answer was cut off; retry the turn.")
+
+
+def _tenant_route_check(endpoint: ModelEndpoint) -> None:
+    """Refuse a tenant endpoint whose route ``tenant_endpoint_check`` refuses (a row saved before
+    the guard, or changed behind the services) without resolving its host: the direct path's
+    client checks the address itself when it connects."""
+    direct = endpoint.model.startswith(DIRECT_PREFIXES)
+    try:
+        if endpoint.api_base and direct:
+            return
+        tenant_endpoint_check(model=endpoint.model, api_base=endpoint.api_base)
+    except EgressDenied as exc:
+        raise LLMError("egress_denied", f"The model endpoint's address is not allowed: {exc.message}",
+                       fallback_ok=True) from exc
 
 
 def _iterate(response: Any) -> Iterator[Any]:
@@ -353,6 +434,8 @@ def stream_chat(*, endpoints: list[ModelEndpoint], messages: list[dict[str, str]
         started = time.perf_counter()
         stream = _stream_direct if endpoint.model.startswith(DIRECT_PREFIXES) else _stream_one
         try:
+            if endpoint.tenant_id is not None:
+                _tenant_route_check(endpoint)
             stream(endpoint, messages, temperature=temperature, max_tokens=max_tokens,
                    response_format=response_format, on_delta=on_delta, should_stop=should_stop, result=result)
         except LLMError as error:

@@ -165,8 +165,8 @@ def test_an_empty_stream_fails_the_turn_as_malformed(
 
 def test_a_failing_endpoint_falls_back_to_the_next_of_the_tier(
         portal: Portal, celery_worker: Any, scripted_llm: ScriptedLLM, member_cookie: Any) -> None:
-    # Tenant B's own endpoints come before the platform's, so the tier's order is exactly these
-    # two there (tenant A's live agents are not affected).
+    # Platform endpoints of the heavy tier, first in it (the only other one, the local model's,
+    # is last and pinned by its agent); a tenant's own endpoints serve only versions that pin them.
     suffix = uuid.uuid4().hex[:8]
     broken, working = f"turns-fb-broken-{suffix}", f"turns-fb-working-{suffix}"
     scripted_llm.script(broken, failure="status:500")
@@ -175,10 +175,8 @@ def test_a_failing_endpoint_falls_back_to_the_next_of_the_tier(
     outsider = portal.world.user("outsider")
 
     def create() -> tuple[int, int]:
-        endpoint_create(name=broken, model=broken, api_base=scripted_llm.api_base, tier="heavy", priority=1,
-                        tenant=tenant)
-        endpoint_create(name=working, model=working, api_base=scripted_llm.api_base, tier="heavy", priority=2,
-                        tenant=tenant)
+        endpoint_create(name=broken, model=broken, api_base=scripted_llm.api_base, tier="heavy", priority=1)
+        endpoint_create(name=working, model=working, api_base=scripted_llm.api_base, tier="heavy", priority=2)
         with schema_context(tenant.schema_name):
             principal = Principal.for_member(Membership.objects.select_related("user", "tenant")
                                              .get(user=outsider, tenant=tenant))

@@ -1,9 +1,11 @@
-"""Model endpoints: encrypted keys at rest, key rotation, staff admin, tenant API and console."""
+"""Model endpoints: encrypted keys at rest, key rotation, staff admin, tenant API and console,
+the egress guard on tenants' endpoints (save time and call time), and tier takeover."""
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,15 +19,34 @@ from django_tenants.utils import schema_context
 from agents.endpoints import model_endpoint_create
 from compliance.models import AuditEvent
 from config.crypto import SecretUnreadable, secret_decrypt, secret_encrypt
-from tenants.models import ModelEndpoint
+from config.egress import resolver_override
+from tenants.models import EgressAllowRule, ModelEndpoint
 from tenants.principal import Principal
 from tenants.services.keys import api_key_create
 from tests.conftest import HOST_A, HOST_B, World, api_client, host_client, verified_staff_client
+from tests.scripted_llm import ScriptedLLM
 
 SECRET = "sk-test-PLAINTEXT-never-shown-0123456789"
 OTHER_SECRET = "sk-test-REPLACEMENT-key-9876543210"
 KEY_OLD = Fernet.generate_key().decode()
 KEY_NEW = Fernet.generate_key().decode()
+PUBLIC = "93.184.216.34"
+# DNS as the tests see it (a process boundary): the example names resolve publicly.
+DNS: dict[str, list[str]] = {"llm.example.test": [PUBLIC], "own.example.test": [PUBLIC],
+                             "intranet.example.test": ["10.1.2.3"]}
+
+
+@pytest.fixture(autouse=True)
+def _dns() -> Iterator[dict[str, list[str]]]:
+    answers = {name: list(addresses) for name, addresses in DNS.items()}
+
+    def resolve(host: str, port: int) -> list[str]:
+        if host not in answers:
+            raise OSError(f"{host} does not resolve")
+        return answers[host]
+
+    with resolver_override(resolve):
+        yield answers
 
 
 def _body(**overrides: Any) -> dict[str, Any]:
@@ -380,3 +401,140 @@ def test_the_console_hides_other_tenants_endpoints(world: World) -> None:
     assert client.get(f"/models/{foreign.pk}/").status_code == 404
     assert client.post(f"/models/{foreign.pk}/delete/", {"confirm": "globex private"}).status_code == 404
     assert ModelEndpoint.objects.filter(pk=foreign.pk).exists()
+
+
+# --- Egress guard (SSRF) ------------------------------------------------------------------
+
+ISSUE_FORMS = ["http://127.0.0.1:9999/v1", "http://169.254.169.254/", "http://2130706433/", "http://0x7f000001/",
+               "http://127.1/", "http://0.0.0.0/", "http://[::1]/", "http://user:pw@10.0.0.5/",
+               "http://0177.0.0.1/", "http://localhost./v1", "http://metadata.google.internal/",
+               "http://intranet.example.test/v1", "http://ｌｏｃａｌｈｏｓｔ/v1"]
+
+
+@pytest.mark.parametrize("api_base", ISSUE_FORMS)
+def test_the_api_refuses_an_endpoint_on_a_private_address_with_egress_denied(world: World, api_a: Client,
+                                                                               api_base: str) -> None:
+    response = api_a.post("/api/v1/model-endpoints", _body(api_base=api_base), content_type="application/json")
+    assert response.status_code == 422, response.content
+    error = response.json()["error"]
+    assert error["code"] == "egress_denied" and error["message"] and error["details"] == {"api_base": error["message"]}
+    assert not ModelEndpoint.objects.filter(name="own gpt").exists()
+
+
+def test_the_refusal_says_why(world: World, api_a: Client) -> None:
+    response = api_a.post("/api/v1/model-endpoints", _body(api_base="http://2130706433/v1"),
+                          content_type="application/json")
+    assert "127.0.0.1 is loopback" in response.json()["error"]["message"]
+
+
+def test_a_patch_to_a_private_address_is_refused(world: World, api_a: Client) -> None:
+    endpoint = _own_endpoint(world)
+    response = api_a.patch(f"/api/v1/model-endpoints/{endpoint.pk}", {"api_base": "http://[::ffff:169.254.169.254]/"},
+                           content_type="application/json")
+    assert response.status_code == 422 and response.json()["error"]["code"] == "egress_denied"
+    assert ModelEndpoint.objects.get(pk=endpoint.pk).api_base == "http://own.example.test/v1"
+
+
+@pytest.mark.parametrize(("model", "api_base"), [("ollama/llama3", ""), ("lm_studio/qwen", ""),
+                                                 ("anthropic/claude-3-5-haiku", "https://llm.example.test/v1")])
+def test_litellm_routes_that_would_bypass_the_guard_are_refused(world: World, api_a: Client, model: str,
+                                                                api_base: str) -> None:
+    # ollama/ and lm_studio/ default to a local server; litellm's own clients are not guarded.
+    response = api_a.post("/api/v1/model-endpoints", _body(model=model, api_base=api_base),
+                          content_type="application/json")
+    assert response.status_code == 422 and response.json()["error"]["code"] == "egress_denied"
+    assert api_a.post("/api/v1/model-endpoints", _body(name="hosted", model="anthropic/claude-3-5-haiku", api_base=""),
+                      content_type="application/json").status_code == 201
+
+
+def test_the_staff_allowlist_opens_a_private_address(world: World, api_a: Client) -> None:
+    EgressAllowRule.objects.create(target="10.0.0.0/8", port=8000, description="tenant A's VPC")
+    created = api_a.post("/api/v1/model-endpoints", _body(api_base="http://intranet.example.test:8000/v1"),
+                         content_type="application/json")
+    assert created.status_code == 201, created.content
+    refused = api_a.post("/api/v1/model-endpoints", _body(name="other port", api_base="http://10.1.2.3:8001/v1"),
+                         content_type="application/json")
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "egress_denied"
+
+
+def test_the_console_form_says_why_an_address_is_refused(world: World) -> None:
+    client = host_client(HOST_A, world.user("operator"))
+    form = {**_body(api_base="http://0x7f000001:9999/v1"), "currency": "USD", "timeout_seconds": "30",
+            "enabled": "on"}
+    page = client.post("/models/", form)
+    html = page.content.decode()
+    assert page.status_code == 422 and "127.0.0.1 is loopback" in html and SECRET not in html
+    assert not ModelEndpoint.objects.filter(name="own gpt").exists()
+    endpoint = _own_endpoint(world)
+    edit = client.post(f"/models/{endpoint.pk}/", {**form, "api_key": "", "api_base": "http://169.254.169.254/"})
+    assert edit.status_code == 422 and "cloud metadata service" in edit.content.decode()
+    assert ModelEndpoint.objects.get(pk=endpoint.pk).api_base == "http://own.example.test/v1"
+
+
+def _call(endpoint: ModelEndpoint) -> str:
+    from agents.runtime.llm import LLMError, stream_chat
+
+    try:
+        result = stream_chat(endpoints=[endpoint], messages=[{"role": "user", "content": "hi"}], temperature=0.0,
+                             max_tokens=20, on_delta=lambda _: None, should_stop=lambda: False)
+    except LLMError as error:
+        return error.code
+    return result.text
+
+
+def test_a_name_that_resolves_privately_at_call_time_fails_the_call_and_sends_nothing(
+        world: World, _dns: dict[str, list[str]], scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.script("rebind-target", tokens=["leaked"])
+    # Staff opened the scripted server's port for the public address the name had at save time.
+    EgressAllowRule.objects.create(target=PUBLIC, port=scripted_llm.port)
+    _dns["model.rebind.test"] = [PUBLIC]
+    with schema_context(world.tenant_a.schema_name):
+        endpoint = model_endpoint_create(principal=Principal.system("tests", tenant=world.tenant_a),
+                                         name="rebinding", model="openai/rebind-target",
+                                         api_base=f"http://model.rebind.test:{scripted_llm.port}/v1")
+    connection.set_schema_to_public()  # type: ignore[attr-defined]
+    _dns["model.rebind.test"] = ["127.0.0.1"]  # the tenant's DNS now points at the worker's loopback
+    assert _call(endpoint) == "egress_denied"
+    assert scripted_llm.requests_for("rebind-target") == []
+
+
+def test_a_tenant_endpoint_on_a_local_server_needs_an_allow_rule_a_platform_one_does_not(
+        world: World, scripted_llm: ScriptedLLM) -> None:
+    scripted_llm.script("egress-local", tokens=["ok"])
+    own = ModelEndpoint.objects.create(tenant=world.tenant_a, name="own local", model="openai/egress-local",
+                                       api_base=scripted_llm.api_base)  # saved before the guard existed
+    platform = ModelEndpoint.objects.create(name="platform local", model="openai/egress-local",
+                                            api_base=scripted_llm.api_base)
+    assert _call(own) == "egress_denied"
+    assert scripted_llm.requests_for("egress-local") == []
+    assert _call(platform) == "ok"
+    EgressAllowRule.objects.create(target="127.0.0.1", port=scripted_llm.port, description="the scripted server")
+    assert _call(own) == "ok"
+    legacy = ModelEndpoint.objects.create(tenant=world.tenant_a, name="own ollama", model="ollama/llama3")
+    assert _call(legacy) == "egress_denied"
+
+
+def test_a_tenant_endpoint_does_not_take_over_its_tier(world: World) -> None:
+    from agents.runtime.llm import endpoints_for
+
+    platform = _platform_endpoint()
+    own = _own_endpoint(world)
+    ModelEndpoint.objects.filter(pk=own.pk).update(tier=platform.tier, priority=0)
+    assert endpoints_for(tenant=world.tenant_a, tier=platform.tier) == [platform]
+    # An agent version that pins it gets it.
+    assert endpoints_for(tenant=world.tenant_a, tier=platform.tier, endpoint_id=own.pk) == [own]
+    assert endpoints_for(tenant=world.tenant_b, tier=platform.tier, endpoint_id=own.pk) == []
+
+
+def test_staff_edit_the_egress_allowlist_on_the_admin_audited(world: World) -> None:
+    client = verified_staff_client(world)
+    assert client.get("/admin/tenants/egressallowrule/add/").status_code == 200
+    bad = client.post("/admin/tenants/egressallowrule/add/", {"target": "10.0.0.0/33", "port": "", "enabled": "on"})
+    assert bad.status_code == 200 and b"errorlist" in bad.content and not EgressAllowRule.objects.exists()
+    added = client.post("/admin/tenants/egressallowrule/add/",
+                        {"target": "10.20.0.0/16", "port": "8000", "description": "acme VPC", "enabled": "on"})
+    assert added.status_code == 302
+    rule = EgressAllowRule.objects.get()
+    assert (rule.target, rule.port) == ("10.20.0.0/16", 8000)
+    assert AuditEvent.objects.filter(action="egress_allow_rule.created", target_id=str(rule.pk)).exists()
+    assert client.get("/admin/tenants/egressallowrule/").status_code == 200
