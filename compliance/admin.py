@@ -1,4 +1,4 @@
-"""The public audit chain on the staff pages (read-only)."""
+"""The public audit chain and every chain's signed checkpoints on the staff pages (read-only)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 from compliance.models import AuditEvent
+from tenants.models import AuditCheckpoint
 
 
 @admin.register(AuditEvent)
@@ -16,6 +17,22 @@ class AuditEventAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_filter = ("action", "actor_type")
     search_fields = ("actor_label", "action", "target_id", "request_id")
     readonly_fields = [f.name for f in AuditEvent._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(AuditCheckpoint)
+class AuditCheckpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ("created_at", "schema_name", "seq", "hash", "legacy_events", "key_id")
+    list_filter = ("schema_name",)
+    readonly_fields = [f.name for f in AuditCheckpoint._meta.fields]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -12,8 +12,10 @@ class AuditEvent(models.Model):
 
     ``seq`` numbers the events of this schema's chain from 1 without gaps; ``prev_hash`` is the
     ``hash`` of event ``seq - 1`` (64 zeros for the first) and ``hash`` is computed by
-    ``compliance.chain.event_hash``. Unique ``seq`` and ``prev_hash`` make a forked chain
-    impossible to store even if a writer skipped the chain lock.
+    ``compliance.chain.event_hash`` under the signing key named by ``key_id`` (``''`` for events
+    written before the chain was keyed, hashed by ``compliance.chain.plain_event_hash``). Unique
+    ``seq`` and ``prev_hash`` make a forked chain impossible to store even if a writer skipped the
+    chain lock.
     """
 
     seq = models.BigIntegerField(unique=True)
@@ -29,6 +31,7 @@ class AuditEvent(models.Model):
     ip = models.GenericIPAddressField(null=True, blank=True)
     prev_hash = models.CharField(max_length=64, unique=True)
     hash = models.CharField(max_length=64, unique=True)
+    key_id = models.CharField(max_length=16, blank=True, default="")
 
     class Meta:
         ordering: ClassVar = ["-seq"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from ninja import Schema
+from ninja import Field, Schema
 
 
 class AuditEventOut(Schema):
@@ -23,6 +23,8 @@ class AuditEventOut(Schema):
     ip: str | None
     prev_hash: str
     hash: str
+    key_id: str = Field("", description="Id of the AUDIT_SIGNING_KEYS key that signed the hash "
+                                        "('' = legacy plain SHA-256)")
 
 
 class AuditEventPage(Schema):

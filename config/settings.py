@@ -53,6 +53,12 @@ if not SECRET_KEY:
 # The first encrypts; all decrypt, so a key is rotated by putting a new one in front and running
 # `manage.py field_keys_rotate`. Development derives one from SECRET_KEY; production must set it.
 FIELD_ENCRYPTION_KEYS = env_list("FIELD_ENCRYPTION_KEYS")
+# HMAC keys (comma-separated, newest first) that sign the audit chain and its checkpoints
+# (compliance.signing); never stored in the database. The first signs, all verify: rotate by
+# putting a new key in front and keeping the old ones. Development derives one from SECRET_KEY.
+AUDIT_SIGNING_KEYS = env_list("AUDIT_SIGNING_KEYS")
+# How often beat signs a checkpoint of every audit chain's head (`manage.py audit_checkpoint`).
+AUDIT_CHECKPOINT_SECONDS = env_int("AUDIT_CHECKPOINT_SECONDS", 900, minimum=10)
 
 # Separates concurrent test runs on one Redis (queues, channel layer, cache); subprocesses that
 # the suite starts (daphne, workers) inherit it through the environment.
@@ -229,6 +235,9 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "kb-document-sweep": {"task": "knowledge.document_sweep", "schedule": 60.0},
     "chat-turn-sweep": {"task": "agents.turn_sweep", "schedule": 15.0},
+    # Sent once, to the public schema: the task checkpoints every chain itself.
+    "audit-checkpoint": {"task": "compliance.audit_checkpoint", "schedule": float(AUDIT_CHECKPOINT_SECONDS),
+                         "tenant_schemas": ["public"]},
 }
 if TESTING:
     # Each test run gets its own queues on the shared Redis.

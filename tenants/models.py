@@ -329,3 +329,29 @@ class EgressAllowRule(models.Model):
 
     def __str__(self) -> str:
         return f"{self.target}:{self.port}" if self.port else self.target
+
+
+class AuditCheckpoint(models.Model):
+    """A signed statement of one audit chain's head (``compliance.chain``), kept in the public
+    schema, outside the tenant's, so that truncating a tenant's chain is noticed.
+
+    ``schema_name`` names the chain (``public`` or a tenant's schema; a string, so checkpoints
+    outlive a deleted tenant); ``seq``/``hash`` are its head at ``created_at``; ``legacy_events``
+    counts the plain-hash events that open it; ``signature`` is the HMAC of all of these under the
+    ``AUDIT_SIGNING_KEYS`` key named ``key_id``. Rows are never updated or deleted (a trigger).
+    """
+
+    schema_name = models.CharField(max_length=63)
+    seq = models.BigIntegerField()
+    hash = models.CharField(max_length=64)
+    legacy_events = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField()
+    key_id = models.CharField(max_length=16)
+    signature = models.CharField(max_length=64)
+
+    class Meta:
+        ordering: ClassVar = ["-created_at", "-id"]
+        indexes: ClassVar = [models.Index(fields=["schema_name", "-seq"], name="audit_checkpoint_head")]
+
+    def __str__(self) -> str:
+        return f"{self.schema_name} @ {self.seq}"

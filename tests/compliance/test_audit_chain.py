@@ -1,8 +1,13 @@
-"""The audit trail's hash chain: append-only storage, verification, concurrency, redaction."""
+"""The audit trail's hash chain: append-only storage, keyed verification against someone who holds
+the database's credentials (not the signing key), checkpoints, concurrency, redaction.
+
+The attacker is simulated in SQL with ``SET LOCAL session_replication_role = replica``, which
+switches off the append-only triggers for the test's transaction (the rollback restores them)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import threading
 import uuid
@@ -16,10 +21,11 @@ from django.core.management import CommandError, call_command
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from django_tenants.utils import schema_context
 
-from compliance.chain import GENESIS_HASH, event_hash, verify_events
+from compliance.chain import GENESIS_HASH, canonical_json, event_hash, hashed_fields, verify_events
 from compliance.models import AuditEvent
 from compliance.selectors import audit_chain_verify
 from compliance.services import audit_event_create
+from compliance.signing import keyring
 from tenants.principal import Principal
 from tests.conftest import World
 
@@ -33,6 +39,12 @@ def _events(schema: str, count: int) -> list[AuditEvent]:
                            payload={"n": i}, schema=schema)
         for i in range(count)
     ]
+
+
+def _key(event: AuditEvent) -> bytes:
+    key = keyring().get(event.key_id)
+    assert key is not None
+    return key
 
 
 def _verify(schema: str) -> str:
@@ -56,13 +68,37 @@ def _sql(schema: str, sql: str, params: list[Any] | None = None) -> None:
         cursor.execute(sql, params or [])
 
 
+def _plain_hash(schema: str, event: Any, prev_hash: str) -> str:
+    """What an attacker without the signing key can compute: SHA-256 over the canonical fields
+    and the previous hash (the chain's hash before it was keyed)."""
+    digest = hashlib.sha256(canonical_json(hashed_fields(schema=schema, event=event)))
+    digest.update(prev_hash.encode("ascii"))
+    return digest.hexdigest()
+
+
+def _rehash_plain_from(schema: str, seq: int) -> None:
+    """Recompute plain hashes and links from event ``seq`` to the head, as the attacker would."""
+    with schema_context(schema):
+        prev = AuditEvent.objects.filter(seq=seq - 1).values_list("hash", flat=True).first() or GENESIS_HASH
+        for event in AuditEvent.objects.filter(seq__gte=seq).order_by("seq"):
+            new_hash = _plain_hash(schema, event, prev)
+            _sql(schema, "UPDATE compliance_auditevent SET prev_hash = %s, hash = %s WHERE id = %s",
+                 [prev, new_hash, event.pk])
+            prev = new_hash
+
+
+def _head_seq(schema: str) -> int:
+    with schema_context(schema):
+        return AuditEvent.objects.order_by("-seq").values_list("seq", flat=True)[0]
+
+
 @pytest.fixture
 def tamperable(world: World) -> Iterator[str]:
-    """Tenant A's schema with its row trigger disabled for this test's transaction only."""
+    """Tenant A's schema, with triggers off for this test's transaction only (the attacker)."""
     schema = world.tenant_a.schema_name
     _events(schema, 5)
-    # ALTER TABLE is transactional in PostgreSQL: the rollback after the test re-enables it.
-    _sql(schema, f'ALTER TABLE "{schema}".compliance_auditevent DISABLE TRIGGER compliance_auditevent_no_update_delete')
+    # SET LOCAL ends with the transaction: the rollback after the test turns the triggers back on.
+    _sql(schema, "SET LOCAL session_replication_role = replica")
     yield schema
 
 
@@ -189,18 +225,189 @@ def test_audit_verify_reports_a_forged_prev_hash(tamperable: str) -> None:
     assert "prev_hash ffffffffffffffff... does not match" in text
 
 
-def test_audit_verify_reports_a_rehashed_event_that_breaks_the_next_link(tamperable: str) -> None:
-    """An attacker who edits an event and recomputes its hash still breaks the next link."""
-    with schema_context(tamperable):
-        last = AuditEvent.objects.order_by("-seq").values_list("seq", flat=True)[0]
-        victim = AuditEvent.objects.get(seq=last - 1)
-    victim.payload = {"n": "forged"}
-    rehashed = event_hash(schema=tamperable, event=victim, prev_hash=victim.prev_hash)
-    _sql(tamperable, "UPDATE compliance_auditevent SET payload = %s, hash = %s WHERE seq = %s",
-         ['{"n": "forged"}', rehashed, victim.seq])
+def test_audit_verify_reports_an_event_edited_and_rehashed_without_the_key(tamperable: str) -> None:
+    """(a) The attacker edits an event and recomputes plain SHA-256 hashes and links from there to
+    the head, so every link matches: without the signing key the edited event still fails."""
+    edited = _head_seq(tamperable) - 2
+    _sql(tamperable, "UPDATE compliance_auditevent SET payload = %s WHERE seq = %s", ['{"n": "forged"}', edited])
+    _rehash_plain_from(tamperable, edited)
     text = _verify_fails(tamperable)
-    assert f"event seq={last} " in text
-    assert "does not match the previous hash" in text
+    assert f"BROKEN {tamperable}: event seq={edited} " in text
+    assert "intact" not in text
+
+
+def test_audit_verify_reports_a_deleted_event_with_the_rest_renumbered_and_rehashed(tamperable: str) -> None:
+    """(b) The attacker deletes an event, renumbers the later ones to close the gap and
+    recomputes plain hashes: the chain breaks where the deleted event was."""
+    head = _head_seq(tamperable)
+    deleted = head - 2
+    _sql(tamperable, "DELETE FROM compliance_auditevent WHERE seq = %s", [deleted])
+    for seq in range(deleted + 1, head + 1):
+        _sql(tamperable, "UPDATE compliance_auditevent SET seq = %s WHERE seq = %s", [seq - 1, seq])
+    _rehash_plain_from(tamperable, deleted)
+    text = _verify_fails(tamperable)
+    assert f"BROKEN {tamperable}: event seq={deleted} " in text
+
+
+def test_audit_verify_reports_a_whole_chain_rewritten_as_legacy_plain_hashes(tamperable: str) -> None:
+    """Rewriting every event as a pre-keyed (plain) one fails too: the chain's first keyed event
+    signed a checkpoint saying how many plain events open it (none, for this chain)."""
+    _sql(tamperable, "UPDATE compliance_auditevent SET key_id = ''")
+    _rehash_plain_from(tamperable, 1)
+    text = _verify_fails(tamperable)
+    assert f"BROKEN {tamperable}: event seq=1 " in text
+    assert "beyond the 0 legacy event(s)" in text
+
+
+def test_audit_verify_reports_a_plain_event_appended_after_keyed_ones(tamperable: str) -> None:
+    head = _head_seq(tamperable)
+    with schema_context(tamperable):
+        last = AuditEvent.objects.get(seq=head)
+    forged = AuditEvent(seq=head + 1, created_at=last.created_at, actor_type="system", actor_label="forger",
+                        action="test.forged", payload={}, prev_hash=last.hash, key_id="")
+    forged.hash = _plain_hash(tamperable, forged, last.hash)
+    with schema_context(tamperable):
+        forged.save(force_insert=True)
+    text = _verify_fails(tamperable)
+    assert f"event seq={head + 1} " in text
+    assert "plain SHA-256 event after keyed events" in text
+
+
+def test_audit_verify_reports_deleted_newest_events_after_a_checkpoint(tamperable: str) -> None:
+    """(c) Events deleted from the end leave a shorter chain whose links all verify; the signed
+    checkpoint of the head, stored outside the tenant's schema, names the first missing seq."""
+    head = _head_seq(tamperable)
+    call_command("audit_checkpoint", "--schema", tamperable, stdout=io.StringIO(), stderr=io.StringIO())
+    _sql(tamperable, "DELETE FROM compliance_auditevent WHERE seq >= %s", [head - 1])
+    text = _verify_fails(tamperable)
+    assert f"BROKEN {tamperable}: event seq={head - 1} " in text
+    assert f"signed a head at seq {head}" in text
+
+
+def test_audit_verify_reports_a_replaced_head_after_a_checkpoint(tamperable: str) -> None:
+    """The newest event swapped for another with the same seq: its hash is not the one signed."""
+    head = _head_seq(tamperable)
+    call_command("audit_checkpoint", "--schema", tamperable, stdout=io.StringIO(), stderr=io.StringIO())
+    with schema_context(tamperable):
+        original = AuditEvent.objects.get(seq=head)
+    _sql(tamperable, "DELETE FROM compliance_auditevent WHERE seq = %s", [head])
+    # Re-appended through the service with the key (as a compromised writer would): still not
+    # the head the checkpoint signed.
+    audit_event_create(actor=SYSTEM, action="test.replaced", payload={"n": "other"}, schema=tamperable)
+    text = _verify_fails(tamperable)
+    assert f"event seq={head} " in text
+    assert f"differs from the head {original.hash[:16]}" in text
+
+
+def test_audit_verify_reports_a_forged_checkpoint(tamperable: str) -> None:
+    """A checkpoint row inserted or altered without the key has a bad signature: reported, exit 1."""
+    from tenants.models import AuditCheckpoint
+
+    call_command("audit_checkpoint", "--schema", tamperable, stdout=io.StringIO(), stderr=io.StringIO())
+    checkpoint = AuditCheckpoint.objects.filter(schema_name=tamperable).order_by("-seq").first()
+    assert checkpoint is not None
+    # Lower the signed head, as if to hide deleted events.
+    _sql("public", "UPDATE tenants_auditcheckpoint SET seq = 1 WHERE id = %s", [checkpoint.pk])
+    text = _verify_fails(tamperable)
+    assert f"BROKEN {tamperable}: checkpoint id={checkpoint.pk} (seq=1): bad signature" in text
+    forged = AuditCheckpoint.objects.create(schema_name=tamperable, seq=1, hash="0" * 64, legacy_events=0,
+                                            created_at=checkpoint.created_at, key_id=checkpoint.key_id,
+                                            signature="f" * 64)
+    assert f"checkpoint id={forged.pk} (seq=1): bad signature" in _verify_fails(tamperable)
+
+
+def test_audit_verify_reports_truncation_against_exported_checkpoints(tamperable: str, tmp_path: Any) -> None:
+    """Deleting the stored checkpoints too does not hide a truncation from a kept export."""
+    export = tmp_path / "checkpoints.jsonl"
+    head = _head_seq(tamperable)
+    call_command("audit_checkpoint", "--schema", tamperable, "--export", str(export), stdout=io.StringIO(),
+                 stderr=io.StringIO())
+    _sql("public", "DELETE FROM tenants_auditcheckpoint WHERE schema_name = %s", [tamperable])
+    _sql(tamperable, "DELETE FROM compliance_auditevent WHERE seq = %s", [head])
+    assert "intact" in _verify(tamperable)  # nothing in the database tells
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as exited:
+        call_command("audit_verify", "--schema", tamperable, "--checkpoints", str(export), stdout=out)
+    assert exited.value.code == 1
+    assert f"BROKEN {tamperable}: event seq={head} id=-: missing" in out.getvalue()
+
+
+# --- Keys and the transition from plain hashes --------------------------------------------
+
+
+@pytest.fixture
+def empty_chain(tamperable: str) -> str:
+    """Tenant A's schema with its chain and checkpoints gone, to build chains from scratch."""
+    _sql(tamperable, "DELETE FROM compliance_auditevent")
+    _sql("public", "DELETE FROM tenants_auditcheckpoint WHERE schema_name = %s", [tamperable])
+    return tamperable
+
+
+def _legacy_events(schema: str, count: int) -> None:
+    """Events as the code before keyed hashing wrote them: plain SHA-256, no key id."""
+    prev = GENESIS_HASH
+    with schema_context(schema):
+        for seq in range(1, count + 1):
+            event = AuditEvent(seq=seq, created_at=dt.datetime(2025, 1, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=seq),
+                               actor_type="system", actor_label="old", action="test.legacy", payload={"n": seq},
+                               prev_hash=prev, key_id="")
+            event.hash = _plain_hash(schema, event, prev)
+            event.save(force_insert=True)
+            prev = event.hash
+
+
+def test_legacy_plain_events_verify_before_the_first_keyed_one(empty_chain: str) -> None:
+    from tenants.models import AuditCheckpoint
+
+    _legacy_events(empty_chain, 3)
+    assert audit_chain_verify(schema=empty_chain).ok  # an upgraded, not yet checkpointed chain
+    _events(empty_chain, 2)
+    report = audit_chain_verify(schema=empty_chain)
+    assert report.ok and report.events == 5 and report.legacy_events == 3
+    # The first keyed event signed a checkpoint that fixes the legacy prefix at 3 events.
+    genesis = AuditCheckpoint.objects.get(schema_name=empty_chain)
+    assert (genesis.seq, genesis.legacy_events) == (4, 3)
+    assert "3 legacy plain-hash event(s)" in _verify(empty_chain)
+
+
+def test_keyed_events_rewritten_as_plain_after_a_legacy_prefix_are_reported(empty_chain: str) -> None:
+    _legacy_events(empty_chain, 3)
+    _events(empty_chain, 2)
+    _sql(empty_chain, "UPDATE compliance_auditevent SET key_id = '', payload = '{\"n\": \"forged\"}' WHERE seq = 5")
+    _rehash_plain_from(empty_chain, 5)
+    assert "event seq=5 " in _verify_fails(empty_chain)
+    _sql(empty_chain, "UPDATE compliance_auditevent SET key_id = '' WHERE seq = 4")
+    _rehash_plain_from(empty_chain, 4)
+    text = _verify_fails(empty_chain)
+    assert "event seq=4 " in text and "beyond the 3 legacy event(s)" in text
+
+
+def test_a_key_rotation_keeps_old_events_verifiable(empty_chain: str, settings: Any) -> None:
+    from compliance.signing import key_id_of
+
+    old, new = "old-audit-key-" + "o" * 32, "new-audit-key-" + "n" * 32
+    settings.AUDIT_SIGNING_KEYS = [old]
+    first = _events(empty_chain, 2)
+    settings.AUDIT_SIGNING_KEYS = [new, old]
+    second = _events(empty_chain, 2)
+    assert {e.key_id for e in first} == {key_id_of(old.encode())}
+    assert {e.key_id for e in second} == {key_id_of(new.encode())}
+    assert old not in str(first[0].__dict__) and new not in str(second[0].__dict__)
+    assert audit_chain_verify(schema=empty_chain).ok
+    # Dropping the old key makes its events (and the checkpoint it signed) unverifiable.
+    settings.AUDIT_SIGNING_KEYS = [new]
+    text = _verify_fails(empty_chain)
+    assert f"event seq=1 id={first[0].pk}: signed with key id {first[0].key_id!r}" in text
+    assert "checkpoint id=" in text
+
+
+def test_events_signed_with_another_key_do_not_verify(world: World, settings: Any) -> None:
+    """Someone with the database but another key (e.g. a development copy) cannot extend it."""
+    schema = world.tenant_a.schema_name
+    settings.AUDIT_SIGNING_KEYS = ["attacker-key-" + "a" * 32]
+    _events(schema, 1)
+    settings.AUDIT_SIGNING_KEYS = []
+    assert "not in AUDIT_SIGNING_KEYS" in _verify_fails(schema)
 
 
 # --- Concurrency --------------------------------------------------------------------------
@@ -355,7 +562,7 @@ def test_it_normalizes_payload_values_so_the_chain_still_verifies(world: World) 
         "nothing": None,
     }
     assert stored.payload == event.payload
-    assert event_hash(schema=schema, event=stored, prev_hash=stored.prev_hash) == stored.hash
+    assert event_hash(schema=schema, event=stored, prev_hash=stored.prev_hash, key=_key(stored)) == stored.hash
     assert audit_chain_verify(schema=schema).ok
 
 
@@ -373,11 +580,11 @@ def test_an_events_schema_is_part_of_its_hash(world: World) -> None:
     a, b = world.tenant_a.schema_name, world.tenant_b.schema_name
     with schema_context(a):
         first = AuditEvent.objects.get(seq=1)
-    assert event_hash(schema=a, event=first, prev_hash=GENESIS_HASH) == first.hash
-    assert event_hash(schema=b, event=first, prev_hash=GENESIS_HASH) != first.hash
+    assert event_hash(schema=a, event=first, prev_hash=GENESIS_HASH, key=_key(first)) == first.hash
+    assert event_hash(schema=b, event=first, prev_hash=GENESIS_HASH, key=_key(first)) != first.hash
     # The same row, offered as the first event of tenant B's chain, does not verify there.
-    assert verify_events(a, iter([first])).ok
-    copied = verify_events(b, iter([first]))
+    assert verify_events(a, iter([first]), keyring=keyring()).ok
+    copied = verify_events(b, iter([first]), keyring=keyring())
     assert copied.broken is not None and "content changed" in copied.broken.reason
 
 
@@ -391,7 +598,7 @@ def test_an_event_copied_into_another_tenants_table_does_not_verify(world: World
     source = _events(a, 1)[0]
     fields = {f.attname: getattr(source, f.attname) for f in AuditEvent._meta.concrete_fields if f.attname != "id"}
     fields.update(seq=head.seq + 1, prev_hash=head.hash)
-    fields["hash"] = event_hash(schema=a, event=AuditEvent(**fields), prev_hash=head.hash)
+    fields["hash"] = event_hash(schema=a, event=AuditEvent(**fields), prev_hash=head.hash, key=_key(source))
     with schema_context(b):
         AuditEvent.objects.create(**fields)
     report = audit_chain_verify(schema=b)
