@@ -177,8 +177,9 @@ def api_keys_fit_to_role(*, actor: Principal, user: User, tenant: Tenant | None,
     left alone.
     """
     granted = permissions_for_role(role) if role is not None else frozenset()
-    keys = ApiKey.objects.select_for_update().select_related("tenant").filter(acting_user=user,
-                                                                               revoked_at__isnull=True)
+    # of=self: lock the keys, not the tenant rows joined in for their schema names.
+    keys = (ApiKey.objects.select_for_update(of=("self",)).select_related("tenant")
+            .filter(acting_user=user, revoked_at__isnull=True))
     if tenant is not None:
         keys = keys.filter(tenant=tenant)
     now = timezone.now()
