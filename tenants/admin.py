@@ -30,7 +30,7 @@ from config.crypto import secret_encrypt
 from config.errors import DomainError
 from tenants.models import ApiKey, Domain, EgressAllowRule, Membership, ModelEndpoint, Plan, Tenant, User
 from tenants.principal import Principal
-from tenants.services.keys import api_key_revoke
+from tenants.services.keys import api_key_revoke, api_keys_fit_to_role
 from tenants.services.provisioning import (
     schema_name_for,
     slug_validate,
@@ -299,6 +299,9 @@ class UserAdmin(DjangoUserAdmin):
         audit_event_create(actor=_staff(request), action=f"user.{'changed' if change else 'created'}",
                            target_type="user", target_id=obj.pk, payload={"email": obj.email, **_changes(form)},
                            schema="public")
+        if not obj.is_active:
+            # A deactivated account's keys die in every tenant (issue #28).
+            api_keys_fit_to_role(actor=_staff(request), user=obj, tenant=None, role=None, reason="user_deactivated")
 
     def delete_model(self, request: HttpRequest, obj: User) -> None:
         pk, email = obj.pk, obj.email
@@ -340,12 +343,16 @@ class MembershipAdmin(AuditedAdmin):
         audit_event_create(actor=_staff(request), action=f"member.{'role_changed' if change else 'added'}_by_staff",
                            target_type="membership", target_id=obj.pk,
                            payload={"email": obj.user.email, "role": obj.role}, schema=obj.tenant.schema_name)
+        api_keys_fit_to_role(actor=_staff(request), user=obj.user, tenant=obj.tenant, role=obj.role,
+                             reason="role_changed")
 
     def delete_model(self, request: HttpRequest, obj: Membership) -> None:
         schema, pk, email = obj.tenant.schema_name, obj.pk, obj.user.email
         super().delete_model(request, obj)
         audit_event_create(actor=_staff(request), action="member.removed_by_staff", target_type="membership",
                            target_id=pk, payload={"email": email}, schema=schema)
+        api_keys_fit_to_role(actor=_staff(request), user=obj.user, tenant=obj.tenant, role=None,
+                             reason="member_removed")
 
 
 @admin.register(ApiKey)
@@ -353,8 +360,8 @@ class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ("prefix", "name", "tenant", "state", "created_at", "last_used_at", "expires_at")
     list_filter = ("tenant",)
     search_fields = ("key_id", "name", "tenant__slug")
-    list_select_related = ("tenant", "created_by")
-    readonly_fields = ("tenant", "name", "key_id", "scopes", "created_by", "created_at", "expires_at",
+    list_select_related = ("tenant", "created_by", "acting_user")
+    readonly_fields = ("tenant", "name", "key_id", "scopes", "created_by", "acting_user", "created_at", "expires_at",
                        "last_used_at", "revoked_at")
     exclude = ("secret_hash",)
     actions = ("revoke_selected",)

@@ -15,7 +15,6 @@ from tenants.schemas import (
     ApiKeyIn,
     ApiKeyOut,
     ApiKeyPage,
-    InvitationCreated,
     InvitationIn,
     InvitationOut,
     InvitationPage,
@@ -49,6 +48,7 @@ def invitation_out(i: Invitation) -> dict[str, Any]:
 def api_key_out(k: ApiKey) -> dict[str, Any]:
     return {"id": k.pk, "key_id": k.key_id, "name": k.name, "prefix": k.prefix, "scopes": k.scopes,
             "state": k.state, "created_by": k.created_by.email if k.created_by else None,
+            "acting_user": k.acting_user.email,
             "created_at": k.created_at, "expires_at": k.expires_at, "last_used_at": k.last_used_at,
             "revoked_at": k.revoked_at}
 
@@ -75,13 +75,15 @@ def invitation_list(request: HttpRequest, page: Query[PageParams]) -> dict[str, 
     return {"items": [invitation_out(i) for i in rows], "next_cursor": cursor}
 
 
-@router.post("/members/invitations", response={201: InvitationCreated}, tags=["members"],
+@router.post("/members/invitations", response={201: InvitationOut}, tags=["members"],
              summary="Invite someone by e-mail")
 def invitation_create(request: HttpRequest, payload: InvitationIn) -> Status[dict[str, Any]]:
+    """The link goes only to the invitee by e-mail: an API caller never sees it (a key that could
+    accept its own invitation would leave behind a login that outlives the key)."""
     issued = member_services.invitation_create(
         principal=principal_of(request), tenant=request.tenant, email=payload.email, role=payload.role  # type: ignore[attr-defined]
     )
-    return Status(201, {**invitation_out(issued.invitation), "accept_url": issued.accept_url()})
+    return Status(201, invitation_out(issued.invitation))
 
 
 @router.delete("/members/invitations/{invitation_id}", response=InvitationOut, tags=["members"],

@@ -213,10 +213,13 @@ class Invitation(models.Model):
 
 
 class ApiKey(models.Model):
-    """A credential for programs, bound to one tenant and a set of scopes.
+    """A credential for programs, bound to one tenant and a set of scopes, acting for one person.
 
     The secret is ``<prefix>_<key_id>_<random>``; it is shown once and only its SHA-256 is kept.
     ``key_id`` is public (shown in lists, used to find the row); the random part is 256 bits.
+    ``acting_user`` is the member the key acts for (its creator, or the creating key's person):
+    the key never holds more than that member's current role allows and dies with their access
+    (``tenants.services.keys``). ``created_by`` is null when a key or the system minted it.
     """
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
@@ -225,6 +228,9 @@ class ApiKey(models.Model):
     secret_hash = models.CharField(max_length=64)
     scopes = ArrayField(models.CharField(max_length=40), default=list)
     created_by = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # CASCADE: a key cannot outlive the account of the person it acts for.
+    acting_user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="acting_api_keys",
+                                    help_text="The member this key acts for; it never holds more than their role.")
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)

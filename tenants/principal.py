@@ -45,12 +45,26 @@ class Principal:
         )
 
     @classmethod
-    def for_api_key(cls, key: ApiKey) -> Principal:
-        """A program authenticated by ``key``; it holds exactly the key's scopes."""
+    def for_api_key(cls, key: ApiKey, *, role: str | None = None) -> Principal:
+        """A program authenticated by ``key``.
+
+        It holds the key's scopes that the role of the key's person (``key.acting_user``) in
+        the key's tenant grants today, ``role``: given, else the ``acting_role`` that
+        ``api_key_authenticate`` annotated, else read from the membership. Without a
+        membership it holds nothing. ``role`` stays ``None`` on the principal: a key never
+        acts with a member's role-assignment rights (``tenants.services.members``).
+        """
+        if role is None:
+            role = getattr(key, "acting_role", None)
+        if role is None:
+            from tenants.models import Membership
+
+            role = (Membership.objects.filter(user_id=key.acting_user_id, tenant_id=key.tenant_id)
+                    .values_list("role", flat=True).first())
         return cls(
             kind="api_key",
             tenant=key.tenant,
-            permissions=frozenset(key.scopes),
+            permissions=frozenset(key.scopes) & permissions_for_role(role or ""),
             api_key=key,
             label=key.prefix,
         )
@@ -73,6 +87,16 @@ class Principal:
         if self.api_key is not None:
             return self.api_key.key_id
         return self.label
+
+    @property
+    def person(self) -> User | None:
+        """The human this principal acts for: the member or staff user, an API key's
+        ``acting_user``, or ``None`` for the system."""
+        if self.user is not None:
+            return self.user
+        if self.api_key is not None:
+            return self.api_key.acting_user
+        return None
 
     def can(self, permission: str) -> bool:
         """True when this principal holds ``permission`` (the system holds every one)."""

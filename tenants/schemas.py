@@ -26,7 +26,8 @@ class MeOut(Schema):
     tenant: TenantOut
     principal: PrincipalOut
     role: str | None = Field(description="The member's role; null for API keys")
-    permissions: list[str] = Field(description="The role's permissions or the key's scopes")
+    permissions: list[str] = Field(
+        description="The role's permissions, or the key's scopes that its person's role grants today")
 
 
 class MemberOut(Schema):
@@ -62,10 +63,6 @@ class InvitationOut(Schema):
     expires_at: dt.datetime
 
 
-class InvitationCreated(InvitationOut):
-    accept_url: str = Field(description="The link e-mailed to the invitee; shown once")
-
-
 class InvitationPage(Schema):
     items: list[InvitationOut]
     next_cursor: str | None
@@ -84,7 +81,8 @@ class ApiKeyOut(Schema):
     prefix: str
     scopes: list[str]
     state: str
-    created_by: str | None
+    created_by: str | None = Field(description="Who made the key; null when a key or the system did")
+    acting_user: str = Field(description="The member the key acts for: it never holds more than their role")
     created_at: dt.datetime
     expires_at: dt.datetime | None
     last_used_at: dt.datetime | None

@@ -50,10 +50,10 @@ def invitation_get(*, principal: Principal, tenant: Tenant, invitation_id: int) 
 
 
 def api_key_list(*, principal: Principal, tenant: Tenant, include_revoked: bool = True) -> QuerySet[ApiKey]:
-    """API keys of ``tenant`` with their creator, newest first. Raises ``Forbidden`` without
-    ``keys:read``."""
+    """API keys of ``tenant`` with their creator and person, newest first. Raises ``Forbidden``
+    without ``keys:read``."""
     principal.require("keys:read")
-    keys = ApiKey.objects.filter(tenant=tenant).select_related("created_by", "tenant")
+    keys = ApiKey.objects.filter(tenant=tenant).select_related("created_by", "acting_user", "tenant")
     if not include_revoked:
         keys = keys.filter(revoked_at__isnull=True)
     return keys.order_by("-id")

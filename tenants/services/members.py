@@ -1,7 +1,10 @@
 """Members and invitations of a tenant.
 
 Rules: only holders of ``members:write`` (owners and admins) change membership; admins cannot
-touch owners nor make anyone an owner; a tenant always keeps at least one owner.
+touch owners nor make anyone an owner; a tenant always keeps at least one owner. A member's API
+keys follow their access: a new role clips them, removal revokes them
+(``tenants.services.keys.api_keys_fit_to_role``). An invitation's secret link goes only to the
+invitee's mailbox; the services return it for the console's signed-in member alone.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from config.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from tenants.models import Invitation, Membership, Tenant, User
 from tenants.principal import Principal
 from tenants.roles import Role, roles_assignable_by
+from tenants.services.keys import api_keys_fit_to_role
 
 logger = structlog.get_logger(__name__)
 
@@ -73,6 +77,9 @@ def _port_suffix() -> str:
 def invitation_create(*, principal: Principal, tenant: Tenant, email: str, role: str) -> IssuedInvitation:
     """Invite ``email`` to ``tenant`` with ``role`` and e-mail the link; return it with its token.
 
+    The token is for the e-mail and a signed-in member's console only: API answers never carry
+    it, or a key could accept its own invitation and leave a login behind that outlives it.
+
     Re-inviting an address with an open invitation replaces that invitation (the old link stops
     working). Raises ``Forbidden`` without ``members:write`` or when the role is beyond the
     inviter's (only owners invite owners), ``ValidationFailed`` for a bad address or role,
@@ -98,7 +105,7 @@ def invitation_create(*, principal: Principal, tenant: Tenant, email: str, role:
     token = secrets.token_urlsafe(32)
     invitation = Invitation.objects.create(
         tenant=tenant, email=email, role=role, token_hash=_token_hash(token),
-        invited_by=principal.user, expires_at=now + INVITATION_TTL,
+        invited_by=principal.person, expires_at=now + INVITATION_TTL,
     )
     issued = IssuedInvitation(invitation=invitation, token=token)
     audit_event_create(actor=principal, action="member.invited", target_type="invitation",
@@ -197,7 +204,8 @@ def invitation_revoke(*, principal: Principal, invitation: Invitation) -> Invita
 
 @transaction.atomic
 def membership_role_change(*, principal: Principal, membership: Membership, role: str) -> Membership:
-    """Give ``membership`` a new role.
+    """Give ``membership`` a new role and narrow the member's API keys to it (revoking those
+    left with no scope).
 
     Raises ``Forbidden`` without ``members:write``, when an admin touches an owner or grants
     ownership, and ``Conflict`` when it would leave the tenant without an owner.
@@ -224,6 +232,8 @@ def membership_role_change(*, principal: Principal, membership: Membership, role
                        target_id=membership.pk,
                        payload={"email": membership.user.email, "from": previous, "to": role},
                        schema=membership.tenant.schema_name)
+    api_keys_fit_to_role(actor=principal, user=membership.user, tenant=membership.tenant, role=role,
+                         reason="role_changed")
     return membership
 
 
@@ -245,9 +255,10 @@ def membership_remove(*, principal: Principal, membership: Membership) -> None:
     tenant = membership.tenant
     user = membership.user
     membership_id = membership.pk
-    revoked = tenant.api_keys.filter(created_by=user, revoked_at__isnull=True).update(revoked_at=timezone.now())
     membership.delete()
+    # Every key acting for them (keys their keys minted included) dies, each with its own event.
+    fitted = api_keys_fit_to_role(actor=principal, user=user, tenant=tenant, role=None, reason="member_removed")
     audit_event_create(actor=principal, action="member.removed", target_type="membership",
                        target_id=membership_id,
-                       payload={"email": user.email, "role": membership.role, "api_keys_revoked": revoked},
+                       payload={"email": user.email, "role": membership.role, "api_keys_revoked": fitted.revoked},
                        schema=tenant.schema_name)

@@ -9,6 +9,7 @@ from django.core import mail
 from django.core.checks import run_checks
 from django.test import Client, override_settings
 from django_otp.plugins.otp_totp.models import TOTPDevice
+from django_tenants.utils import schema_context
 
 from compliance.models import AuditEvent
 from tenants.models import Tenant, User
@@ -120,3 +121,55 @@ def test_staff_sign_in_with_password_and_totp_then_reach_the_admin(world: World)
 def test_a_signed_in_member_gets_403_not_a_loop_from_the_admin_login(world: World) -> None:
     client = host_client("localhost", world.user("viewer"))
     assert client.get("/admin/login/").status_code == 403
+
+
+def _operator_key(world: World, scopes: list[str]):  # type: ignore[no-untyped-def]
+    from tenants.models import Membership
+    from tenants.principal import Principal
+    from tenants.services.keys import api_key_create
+
+    operator = Membership.objects.get(user=world.user("operator"), tenant=world.tenant_a)
+    return api_key_create(principal=Principal.for_member(operator), tenant=world.tenant_a, name="op",
+                          scopes=scopes).key
+
+
+def test_staff_role_changes_and_removals_follow_through_to_the_members_keys(world: World) -> None:
+    from tenants.models import ApiKey, Membership
+
+    key = _operator_key(world, ["kb:read", "kb:write"])
+    client = verified_staff_client(world)
+    membership = Membership.objects.get(user=world.user("operator"), tenant=world.tenant_a)
+    url = f"/admin/tenants/membership/{membership.pk}/change/"
+    form = client.get(url).context["adminform"].form
+    data = {name: form[name].value() for name in form.fields}
+    data.update({"role": "viewer", "created_at_0": membership.created_at.date().isoformat(),
+                 "created_at_1": membership.created_at.time().strftime("%H:%M:%S"), "invited_by": ""})
+    data.pop("created_at", None)
+    assert client.post(url, data).status_code == 302
+    assert Membership.objects.get(pk=membership.pk).role == "viewer"
+    assert ApiKey.objects.get(pk=key.pk).scopes == ["kb:read"]
+
+    assert client.post(f"/admin/tenants/membership/{membership.pk}/delete/", {"post": "yes"}).status_code == 302
+    assert ApiKey.objects.get(pk=key.pk).revoked_at is not None
+    with schema_context(world.tenant_a.schema_name):
+        reasons = list(AuditEvent.objects.filter(target_id=key.key_id).values_list("action", "payload__reason"))
+    assert ("api_key.scopes_clipped", "role_changed") in reasons and ("api_key.revoked", "member_removed") in reasons
+
+
+def test_staff_deactivating_an_account_revokes_its_keys(world: World) -> None:
+    from tenants.models import ApiKey
+
+    key = _operator_key(world, ["tenant:read"])
+    operator = world.user("operator")
+    client = verified_staff_client(world)
+    url = f"/admin/tenants/user/{operator.pk}/change/"
+    form = client.get(url).context["adminform"].form
+    data = {name: form[name].value() for name in form.fields if name not in ("password", "last_login", "date_joined")}
+    data.update({"is_active": "", "is_staff": "", "is_superuser": "", "name": operator.name,
+                 "memberships-TOTAL_FORMS": "1", "memberships-INITIAL_FORMS": "1",
+                 "memberships-MIN_NUM_FORMS": "0", "memberships-MAX_NUM_FORMS": "1000",
+                 "memberships-0-id": str(operator.memberships.get().pk), "memberships-0-user": str(operator.pk)})
+    response = client.post(url, data)
+    assert response.status_code == 302
+    assert not User.objects.get(pk=operator.pk).is_active
+    assert ApiKey.objects.get(pk=key.pk).revoked_at is not None

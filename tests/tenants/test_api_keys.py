@@ -13,7 +13,8 @@ from django.utils import timezone
 from django_tenants.utils import schema_context
 
 from compliance.models import AuditEvent
-from tenants.models import ApiKey, Membership
+from config.errors import Forbidden, ValidationFailed
+from tenants.models import ApiKey, Membership, User
 from tenants.principal import Principal
 from tenants.services.keys import api_key_create
 from tests.conftest import HOST_A, HOST_B, World, api_client, host_client
@@ -238,6 +239,8 @@ def test_the_command_prints_a_working_secret(world: World) -> None:
     assert "shown once" in err.getvalue()
     me = api_client(HOST_A, secret).get("/api/v1/me").json()
     assert me["permissions"] == ["audit:read", "tenant:read"]
+    # Without --user the key acts for the tenant's first owner.
+    assert ApiKey.objects.get(key_id=secret.split("_")[1]).acting_user == world.user("owner")
 
 
 def test_the_command_rejects_unknown_tenants_and_scopes(world: World) -> None:
@@ -245,3 +248,160 @@ def test_the_command_rejects_unknown_tenants_and_scopes(world: World) -> None:
         call_command("apikey_create", "--tenant", "nope", "--name", "cli")
     with pytest.raises(CommandError, match="Unknown scopes"):
         call_command("apikey_create", "--tenant", "acme", "--name", "cli", "--scopes", "root")
+
+
+# A key acts for a person: it never holds more than that person's role allows today, and it dies
+# when the person leaves (issue #28, section 3).
+
+
+def _member_principal(world: World, persona: str) -> Principal:
+    return Principal.for_member(Membership.objects.get(user=world.user(persona), tenant=world.tenant_a))
+
+
+def _new_collection(client, name: str = "Runbooks"):  # type: ignore[no-untyped-def]
+    return client.post("/api/v1/knowledge/collections", {"name": name}, content_type="application/json")
+
+
+def _key_events(world: World, key: ApiKey) -> list[AuditEvent]:
+    with schema_context(world.tenant_a.schema_name):
+        return list(AuditEvent.objects.filter(target_type="api_key", target_id=key.key_id).order_by("seq"))
+
+
+def test_a_demoted_operators_kb_write_key_stops_writing(world: World) -> None:
+    operator = Membership.objects.get(user=world.user("operator"), tenant=world.tenant_a)
+    issued = api_key_create(principal=_member_principal(world, "operator"), tenant=world.tenant_a,
+                            name="ingest bot", scopes=["kb:read", "kb:write", "tenant:read"])
+    key_client = api_client(HOST_A, issued.secret)
+    assert _new_collection(key_client, "Before").status_code == 201
+
+    demoted = host_client(HOST_A, world.user("owner")).patch(
+        f"/api/v1/members/{operator.pk}", {"role": "viewer"}, content_type="application/json")
+    assert demoted.status_code == 200
+
+    refused = _new_collection(key_client, "After")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "permission_denied"
+    key = ApiKey.objects.get(pk=issued.key.pk)
+    assert key.scopes == ["kb:read", "tenant:read"] and key.revoked_at is None
+    assert key_client.get("/api/v1/me").json()["permissions"] == ["kb:read", "tenant:read"]
+    clipped = [e for e in _key_events(world, key) if e.action == "api_key.scopes_clipped"]
+    assert len(clipped) == 1
+    assert clipped[0].payload["removed"] == ["kb:write"] and clipped[0].payload["reason"] == "role_changed"
+
+
+def test_a_role_change_that_leaves_a_key_no_scope_revokes_it(world: World) -> None:
+    operator = Membership.objects.get(user=world.user("operator"), tenant=world.tenant_a)
+    issued = api_key_create(principal=_member_principal(world, "operator"), tenant=world.tenant_a,
+                            name="writer", scopes=["agents:write", "kb:write"])
+    keeps = api_key_create(principal=_member_principal(world, "operator"), tenant=world.tenant_a,
+                           name="reader", scopes=["kb:read"])
+    response = host_client(HOST_A, world.user("owner")).patch(
+        f"/api/v1/members/{operator.pk}", {"role": "viewer"}, content_type="application/json")
+    assert response.status_code == 200
+    refused = api_client(HOST_A, issued.secret).get("/api/v1/knowledge/collections")
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "revoked_api_key"
+    assert ApiKey.objects.get(pk=keeps.key.pk).scopes == ["kb:read"]
+    revoked = [e for e in _key_events(world, issued.key) if e.action == "api_key.revoked"]
+    assert len(revoked) == 1 and revoked[0].payload["reason"] == "role_changed"
+    assert not [e for e in _key_events(world, keeps.key) if e.action != "api_key.created"]
+
+
+def test_a_key_minted_by_a_key_acts_for_the_same_human_and_dies_with_them(world: World) -> None:
+    operator = Membership.objects.get(user=world.user("operator"), tenant=world.tenant_a)
+    parent = api_key_create(principal=_member_principal(world, "operator"), tenant=world.tenant_a,
+                            name="parent", scopes=["keys:write", "tenant:read"])
+    minted = _create(api_client(HOST_A, parent.secret), name="child", scopes=["tenant:read"])
+    assert minted.status_code == 201, minted.content
+    child = ApiKey.objects.get(pk=minted.json()["id"])
+    assert child.created_by is None
+    assert api_client(HOST_A, minted.json()["secret"]).get("/api/v1/me").status_code == 200
+
+    removed = host_client(HOST_A, world.user("owner")).delete(f"/api/v1/members/{operator.pk}")
+    assert removed.status_code == 204
+    for secret in (parent.secret, minted.json()["secret"]):
+        response = api_client(HOST_A, secret).get("/api/v1/me")
+        assert response.status_code == 401 and response.json()["error"]["code"] == "revoked_api_key"
+    assert minted.json()["acting_user"] == "operator@acme.test"
+    assert ApiKey.objects.get(pk=child.pk).acting_user == world.user("operator")
+    for key in (parent.key, child):
+        events = [e for e in _key_events(world, key) if e.action == "api_key.revoked"]
+        assert len(events) == 1 and events[0].payload["reason"] == "member_removed"
+
+
+def test_a_key_never_holds_more_than_its_humans_current_role(world: World) -> None:
+    # Defense in depth: a role changed past the services (e.g. in SQL) still narrows the key at once.
+    issued = api_key_create(principal=_member_principal(world, "operator"), tenant=world.tenant_a,
+                            name="wide", scopes=["kb:read", "kb:write", "tenant:read"])
+    Membership.objects.filter(user=world.user("operator"), tenant=world.tenant_a).update(role="viewer")
+    client = api_client(HOST_A, issued.secret)
+    assert client.get("/api/v1/me").json()["permissions"] == ["kb:read", "tenant:read"]
+    assert _new_collection(client).status_code == 403
+
+
+@pytest.mark.parametrize("how", ["membership_deleted", "user_deactivated"])
+def test_a_key_whose_human_has_no_access_is_refused(world: World, how: str) -> None:
+    issued = api_key_create(principal=_member_principal(world, "operator"), tenant=world.tenant_a,
+                            name="orphan", scopes=["tenant:read"])
+    if how == "membership_deleted":
+        Membership.objects.filter(user=world.user("operator"), tenant=world.tenant_a).delete()
+    else:
+        User.objects.filter(pk=world.user("operator").pk).update(is_active=False)
+    response = api_client(HOST_A, issued.secret).get("/api/v1/me")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "orphaned_api_key"
+
+
+def test_every_key_records_the_human_it_acts_for(world: World, api_a) -> None:  # type: ignore[no-untyped-def]
+    operator = host_client(HOST_A, world.user("operator"))
+    assert _create(operator).json()["acting_user"] == "operator@acme.test"
+    system = api_key_create(principal=Principal.system("t", tenant=world.tenant_a), tenant=world.tenant_a,
+                            name="sys", scopes=["tenant:read"])
+    # Without a named person, a system-minted key acts for the tenant's first owner.
+    assert system.key.acting_user == world.user("owner")
+    listed = {k["name"]: k["acting_user"] for k in api_a.get("/api/v1/api-keys?limit=200").json()["items"]}
+    assert listed["sys"] == "owner@acme.test" and listed["ci"] == "operator@acme.test"
+
+
+def test_the_system_cannot_mint_a_key_beyond_the_named_humans_role(world: World) -> None:
+    with pytest.raises(Forbidden):
+        api_key_create(principal=Principal.system("t", tenant=world.tenant_a), tenant=world.tenant_a,
+                       name="x", scopes=["members:write"], acting_user=world.user("viewer"))
+    with pytest.raises(ValidationFailed):
+        api_key_create(principal=Principal.system("t", tenant=world.tenant_a), tenant=world.tenant_a,
+                       name="x", scopes=["tenant:read"], acting_user=world.user("outsider"))
+
+
+def test_the_command_names_the_human_the_key_acts_for(world: World) -> None:
+    out = io.StringIO()
+    call_command("apikey_create", "--tenant", "acme", "--name", "for op", "--scopes", "kb:read",
+                 "--user", "OPERATOR@acme.test", stdout=out, stderr=io.StringIO())
+    key = ApiKey.objects.get(key_id=out.getvalue().strip().split("_")[1])
+    assert key.acting_user == world.user("operator")
+    with pytest.raises(CommandError, match="cannot grant"):
+        call_command("apikey_create", "--tenant", "acme", "--name", "x", "--scopes", "members:write",
+                     "--user", "viewer@acme.test", stderr=io.StringIO())
+    with pytest.raises(CommandError, match="not a member"):
+        call_command("apikey_create", "--tenant", "acme", "--name", "x", "--user", "outsider@globex.test",
+                     stderr=io.StringIO())
+
+
+def test_the_migration_gives_existing_keys_their_creator_or_the_first_owner(world: World) -> None:
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    before = [("tenants", "0004_egress_allow_rules")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    old = executor.loader.project_state(before).apps.get_model("tenants", "ApiKey")
+    made = {}
+    for name, tenant, creator in (("by operator", world.tenant_a, world.user("operator")),
+                                  ("by a key", world.tenant_a, None), ("globex", world.tenant_b, None)):
+        made[name] = old.objects.create(tenant_id=tenant.pk, name=name, key_id=f"mig{len(made):09d}",
+                                        secret_hash="0" * 64, scopes=["tenant:read"],
+                                        created_by_id=creator.pk if creator else None).pk
+    with connection.cursor() as cursor:  # as a real deployment would: no checks pending before migrating
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    executor = MigrationExecutor(connection)
+    executor.migrate(executor.loader.graph.leaf_nodes("tenants"))
+    acting = {name: ApiKey.objects.get(pk=pk).acting_user for name, pk in made.items()}
+    assert acting == {"by operator": world.user("operator"), "by a key": world.user("owner"),
+                      "globex": world.user("outsider")}

@@ -110,7 +110,7 @@ class Command(BaseCommand):
             api_key_authenticate(raw_key=api_key, tenant=tenant)
         except NotAuthenticated:
             api_key = api_key_create(principal=Principal.system("demo_seed", tenant=tenant), tenant=tenant,
-                                     name="demo key", scopes=list(PERMISSIONS)).secret
+                                     name="demo key", scopes=list(PERMISSIONS), acting_user=owner).secret
             _write_private(key_path, api_key + "\n")
 
         port = f":{settings.PUBLIC_PORT}" if settings.PUBLIC_PORT else ""
