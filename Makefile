@@ -54,11 +54,12 @@ migrate: install
 seed: migrate
 	$(PY) manage.py demo_seed
 
-bench: install ## Benchmarks: print figures, assert nothing (about 30 minutes)
+bench: install ## Benchmarks: print figures, assert nothing (about 40 minutes)
 	$(PY) tests/bench/bench_tenants.py
 	$(PY) tests/bench/bench_retrieval.py
 	$(PY) tests/bench/bench_hnsw.py
 	$(PY) tests/bench/bench_chat.py
+	$(PY) tests/bench/bench_load.py --baseline
 
 lint: install
 	.venv/bin/ruff check .

@@ -30,6 +30,7 @@ from django_tenants.utils import schema_context
 
 from agents.models import Turn
 from agents.runtime import events
+from config.db import connection_release
 
 logger = structlog.get_logger(__name__)
 
@@ -41,6 +42,15 @@ _ONCE = frozenset({"turn.queued", "turn.started", "citations"})
 
 def _snapshot_sync(schema: str, turn_id: int) -> list[dict[str, Any]]:
     """Events that describe turn ``turn_id`` as the database and Redis have it now."""
+    try:
+        return _snapshot_read(schema, turn_id)
+    finally:
+        # A stream waits seconds between reads: its connection (the view's too, on this same
+        # thread) goes back to the pool meanwhile, or 100 open streams would hold 100 of them.
+        connection_release()
+
+
+def _snapshot_read(schema: str, turn_id: int) -> list[dict[str, Any]]:
     with schema_context(schema):
         turn = Turn.objects.select_related("assistant_message").filter(pk=turn_id).first()
         if turn is None:

@@ -29,6 +29,7 @@ from ninja.errors import AuthenticationError, HttpError, Throttled
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.security import APIKeyCookie, HttpBearer
 
+from config.db import database_unavailable, database_unavailable_response
 from config.errors import DomainError, Forbidden, NotAuthenticated, ValidationFailed
 from tenants.middleware import otp_verified, two_factor_required
 from tenants.models import Membership
@@ -176,6 +177,8 @@ def _too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
 
 @api.exception_handler(Exception)
 def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
+    if database_unavailable(exc):  # no connection free in time: 503 with Retry-After, not a crash
+        return database_unavailable_response(request)
     logger.exception("api_unhandled_exception", path=request.path)
     return error_response(request, status=500, message="Internal error. Quote the request id when reporting it.")
 

@@ -1,17 +1,26 @@
-"""Cross-cutting HTTP middleware: request ids, liveness/readiness/metrics probes, body limits."""
+"""Cross-cutting HTTP middleware: request ids, liveness/readiness/metrics probes, database
+availability (503), body limits."""
 
 from __future__ import annotations
 
 import re
+import sys
 import uuid
 from collections.abc import Callable
+from typing import Any
 
+import structlog
 from django.conf import settings
 from django.contrib import messages
+from django.core.signals import got_request_exception
+from django.db import DatabaseError, connection
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.utils.http import url_has_allowed_host_and_scheme
 
+from config.db import database_unavailable, database_unavailable_response
 from config.probes import liveness, metrics, readiness
+
+logger = structlog.get_logger(__name__)
 
 # A client-supplied X-Request-ID is kept only if it is short and plain, so it cannot be used
 # to inject text into logs or headers.
@@ -56,6 +65,56 @@ class ProbeMiddleware:
         if handler is not None and request.method in {"GET", "HEAD"}:
             return handler(request)
         return self.get_response(request)
+
+
+class DatabaseAvailabilityMiddleware:
+    """Answer 503 with ``Retry-After`` (``config.db.database_unavailable_response``) when the
+    request cannot get a database connection in time, instead of a 500 with a traceback.
+
+    The connection is taken here, before tenant routing (the first middleware that queries), so
+    a dry pool or a server refusing clients is met at one place; the request then keeps it until
+    Django returns it at the end. Later failures to connect (after code handed the connection
+    back, ``config.db.connection_release``) are caught too: from views (``process_exception``),
+    and from other middleware, which Django turns into a 500 response that is replaced here
+    (``got_request_exception`` marks the request). Probes are answered before this runs.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        try:
+            connection.ensure_connection()
+        except DatabaseError as exc:
+            if not database_unavailable(exc):
+                raise
+            return self._unavailable(request, exc)
+        response = self.get_response(request)
+        failure = getattr(request, "_database_unavailable", None)
+        if response.status_code == 500 and failure is not None:
+            return self._unavailable(request, failure)
+        return response
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if database_unavailable(exception):
+            return self._unavailable(request, exception)
+        return None
+
+    @staticmethod
+    def _unavailable(request: HttpRequest, exc: BaseException) -> HttpResponse:
+        logger.warning("database_unavailable", path=request.path, error=f"{type(exc).__name__}: {exc}")
+        return database_unavailable_response(request)
+
+
+def _mark_database_unavailable(sender: Any, request: HttpRequest | None = None, **kwargs: Any) -> None:
+    """``got_request_exception`` receiver: remember on the request that the exception being turned
+    into a 500 was a failure to get a database connection (``DatabaseAvailabilityMiddleware``)."""
+    exc = sys.exc_info()[1]
+    if request is not None and exc is not None and database_unavailable(exc):
+        request._database_unavailable = exc  # type: ignore[attr-defined]
+
+
+got_request_exception.connect(_mark_database_unavailable, dispatch_uid="config.middleware.database_unavailable")
 
 
 class BodySizeMiddleware:

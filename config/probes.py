@@ -18,10 +18,23 @@ def liveness(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"status": "ok"})
 
 
+# The longest /readyz waits for a pooled connection: the probe's own timeout (helm values: 5 s)
+# must not run out first, or the orchestrator sees a hung pod instead of a 503.
+READINESS_POOL_TIMEOUT_SECONDS = 2.0
+
+
 def _check_database() -> str | None:
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
+        pool = getattr(connection, "pool", None)  # Django's psycopg pool, None without one
+        if pool is not None:
+            # Straight from the pool with a short timeout: a dry pool answers 503 in time, and
+            # the check leaves no connection behind in this request's thread.
+            pool.open()
+            with pool.connection(timeout=min(READINESS_POOL_TIMEOUT_SECONDS, pool.timeout)) as conn:
+                conn.execute("SELECT 1")
+        else:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
         logger.warning("readiness_check_failed", check="database", error=str(exc))
         return type(exc).__name__

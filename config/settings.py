@@ -121,6 +121,8 @@ MIDDLEWARE = [
     "config.middleware.RequestIdMiddleware",
     "config.middleware.ApiErrorShapeMiddleware",
     "config.middleware.ProbeMiddleware",
+    # Takes the request's database connection before anything needs it: 503 when none is free.
+    "config.middleware.DatabaseAvailabilityMiddleware",
     "tenants.middleware.TenantRoutingMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -178,11 +180,33 @@ if EMBEDDED_PG:
 else:
     _db = _database_from_url(DATABASE_URL or "")
 
+# Each process takes its connections from a psycopg pool of at most DATABASE_POOL_MAX_SIZE: under
+# daphne every request runs on a thread of its own, and persistent per-thread connections
+# (CONN_MAX_AGE) piled up until PostgreSQL refused every tenant. The sum of all processes' pools
+# must stay under the server's max_connections (README, "Database connections"). A caller waits
+# DATABASE_POOL_TIMEOUT_SECONDS for a connection, then gets 503 (config.db). DATABASE_POOL=false
+# goes back to a connection per thread kept DATABASE_CONN_MAX_AGE seconds. The pytest process
+# itself runs without a pool (each test holds one connection in a transaction, and Django renames
+# the database to the test one after a pool may have been made for the other); the servers the
+# suite starts use one (tests/live.py).
+DATABASE_POOL = env_bool("DATABASE_POOL", not TESTING)
+DATABASE_POOL_MIN_SIZE = env_int("DATABASE_POOL_MIN_SIZE", 1, minimum=0)
+DATABASE_POOL_MAX_SIZE = env_int("DATABASE_POOL_MAX_SIZE", 10, minimum=1)
+DATABASE_POOL_TIMEOUT_SECONDS = env_float("DATABASE_POOL_TIMEOUT_SECONDS", 10.0, minimum=0.1)
+if DATABASE_POOL_MIN_SIZE > DATABASE_POOL_MAX_SIZE:
+    raise ImproperlyConfigured("DATABASE_POOL_MIN_SIZE must not exceed DATABASE_POOL_MAX_SIZE")
+if DATABASE_POOL:
+    from config.db import pool_options
+
+    _db["OPTIONS"] = {**_db["OPTIONS"], "pool": pool_options(  # type: ignore[dict-item]
+        min_size=DATABASE_POOL_MIN_SIZE, max_size=DATABASE_POOL_MAX_SIZE, timeout=DATABASE_POOL_TIMEOUT_SECONDS)}
+
 DATABASES = {
     "default": {
         "ENGINE": "django_tenants.postgresql_backend",
         **_db,
-        "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 0 if TESTING else 60, minimum=0),
+        # A pool requires 0 (Django returns the connection to the pool at the end of each request).
+        "CONN_MAX_AGE": 0 if DATABASE_POOL else env_int("DATABASE_CONN_MAX_AGE", 0 if TESTING else 60, minimum=0),
         "CONN_HEALTH_CHECKS": True,
         "ATOMIC_REQUESTS": False,
         # Per process, so that several test runs can share the embedded test server.

@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 60.0
 LIVE_KB_MAX_UPLOAD_MB = 4  # the live server's KB_MAX_UPLOAD_MB (the default is 50)
 LIVE_FIXTURES = {"portal", "ingest_worker", "celery_worker"}
+# The servers take their connections from a pool, as in production (the pytest process has none).
+LIVE_DATABASE_ENV = {"DATABASE_POOL": "true"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -132,7 +134,7 @@ def portal(django_db_setup: World, django_db_blocker: Any,
     # PYTEST_VERSION is inherited, so the server runs with the test settings. A small upload
     # limit lets the browser tests cross it with a few megabytes.
     env = {**os.environ, "DATABASE_URL": _database_url(), "PUBLIC_PORT": str(port),
-           "KB_MAX_UPLOAD_MB": str(LIVE_KB_MAX_UPLOAD_MB)}
+           "KB_MAX_UPLOAD_MB": str(LIVE_KB_MAX_UPLOAD_MB), **LIVE_DATABASE_ENV}
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: S603 (fixed argument list)
             [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
@@ -151,7 +153,7 @@ def ingest_worker(portal: Portal, tmp_path_factory: pytest.TempPathFactory) -> I
     """An ``rqworker`` on the ``ingest`` queue against the test database (as ``make run`` has),
     so uploads made through the browser get indexed. Yields its log file."""
     log = tmp_path_factory.mktemp("rqworker") / "rqworker.log"
-    env = {**os.environ, "DATABASE_URL": _database_url(), "PUBLIC_PORT": str(portal.port)}
+    env = {**os.environ, "DATABASE_URL": _database_url(), "PUBLIC_PORT": str(portal.port), **LIVE_DATABASE_ENV}
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: S603 (fixed argument list)
             [sys.executable, "manage.py", "rqworker", "ingest"],
@@ -179,7 +181,7 @@ def celery_worker(portal: Portal, tmp_path_factory: pytest.TempPathFactory) -> I
     database and this run's Redis key prefix. Yields its log file."""
     log = tmp_path_factory.mktemp("celery") / "celery.log"
     celery = Path(sys.executable).with_name("celery")
-    env = {**os.environ, "DATABASE_URL": _database_url(), "PUBLIC_PORT": str(portal.port)}
+    env = {**os.environ, "DATABASE_URL": _database_url(), "PUBLIC_PORT": str(portal.port), **LIVE_DATABASE_ENV}
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: S603 (fixed argument list)
             [str(celery), "-A", "config", "worker", "-Q", "llm.light,llm.standard,llm.heavy,default",

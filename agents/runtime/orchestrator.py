@@ -26,6 +26,7 @@ from agents.runtime.prompt import build_prompt
 from billing.models import UsageEvent
 from billing.services import usage_event_record
 from compliance.services import audit_event_create
+from config.db import connection_release
 from config.errors import DomainError
 from config.redis import redis_client
 from tenants.principal import Principal
@@ -268,6 +269,9 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
             first_token["at"] = timezone.now()
         batcher.add(text)
 
+    # The stream lasts seconds and needs no database: its connection serves other turns meanwhile
+    # (a worker's pool is smaller than its thread count; README, "Database connections").
+    connection_release()
     result = stream_chat(endpoints=endpoints, messages=prompt.messages, temperature=version.temperature,
                          max_tokens=version.max_output_tokens, response_format=response_format,
                          on_delta=on_delta, should_stop=should_stop)

@@ -178,6 +178,7 @@ OTP_TOTP_ISSUER: {{ $c.otpTotpIssuer | quote }}
 SESSION_COOKIE_AGE: {{ $c.sessionCookieAge | int64 | toString | quote }}
 API_MAX_BODY_BYTES: {{ $c.apiMaxBodyBytes | int64 | toString | quote }}
 KB_MAX_UPLOAD_MB: {{ $c.kbMaxUploadMb | int64 | toString | quote }}
+DATABASE_POOL: {{ $c.databasePool | toString | quote }}
 DATABASE_CONN_MAX_AGE: {{ $c.databaseConnMaxAge | int64 | toString | quote }}
 {{- with $c.tenantRegions }}
 TENANT_REGIONS: {{ join "," . | quote }}
@@ -260,6 +261,19 @@ Secrets are files: each key K of the Secret is mounted at <secrets.mountPath>/K 
 - name: {{ printf "%s_FILE" $key }}
   value: {{ printf "%s/%s" ($root.Values.secrets.mountPath | trimSuffix "/") $key | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+One component's database pool as EnvVars (config/settings.py: DATABASE_POOL_*).
+Usage: include "portal.databasePoolEnv" .Values.web.databasePool
+*/}}
+{{- define "portal.databasePoolEnv" -}}
+- name: DATABASE_POOL_MIN_SIZE
+  value: {{ .minSize | int64 | toString | quote }}
+- name: DATABASE_POOL_MAX_SIZE
+  value: {{ .maxSize | int64 | toString | quote }}
+- name: DATABASE_POOL_TIMEOUT_SECONDS
+  value: {{ .timeoutSeconds | toString | quote }}
 {{- end }}
 
 {{- define "portal.env" -}}
@@ -455,6 +469,14 @@ Refuse configurations that would start a broken or unsafe portal. Rendered (as n
 */}}
 {{- define "portal.validate" -}}
 {{- $c := .Values.config -}}
+{{- if and $c.databasePool .Values.databaseConnectionLimit }}
+{{- $web := ternary .Values.web.autoscaling.maxReplicas .Values.web.replicaCount .Values.web.autoscaling.enabled }}
+{{- $celery := ternary .Values.celery.autoscaling.maxReplicas .Values.celery.replicaCount .Values.celery.autoscaling.enabled }}
+{{- $total := add (mul (add1 $web) .Values.web.databasePool.maxSize) (mul (add1 $celery) .Values.celery.databasePool.maxSize) .Values.beat.databasePool.maxSize (mul .Values.rq.replicaCount .Values.rq.databasePool.maxSize) 1 }}
+{{- if gt (int64 $total) (int64 .Values.databaseConnectionLimit) }}
+{{- fail (printf "The database pools can open %d connections (web %d+1 pods x %d, celery %d+1 x %d, beat %d, rq %d x %d, migrations 1), more than databaseConnectionLimit %d: lower the databasePool.maxSize values or the replicas, or raise PostgreSQL's max_connections and the limit" (int64 $total) (int64 $web) (int64 .Values.web.databasePool.maxSize) (int64 $celery) (int64 .Values.celery.databasePool.maxSize) (int64 .Values.beat.databasePool.maxSize) (int64 .Values.rq.replicaCount) (int64 .Values.rq.databasePool.maxSize) (int64 .Values.databaseConnectionLimit)) }}
+{{- end }}
+{{- end }}
 {{- $keys := include "portal.secretKeys" . | splitList "," | compact -}}
 {{- if not $c.publicHost }}
 {{- fail "config.publicHost is required: the host of the staff pages (public schema), e.g. portal.example.com" }}
