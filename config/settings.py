@@ -3,7 +3,7 @@
 One file for every environment, driven by environment variables (see ``config/env.py``).
 With no environment at all it runs a development portal: embedded PostgreSQL under ``var/pg``,
 Redis on localhost, console e-mail, ``*.localhost`` tenant hosts. ``PORTAL_ENV=production``
-turns on the checks in ``config/checks.py`` that refuse development defaults.
+turns on the checks in ``tenants/checks.py`` and ``config/checks.py`` that refuse development defaults.
 """
 
 from __future__ import annotations
@@ -450,6 +450,15 @@ PROMETHEUS_EXPORT_MIGRATIONS = False
 SENTRY_DSN = env_optional("SENTRY_DSN")
 # When set, /metrics requires "Authorization: Bearer <METRICS_TOKEN>" (it answers on every host).
 METRICS_TOKEN = env_optional("METRICS_TOKEN")
+# When set, the metrics are served on this port of every process instead (django-prometheus'
+# exporter, on METRICS_ADDRESS, all interfaces by default), and /metrics on the portal's own port
+# answers only with METRICS_TOKEN. Production needs one of the two (config/checks.py).
+METRICS_PORT = env_int("METRICS_PORT", 0, minimum=0) or None
+if METRICS_PORT:
+    # A range of one port: a second process on the same host (a management command) logs a
+    # warning instead of failing to start.
+    PROMETHEUS_METRICS_EXPORT_PORT_RANGE = range(METRICS_PORT, METRICS_PORT + 1)
+    PROMETHEUS_METRICS_EXPORT_ADDRESS = env_str("METRICS_ADDRESS", "")
 
 from config.logging import configure_logging  # noqa: E402  (needs the settings above)
 

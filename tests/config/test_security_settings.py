@@ -1,5 +1,5 @@
 """Web security settings: the Content-Security-Policy with nonces, HSTS and HTTPS in production,
-``manage.py check --deploy`` on a production environment."""
+``manage.py check --deploy`` on a production environment, and who may read ``/metrics``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
-from django.test import Client
+from django.core.checks import run_checks
+from django.test import Client, override_settings
 
 from tests.conftest import HOST_A, World, host_client, verified_staff_client
 
@@ -163,6 +164,68 @@ def test_production_turns_on_hsts_and_the_https_redirect_by_default(tmp_path: Pa
     assert result.stdout.strip().splitlines()[-1] == "31536000 True True ('HTTP_X_FORWARDED_PROTO', 'https')"
 
 
+def test_production_without_a_metrics_token_or_port_fails_its_checks(tmp_path: Path) -> None:
+    env = production_env(tmp_path)
+    del env["METRICS_TOKEN"]
+    result = _manage(env, "check")
+    assert result.returncode != 0
+    assert "portal.E030" in result.stderr
+
+
 def test_development_keeps_hsts_off(settings: Any) -> None:
     # The test run has the development defaults (no PORTAL_ENV).
     assert settings.DEVELOPMENT and settings.SECURE_HSTS_SECONDS == 0 and not settings.SECURE_SSL_REDIRECT
+
+
+# --- /metrics --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("token", "port", "refused"), [
+    (None, None, True),
+    ("a-scraper-token", None, False),
+    (None, 9464, False),
+])
+def test_production_needs_a_metrics_token_or_a_metrics_port(world: World, token: str | None, port: int | None,
+                                                             refused: bool) -> None:
+    with override_settings(DEVELOPMENT=False, METRICS_TOKEN=token, METRICS_PORT=port):
+        ids = {message.id for message in run_checks()}
+    assert ("portal.E030" in ids) is refused
+
+
+def test_development_needs_neither(world: World) -> None:
+    with override_settings(DEVELOPMENT=True, METRICS_TOKEN=None, METRICS_PORT=None):
+        assert "portal.E030" not in {message.id for message in run_checks()}
+
+
+def test_metrics_need_the_token_when_one_is_set(world: World) -> None:
+    with override_settings(METRICS_TOKEN="a-scraper-token", METRICS_PORT=None):
+        assert Client(HTTP_HOST=HOST_A).get("/metrics").status_code == 401
+        assert Client(HTTP_HOST=HOST_A).get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+        good = Client(HTTP_HOST=HOST_A).get("/metrics", HTTP_AUTHORIZATION="Bearer a-scraper-token")
+    assert good.status_code == 200 and "django_http_requests" in good.content.decode()
+
+
+def test_metrics_on_their_own_port_are_not_served_on_the_portals(world: World) -> None:
+    with override_settings(METRICS_TOKEN=None, METRICS_PORT=9464):
+        response = Client(HTTP_HOST=HOST_A).get("/metrics")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_a_metrics_port_serves_the_metrics_from_each_process(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = production_env(tmp_path, METRICS_PORT=str(port), METRICS_ADDRESS="127.0.0.1")
+    del env["METRICS_TOKEN"]
+    # The exporter starts with the process (django-prometheus' app); it reads its own metrics.
+    code = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').status)"
+    result = _manage(env, "shell", "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "200"
+
+
+def test_metrics_stay_open_in_development(world: World) -> None:
+    with override_settings(METRICS_TOKEN=None, METRICS_PORT=None):
+        assert Client(HTTP_HOST="10.0.0.1").get("/metrics").status_code == 200
