@@ -1,9 +1,11 @@
 """The chat WebSocket, ``ws/chat/<session_id>/`` on a tenant host. It only authenticates and relays.
 
-Connect: the Host picks the tenant (as for HTTP); the browser session must belong to a member
-of that tenant who has passed two-factor verification where needed, and own the chat session;
-the Origin was already checked against ``ALLOWED_HOSTS`` (``config.asgi``). Otherwise the socket
-is closed with code 4403 (4404 for a session that is not the caller's).
+Connect: the Host picks the tenant (as for HTTP); the ``Origin`` must be one of that tenant's own
+origins (``tenant_origins``), so a page on another host (another tenant's included) cannot open a
+socket with the visitor's cookie; the browser session must belong to a member of that tenant who
+has passed two-factor verification where needed, and own the chat session. Otherwise the socket
+is closed before it is accepted (daphne answers the handshake with HTTP 403; a program sees close
+code 4403, or 4404 for a session that is not the caller's).
 
 Client -> server, JSON (htmx's ws extension sends the form's fields)::
 
@@ -30,6 +32,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.core.exceptions import ObjectDoesNotExist
+from django.utils.http import is_same_domain
 from django_tenants.utils import schema_context
 from kombu.exceptions import OperationalError as KombuOperationalError
 
@@ -49,6 +52,43 @@ def _host(scope: dict[str, Any]) -> str:
     return ""
 
 
+def _origin(scope: dict[str, Any]) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"origin":
+            return value.decode("latin-1").strip().lower()
+    return None
+
+
+def tenant_origins(domains: list[str]) -> set[str]:
+    """The origins (``scheme://host[:port]``, lower case) the console of a tenant with these
+    domain names is served on: the scheme is ``HTTP_PROTOCOL`` and the port ``PUBLIC_PORT``
+    (left out when it is the scheme's default, as browsers do in ``Origin``)."""
+    scheme = str(settings.ACCOUNT_DEFAULT_HTTP_PROTOCOL).lower()
+    port = str(settings.PUBLIC_PORT or "")
+    suffix = "" if port in ("", {"http": "80", "https": "443"}.get(scheme)) else f":{port}"
+    return {f"{scheme}://{domain.lower().rstrip('.')}{suffix}" for domain in domains}
+
+
+def origin_allowed(origin: str | None, domains: list[str]) -> bool:
+    """True when ``origin`` (the WebSocket handshake's ``Origin`` header) is one of the tenant's
+    own origins (``tenant_origins(domains)``) or matches ``CSRF_TRUSTED_ORIGINS`` (exact, or
+    ``scheme://*.example.com`` as Django's CSRF check reads it). A missing Origin is refused, as
+    channels' validator did before: browsers always send one on a WebSocket handshake."""
+    if not origin:
+        return False
+    if origin in tenant_origins(domains):
+        return True
+    for trusted in settings.CSRF_TRUSTED_ORIGINS:
+        trusted = trusted.lower()
+        if origin == trusted:
+            return True
+        scheme, _, host = trusted.partition("://")
+        if "*" in host and origin.startswith(f"{scheme}://") and is_same_domain(
+                origin.removeprefix(f"{scheme}://"), host.removeprefix("*")):
+            return True
+    return False
+
+
 @database_sync_to_async
 def _authorize(scope: dict[str, Any], session_id: int) -> tuple[str, Any, int, str] | int:
     """(schema, principal, membership id, queue of the agent's tier) for an allowed connection,
@@ -66,14 +106,17 @@ def _authorize(scope: dict[str, Any], session_id: int) -> tuple[str, Any, int, s
         logger.info("chat_socket_refused", reason=reason, host=_host(scope), session_id=session_id)
         return code
 
-    user = scope.get("user")
-    if user is None or not user.is_authenticated:
-        return refuse("not_signed_in")
     try:
         domain = Domain.objects.select_related("tenant").get(domain=_host(scope))
     except ObjectDoesNotExist:
         return refuse("unknown_host")
     tenant = domain.tenant
+    # Before anything else: a page on another site must not learn even whether the cookie is valid.
+    if not origin_allowed(_origin(scope), list(Domain.objects.filter(tenant=tenant).values_list("domain", flat=True))):
+        return refuse("foreign_origin")
+    user = scope.get("user")
+    if user is None or not user.is_authenticated:
+        return refuse("not_signed_in")
     if tenant.schema_name == settings.PUBLIC_SCHEMA_NAME or not tenant.is_active:
         return refuse("tenant_inactive")
     membership = Membership.objects.select_related("user", "tenant").filter(user=user, tenant=tenant).first()

@@ -13,7 +13,6 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from config.routing import websocket_urlpatterns  # noqa: E402
 from knowledge.embeddings import embedder_warm  # noqa: E402
@@ -24,8 +23,9 @@ embedder_warm()
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        # Origin must be an allowed host; the session cookie gives the user (the consumer checks
-        # the tenant membership itself).
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        # The session cookie gives the user. The consumer checks the Origin against the tenant's
+        # own origins (channels' AllowedHostsOriginValidator would let any *.BASE_DOMAIN page in)
+        # and the tenant membership itself.
+        "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
     }
 )

@@ -75,11 +75,16 @@ def readiness(request: HttpRequest) -> HttpResponse:
 def metrics(request: HttpRequest) -> HttpResponse:
     """Prometheus text exposition of the process's metrics (django-prometheus registry).
 
-    With ``METRICS_TOKEN`` set, the caller must send it as a bearer token (401 otherwise).
+    With ``METRICS_TOKEN`` set, the caller must send it as a bearer token (401 otherwise);
+    without it but with ``METRICS_PORT`` set, 404 (the metrics are on that port).
     """
     from django_prometheus.exports import ExportToDjangoView
 
     token = settings.METRICS_TOKEN
+    if not token and settings.METRICS_PORT:
+        # Served on their own port (``METRICS_PORT``), not on every host of the portal.
+        return JsonResponse({"error": {"code": "not_found", "message": "Metrics are served on their own port."}},
+                            status=404)
     if token:
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(supplied.encode(), token.encode()):

@@ -3,7 +3,7 @@
 One file for every environment, driven by environment variables (see ``config/env.py``).
 With no environment at all it runs a development portal: embedded PostgreSQL under ``var/pg``,
 Redis on localhost, console e-mail, ``*.localhost`` tenant hosts. ``PORTAL_ENV=production``
-turns on the checks in ``config/checks.py`` that refuse development defaults.
+turns on the checks in ``tenants/checks.py`` and ``config/checks.py`` that refuse development defaults.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ MIDDLEWARE = [
     "config.middleware.DatabaseAvailabilityMiddleware",
     "tenants.middleware.TenantRoutingMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -314,14 +315,40 @@ CSRF_COOKIE_SECURE = not DEVELOPMENT
 SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 60 * 60 * 12, minimum=300)
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("BEHIND_TLS_PROXY", False) else None
 SECURE_CONTENT_TYPE_NOSNIFF = True
-SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
-SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
-SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+# Production serves HTTPS only: plain HTTP is redirected, and browsers are told (HSTS, one year,
+# tenant subdomains included) never to try plain HTTP again. Behind a TLS-terminating proxy set
+# BEHIND_TLS_PROXY, or every request looks insecure and is redirected in a loop.
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEVELOPMENT)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEVELOPMENT else 31536000, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", not DEVELOPMENT)
+# Asking for the browsers' preload list commits the whole BASE_DOMAIN to HTTPS for good: the
+# operator's decision (https://hstspreload.org), so off unless set, and its deploy warning silenced.
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
 # Probes answer on any host (orchestrators call pods by IP); health answers never need a
 # redirect to HTTPS.
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy (django-csp): scripts and styles only from this origin's static files or
+# elements carrying the request's nonce (``{{ request.csp_nonce }}``); no inline style="" or event
+# handler attributes, no eval. Bootstrap's CSS draws some icons from data: SVGs; the chat socket
+# is same-origin ('self' covers ws:/wss: to this host).
+from csp.constants import NONCE, NONE, SELF  # noqa: E402
+
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF, NONCE],
+        "style-src": [SELF, NONCE],
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
 
 EMAIL_BACKEND = env_str(
     "EMAIL_BACKEND",
@@ -460,6 +487,15 @@ PROMETHEUS_EXPORT_MIGRATIONS = False
 SENTRY_DSN = env_optional("SENTRY_DSN")
 # When set, /metrics requires "Authorization: Bearer <METRICS_TOKEN>" (it answers on every host).
 METRICS_TOKEN = env_optional("METRICS_TOKEN")
+# When set, the metrics are served on this port of every process instead (django-prometheus'
+# exporter, on METRICS_ADDRESS, all interfaces by default), and /metrics on the portal's own port
+# answers only with METRICS_TOKEN. Production needs one of the two (config/checks.py).
+METRICS_PORT = env_int("METRICS_PORT", 0, minimum=0) or None
+if METRICS_PORT:
+    # A range of one port: a second process on the same host (a management command) logs a
+    # warning instead of failing to start.
+    PROMETHEUS_METRICS_EXPORT_PORT_RANGE = range(METRICS_PORT, METRICS_PORT + 1)
+    PROMETHEUS_METRICS_EXPORT_ADDRESS = env_str("METRICS_ADDRESS", "")
 
 from config.logging import configure_logging  # noqa: E402  (needs the settings above)
 

@@ -59,3 +59,19 @@ document.querySelectorAll("[data-dropzone]").forEach(function (form) {
     }
   });
 });
+// Progress bars carry their percentage in data-progress: the Content-Security-Policy refuses
+// style="" attributes, while a width set from a script is allowed. Runs again on every htmx swap.
+htmx.onLoad(function (root) {
+  var bars = root.matches && root.matches("[data-progress]") ? [root] : [];
+  bars = bars.concat(Array.prototype.slice.call(root.querySelectorAll("[data-progress]")));
+  bars.forEach(function (bar) {
+    var percent = Math.max(0, Math.min(100, parseInt(bar.dataset.progress || "0", 10) || 0));
+    bar.style.width = percent + "%";
+  });
+});
+// Forms with data-confirm ask before they submit (inline onsubmit handlers are refused too).
+document.addEventListener("submit", function (event) {
+  var form = event.target;
+  var question = form && form.dataset ? form.dataset.confirm : "";
+  if (question && !window.confirm(question)) { event.preventDefault(); }
+}, true);

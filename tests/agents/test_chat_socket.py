@@ -143,3 +143,70 @@ def test_a_message_the_broker_cannot_take_is_answered_with_unavailable(monkeypat
     monkeypatch.setattr(consumers, "_hand_off", broker_down)
     asyncio.run(consumer.receive_json({"content": "Is shipping free?"}))
     assert [e["error"]["code"] for e in sent] == ["unavailable"]
+
+
+# --- Origin ----------------------------------------------------------------------------------
+
+def _handshake_status(port: int, path: str, *, cookie: str, origin: str | None, host: str = "acme.localhost") -> int:
+    """The HTTP status of a WebSocket handshake (101 when accepted), sending ``origin`` as the
+    ``Origin`` header (none at all for ``None``)."""
+    import socket
+
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    headers = {"Cookie": cookie}
+    if origin is not None:
+        headers["Origin"] = origin
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        with connect(f"ws://{host}:{port}{path}", sock=sock, additional_headers=headers, open_timeout=10,
+                     origin=None) as ws:
+            return int(ws.response.status_code)
+    except InvalidStatus as refused:
+        return int(refused.response.status_code)
+
+
+def test_it_refuses_a_socket_opened_from_any_origin_but_the_tenants_own(
+        portal: Portal, chat_world: ChatWorld, member_cookie: Any) -> None:
+    session_id = chat_session_commit(portal.world.tenant_a, portal.world.user("operator"), chat_world.agent_id)
+    path, port, cookie = f"/ws/chat/{session_id}/?format=json", portal.port, member_cookie("operator")
+    refused = {
+        # Any *.localhost page passed channels' AllowedHostsOriginValidator.
+        "another subdomain": f"http://evil.localhost:{port}",
+        "another tenant's host": f"http://globex.localhost:{port}",
+        "the public host": f"http://localhost:{port}",
+        "another port": "http://acme.localhost:9999",
+        "another scheme": f"https://acme.localhost:{port}",
+        "a suffix of the host": f"http://xacme.localhost:{port}",
+        "an opaque origin": "null",
+        "no Origin at all": None,
+    }
+    statuses = {why: _handshake_status(port, path, cookie=cookie, origin=origin) for why, origin in refused.items()}
+    assert statuses == dict.fromkeys(refused, 403)
+    # The tenant's own origin, in any letter case, gets in.
+    assert _handshake_status(port, path, cookie=cookie, origin=f"http://ACME.localhost:{port}") == 101
+
+
+def test_the_tenants_origins_follow_the_scheme_and_port_it_is_served_on(settings: Any) -> None:
+    from agents.consumers import origin_allowed
+
+    domains = ["acme.example.com", "chat.acme.test"]
+    settings.ACCOUNT_DEFAULT_HTTP_PROTOCOL, settings.PUBLIC_PORT, settings.CSRF_TRUSTED_ORIGINS = "https", "", []
+    assert origin_allowed("https://acme.example.com", domains)
+    assert origin_allowed("https://chat.acme.test", domains)
+    assert not origin_allowed("http://acme.example.com", domains)
+    assert not origin_allowed("https://acme.example.com:8443", domains)
+    assert not origin_allowed("https://globex.example.com", domains)
+    assert not origin_allowed(None, domains)
+    settings.PUBLIC_PORT = "443"  # the scheme's default: browsers leave it out of Origin
+    assert origin_allowed("https://acme.example.com", domains)
+    settings.PUBLIC_PORT = "8443"
+    assert origin_allowed("https://acme.example.com:8443", domains)
+    assert not origin_allowed("https://acme.example.com", domains)
+    # CSRF_TRUSTED_ORIGINS widens it, exactly or by a *. pattern, as Django's CSRF check reads them.
+    settings.CSRF_TRUSTED_ORIGINS = ["https://console.example.org", "https://*.partner.example"]
+    assert origin_allowed("https://console.example.org", domains)
+    assert origin_allowed("https://app.partner.example", domains)
+    assert not origin_allowed("http://app.partner.example", domains)
+    assert not origin_allowed("https://partner.example.evil", domains)

@@ -1,0 +1,23 @@
+"""System checks of the web-facing security settings (registered by ``tenants.apps``).
+
+The production checks of the other settings are in ``tenants/checks.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, Tags, register
+
+
+@register(Tags.security, deploy=False)
+def metrics_exposure(app_configs: Any, **kwargs: Any) -> list[Error]:
+    """In production ``/metrics`` answers on every host of the portal, so it must need
+    ``METRICS_TOKEN``, unless the metrics are served on their own port (``METRICS_PORT``) that
+    only the scraper reaches. Development keeps it open."""
+    if settings.DEVELOPMENT or settings.METRICS_TOKEN or settings.METRICS_PORT:
+        return []
+    return [Error("/metrics is open to anyone who can reach the portal: set METRICS_TOKEN (scrapers send it as "
+                  "'Authorization: Bearer <token>'), or METRICS_PORT to serve the metrics on a port of their own.",
+                  id="portal.E030")]
