@@ -484,7 +484,7 @@ Refuse configurations that would start a broken or unsafe portal. Rendered (as n
 {{- if not $c.baseDomain }}
 {{- fail "config.baseDomain is required: tenants are served at <slug>.<baseDomain>" }}
 {{- end }}
-{{- range $required := list "SECRET_KEY" "DATABASE_URL" "FIELD_ENCRYPTION_KEYS" }}
+{{- range $required := list "SECRET_KEY" "DATABASE_URL" "FIELD_ENCRYPTION_KEYS" "AUDIT_SIGNING_KEYS" "METRICS_TOKEN" }}
 {{- if not (has $required $keys) }}
 {{- if $.Values.secrets.existingSecret }}
 {{- fail (printf "secrets.existingSecretKeys must list %s (and the Secret %s must hold it)" $required $.Values.secrets.existingSecret) }}
