@@ -363,6 +363,9 @@ KB_HYBRID_KEYWORD_FEEDBACK_TERMS = env_int("KB_HYBRID_KEYWORD_FEEDBACK_TERMS", 1
 KB_HYBRID_KEYWORD_FEEDBACK_QUERY_WEIGHT = env_float("KB_HYBRID_KEYWORD_FEEDBACK_QUERY_WEIGHT", 0.8,
                                                     minimum=0.0, maximum=1.0)
 KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 100, minimum=1)
+# Vector searches of collections holding at most this many chunks together compare every chunk
+# (exact) instead of walking the HNSW index, whose filtered answers depend on the other collections.
+KB_VECTOR_EXACT_MAX_CHUNKS = env_int("KB_VECTOR_EXACT_MAX_CHUNKS", 10_000, minimum=0)
 
 # --- Agents and chat ------------------------------------------------------------------------
 # How long a turn may run before the sweeper fails it, and the model call's own timeouts.
