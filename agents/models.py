@@ -168,6 +168,9 @@ class Turn(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     first_token_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Stamped by the worker running the turn every CHAT_TURN_HEARTBEAT_SECONDS: the sweeper fails a
+    # running turn whose stamp is older than CHAT_TURN_HEARTBEAT_STALE_SECONDS (its worker died).
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
     endpoint_name = models.CharField(max_length=100, blank=True)
     model = models.CharField(max_length=200, blank=True)
     # The chunks retrieved for this turn, with their scores, for the console's panel.

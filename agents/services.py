@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from agents.models import Agent, AgentVersion, ChatSession, Message, Turn
@@ -406,19 +407,28 @@ class SweepResult:
 
 
 def turns_sweep(*, now: dt.datetime | None = None) -> SweepResult:
-    """Fail every queued or running turn of the current schema past its deadline (a worker that
-    died, a lost task) and tell its session. Safe to run concurrently with workers: the update
-    only touches turns still unfinished."""
+    """Fail every queued or running turn of the current schema past its deadline (a lost task, a
+    model that never finished), and every running turn whose worker stopped its heartbeat more than
+    ``CHAT_TURN_HEARTBEAT_STALE_SECONDS`` ago (the worker died; ``agents.runtime.heartbeat``), and
+    tell its session. Safe to run concurrently with workers: the update only touches turns still
+    unfinished and still overdue or silent. Turns without a heartbeat (claimed by a worker that
+    does not stamp) wait for their deadline."""
     now = now or timezone.now()
     schema: str = connection.schema_name  # type: ignore[attr-defined]
-    overdue = list(Turn.objects.filter(status__in=[Turn.Status.QUEUED, Turn.Status.RUNNING], deadline__lt=now)
-                   .values_list("pk", "session_id", "status"))
+    silent = Q(status=Turn.Status.RUNNING,
+               heartbeat_at__lt=now - dt.timedelta(seconds=settings.CHAT_TURN_HEARTBEAT_STALE_SECONDS))
+    stuck = Q(deadline__lt=now) | silent
+    overdue = list(Turn.objects.filter(stuck, status__in=[Turn.Status.QUEUED, Turn.Status.RUNNING])
+                   .values_list("pk", "session_id", "status", "deadline"))
     failed = 0
-    for turn_id, session_id, status in overdue:
-        message = ("The answer did not finish in time (the model or worker stopped responding)."
-                   if status == Turn.Status.RUNNING else "The turn was never picked up by a worker; try again.")
-        code = "worker_lost" if status == Turn.Status.RUNNING else "not_dispatched"
-        updated = Turn.objects.filter(pk=turn_id, status=status).update(
+    for turn_id, session_id, status, deadline in overdue:
+        if status == Turn.Status.QUEUED:
+            code, message = "not_dispatched", "The turn was never picked up by a worker; try again."
+        elif deadline < now:
+            code, message = "worker_lost", "The answer did not finish in time (the model or worker stopped responding)."
+        else:
+            code, message = "worker_lost", "The worker answering this stopped responding; try again."
+        updated = Turn.objects.filter(stuck, pk=turn_id, status=status).update(
             status=Turn.Status.FAILED, finished_at=now, error_code=code, error_message=message)
         if updated:
             failed += 1

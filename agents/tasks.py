@@ -26,7 +26,7 @@ def turn_run_task(turn_id: int) -> str:
 
 @shared_task(name="agents.turn_sweep", ignore_result=True)
 def turn_sweep() -> int:
-    """Beat entry point, sent once per tenant: fail turns past their deadline."""
+    """Beat entry point, sent once per tenant: fail turns past their deadline or whose worker died."""
     result = turns_sweep()
     if result.failed:
         logger.warning("turns_swept", failed=result.failed)

@@ -257,9 +257,12 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# How often beat sends the turn sweeper (agents.turn_sweep) to each tenant: a dead worker's turn
+# fails within CHAT_TURN_HEARTBEAT_STALE_SECONDS plus this.
+CHAT_TURN_SWEEP_SECONDS = env_float("CHAT_TURN_SWEEP_SECONDS", 10.0, minimum=1.0)
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "kb-document-sweep": {"task": "knowledge.document_sweep", "schedule": 60.0},
-    "chat-turn-sweep": {"task": "agents.turn_sweep", "schedule": 15.0},
+    "chat-turn-sweep": {"task": "agents.turn_sweep", "schedule": CHAT_TURN_SWEEP_SECONDS},
     # Sent once, to the public schema: the task checkpoints every chain itself.
     "audit-checkpoint": {"task": "compliance.audit_checkpoint", "schedule": float(AUDIT_CHECKPOINT_SECONDS),
                          "tenant_schemas": ["public"]},
@@ -418,10 +421,20 @@ KB_HYBRID_KEYWORD_FEEDBACK_TERMS = env_int("KB_HYBRID_KEYWORD_FEEDBACK_TERMS", 1
 KB_HYBRID_KEYWORD_FEEDBACK_QUERY_WEIGHT = env_float("KB_HYBRID_KEYWORD_FEEDBACK_QUERY_WEIGHT", 0.8,
                                                     minimum=0.0, maximum=1.0)
 KB_HNSW_EF_SEARCH = env_int("KB_HNSW_EF_SEARCH", 100, minimum=1)
+# Vector searches of collections holding at most this many chunks together compare every chunk
+# (exact) instead of walking the HNSW index, whose filtered answers depend on the other collections.
+KB_VECTOR_EXACT_MAX_CHUNKS = env_int("KB_VECTOR_EXACT_MAX_CHUNKS", 10_000, minimum=0)
 
 # --- Agents and chat ------------------------------------------------------------------------
 # How long a turn may run before the sweeper fails it, and the model call's own timeouts.
 CHAT_TURN_DEADLINE_SECONDS = env_int("CHAT_TURN_DEADLINE_SECONDS", 180, minimum=5)
+# A worker stamps its running turns every CHAT_TURN_HEARTBEAT_SECONDS; the sweeper fails a running
+# turn whose stamp is older than CHAT_TURN_HEARTBEAT_STALE_SECONDS (its worker died), which must
+# allow for a few missed beats of a busy process.
+CHAT_TURN_HEARTBEAT_SECONDS = env_float("CHAT_TURN_HEARTBEAT_SECONDS", 5.0, minimum=0.1)
+CHAT_TURN_HEARTBEAT_STALE_SECONDS = env_float("CHAT_TURN_HEARTBEAT_STALE_SECONDS", 15.0, minimum=1.0)
+if CHAT_TURN_HEARTBEAT_STALE_SECONDS < 2 * CHAT_TURN_HEARTBEAT_SECONDS:
+    raise ImproperlyConfigured("CHAT_TURN_HEARTBEAT_STALE_SECONDS must be at least twice CHAT_TURN_HEARTBEAT_SECONDS")
 # Caps each endpoint's own timeout: connecting, and every wait for the next streamed bytes
 # (so a stream that stalls before or between tokens fails as model_timeout/stream_interrupted).
 LLM_TIMEOUT_SECONDS = env_float("LLM_TIMEOUT_SECONDS", 60.0)

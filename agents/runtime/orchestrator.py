@@ -2,7 +2,9 @@
 
 ``turn_run`` is called by the Celery task inside the tenant's schema. It owns the turn from
 ``queued`` to a final state; every path out of it (including an unexpected exception) leaves
-the turn ``completed``, ``failed`` or ``cancelled`` and tells the session's group.
+the turn ``completed``, ``failed`` or ``cancelled`` and tells the session's group. While it runs,
+the process's heartbeat thread stamps it (``agents.runtime.heartbeat``), so that the sweeper can
+fail it soon if the process dies.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from django.utils import timezone
 
 from agents.models import Agent, Message, Turn
 from agents.runtime import events
+from agents.runtime.heartbeat import turn_heartbeat
 from agents.runtime.llm import LLMError, StreamResult, endpoints_for, price_per_token, stream_chat
 from agents.runtime.prompt import build_prompt
 from billing.models import UsageEvent
@@ -136,8 +139,8 @@ def _claim(turn_id: int) -> Turn | None:
             _finish(turn, Turn.Status.CANCELLED)
             return None
         turn.status = Turn.Status.RUNNING
-        turn.started_at = timezone.now()
-        turn.save(update_fields=["status", "started_at"])
+        turn.started_at = turn.heartbeat_at = timezone.now()
+        turn.save(update_fields=["status", "started_at", "heartbeat_at"])
         return turn
 
 
@@ -159,7 +162,7 @@ def turn_run(turn_id: int) -> str:
     batcher = DeltaBatcher(schema=schema, group=group, turn_id=turn.pk,
                            interval=settings.CHAT_DELTA_INTERVAL_MS / 1000)
     try:
-        with _streaming():
+        with _streaming(), turn_heartbeat(schema, turn.pk):
             return _run(turn, schema=schema, group=group, batcher=batcher)
     except Exception as exc:
         if isinstance(exc, LLMError | TurnRefused | DomainError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
@@ -19,7 +19,7 @@ from knowledge.embeddings import EmbeddingError
 from knowledge.extraction import ExtractionError
 from knowledge.ingestion.encoding import ChunkCallback, _embed_prepared, _EncoderThreads
 from knowledge.ingestion.preparation import Prepared, _progress, document_fail, prepare
-from knowledge.ingestion.storage import _analyze_if_grown, _commit_asynchronously, _Storer, store
+from knowledge.ingestion.storage import _analyze_if_grown, _commit_asynchronously, _grew_enough, _Storer, store
 from knowledge.models import Collection, Document
 
 # Named after the package, not this module, so records keep the logger name they had before
@@ -50,7 +50,8 @@ START_REFRESH_SECONDS = 30.0
 
 @dataclass
 class IngestReport:
-    """Counts, and wall-clock seconds per stage (prepare = extract + chunk, embed, store)."""
+    """Counts, and wall-clock seconds per stage (prepare = extract + chunk, embed, store);
+    ``grown`` maps each collection written to its (chunks before the run, chunks added)."""
 
     indexed: int = 0
     failed: int = 0
@@ -58,6 +59,7 @@ class IngestReport:
     prepare_s: float = 0.0
     embed_s: float = 0.0
     store_s: float = 0.0
+    grown: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallback | None = None,
@@ -83,7 +85,8 @@ def ingest_documents(document_ids: Iterable[int], *, on_document: ProgressCallba
     finally:
         with connection.cursor() as cursor:
             cursor.execute("RESET synchronous_commit")
-    _analyze_if_grown(report.chunks)
+    _analyze_if_grown(report.chunks, collection_grew=any(
+        _grew_enough(before, added) for before, added in report.grown.values()))
     return report
 
 
@@ -96,13 +99,16 @@ def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback 
     # Counters change on both threads.
     counting = threading.Lock()
 
-    def finish(count: int, *, indexed: int = 0, failed: int = 0, chunks: int = 0) -> None:
+    def finish(count: int, *, indexed: int = 0, failed: int = 0, chunks: int = 0, collection: int = 0) -> None:
         nonlocal done
         with counting:
             done += count
             report.indexed += indexed
             report.failed += failed
             report.chunks += chunks
+            if chunks:
+                before, added = report.grown.get(collection, (collections[collection].chunk_count, 0))
+                report.grown[collection] = (before, added + chunks)
             if on_document is not None:
                 on_document(done, len(ids))
 
@@ -120,7 +126,7 @@ def _ingest(ids: list[int], report: IngestReport, on_document: ProgressCallback 
                               f"Storing the index failed unexpectedly ({type(exc).__name__}); try re-indexing.")
                 finish(1, failed=1)
             else:
-                finish(1, indexed=1, chunks=len(prepared.drafts))
+                finish(1, indexed=1, chunks=len(prepared.drafts), collection=prepared.document.collection_id)
         with counting:
             report.store_s += time.perf_counter() - started
 

@@ -1,8 +1,12 @@
 """Retrieval: ``chunk_search`` over one or more collections, by vector, keyword or both.
 
-* ``vector``: cosine similarity of all-MiniLM-L6-v2 embeddings through pgvector's HNSW index,
-  with ``hnsw.ef_search`` sized to the request and ``hnsw.iterative_scan`` on, so a filter on
-  collections cannot starve the result.
+* ``vector``: cosine similarity of all-MiniLM-L6-v2 embeddings. Collections holding at most
+  ``KB_VECTOR_EXACT_MAX_CHUNKS`` chunks together are searched exactly (every chunk compared), so
+  the answer depends neither on the planner's statistics nor on the tenant's other collections;
+  larger ones through pgvector's HNSW index, with ``hnsw.ef_search`` sized to the request and
+  ``hnsw.iterative_scan`` on, so a filter on collections cannot starve the result (the index
+  walks every collection's graph, so its filtered answers are approximate:
+  docs/perf/filtered-vector-search.md). Hybrid's dense side follows the same rule.
 * ``keyword``: Okapi BM25 (Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and
   Beyond", 2009) over the posting table:
   ``idf(t) * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len / avglen))`` with

@@ -8,6 +8,7 @@ every candidate. Formulas and sources are in the package's docstring.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -178,6 +179,29 @@ LEFT JOIN sparse s ON s.chunk_id = c.chunk_id LEFT JOIN dense_bm25 d ON d.chunk_
 """
 
 
+def _exact_variant(sql: str, searches: int) -> str:
+    """``sql`` with its ``searches`` nearest-neighbour ORDER BYs turned into exact ones: ordered by
+    the distance plus 0, an expression no index serves, so PostgreSQL computes the distance of
+    every row of the searched collections and keeps the nearest (pgvector's README uses the same
+    ``+ 0`` to make PostgreSQL sort rather than take the index's order); ties go to the lower id."""
+    exact, count = re.subn(r"ORDER BY embedding <=> \(SELECT v FROM (\w+)\) LIMIT",
+                           r"ORDER BY (embedding <=> (SELECT v FROM \1)) + 0, id LIMIT", sql)
+    assert count == searches, f"expected {searches} vector searches, found {count}"
+    return exact
+
+
+_EXACT_VECTOR_SQL = _exact_variant(_VECTOR_SQL, 1)
+_EXACT_HYBRID_SQL = _exact_variant(_HYBRID_SQL, 2)
+
+
+def _exact_search(collections: list[Collection]) -> bool:
+    """Whether a vector search of ``collections`` is exact: when they hold at most
+    ``KB_VECTOR_EXACT_MAX_CHUNKS`` chunks together (their ``chunk_count``), every row is compared
+    (docs/perf/filtered-vector-search.md has the measurements behind the default)."""
+    return sum(c.chunk_count for c in collections) <= settings.KB_VECTOR_EXACT_MAX_CHUNKS
+
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A chunk either method proposed, with both of its scores."""
@@ -219,7 +243,9 @@ def _hnsw_settings(cursor: Any, pool: int) -> Iterator[None]:
     collection filter can still use the collection index. ``ef_search`` and the iterative scan
     stay set for the session (they only concern vector queries, and every vector query sets them
     first), which saves the BEGIN and COMMIT round trips; ``enable_seqscan`` is restored after
-    the query, because it concerns every query.
+    the query, because it concerns every query. The exact statements (``_exact_search``) run
+    under the same settings: without sequential scans they read the collections' rows through
+    the collection index.
     """
     ef_search = max(settings.KB_HNSW_EF_SEARCH, pool)
     cursor.execute("SELECT set_config('hnsw.ef_search', %s, false), "
@@ -271,9 +297,12 @@ def keyword_candidates(query: str, collections: list[Collection], pool: int, *, 
 
 
 def vector_candidates(vector: np.ndarray, collections: list[Collection], pool: int) -> list[tuple[int, float]]:
-    """(chunk id, cosine similarity) of the ``pool`` nearest chunks, best first."""
+    """(chunk id, cosine similarity) of the ``pool`` nearest chunks, best first: exact up to
+    ``KB_VECTOR_EXACT_MAX_CHUNKS`` chunks in ``collections`` (``_exact_search``), else through
+    the HNSW index."""
+    sql = _EXACT_VECTOR_SQL if _exact_search(collections) else _VECTOR_SQL
     with connection.cursor() as cursor, _hnsw_settings(cursor, pool):
-        cursor.execute(_VECTOR_SQL, _params("", collections, pool, k1=None, b=None, vector=vector))
+        cursor.execute(sql, _params("", collections, pool, k1=None, b=None, vector=vector))
         rows = cursor.fetchall()
     # Iterative scans return nearly sorted rows ("relaxed order"); sort them exactly.
     return sorted(((r[0], float(r[1])) for r in rows), key=lambda r: -r[1])
@@ -284,7 +313,8 @@ def hybrid_rescore(vector: np.ndarray, keyword: KeywordSide, collections: list[C
                    feedback_weight: float | None = None) -> list[Candidate]:
     """The union of ``keyword.hits`` and the ``pool`` nearest chunks, each scored by both methods.
 
-    The dense side searches (and scores cosines) with the query vector plus ``feedback_weight``
+    The dense side (exact or through the index, as in ``vector_candidates``) searches (and scores
+    cosines) with the query vector plus ``feedback_weight``
     times the mean of its ``feedback`` nearest chunks (defaults ``KB_HYBRID_FEEDBACK_CHUNKS`` and
     ``KB_HYBRID_FEEDBACK_WEIGHT``; ``feedback=0`` or a weight of 0 searches with ``vector`` alone).
     """
@@ -296,8 +326,9 @@ def hybrid_rescore(vector: np.ndarray, keyword: KeywordSide, collections: list[C
     params["feedback"] = feedback
     params.update(lexemes=list(keyword.idf), idfs=list(keyword.idf.values()),
                   sparse_ids=[i for i, _ in keyword.hits], sparse_scores=[s for _, s in keyword.hits])
+    sql = _EXACT_HYBRID_SQL if _exact_search(collections) else _HYBRID_SQL
     with connection.cursor() as cursor, _hnsw_settings(cursor, pool):
-        cursor.execute(_HYBRID_SQL, params)
+        cursor.execute(sql, params)
         return [Candidate(r[0], float(r[1]), float(r[2]), r[3], r[4]) for r in cursor.fetchall()]
 
 

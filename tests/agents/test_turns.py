@@ -437,6 +437,36 @@ def test_the_sweeper_fails_turns_past_their_deadline_and_keeps_the_question(
         assert ChatSession.objects.filter(agent_id=agent.pk).count() == 3
 
 
+def test_the_sweeper_fails_a_running_turn_whose_heartbeat_is_stale_and_only_that_one(
+        world: World, settings: Any) -> None:
+    settings.CHAT_TURN_HEARTBEAT_STALE_SECONDS = 15
+    tenant = world.tenant_a
+    with schema_context(tenant.schema_name):
+        principal = Principal.for_member(Membership.objects.select_related("user", "tenant")
+                                         .get(user=world.user("operator"), tenant=tenant))
+        system = Principal.system("tests", tenant=tenant)
+        agent = agent_create(principal=system, slug="beat-me", name="Beat", config={"tier": "light"})
+        agent_version_publish(principal=system, version=agent.versions.get())
+        now = timezone.now()
+        beats = {"silent": now - dt.timedelta(seconds=16), "fresh": now - dt.timedelta(seconds=14),
+                 "unstamped": None}
+        turns: dict[str, Turn] = {}
+        for state, beat in beats.items():
+            session = chat_session_create(principal=principal, agent=Agent.objects.get(pk=agent.pk))
+            turns[state] = chat_message_send(principal=principal, session=session, content=f"Question {state}")
+            # Long before their deadline (CHAT_TURN_DEADLINE_SECONDS from now).
+            Turn.objects.filter(pk=turns[state].pk).update(status=Turn.Status.RUNNING, started_at=now - dt.timedelta(
+                seconds=60), heartbeat_at=beat)
+
+        assert turns_sweep(now=now).failed == 1
+
+        got = {state: Turn.objects.get(pk=t.pk) for state, t in turns.items()}
+        assert (got["silent"].status, got["silent"].error_code) == (Turn.Status.FAILED, "worker_lost")
+        assert got["silent"].error_message.endswith(".")
+        # A live worker's turn, and one claimed by a worker that does not stamp, wait.
+        assert got["fresh"].status == got["unstamped"].status == Turn.Status.RUNNING
+
+
 # --- Both streaming paths read the server's own finish reason and usage -----------------------
 
 @pytest.mark.parametrize("path", ["direct", "litellm"])

@@ -381,6 +381,25 @@ def test_a_bulk_load_refreshes_the_planner_statistics(
     assert storage._analyze_if_grown(3)
     monkeypatch.setattr(storage, "ANALYZE_FRACTION", 0.6)  # 3 chunks against 6 known
     assert not storage._analyze_if_grown(3)
+    # Unless a collection it wrote to grew by that share of itself: a new collection always does.
+    assert storage._grew_enough(0, 3) and not storage._grew_enough(3, 3)
+    assert storage._analyze_if_grown(3, collection_grew=True)
+
+
+def test_a_run_that_fills_a_new_collection_refreshes_its_statistics_in_a_large_tenant(
+        world: World, collection_a: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+    from knowledge import ingestion
+    from knowledge.ingestion import storage
+
+    ids = [_upload(world, collection_a, f"grow{i}.md", data).created[0].pk for i, data in enumerate(_policies(3))]
+    monkeypatch.setattr(storage, "ANALYZE_MIN_CHUNKS", 3)
+    with connection.cursor() as cursor:
+        # The planner believes the table holds a million chunks: 3 more are far below 10 % of it.
+        cursor.execute("UPDATE pg_class SET reltuples = 1e6 WHERE oid = 'knowledge_chunk'::regclass")
+    ingestion.ingest_documents(ids)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT reltuples FROM pg_class WHERE oid = 'knowledge_chunk'::regclass")
+        assert float(cursor.fetchone()[0]) == Chunk.objects.count()
 
 
 def test_an_embedding_failure_fails_its_group_only_and_says_why(world: World, collection_a: Collection,
