@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -16,6 +17,7 @@ from django.utils import timezone
 
 from compliance.services import audit_event_create
 from config.errors import Conflict, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from config.text import require_storable, strip_unstorable, unstorable_path
 from knowledge.extraction import UnsupportedFile, detect_kind
 from knowledge.extraction.detect import MIME_TYPES
 from knowledge.ingestion import chunks_delete, record_text
@@ -42,6 +44,7 @@ def _validate_chunking(chunk_size: int, overlap: int) -> None:
 
 
 def _validate_name(name: str) -> str:
+    require_storable(name, field="name")
     name = (name or "").strip()
     if not name or len(name) > 200:
         raise ValidationFailed("A collection name is 1-200 characters.", code="invalid_name")
@@ -58,6 +61,7 @@ def collection_create(*, principal: Principal, name: str, description: str = "",
     """
     principal.require("kb:write")
     name = _validate_name(name)
+    require_storable(description, field="description")
     _validate_chunking(chunk_size_tokens, chunk_overlap_tokens)
     if language not in dict(LANGUAGES):
         raise ValidationFailed(f"Unknown language '{language}'.", code="invalid_language")
@@ -81,6 +85,8 @@ def collection_update(*, principal: Principal, collection: Collection, name: str
                       chunk_overlap_tokens: int | None = None, language: str | None = None) -> Collection:
     """Change a collection. Changing chunking or language re-indexes every document (queued)."""
     principal.require("kb:write")
+    require_storable(name, field="name")
+    require_storable(description, field="description")
     collection = Collection.objects.select_for_update().get(pk=collection.pk)
     changes: dict[str, Any] = {}
     if name is not None and name.strip() != collection.name:
@@ -162,6 +168,39 @@ class UploadResult:
         return self.created + self.updated + self.duplicates
 
 
+# Control characters (C0, DEL, C1) have no place in a filename shown in pages and logs.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+# The longest extension kept when a long name is shortened (".markdown" fits; longer ones are not
+# extensions we detect by).
+_MAX_SUFFIX_CHARS = 16
+# The stored file's name, in UTF-8 bytes: filesystems allow 255 per path component (NAME_MAX), and
+# the storage may append "_<7 random chars>" to make a name unique.
+_STORED_NAME_MAX_BYTES = 200
+
+
+def _shorten(name: str, *, max_chars: int, max_bytes: int | None = None) -> str:
+    """``name`` cut to ``max_chars`` characters (and ``max_bytes`` UTF-8 bytes), keeping its
+    extension so that the type detected from the name does not change."""
+    suffix = PurePath(name).suffix
+    if len(suffix) > _MAX_SUFFIX_CHARS:
+        suffix = ""
+    stem = name[: len(name) - len(suffix)][: max(max_chars - len(suffix), 0)]
+    if max_bytes is not None:
+        budget = max(max_bytes - len(suffix.encode()), 0)
+        stem = stem.encode()[:budget].decode("utf-8", "ignore")  # never half a character
+    return stem + suffix if stem.strip(". ") else "upload" + suffix
+
+
+def upload_filename_clean(filename: str | None) -> str:
+    """The name an upload is kept under: its last path component without control characters, NUL
+    or unpaired surrogates, shortened to 255 characters keeping the extension (``"upload"`` if
+    nothing is left). Overlong names are shortened rather than refused: the name is a label, the
+    content decides what the file is."""
+    name = _CONTROL_RE.sub("", strip_unstorable(filename or "")).replace("\\", "/")
+    name = PurePath(name).name.strip()
+    return _shorten(name, max_chars=255) if name else "upload"
+
+
 def _check_upload(filename: str, data: bytes) -> str:
     limit = settings.KB_MAX_UPLOAD_MB * 1024 * 1024
     if len(data) > limit:
@@ -186,11 +225,13 @@ def document_upload(*, principal: Principal, collection: Collection, filename: s
     document is returned in ``duplicates``. A JSONL file becomes one document per record.
     Raises ``PayloadTooLarge`` past ``KB_MAX_UPLOAD_MB``, ``UnsupportedMediaType`` for formats
     we do not ingest or names that lie about the content, ``ValidationFailed`` for empty files;
-    ``Forbidden`` without ``kb:write``. With ``queue=False`` nothing is queued: the caller indexes
+    ``Forbidden`` without ``kb:write``. The filename is tidied and shortened
+    (``upload_filename_clean``). With ``queue=False`` nothing is queued: the caller indexes
     (``kb_import`` does, in-process).
     """
     principal.require("kb:write")
-    filename = PurePath((filename or "upload").replace("\\", "/")).name[:255] or "upload"
+    require_storable(title, field="title")
+    filename = upload_filename_clean(filename)
     kind = _check_upload(filename, data)
     if kind == "jsonl":
         return _jsonl_upload(principal=principal, collection=collection, filename=filename, data=data, queue=queue)
@@ -203,7 +244,8 @@ def document_upload(*, principal: Principal, collection: Collection, filename: s
         original_filename=filename, mime_type=MIME_TYPES[kind], size_bytes=len(data), sha256=digest,
         metadata={"kind": kind, "title_from_content": not title},
     )
-    document.file.save(filename, ContentFile(data), save=False)
+    document.file.save(_shorten(filename, max_chars=255, max_bytes=_STORED_NAME_MAX_BYTES), ContentFile(data),
+                       save=False)
     try:
         with transaction.atomic():
             document.save()
@@ -250,6 +292,10 @@ def _jsonl_upload(*, principal: Principal, collection: Collection, filename: str
         text = record_text(record)
         if not isinstance(record.get("text"), str) or not text.strip():
             result.line_errors.append({"line": number, "error": "missing \"text\" (a non-empty string)"})
+            continue
+        if unstorable_path([external_id, record.get("title"), text]) is not None:
+            result.line_errors.append({"line": number, "error": "a NUL character or an unpaired surrogate in "
+                                                                "\"_id\", \"title\" or \"text\""})
             continue
         external_id = str(external_id).strip()[:200]
         if external_id in seen:
