@@ -26,6 +26,7 @@ from config.redis import redis_client
 from config.text import require_storable
 from tenants.models import ModelEndpoint
 from tenants.principal import Principal
+from tenants.services.limits import plan_limit_check
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,58}[a-z0-9])?$")
 TIERS = tuple(ModelEndpoint.Tier.values)
@@ -147,8 +148,9 @@ def _version_snapshot(version: AgentVersion) -> dict[str, Any]:
 def agent_create(*, principal: Principal, slug: str, name: str, description: str = "",
                  config: dict[str, Any] | None = None) -> Agent:
     """Create a draft agent and its version 1. Raises ``ValidationFailed`` (slug, name, config,
-    ``invalid_characters`` for NUL or unpaired surrogates), ``Conflict`` for a taken slug,
-    ``Forbidden`` without ``agents:write``."""
+    ``invalid_characters`` for NUL or unpaired surrogates), ``Conflict`` for a taken slug or
+    (``plan_limit``) past the plan's ``max_agents`` (retired agents do not count), ``Forbidden``
+    without ``agents:write``."""
     principal.require("agents:write")
     require_storable(name, field="name")
     require_storable(description, field="description")
@@ -162,6 +164,7 @@ def agent_create(*, principal: Principal, slug: str, name: str, description: str
     cfg = version_config_clean(principal=principal, config=config or {})
     if Agent.objects.filter(slug=slug).exists():
         raise Conflict(f"An agent with slug '{slug}' exists.", code="duplicate_slug")
+    plan_limit_check(limit="max_agents", used=Agent.objects.exclude(status=Agent.Status.RETIRED).count)
     agent = Agent.objects.create(slug=slug, name=name, description=(description or "")[:5000])
     AgentVersion.objects.create(agent=agent, number=1, created_by=principal.label[:200], note="Initial version", **cfg)
     audit_event_create(actor=principal, action="agent.created", target_type="agent", target_id=agent.pk,

@@ -13,6 +13,7 @@ import structlog
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import IntegrityError, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
 from compliance.services import audit_event_create
@@ -24,6 +25,7 @@ from knowledge.ingestion import chunks_delete, record_text
 from knowledge.jobs import enqueue_ingest
 from knowledge.models import LANGUAGES, Collection, Document
 from tenants.principal import Principal
+from tenants.services.limits import plan_limit_check
 
 logger = structlog.get_logger(__name__)
 
@@ -201,6 +203,12 @@ def upload_filename_clean(filename: str | None) -> str:
     return _shorten(name, max_chars=255) if name else "upload"
 
 
+def storage_used_bytes() -> int:
+    """Bytes of every document of the current tenant (files and JSONL records): what
+    ``Plan.max_storage_mb`` limits."""
+    return int(Document.objects.aggregate(total=Sum("size_bytes"))["total"] or 0)
+
+
 def _check_upload(filename: str, data: bytes) -> str:
     limit = settings.KB_MAX_UPLOAD_MB * 1024 * 1024
     if len(data) > limit:
@@ -224,8 +232,9 @@ def document_upload(*, principal: Principal, collection: Collection, filename: s
     A file whose SHA-256 already exists in the collection is not stored again: the existing
     document is returned in ``duplicates``. A JSONL file becomes one document per record.
     Raises ``PayloadTooLarge`` past ``KB_MAX_UPLOAD_MB``, ``UnsupportedMediaType`` for formats
-    we do not ingest or names that lie about the content, ``ValidationFailed`` for empty files;
-    ``Forbidden`` without ``kb:write``. The filename is tidied and shortened
+    we do not ingest or names that lie about the content, ``ValidationFailed`` for empty files,
+    ``Conflict`` (``plan_limit``) when the tenant's documents would exceed the plan's
+    ``max_storage_mb``; ``Forbidden`` without ``kb:write``. The filename is tidied and shortened
     (``upload_filename_clean``). With ``queue=False`` nothing is queued: the caller indexes
     (``kb_import`` does, in-process).
     """
@@ -239,6 +248,8 @@ def document_upload(*, principal: Principal, collection: Collection, filename: s
     existing = Document.objects.filter(collection=collection, sha256=digest).first()
     if existing is not None:
         return UploadResult(duplicates=[existing])
+    # The lock it takes is held until the upload commits, so concurrent uploads cannot both fit.
+    plan_limit_check(limit="max_storage_mb", used=storage_used_bytes, adding=len(data))
     document = Document(
         collection=collection, title=(title or PurePath(filename).stem or filename)[:500],
         original_filename=filename, mime_type=MIME_TYPES[kind], size_bytes=len(data), sha256=digest,
@@ -306,6 +317,8 @@ def _jsonl_upload(*, principal: Principal, collection: Collection, filename: str
         digest = hashlib.sha256(json.dumps({"title": title, "text": text}, sort_keys=True).encode()).hexdigest()
         records.append((number, external_id, title, text, digest))
 
+    # Lock before replacing records: their new sizes count against the plan's storage below.
+    plan_limit_check(limit="max_storage_mb", used=storage_used_bytes, adding=0)
     by_external = {d.external_id: d for d in Document.objects.filter(
         collection=collection, external_id__in=[r[1] for r in records])}
     by_digest = {d.sha256: d for d in Document.objects.filter(
@@ -330,6 +343,7 @@ def _jsonl_upload(*, principal: Principal, collection: Collection, filename: str
             original_filename=filename, mime_type="application/x-ndjson", size_bytes=len(text.encode()),
             sha256=digest, metadata={"kind": "record", "source_file": filename},
         ))
+    plan_limit_check(limit="max_storage_mb", used=storage_used_bytes, adding=sum(d.size_bytes for d in new))
     result.created = Document.objects.bulk_create(new, batch_size=1000)
     audit_event_create(actor=principal, action="documents.imported", target_type="collection",
                        target_id=collection.pk,
