@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import json
 import re
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import structlog
 from django.conf import settings
@@ -38,6 +39,7 @@ from ninja.errors import ValidationError as NinjaValidationError
 from ninja.openapi.schema import OpenAPISchema
 from ninja.parser import Parser
 from ninja.security import APIKeyCookie, HttpBearer
+from pydantic import BeforeValidator
 
 from config.errors import DomainError, Forbidden, NotAuthenticated, UnsupportedMediaType, ValidationFailed
 from config.text import require_storable
@@ -283,6 +285,23 @@ def _too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
 def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
     logger.exception("api_unhandled_exception", path=request.path)
     return error_response(request, status=500, message="Internal error. Quote the request id when reporting it.")
+
+
+# An ISO 8601 date-time: a date, "T" or a space, hours and minutes, optional seconds, fraction and
+# offset (what ``datetime.fromisoformat`` and pydantic read, without the bare date).
+_ISO_DATETIME_RE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)?$")
+
+
+def _iso_datetime_only(value: Any) -> Any:
+    if isinstance(value, dt.datetime) or (isinstance(value, str) and _ISO_DATETIME_RE.match(value.strip())):
+        return value
+    raise ValueError("expected an ISO 8601 date-time such as 2026-01-31T12:00:00Z")
+
+
+# A date-time query parameter. pydantic alone also reads numbers as Unix times ("?to=0.5" was
+# 1970-01-01T00:00:00.5Z), which the schema's ``format: date-time`` does not promise.
+IsoDateTime = Annotated[dt.datetime, BeforeValidator(_iso_datetime_only)]
 
 
 def principal_of(request: HttpRequest) -> Principal:
