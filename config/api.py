@@ -39,7 +39,7 @@ from ninja.errors import ValidationError as NinjaValidationError
 from ninja.openapi.schema import OpenAPISchema
 from ninja.parser import Parser
 from ninja.security import APIKeyCookie, HttpBearer
-from pydantic import BeforeValidator
+from pydantic import AfterValidator, BeforeValidator
 
 from config.errors import DomainError, Forbidden, NotAuthenticated, UnsupportedMediaType, ValidationFailed
 from config.text import require_storable
@@ -299,9 +299,19 @@ def _iso_datetime_only(value: Any) -> Any:
     raise ValueError("expected an ISO 8601 date-time such as 2026-01-31T12:00:00Z")
 
 
-# A date-time query parameter. pydantic alone also reads numbers as Unix times ("?to=0.5" was
-# 1970-01-01T00:00:00.5Z), which the schema's ``format: date-time`` does not promise.
-IsoDateTime = Annotated[dt.datetime, BeforeValidator(_iso_datetime_only)]
+def _in_utc(value: dt.datetime) -> dt.datetime:
+    # PostgreSQL refuses offsets past +-15:59 (ISO 8601 allows up to 23:59): compare in UTC.
+    if value.tzinfo is None:
+        return value
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("the date-time is out of range") from None
+
+
+# A date-time query parameter, in UTC when it has an offset. pydantic alone also reads numbers as
+# Unix times ("?to=0.5" was 1970-01-01T00:00:00.5Z), which ``format: date-time`` does not promise.
+IsoDateTime = Annotated[dt.datetime, BeforeValidator(_iso_datetime_only), AfterValidator(_in_utc)]
 
 
 def principal_of(request: HttpRequest) -> Principal:

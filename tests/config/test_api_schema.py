@@ -53,14 +53,18 @@ EXCLUDED_CHECKS = [openapi_checks.positive_data_acceptance]
 
 
 @pytest.fixture
-def in_process_app(world: World, settings: Any) -> Iterator[None]:
+def in_process_app(world: World, settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Let the WSGI application run inside the test's transaction, as Django's test client does."""
     # Django closes "old" connections when a request starts and ends, which would end the test's
     # transaction (its test client turns this off the same way).
     for signal in (request_started, request_finished):
         signal.disconnect(close_old_connections)
-    # A message sent to a generated session waits for its turn, which no worker runs here.
+    # A message sent to a generated session waits for its turn (or streams it until its deadline
+    # and a grace period), which no worker runs here: keep those waits short.
     settings.CHAT_SYNC_WAIT_SECONDS = 0.05
+    settings.CHAT_TURN_DEADLINE_SECONDS = 1
+    monkeypatch.setattr("agents.api.STREAM_GRACE_SECONDS", 0.1)
+    monkeypatch.setattr("agents.openai_api.STREAM_GRACE_SECONDS", 0.1)
     try:
         yield
     finally:
