@@ -136,6 +136,8 @@ def agent_list(request: HttpRequest, filters: Query[AgentFilters]) -> dict[str, 
 @router.post("/agents", response={201: AgentOut}, summary="Create a draft agent with its version 1")
 def agent_create(request: HttpRequest, payload: AgentIn) -> Status[dict[str, Any]]:
     principal = principal_of(request)
+    # The answer reads the agent back, which needs agents:read: refuse before anything is written.
+    principal.require("agents:read")
     config = payload.config.dict(exclude_unset=True) if payload.config else {}
     agent = services.agent_create(principal=principal, slug=payload.slug, name=payload.name,
                                   description=payload.description, config=config)

@@ -24,8 +24,10 @@ from agents.runtime import events
 from compliance.services import audit_event_create
 from config.errors import Conflict, ValidationFailed
 from config.redis import redis_client
+from config.text import require_storable
 from tenants.models import ModelEndpoint
 from tenants.principal import Principal
+from tenants.services.limits import plan_limit_check
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,58}[a-z0-9])?$")
 TIERS = tuple(ModelEndpoint.Tier.values)
@@ -78,6 +80,8 @@ def version_config_clean(*, principal: Principal, config: dict[str, Any]) -> dic
         raise ValidationFailed(f"Unknown version field(s): {', '.join(unknown)}.", code="invalid_version",
                                details={"fields": unknown})
     cfg = {**VERSION_DEFAULTS, **config}
+    for name in ("system_prompt", "rules", "output_schema"):
+        require_storable(cfg[name], field=name)
     prompt = str(cfg["system_prompt"] or "").strip()
     if not prompt:
         raise ValidationFailed("The system prompt is empty.", code="invalid_version",
@@ -144,9 +148,13 @@ def _version_snapshot(version: AgentVersion) -> dict[str, Any]:
 @transaction.atomic
 def agent_create(*, principal: Principal, slug: str, name: str, description: str = "",
                  config: dict[str, Any] | None = None) -> Agent:
-    """Create a draft agent and its version 1. Raises ``ValidationFailed`` (slug, name, config),
-    ``Conflict`` for a taken slug, ``Forbidden`` without ``agents:write``."""
+    """Create a draft agent and its version 1. Raises ``ValidationFailed`` (slug, name, config,
+    ``invalid_characters`` for NUL or unpaired surrogates), ``Conflict`` for a taken slug or
+    (``plan_limit``) past the plan's ``max_agents`` (retired agents do not count), ``Forbidden``
+    without ``agents:write``."""
     principal.require("agents:write")
+    require_storable(name, field="name")
+    require_storable(description, field="description")
     slug = (slug or "").strip().lower()
     if not SLUG_RE.match(slug):
         raise ValidationFailed("The slug must be 1-60 lowercase letters, digits or hyphens, not starting or ending "
@@ -154,9 +162,10 @@ def agent_create(*, principal: Principal, slug: str, name: str, description: str
     name = (name or "").strip()
     if not name or len(name) > 200:
         raise ValidationFailed("The name must be 1-200 characters.", code="invalid_name")
+    cfg = version_config_clean(principal=principal, config=config or {})
     if Agent.objects.filter(slug=slug).exists():
         raise Conflict(f"An agent with slug '{slug}' exists.", code="duplicate_slug")
-    cfg = version_config_clean(principal=principal, config=config or {})
+    plan_limit_check(limit="max_agents", used=Agent.objects.exclude(status=Agent.Status.RETIRED).count)
     agent = Agent.objects.create(slug=slug, name=name, description=(description or "")[:5000])
     AgentVersion.objects.create(agent=agent, number=1, created_by=principal.label[:200], note="Initial version", **cfg)
     audit_event_create(actor=principal, action="agent.created", target_type="agent", target_id=agent.pk,
@@ -169,6 +178,8 @@ def agent_update(*, principal: Principal, agent: Agent, name: str | None = None,
                  description: str | None = None) -> Agent:
     """Rename or re-describe an agent (not versioned: what it does lives in versions)."""
     principal.require("agents:write")
+    require_storable(name, field="name")
+    require_storable(description, field="description")
     changes: dict[str, Any] = {}
     if name is not None:
         name = name.strip()
@@ -193,6 +204,7 @@ def agent_version_create(*, principal: Principal, agent: Agent, config: dict[str
     """A new version: the latest version's fields overridden by ``config``. Not active until
     published. Raises as ``version_config_clean``; ``Conflict`` for a retired agent."""
     principal.require("agents:write")
+    require_storable(note, field="note")
     agent = Agent.objects.select_for_update().get(pk=agent.pk)
     if agent.status == Agent.Status.RETIRED:
         raise Conflict("A retired agent cannot get new versions.", code="agent_retired")
@@ -293,6 +305,7 @@ def chat_session_create(*, principal: Principal, agent: Agent, title: str = "",
     """Open a session with an active agent, owned by ``principal``. Raises ``Forbidden``
     without ``chat``, ``Conflict`` when the agent is not active."""
     principal.require("chat")
+    require_storable(title, field="title")
     _require_runnable(agent)
     session = ChatSession.objects.create(agent=agent, title=(title or "").strip()[:200], channel=channel,
                                          **_owner_fields(principal))
@@ -338,10 +351,13 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
     they are stored before the question. ``announce`` (the chat socket's path) first publishes
     ``message.accepted`` with the question to the session's group; ``enqueue=False`` leaves
     running the turn to the caller (a worker already on the turn's queue). Raises ``ValidationFailed``
-    for empty or overlong content, ``Conflict`` when the agent is not active or a turn of this
-    session is unfinished.
+    for empty or overlong content or content with a NUL or an unpaired surrogate
+    (``invalid_characters``: the chat socket sends text straight here), ``Conflict`` when the agent
+    is not active or a turn of this session is unfinished.
     """
     principal.require("chat")
+    require_storable(content, field="content")
+    require_storable([item.get("content") for item in history or []], field="history")
     content = (content or "").strip()
     if not content:
         raise ValidationFailed("The message is empty.", code="empty_message")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from django.http import HttpRequest
@@ -10,7 +9,7 @@ from ninja import Field, Query, Router, Schema
 
 from billing import selectors
 from billing.schemas import UsageEventPage
-from config.api import keyset_page, principal_of
+from config.api import IsoDateTime, keyset_page, principal_of
 
 router = Router(tags=["usage"])
 
@@ -18,8 +17,8 @@ router = Router(tags=["usage"])
 class UsageFilters(Schema):
     kind: str | None = Field(None, description="e.g. llm.input_tokens, embedding.tokens, kb.query")
     agent: int | None = Field(None, description="Agent id")
-    from_: dt.datetime | None = Field(None, alias="from", description="Inclusive lower bound of created_at")
-    to: dt.datetime | None = Field(None, description="Exclusive upper bound of created_at")
+    from_: IsoDateTime | None = Field(None, alias="from", description="Inclusive lower bound of created_at")
+    to: IsoDateTime | None = Field(None, description="Exclusive upper bound of created_at")
     limit: int = 50
     cursor: str | None = None
 

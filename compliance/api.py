@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from django.http import HttpRequest
@@ -11,7 +10,7 @@ from ninja import Field, Query, Router, Schema
 from compliance import selectors
 from compliance.models import AuditEvent
 from compliance.schemas import AuditEventOut, AuditEventPage
-from config.api import keyset_page, principal_of
+from config.api import IsoDateTime, keyset_page, principal_of
 from config.errors import NotFound
 
 router = Router(tags=["audit"])
@@ -21,8 +20,8 @@ class AuditFilters(Schema):
     actor: str | None = Field(None, description="Substring of the actor's e-mail or key prefix")
     action: str | None = Field(None, description="Exact action, or a prefix ending in '.'")
     target_type: str | None = None
-    from_: dt.datetime | None = Field(None, alias="from", description="Inclusive lower bound of created_at")
-    to: dt.datetime | None = Field(None, description="Exclusive upper bound of created_at")
+    from_: IsoDateTime | None = Field(None, alias="from", description="Inclusive lower bound of created_at")
+    to: IsoDateTime | None = Field(None, description="Exclusive upper bound of created_at")
     limit: int = 50
     cursor: str | None = None
 

@@ -9,28 +9,41 @@ Every 4xx/5xx answer has one body::
 
 List endpoints page by keyset: ``?limit=`` (1-200, default 50) and ``?cursor=`` taken from the
 previous page's ``next_cursor``; a page is ``{"items": [...], "next_cursor": str | null}``.
+
+Request bodies: JSON endpoints take ``Content-Type: application/json`` (or ``application/*+json``)
+and answer 415 ``unsupported_media_type`` to anything else; uploads take ``multipart/form-data``.
+A NUL character or an unpaired surrogate (``"\\ud800"``) anywhere in a JSON body or a query string
+is refused with 422 ``invalid_characters``: PostgreSQL cannot store either.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
+import json
+import re
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import structlog
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.db.models import Model, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.utils.datastructures import MultiValueDict
 from django_otp.plugins.otp_totp.models import TOTPDevice
-from ninja import NinjaAPI
+from ninja import NinjaAPI, Schema
 from ninja.errors import AuthenticationError, HttpError, Throttled
 from ninja.errors import ValidationError as NinjaValidationError
+from ninja.openapi.schema import OpenAPISchema
+from ninja.parser import Parser
 from ninja.security import APIKeyCookie, HttpBearer
+from pydantic import AfterValidator, BeforeValidator
 
 from config.db import database_unavailable, database_unavailable_response
-from config.errors import DomainError, Forbidden, NotAuthenticated, ValidationFailed
+from config.errors import DomainError, Forbidden, NotAuthenticated, UnsupportedMediaType, ValidationFailed
+from config.text import require_storable
 from tenants.middleware import otp_verified, two_factor_required
 from tenants.models import Membership
 from tenants.principal import Principal
@@ -65,6 +78,97 @@ def error_response(request: HttpRequest, *, status: int, message: str, code: str
                    details: Any = None) -> JsonResponse:
     return JsonResponse(error_body(request, status=status, message=message, code=code, details=details),
                         status=status)
+
+
+class ErrorDetail(Schema):
+    code: str
+    message: str
+    details: Any = None
+    request_id: str | None = None
+
+
+class ErrorOut(Schema):
+    """The one error body of every 4xx/5xx answer."""
+
+    error: ErrorDetail
+
+
+# application/json, and the structured-syntax suffix of RFC 6839 (application/problem+json, ...).
+_JSON_MEDIA_TYPE_RE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
+
+
+class ApiParser(Parser):
+    """ninja's JSON parser, refusing what the services must never see.
+
+    A body whose ``Content-Type`` is not JSON gets 415 (``text/plain`` and form encodings were
+    parsed as JSON before); NUL characters and unpaired surrogates in the body or the query
+    string get 422 ``invalid_characters``. ninja wraps an error raised in ``parse_body`` into
+    ``HttpError(400)``; ``_http_error`` renders the domain error it was raised from.
+    """
+
+    def parse_body(self, request: HttpRequest) -> dict[str, Any]:
+        # ninja also parses the fields of a multipart form through here, on a bare request of its
+        # own with no headers (``META`` empty); only the real request's media type is checked.
+        if request.META:
+            media_type = (request.content_type or "").lower()
+            if not _JSON_MEDIA_TYPE_RE.match(media_type):
+                raise UnsupportedMediaType(
+                    f"This endpoint takes a JSON body: send 'Content-Type: application/json', "
+                    f"not '{media_type or 'none'}'.", details={"content_type": media_type or None})
+        data = json.loads(request.body)
+        require_storable(data, field="body")
+        return data  # type: ignore[no-any-return]
+
+    def parse_querydict(self, data: MultiValueDict[str, Any], list_fields: list[str],
+                        request: HttpRequest) -> dict[str, Any]:
+        result = super().parse_querydict(data, list_fields, request)
+        require_storable(result, field="query")
+        return result
+
+
+# The error answers every operation documents (status: description), and those that apply only
+# to operations with a JSON body or to unsafe methods; ``ApiNinja.get_openapi_schema`` adds them.
+_ERRORS_ALWAYS = {
+    401: "No usable credentials (missing, malformed, unknown, revoked or expired API key)",
+    403: "The key or member lacks the permission this operation needs",
+    404: "No such object in this tenant (other tenants' ids look the same)",
+    422: "The request's fields are not valid (``details`` names them)",
+    429: "Too many requests; retry later",
+    503: "The service is momentarily unavailable; retry after ``Retry-After`` seconds",
+}
+_ERRORS_JSON_BODY = {
+    400: "The body is not JSON",
+    415: "The body is not ``application/json``",
+}
+_ERRORS_UNSAFE = {
+    409: "The request clashes with the current state (a duplicate, a state transition, a plan limit)",
+    413: "The request body is larger than the endpoint accepts",
+}
+
+
+class ApiNinja(NinjaAPI):
+    """``NinjaAPI`` whose OpenAPI schema documents the error answers (``ErrorOut``) of every
+    operation, which ninja would otherwise leave out unless each decorator listed them."""
+
+    def get_openapi_schema(self, *, path_prefix: str | None = None,
+                           path_params: dict[str, Any] | None = None) -> OpenAPISchema:
+        schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        error_schema = ErrorOut.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = schema["components"].setdefault("schemas", {})
+        schemas.update(error_schema.pop("$defs", {}))
+        schemas["ErrorOut"] = error_schema
+        content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+        for path_item in schema["paths"].values():
+            for method, operation in path_item.items():
+                errors = dict(_ERRORS_ALWAYS)
+                if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                    errors.update(_ERRORS_JSON_BODY)
+                if method in {"post", "put", "patch", "delete"}:
+                    errors.update(_ERRORS_UNSAFE)
+                responses = operation.setdefault("responses", {})
+                for status, description in sorted(errors.items()):
+                    responses.setdefault(status, {"description": description, "content": content})
+        return schema
 
 
 class ApiKeyAuth(HttpBearer):
@@ -117,12 +221,13 @@ class MemberSessionAuth(APIKeyCookie):
         return Principal.for_member(membership)
 
 
-api = NinjaAPI(
+api = ApiNinja(
     title="Agent Ops Portal API",
     version="1",
     description=__doc__,
     auth=[ApiKeyAuth(), MemberSessionAuth()],
     urls_namespace="api",
+    parser=ApiParser(),
     openapi_url="/openapi.json",
     docs_url="/docs",
 )
@@ -156,6 +261,8 @@ def _throttled(request: HttpRequest, exc: Throttled) -> HttpResponse:
 
 @api.exception_handler(HttpError)
 def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    if isinstance(exc.__cause__, DomainError):  # raised in ApiParser.parse_body, wrapped by ninja
+        return _domain_error(request, exc.__cause__)
     return error_response(request, status=exc.status_code, message=str(exc))
 
 
@@ -181,6 +288,33 @@ def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
         return database_unavailable_response(request)
     logger.exception("api_unhandled_exception", path=request.path)
     return error_response(request, status=500, message="Internal error. Quote the request id when reporting it.")
+
+
+# An ISO 8601 date-time: a date, "T" or a space, hours and minutes, optional seconds, fraction and
+# offset (what ``datetime.fromisoformat`` and pydantic read, without the bare date).
+_ISO_DATETIME_RE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)?$")
+
+
+def _iso_datetime_only(value: Any) -> Any:
+    if isinstance(value, dt.datetime) or (isinstance(value, str) and _ISO_DATETIME_RE.match(value.strip())):
+        return value
+    raise ValueError("expected an ISO 8601 date-time such as 2026-01-31T12:00:00Z")
+
+
+def _in_utc(value: dt.datetime) -> dt.datetime:
+    # PostgreSQL refuses offsets past +-15:59 (ISO 8601 allows up to 23:59): compare in UTC.
+    if value.tzinfo is None:
+        return value
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("the date-time is out of range") from None
+
+
+# A date-time query parameter, in UTC when it has an offset. pydantic alone also reads numbers as
+# Unix times ("?to=0.5" was 1970-01-01T00:00:00.5Z), which ``format: date-time`` does not promise.
+IsoDateTime = Annotated[dt.datetime, BeforeValidator(_iso_datetime_only), AfterValidator(_in_utc)]
 
 
 def principal_of(request: HttpRequest) -> Principal:

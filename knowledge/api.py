@@ -70,6 +70,8 @@ def collection_list(request: HttpRequest, page: Query[PageParams]) -> dict[str, 
 @router.post("/knowledge/collections", response={201: CollectionOut}, summary="Create a collection")
 def collection_create(request: HttpRequest, payload: CollectionIn) -> Status[dict[str, Any]]:
     principal = principal_of(request)
+    # The answer reads the collection back, which needs kb:read: refuse before anything is written.
+    principal.require("kb:read")
     collection = services.collection_create(principal=principal, **payload.dict())
     return Status(201, collection_out(selectors.collection_get(principal=principal, collection_id=collection.pk)))
 

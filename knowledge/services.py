@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -12,16 +13,19 @@ import structlog
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import IntegrityError, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
 from compliance.services import audit_event_create
 from config.errors import Conflict, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from config.text import require_storable, strip_unstorable, unstorable_path
 from knowledge.extraction import UnsupportedFile, detect_kind
 from knowledge.extraction.detect import MIME_TYPES
 from knowledge.ingestion import chunks_delete, record_text
 from knowledge.jobs import enqueue_ingest
 from knowledge.models import LANGUAGES, Collection, Document
 from tenants.principal import Principal
+from tenants.services.limits import plan_limit_check
 
 logger = structlog.get_logger(__name__)
 
@@ -42,6 +46,7 @@ def _validate_chunking(chunk_size: int, overlap: int) -> None:
 
 
 def _validate_name(name: str) -> str:
+    require_storable(name, field="name")
     name = (name or "").strip()
     if not name or len(name) > 200:
         raise ValidationFailed("A collection name is 1-200 characters.", code="invalid_name")
@@ -58,6 +63,7 @@ def collection_create(*, principal: Principal, name: str, description: str = "",
     """
     principal.require("kb:write")
     name = _validate_name(name)
+    require_storable(description, field="description")
     _validate_chunking(chunk_size_tokens, chunk_overlap_tokens)
     if language not in dict(LANGUAGES):
         raise ValidationFailed(f"Unknown language '{language}'.", code="invalid_language")
@@ -81,6 +87,8 @@ def collection_update(*, principal: Principal, collection: Collection, name: str
                       chunk_overlap_tokens: int | None = None, language: str | None = None) -> Collection:
     """Change a collection. Changing chunking or language re-indexes every document (queued)."""
     principal.require("kb:write")
+    require_storable(name, field="name")
+    require_storable(description, field="description")
     collection = Collection.objects.select_for_update().get(pk=collection.pk)
     changes: dict[str, Any] = {}
     if name is not None and name.strip() != collection.name:
@@ -162,6 +170,45 @@ class UploadResult:
         return self.created + self.updated + self.duplicates
 
 
+# Control characters (C0, DEL, C1) have no place in a filename shown in pages and logs.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+# The longest extension kept when a long name is shortened (".markdown" fits; longer ones are not
+# extensions we detect by).
+_MAX_SUFFIX_CHARS = 16
+# The stored file's name, in UTF-8 bytes: filesystems allow 255 per path component (NAME_MAX), and
+# the storage may append "_<7 random chars>" to make a name unique.
+_STORED_NAME_MAX_BYTES = 200
+
+
+def _shorten(name: str, *, max_chars: int, max_bytes: int | None = None) -> str:
+    """``name`` cut to ``max_chars`` characters (and ``max_bytes`` UTF-8 bytes), keeping its
+    extension so that the type detected from the name does not change."""
+    suffix = PurePath(name).suffix
+    if len(suffix) > _MAX_SUFFIX_CHARS:
+        suffix = ""
+    stem = name[: len(name) - len(suffix)][: max(max_chars - len(suffix), 0)]
+    if max_bytes is not None:
+        budget = max(max_bytes - len(suffix.encode()), 0)
+        stem = stem.encode()[:budget].decode("utf-8", "ignore")  # never half a character
+    return stem + suffix if stem.strip(". ") else "upload" + suffix
+
+
+def upload_filename_clean(filename: str | None) -> str:
+    """The name an upload is kept under: its last path component without control characters, NUL
+    or unpaired surrogates, shortened to 255 characters keeping the extension (``"upload"`` if
+    nothing is left). Overlong names are shortened rather than refused: the name is a label, the
+    content decides what the file is."""
+    name = _CONTROL_RE.sub("", strip_unstorable(filename or "")).replace("\\", "/")
+    name = PurePath(name).name.strip()
+    return _shorten(name, max_chars=255) if name else "upload"
+
+
+def storage_used_bytes() -> int:
+    """Bytes of every document of the current tenant (files and JSONL records): what
+    ``Plan.max_storage_mb`` limits."""
+    return int(Document.objects.aggregate(total=Sum("size_bytes"))["total"] or 0)
+
+
 def _check_upload(filename: str, data: bytes) -> str:
     limit = settings.KB_MAX_UPLOAD_MB * 1024 * 1024
     if len(data) > limit:
@@ -185,12 +232,15 @@ def document_upload(*, principal: Principal, collection: Collection, filename: s
     A file whose SHA-256 already exists in the collection is not stored again: the existing
     document is returned in ``duplicates``. A JSONL file becomes one document per record.
     Raises ``PayloadTooLarge`` past ``KB_MAX_UPLOAD_MB``, ``UnsupportedMediaType`` for formats
-    we do not ingest or names that lie about the content, ``ValidationFailed`` for empty files;
-    ``Forbidden`` without ``kb:write``. With ``queue=False`` nothing is queued: the caller indexes
+    we do not ingest or names that lie about the content, ``ValidationFailed`` for empty files,
+    ``Conflict`` (``plan_limit``) when the tenant's documents would exceed the plan's
+    ``max_storage_mb``; ``Forbidden`` without ``kb:write``. The filename is tidied and shortened
+    (``upload_filename_clean``). With ``queue=False`` nothing is queued: the caller indexes
     (``kb_import`` does, in-process).
     """
     principal.require("kb:write")
-    filename = PurePath((filename or "upload").replace("\\", "/")).name[:255] or "upload"
+    require_storable(title, field="title")
+    filename = upload_filename_clean(filename)
     kind = _check_upload(filename, data)
     if kind == "jsonl":
         return _jsonl_upload(principal=principal, collection=collection, filename=filename, data=data, queue=queue)
@@ -198,12 +248,15 @@ def document_upload(*, principal: Principal, collection: Collection, filename: s
     existing = Document.objects.filter(collection=collection, sha256=digest).first()
     if existing is not None:
         return UploadResult(duplicates=[existing])
+    # The lock it takes is held until the upload commits, so concurrent uploads cannot both fit.
+    plan_limit_check(limit="max_storage_mb", used=storage_used_bytes, adding=len(data))
     document = Document(
         collection=collection, title=(title or PurePath(filename).stem or filename)[:500],
         original_filename=filename, mime_type=MIME_TYPES[kind], size_bytes=len(data), sha256=digest,
         metadata={"kind": kind, "title_from_content": not title},
     )
-    document.file.save(filename, ContentFile(data), save=False)
+    document.file.save(_shorten(filename, max_chars=255, max_bytes=_STORED_NAME_MAX_BYTES), ContentFile(data),
+                       save=False)
     try:
         with transaction.atomic():
             document.save()
@@ -251,6 +304,10 @@ def _jsonl_upload(*, principal: Principal, collection: Collection, filename: str
         if not isinstance(record.get("text"), str) or not text.strip():
             result.line_errors.append({"line": number, "error": "missing \"text\" (a non-empty string)"})
             continue
+        if unstorable_path([external_id, record.get("title"), text]) is not None:
+            result.line_errors.append({"line": number, "error": "a NUL character or an unpaired surrogate in "
+                                                                "\"_id\", \"title\" or \"text\""})
+            continue
         external_id = str(external_id).strip()[:200]
         if external_id in seen:
             result.line_errors.append({"line": number, "error": f"duplicate _id {external_id!r} in this file"})
@@ -260,6 +317,8 @@ def _jsonl_upload(*, principal: Principal, collection: Collection, filename: str
         digest = hashlib.sha256(json.dumps({"title": title, "text": text}, sort_keys=True).encode()).hexdigest()
         records.append((number, external_id, title, text, digest))
 
+    # Lock before replacing records: their new sizes count against the plan's storage below.
+    plan_limit_check(limit="max_storage_mb", used=storage_used_bytes, adding=0)
     by_external = {d.external_id: d for d in Document.objects.filter(
         collection=collection, external_id__in=[r[1] for r in records])}
     by_digest = {d.sha256: d for d in Document.objects.filter(
@@ -284,6 +343,7 @@ def _jsonl_upload(*, principal: Principal, collection: Collection, filename: str
             original_filename=filename, mime_type="application/x-ndjson", size_bytes=len(text.encode()),
             sha256=digest, metadata={"kind": "record", "source_file": filename},
         ))
+    plan_limit_check(limit="max_storage_mb", used=storage_used_bytes, adding=sum(d.size_bytes for d in new))
     result.created = Document.objects.bulk_create(new, batch_size=1000)
     audit_event_create(actor=principal, action="documents.imported", target_type="collection",
                        target_id=collection.pk,

@@ -27,6 +27,7 @@ from tenants.models import Invitation, Membership, Tenant, User
 from tenants.principal import Principal
 from tenants.roles import Role, roles_assignable_by
 from tenants.services.keys import api_keys_fit_to_role
+from tenants.services.limits import plan_limit_check
 
 logger = structlog.get_logger(__name__)
 
@@ -83,7 +84,8 @@ def invitation_create(*, principal: Principal, tenant: Tenant, email: str, role:
     Re-inviting an address with an open invitation replaces that invitation (the old link stops
     working). Raises ``Forbidden`` without ``members:write`` or when the role is beyond the
     inviter's (only owners invite owners), ``ValidationFailed`` for a bad address or role,
-    ``Conflict`` when the address already belongs to a member.
+    ``Conflict`` when the address already belongs to a member or (code ``plan_limit``) when the
+    plan's ``max_members`` seats are taken by members and other open invitations.
     """
     principal.require("members:write")
     _check_role(role)
@@ -94,9 +96,11 @@ def invitation_create(*, principal: Principal, tenant: Tenant, email: str, role:
         raise ValidationFailed(f"'{email}' is not an e-mail address.", code="invalid_email")
     if Membership.objects.filter(tenant=tenant, user__email__iexact=email).exists():
         raise Conflict(f"{email} is already a member.", code="already_member")
-    limit = tenant.plan.max_members if tenant.plan_id and tenant.plan else None
-    if limit is not None and Membership.objects.filter(tenant=tenant).count() >= limit:
-        raise Conflict(f"The plan allows {limit} members.", code="plan_limit")
+    # An open invitation holds a seat, so every invitation sent can be accepted.
+    plan_limit_check(tenant=tenant, limit="max_members", used=lambda: Membership.objects.filter(
+        tenant=tenant).count() + Invitation.objects.filter(
+        tenant=tenant, accepted_at__isnull=True, revoked_at__isnull=True, expires_at__gt=timezone.now(),
+    ).exclude(email__iexact=email).count())
 
     now = timezone.now()
     Invitation.objects.filter(
@@ -144,7 +148,8 @@ def invitation_accept(*, tenant: Tenant, token: str, user: User) -> Membership:
     """Make ``user`` a member through the invitation ``token``.
 
     The signed-in user's e-mail must be the invited address. Raises ``NotFound`` for an invalid
-    link and ``Forbidden`` for a different address.
+    link, ``Forbidden`` for a different address and ``Conflict`` (``plan_limit``) when the plan's
+    members are all there.
     """
     invitation = invitation_get_open(tenant=tenant, token=token)
     invitation = Invitation.objects.select_for_update().get(pk=invitation.pk)
@@ -152,6 +157,10 @@ def invitation_accept(*, tenant: Tenant, token: str, user: User) -> Membership:
         raise Forbidden(
             f"This invitation is for {invitation.email}; you are signed in as {user.email}.", code="wrong_account"
         )
+    if not Membership.objects.filter(user=user, tenant=tenant).exists():
+        # The plan may have been lowered since the invitation was sent.
+        plan_limit_check(tenant=tenant, limit="max_members",
+                         used=lambda: Membership.objects.filter(tenant=tenant).count())
     membership, created = Membership.objects.get_or_create(
         user=user, tenant=tenant, defaults={"role": invitation.role, "invited_by": invitation.invited_by}
     )

@@ -10,6 +10,7 @@ from django.db import connection
 from django.test import Client
 from django_tenants.utils import schema_context
 
+from agents.models import Agent
 from compliance.models import AuditEvent
 from knowledge.models import Collection
 from knowledge.services import collection_create
@@ -235,3 +236,14 @@ def test_list_endpoints_do_not_grow_their_query_count(world: World, api_a: Clien
         assert len(api_a.get("/api/v1/agents").json()["items"]) == 12
     with django_assert_max_num_queries(versions_baseline):
         assert len(api_a.get(f"/api/v1/agents/{agent['id']}/versions").json()["items"]) == 12
+
+
+def test_a_write_only_key_is_refused_before_an_agent_is_created(world: World) -> None:
+    """The answer is the agent read back, which needs ``agents:read``: the refusal must come before
+    the write (it used to come after it, leaving a 403 and a new agent)."""
+    writer = api_client(HOST_A, _key(world, ["agents:write"]))
+    response = _post(writer, "/api/v1/agents", {"slug": "ghost", "name": "Ghost"})
+    assert response.status_code == 403 and response.json()["error"]["code"] == "permission_denied"
+    with schema_context(world.tenant_a.schema_name):
+        assert not Agent.objects.filter(slug="ghost").exists()
+        assert not AuditEvent.objects.filter(action="agent.created", payload__slug="ghost").exists()

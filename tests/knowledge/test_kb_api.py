@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection
 from django.test import Client
 from django_tenants.utils import schema_context
 
@@ -13,6 +14,7 @@ from knowledge.ingestion import ingest_documents
 from knowledge.models import Chunk, Collection, Document
 from knowledge.services import collection_create, document_upload
 from tenants.principal import Principal
+from tenants.services.keys import api_key_create
 from tests.conftest import HOST_A, HOST_B, World, api_client, host_client
 
 SECRET_TEXT = "The acme launch code is PELICAN-SEVEN and only acme may know it."
@@ -226,3 +228,16 @@ def test_list_endpoints_do_not_grow_their_query_count(world: World, api_a: Clien
         assert len(api_a.get(f"/api/v1/knowledge/collections/{collection['id']}/documents").json()["items"]) == 14
     with django_assert_max_num_queries(collections_baseline):
         assert len(api_a.get("/api/v1/knowledge/collections").json()["items"]) == 14
+
+
+def test_a_write_only_key_is_refused_before_a_collection_is_created(world: World) -> None:
+    """The answer is the collection read back, which needs ``kb:read``: the refusal must come
+    before the write (it used to come after it, leaving a 403 and a new collection)."""
+    key = api_key_create(principal=Principal.system("tests", tenant=world.tenant_a), tenant=world.tenant_a,
+                         name="kb writer", scopes=["kb:write"]).secret
+    connection.set_schema_to_public()
+    response = api_client(HOST_A, key).post("/api/v1/knowledge/collections", {"name": "Ghost"},
+                                            content_type="application/json")
+    assert response.status_code == 403 and response.json()["error"]["code"] == "permission_denied"
+    with schema_context(world.tenant_a.schema_name):
+        assert not Collection.objects.filter(name="Ghost").exists()
