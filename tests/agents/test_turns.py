@@ -24,7 +24,7 @@ from websockets.exceptions import InvalidStatus
 from agents.models import Agent, ChatSession, Message, Turn
 from agents.services import agent_create, agent_version_publish, chat_message_send, chat_session_create, turns_sweep
 from billing.models import UsageEvent
-from tenants.models import Membership
+from tenants.models import Membership, ModelEndpoint
 from tenants.principal import Principal
 from tests.agents.conftest import ChatWorld, chat_session_commit, committed, endpoint_create, ws_connect
 from tests.conftest import World
@@ -202,6 +202,8 @@ def test_a_failing_endpoint_falls_back_to_the_next_of_the_tier(
         # One model call produced tokens: one input and one output usage event, on the second endpoint.
         kinds = sorted(UsageEvent.objects.filter(turn_id=turn.pk).values_list("kind", "metadata__endpoint"))
     assert kinds == [(UsageEvent.Kind.LLM_INPUT_TOKENS, working), (UsageEvent.Kind.LLM_OUTPUT_TOKENS, working)]
+    # Platform endpoints are shared by the whole session: later tests must not fall back onto these.
+    committed(lambda: ModelEndpoint.objects.filter(name__in=[broken, working]).delete())
 
 
 # --- Cancel, reconnect ------------------------------------------------------------------------
