@@ -368,6 +368,15 @@ EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
 
 # --- Knowledge base ---------------------------------------------------------------------
 KB_MAX_UPLOAD_MB = env_int("KB_MAX_UPLOAD_MB", 50, minimum=1)
+# What one file may expand to during extraction (knowledge.extraction.limits): decompressed bytes
+# in all, the compression ratio of a ZIP entry (100 as Apache POI's ZipSecureFile), ZIP entries
+# (1,000 as POI's), the decoded size of one PDF stream (pypdf's own default is 75 MB; inflating
+# one holds about twice that), and the size of an HTML file that is parsed.
+KB_EXTRACT_MAX_UNCOMPRESSED_MB = env_int("KB_EXTRACT_MAX_UNCOMPRESSED_MB", 100, minimum=1)
+KB_EXTRACT_MAX_RATIO = env_int("KB_EXTRACT_MAX_RATIO", 100, minimum=2)
+KB_EXTRACT_MAX_ENTRIES = env_int("KB_EXTRACT_MAX_ENTRIES", 1000, minimum=10)
+KB_EXTRACT_MAX_PDF_STREAM_MB = env_int("KB_EXTRACT_MAX_PDF_STREAM_MB", 20, minimum=1)
+KB_EXTRACT_MAX_HTML_MB = env_int("KB_EXTRACT_MAX_HTML_MB", 10, minimum=1)
 # Paths (regular expressions) whose bodies are uploads, bounded by KB_MAX_UPLOAD_MB instead of
 # API_MAX_BODY_BYTES.
 UPLOAD_PATH_PREFIXES: list[str] = [

@@ -7,6 +7,8 @@ import json
 import zipfile
 from pathlib import PurePath
 
+from knowledge.extraction.limits import extraction_limits, zip_entry_count_exceeds
+
 KINDS = ("pdf", "docx", "html", "markdown", "text", "jsonl")
 
 MIME_TYPES = {
@@ -50,6 +52,10 @@ def _sniff(data: bytes) -> str | None:
     if data[:5] == b"%PDF-" or (b"%PDF-" in data[:1024] and data.lstrip()[:5] == b"%PDF-"):
         return "pdf"
     if data[:4] == b"PK\x03\x04":
+        if zip_entry_count_exceeds(data, extraction_limits().max_entries):
+            # Do not build one object per entry in the web process: the extractor fails the
+            # document with the reason (a .docx) or the upload is refused as a ZIP.
+            return "zip-unchecked"
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
                 names = set(archive.namelist())
@@ -103,7 +109,7 @@ def detect_kind(filename: str, data: bytes) -> str:
         what, advice = UNSUPPORTED_EXTENSIONS[suffix]
         raise UnsupportedFile(f"{filename} is {what}, which is not supported. "
                               f"{advice or 'Upload ' + ACCEPTED}.")
-    if sniffed == "zip-damaged":
+    if sniffed in ("zip-damaged", "zip-unchecked"):
         if claimed in (None, "docx"):
             return "docx"  # let the DOCX extractor report the damage on the document row
         sniffed = "zip"

@@ -1,5 +1,9 @@
 """DOCX with python-docx: paragraphs and tables in document order; Heading styles become the
-heading path. Headers and footers are left out (page furniture, repeated on every page)."""
+heading path. Headers and footers are left out (page furniture, repeated on every page).
+
+python-docx reads every part of the package into memory, so the archive is first inflated
+chunk by chunk against the limits of ``knowledge.extraction.limits`` (entries, total size,
+ratio), counting real bytes rather than trusting the ZIP headers."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import zipfile
 from typing import Any
 
 from knowledge.extraction.base import ExtractedText, ExtractionError, TextBuilder
+from knowledge.extraction.limits import zip_check
 
 _HEADING_STYLE = re.compile(r"^(?:heading|überschrift|titre|título|titolo)\s*(\d)$", re.IGNORECASE)
 
@@ -22,13 +27,18 @@ def _heading_level(paragraph: Any) -> int | None:
 
 
 def extract_docx(data: bytes) -> ExtractedText:
+    """Text of the DOCX ``data``. Raises ``ExtractionError``: ``too_large`` past the extraction
+    limits, ``damaged_file`` for archives that cannot be read, ``no_text`` for documents without text."""
     import docx
     from docx.opc.exceptions import PackageNotFoundError
     from docx.table import Table
     from docx.text.paragraph import Paragraph
 
     try:
+        zip_check(data, what="The DOCX file")
         document = docx.Document(io.BytesIO(data))
+    except ExtractionError:
+        raise
     except (zipfile.BadZipFile, PackageNotFoundError, KeyError, ValueError) as exc:
         raise ExtractionError(
             "The DOCX file is damaged or truncated and cannot be opened. Save it again from Word and re-upload.",

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from knowledge.extraction import ExtractionError, UnsupportedFile, detect_kind, extract
-from tests.knowledge.conftest import docx_bytes, truncated
+from tests.knowledge.conftest import (
+    docx_bomb,
+    docx_bytes,
+    docx_with_entries,
+    lying_zip,
+    pdf_with_stream,
+    peak_mb,
+    truncated,
+)
 
 
 def _extract(path: Path):  # type: ignore[no-untyped-def]
@@ -173,3 +184,104 @@ def test_a_known_unsupported_format_is_named_with_what_to_do(name: str, message:
     with pytest.raises(UnsupportedFile) as excinfo:
         detect_kind(name, b"\x01\x02 not a document")
     assert excinfo.value.message == message
+
+
+# --- Files that would exhaust the worker (decompression bombs, huge markup) -------------------
+# Each is refused (or read) while Python's allocations stay far below what the file expands to.
+
+def _refused(result: object, message: str) -> ExtractionError:
+    assert isinstance(result, ExtractionError), result
+    assert result.code == "too_large" and message in result.message, result.message
+    assert "decompression bomb" in result.message
+    return result
+
+
+def test_a_docx_zip_bomb_is_refused_without_inflating_it() -> None:
+    bomb = docx_bomb(300)  # document.xml: 300 MB of empty paragraphs in a file of about 300 KB
+    assert detect_kind("bomb.docx", bomb) == "docx"
+    result, peak = peak_mb(lambda: extract("docx", bomb))
+    _refused(result, "unpacks to more than 100 times its packed size")
+    assert peak < 10
+
+
+def test_a_docx_is_refused_past_the_total_size_whatever_its_ratio(settings: Any) -> None:
+    settings.KB_EXTRACT_MAX_RATIO = 100_000
+    bomb = docx_bomb(150, paragraph=b"<w:p><w:r><w:t>" + b"a" * 2000 + b"</w:t></w:r></w:p>")
+    result, peak = peak_mb(lambda: extract("docx", bomb))
+    _refused(result, "unpacks to more than 100 MB")
+    assert peak < 10
+
+
+def test_a_zip_whose_headers_understate_the_size_is_not_inflated_whole(settings: Any) -> None:
+    settings.KB_EXTRACT_MAX_RATIO = 100_000
+    # zipfile trusts the stated size only after inflating what it read in one call.
+    liar = lying_zip(docx_bomb(150, paragraph=b"<w:p><w:r><w:t>" + b"a" * 2000 + b"</w:t></w:r></w:p>"))
+    assert zipfile.ZipFile(io.BytesIO(liar)).getinfo("word/document.xml").file_size == 1000
+    result, peak = peak_mb(lambda: extract("docx", liar))
+    assert isinstance(result, ExtractionError) and result.code == "damaged_file"
+    assert peak < 10
+
+
+def test_a_zip_with_too_many_entries_is_refused_before_it_is_listed(settings: Any) -> None:
+    many = docx_with_entries(3000)
+    assert detect_kind("many.docx", many) == "docx"  # the document row says why, not a 415
+    result, peak = peak_mb(lambda: extract("docx", many))
+    _refused(result, "has more than 1000 entries")
+    settings.KB_EXTRACT_MAX_ENTRIES = 5000
+    assert "Many parts" in extract("docx", many).text
+
+
+def test_a_pdf_with_a_huge_flate_stream_is_refused_within_bounded_memory() -> None:
+    bomb = pdf_with_stream(b"Hello", filler=b"0 0 m\n", repeat=40_000_000)  # 240 MB in 230 KB
+    result, peak = peak_mb(lambda: extract("pdf", bomb))
+    _refused(result, "has a stream that decompresses to more than 20 MB")
+    assert peak < 60
+
+
+def test_a_pdf_whose_streams_together_are_too_large_is_refused_by_page(settings: Any) -> None:
+    settings.KB_EXTRACT_MAX_UNCOMPRESSED_MB = 30
+    many = pdf_with_stream(b"Hello", filler=b"% a comment line\n", repeat=500_000, pages=8)  # 8 MB a page
+    result, peak = peak_mb(lambda: extract("pdf", many))
+    _refused(result, "decompresses to more than 30 MB by page 4")
+    assert peak < 60
+
+
+def test_a_damaged_pdf_bomb_is_refused_before_pdfminer_inflates_it() -> None:
+    bomb = pdf_with_stream(b"Hello", filler=b"0 0 m\n", repeat=40_000_000)
+    broken = bomb.replace(b"xref", b"xref_broken").replace(b"/Type /Catalog", b"/Type /Catalogue")
+    result, peak = peak_mb(lambda: extract("pdf", broken))
+    _refused(result, "decompresses to more than 20 MB")
+    assert peak < 60
+
+
+def test_a_normal_pdf_still_reads_under_the_limits() -> None:
+    assert "Hello" in extract("pdf", pdf_with_stream(b"Hello there", filler=b"0 0 m\n", repeat=100_000)).text
+
+
+def test_html_past_its_size_limit_is_refused_before_parsing(settings: Any) -> None:
+    settings.KB_EXTRACT_MAX_HTML_MB = 1
+    html = b"<p>word</p>" * 200_000
+    result, peak = peak_mb(lambda: extract("html", html))
+    _refused(result, "is 2.1 MB (the limit for HTML is 1 MB)")
+    assert peak < 1
+
+
+@pytest.mark.parametrize(("html", "expected"), [
+    (b"<p>a" * 200_000, "a\n\na"),  # 800 KB of paragraphs: a document tree would take hundreds of MB
+    (b"<div>" * 100_000 + b"deep text" + b"</div>" * 100_000, "deep text"),  # nesting a tree recurses into
+    # Entities an internal subset declares are not expanded (HTML has none; only &amp; and the like).
+    (b"<!DOCTYPE x [<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;'>]><p>&b;&b;&amp;</p>" * 1000, "&b;&b;&"),
+])
+def test_dense_or_deep_html_is_read_in_memory_bounded_by_its_size(html: bytes, expected: str) -> None:
+    result, peak = peak_mb(lambda: extract("html", html))
+    assert not isinstance(result, Exception), result
+    assert expected in result.text
+    assert peak < 12 * len(html) / (1024 * 1024) + 5
+
+
+def test_a_markdown_of_many_tiny_blocks_is_parsed_in_slices() -> None:
+    markdown = b"# Title\n\n" + b"word\n\n" * 200_000 + b"```\nfenced\n\ncode\n```\n\nend\n"
+    result, peak = peak_mb(lambda: extract("markdown", markdown))
+    assert not isinstance(result, Exception), result
+    assert "fenced\ncode" in result.text  # one code block: the fence was not cut at its blank line
+    assert peak < 60

@@ -23,7 +23,7 @@ from knowledge.services import document_delete, document_reindex, document_uploa
 from knowledge.tasks import documents_sweep
 from tenants.principal import Principal
 from tests.conftest import World
-from tests.knowledge.conftest import docx_bytes, truncated
+from tests.knowledge.conftest import docx_bomb, docx_bytes, pdf_with_stream, truncated
 
 HANDBOOK = b"""# Employee handbook
 
@@ -176,6 +176,24 @@ def test_a_truncated_docx_and_a_one_byte_html_fail_without_harming_others(
     assert statuses == {"ok.md": "indexed", "cut.docx": "failed", "tiny.html": "failed"}
     assert "damaged or truncated" in Document.objects.get(pk=bad_docx.pk).error_message
     assert "no text" in Document.objects.get(pk=tiny_html.pk).error_message
+
+
+def test_decompression_bombs_fail_with_the_reason_and_the_worker_indexes_the_next_files(
+        world: World, collection_a: Collection) -> None:
+    docx = _upload(world, collection_a, "bomb.docx", docx_bomb(10)).created[0]  # 10 MB of <w:p/> in 12 KB
+    pdf = _upload(world, collection_a, "bomb.pdf",  # a content stream of 90 MB in 90 KB
+                  pdf_with_stream(b"Hello", filler=b"0 0 m\n", repeat=15_000_000)).created[0]
+    good_docx = _upload(world, collection_a, "ok.docx",
+                        docx_bytes([("Normal", "Expenses are paid monthly.")])).created[0]
+    good_pdf = _upload(world, collection_a, "ok.pdf", pdf_with_stream(b"Leave is booked online.")).created[0]
+    _index([docx.pk, pdf.pk])
+    _index([good_docx.pk, good_pdf.pk])  # the same worker process, after the bombs
+    documents = {d.original_filename: d for d in Document.objects.filter(collection=collection_a)}
+    assert {name: d.status for name, d in documents.items()} == {
+        "bomb.docx": "failed", "bomb.pdf": "failed", "ok.docx": "indexed", "ok.pdf": "indexed"}
+    assert "100 times its packed size" in documents["bomb.docx"].error_message
+    assert "decompresses to more than 20 MB" in documents["bomb.pdf"].error_message
+    assert "decompression bomb" in documents["bomb.pdf"].error_message
 
 
 @pytest.mark.parametrize(("name", "data", "error", "code"), [
