@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django_tenants.utils import schema_exists
+from django.core.management.base import BaseCommand, CommandParser
 
-from compliance.selectors import audited_schemas, checkpoint_as_json
+from compliance.management.schemas import schemas_to_audit
+from compliance.selectors import checkpoint_as_json
 from compliance.services import audit_checkpoints_create
 
 
@@ -24,12 +24,7 @@ class Command(BaseCommand):
                                  "to keep them outside the database (audit_verify --checkpoints reads them)")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["schema"]:
-            if not schema_exists(options["schema"]) and options["schema"] != "public":
-                raise CommandError(f"No schema {options['schema']!r}")
-            schemas = [options["schema"]]
-        else:
-            schemas = audited_schemas()
+        schemas = schemas_to_audit(options["schema"])
         outcomes = audit_checkpoints_create(schemas=schemas)
         for outcome in outcomes:
             if outcome.error is not None:

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django_tenants.utils import schema_exists
 
-from compliance.selectors import audit_chain_verify, audited_schemas, checkpoints_from_json_lines
+from compliance.management.schemas import schemas_to_audit
+from compliance.selectors import audit_chain_verify, checkpoints_from_json_lines
 from tenants.models import AuditCheckpoint
 
 
@@ -26,12 +26,7 @@ class Command(BaseCommand):
                                  "(JSON lines), so that deleting stored checkpoints does not hide a truncation")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["schema"]:
-            if not schema_exists(options["schema"]) and options["schema"] != "public":
-                raise CommandError(f"No schema {options['schema']!r}")
-            schemas = [options["schema"]]
-        else:
-            schemas = audited_schemas()
+        schemas = schemas_to_audit(options["schema"])
         exported = self._exported(options["checkpoints"]) if options["checkpoints"] else []
         for schema in schemas:
             report = audit_chain_verify(schema=schema, exported=exported)
