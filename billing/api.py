@@ -8,6 +8,7 @@ from django.http import HttpRequest
 from ninja import Field, Query, Router, Schema
 
 from billing import selectors
+from billing.models import UsageEvent
 from billing.schemas import UsageEventPage
 from config.api import IsoDateTime, keyset_page, principal_of
 
@@ -15,7 +16,7 @@ router = Router(tags=["usage"])
 
 
 class UsageFilters(Schema):
-    kind: str | None = Field(None, description="e.g. llm.input_tokens, embedding.tokens, kb.query")
+    kind: UsageEvent.Kind | None = Field(None, description="One kind of usage event")
     agent: int | None = Field(None, description="Agent id")
     from_: IsoDateTime | None = Field(None, alias="from", description="Inclusive lower bound of created_at")
     to: IsoDateTime | None = Field(None, description="Exclusive upper bound of created_at")

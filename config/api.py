@@ -146,6 +146,20 @@ _ERRORS_UNSAFE = {
 }
 
 
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter's schema without ninja's ``anyOf: [X, {"type": "null"}]`` for an
+    optional field: a query string cannot carry null (leaving the parameter out gives the
+    default), so the parameter's type is X alone (OpenAPI 3.1, "Parameter Object")."""
+    branches = schema.get("anyOf")
+    if not isinstance(branches, list):
+        return schema
+    typed = [branch for branch in branches if branch != {"type": "null"}]
+    if len(typed) != 1 or len(typed) == len(branches):
+        return schema
+    rest = {key: value for key, value in schema.items() if key != "anyOf"}
+    return {**typed[0], **rest}
+
+
 class ApiNinja(NinjaAPI):
     """``NinjaAPI`` whose OpenAPI schema documents the error answers (``ErrorOut``) of every
     operation, which ninja would otherwise leave out unless each decorator listed them."""
@@ -160,6 +174,9 @@ class ApiNinja(NinjaAPI):
         content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
         for path_item in schema["paths"].values():
             for method, operation in path_item.items():
+                for parameter in operation.get("parameters", []):
+                    if parameter.get("in") == "query":
+                        parameter["schema"] = _without_null(parameter.get("schema", {}))
                 errors = dict(_ERRORS_ALWAYS)
                 if "application/json" in operation.get("requestBody", {}).get("content", {}):
                     errors.update(_ERRORS_JSON_BODY)

@@ -182,6 +182,12 @@ def test_it_rejects_an_agent_that_is_not_a_number(world: World, api_a: Client) -
     assert response.json()["error"]["code"] == "validation_failed"
 
 
+def test_it_rejects_a_kind_that_is_not_a_usage_event_kind(world: World, api_a: Client) -> None:
+    response = api_a.get("/api/v1/usage/events", {"kind": "false"})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "validation_failed"
+
+
 def test_pagination_walks_every_event_exactly_once(world: World, api_a: Client) -> None:
     for n in range(11):
         _record(world.tenant_a.schema_name, kind="tool.call", quantity=n)
