@@ -218,6 +218,17 @@ def test_the_console_revokes_with_htmx(world: World) -> None:
     assert ApiKey.objects.get(pk=issued.key.pk).revoked_at is not None
 
 
+def test_the_console_names_the_person_a_key_acts_for_and_lets_that_person_revoke_it(world: World) -> None:
+    operator = world.user("operator")
+    issued = api_key_create(principal=Principal.system("t", tenant=world.tenant_a), tenant=world.tenant_a,
+                            name="operator's robot", scopes=["kb:read"], acting_user=operator)
+    page = host_client(HOST_A, operator).get("/keys/").content.decode()
+    row = page[page.index(f'id="key-{issued.key.key_id}"'):]
+    row = row[:row.index("</tr>")]
+    assert f'data-testid="acts-for">{operator.email}<' in row
+    assert f"/keys/{issued.key.key_id}/revoke/" in row
+
+
 def test_the_key_list_query_count_does_not_grow(world: World, api_a, django_assert_max_num_queries) -> None:  # type: ignore[no-untyped-def]
     with django_assert_max_num_queries(8) as few:
         api_a.get("/api/v1/api-keys")
