@@ -402,15 +402,22 @@ def test_only_the_sessions_owner_may_open_its_socket_from_an_allowed_origin(
 
 # --- The sweeper (no live processes: the service runs in this test's transaction) -------------
 
+def _operator_and_published_agent(world: World, *, slug: str) -> tuple[Principal, Agent]:
+    """Tenant A's operator and a published light-tier agent ``slug`` (call in A's schema)."""
+    tenant = world.tenant_a
+    principal = Principal.for_member(Membership.objects.select_related("user", "tenant")
+                                     .get(user=world.user("operator"), tenant=tenant))
+    system = Principal.system("tests", tenant=tenant)
+    agent = agent_create(principal=system, slug=slug, name=slug.title(), config={"tier": "light"})
+    agent_version_publish(principal=system, version=agent.versions.get())
+    return principal, agent
+
+
 def test_the_sweeper_fails_turns_past_their_deadline_and_keeps_the_question(
         world: World, django_capture_on_commit_callbacks: Any) -> None:
     tenant = world.tenant_a
     with schema_context(tenant.schema_name):
-        principal = Principal.for_member(Membership.objects.select_related("user", "tenant")
-                                         .get(user=world.user("operator"), tenant=tenant))
-        system = Principal.system("tests", tenant=tenant)
-        agent = agent_create(principal=system, slug="sweep-me", name="Sweep", config={"tier": "light"})
-        agent_version_publish(principal=system, version=agent.versions.get())
+        principal, agent = _operator_and_published_agent(world, slug="sweep-me")
         turns: dict[str, Turn] = {}
         for state in ("queued", "running", "fresh"):
             session = chat_session_create(principal=principal, agent=Agent.objects.get(pk=agent.pk))
@@ -444,11 +451,7 @@ def test_the_sweeper_fails_a_running_turn_whose_heartbeat_is_stale_and_only_that
     settings.CHAT_TURN_HEARTBEAT_STALE_SECONDS = 15
     tenant = world.tenant_a
     with schema_context(tenant.schema_name):
-        principal = Principal.for_member(Membership.objects.select_related("user", "tenant")
-                                         .get(user=world.user("operator"), tenant=tenant))
-        system = Principal.system("tests", tenant=tenant)
-        agent = agent_create(principal=system, slug="beat-me", name="Beat", config={"tier": "light"})
-        agent_version_publish(principal=system, version=agent.versions.get())
+        principal, agent = _operator_and_published_agent(world, slug="beat-me")
         now = timezone.now()
         beats = {"silent": now - dt.timedelta(seconds=16), "fresh": now - dt.timedelta(seconds=14),
                  "unstamped": None}
