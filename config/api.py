@@ -101,8 +101,9 @@ class ApiParser(Parser):
     """ninja's JSON parser, refusing what the services must never see.
 
     A body whose ``Content-Type`` is not JSON gets 415 (``text/plain`` and form encodings were
-    parsed as JSON before); NUL characters and unpaired surrogates in the body or the query
-    string get 422 ``invalid_characters``. ninja wraps an error raised in ``parse_body`` into
+    parsed as JSON before), and so does an upload that is not ``multipart/form-data``; NUL
+    characters and unpaired surrogates in the body or the query string get 422
+    ``invalid_characters``. ninja wraps an error raised in ``parse_body`` into
     ``HttpError(400)``; ``_http_error`` renders the domain error it was raised from.
     """
 
@@ -121,6 +122,13 @@ class ApiParser(Parser):
 
     def parse_querydict(self, data: MultiValueDict[str, Any], list_fields: list[str],
                         request: HttpRequest) -> dict[str, Any]:
+        # File parameters are read from request.FILES, which is empty for any other media type.
+        if data is request.FILES:
+            media_type = (request.content_type or "").lower()
+            if media_type != "multipart/form-data":
+                raise UnsupportedMediaType(
+                    f"This endpoint takes an upload: send 'Content-Type: multipart/form-data', "
+                    f"not '{media_type or 'none'}'.", details={"content_type": media_type or None})
         result = super().parse_querydict(data, list_fields, request)
         require_storable(result, field="query")
         return result
@@ -178,8 +186,11 @@ class ApiNinja(NinjaAPI):
                     if parameter.get("in") == "query":
                         parameter["schema"] = _without_null(parameter.get("schema", {}))
                 errors = dict(_ERRORS_ALWAYS)
-                if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                body_types = operation.get("requestBody", {}).get("content", {})
+                if "application/json" in body_types:
                     errors.update(_ERRORS_JSON_BODY)
+                elif "multipart/form-data" in body_types:
+                    errors[415] = "The body is not ``multipart/form-data``"
                 if method in {"post", "put", "patch", "delete"}:
                     errors.update(_ERRORS_UNSAFE)
                 responses = operation.setdefault("responses", {})

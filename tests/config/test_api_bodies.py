@@ -128,6 +128,16 @@ def test_it_answers_a_body_that_is_not_json_with_400(world: World, api_a: Client
     _assert_error(_post_raw(api_a, "/api/v1/knowledge/collections", "{name"), 400, "bad_request")
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json", "application/octet-stream"])
+def test_it_refuses_an_upload_that_is_not_multipart(world: World, api_a: Client, content_type: str) -> None:
+    collection = api_a.post("/api/v1/knowledge/collections", {"name": f"Raw {content_type}"},
+                            content_type="application/json").json()
+    response = _post_raw(api_a, f"/api/v1/knowledge/collections/{collection['id']}/documents", "Vacation: 25 days.",
+                         content_type=content_type)
+    body = _assert_error(response, 415, "unsupported_media_type")
+    assert body["error"]["details"]["content_type"] == content_type
+
+
 def test_multipart_uploads_still_work(world: World, api_a: Client) -> None:
     collection = api_a.post("/api/v1/knowledge/collections", {"name": "Uploads"}, content_type="application/json")
     from django.core.files.uploadedfile import SimpleUploadedFile
