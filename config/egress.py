@@ -125,6 +125,15 @@ def _embedded_v4(address: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Add
     return None
 
 
+def _is_metadata(address: IPAddress) -> bool:
+    """A cloud metadata address, also inside an IPv4-mapped/NAT64/6to4/Teredo IPv6 address (a
+    Linux IPv6 socket reaches ``::ffff:169.254.169.254`` as the IPv4 address)."""
+    if address in METADATA_ADDRESSES:
+        return True
+    embedded = _embedded_v4(address) if isinstance(address, ipaddress.IPv6Address) else None
+    return embedded is not None and embedded[1] in METADATA_ADDRESSES
+
+
 def address_refusal(address: IPAddress) -> str | None:
     """Why ``address`` is not a public unicast address, or ``None`` when it is.
 
@@ -133,7 +142,7 @@ def address_refusal(address: IPAddress) -> str | None:
     anything outside IPv6 global unicast (2000::/3), the cloud metadata addresses, and
     IPv4-mapped/NAT64/6to4/Teredo forms of a refused IPv4 address (Teredo always).
     """
-    if address in METADATA_ADDRESSES:
+    if _is_metadata(address):
         return "a cloud metadata service"
     if isinstance(address, ipaddress.IPv6Address):
         embedded = _embedded_v4(address)
@@ -157,8 +166,7 @@ def address_refusal(address: IPAddress) -> str | None:
 
 
 def _name_refusal(host: str) -> str | None:
-    if host in METADATA_NAMES:
-        return "a cloud metadata service name"
+    # Metadata names are refused before any rule is consulted (egress_check_host).
     if any(host == suffix or host.endswith(f".{suffix}") for suffix in _LOCAL_SUFFIXES):
         return "a local-only name"
     return None
@@ -397,7 +405,7 @@ def egress_check_host(host: str, port: int, *, resolver: Resolver | None = None,
 
 def _check_address(host: str, address: IPAddress, port: int, rules: Sequence[AllowRule]) -> None:
     shown = host if str(address) == host else f"{host} ({address})"
-    if address in METADATA_ADDRESSES:
+    if _is_metadata(address):
         raise EgressDenied(f"{shown} is a cloud metadata service.")
     if any(rule.matches(host=host, address=address, port=port) for rule in rules):
         return

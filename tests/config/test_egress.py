@@ -148,6 +148,15 @@ def test_no_rule_opens_the_cloud_metadata_services() -> None:
     assert egress_check_url("http://169.254.1.1/", rules=rules).addresses == ("169.254.1.1",)
 
 
+@pytest.mark.parametrize("address", ["::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1"])
+def test_an_allowlisted_name_cannot_reach_a_metadata_service_through_an_ipv6_form(address: str) -> None:
+    """A Linux IPv6 socket reaches ``::ffff:169.254.169.254`` as the IPv4 metadata address."""
+    rules = [allow_rule_parse("models.partner.example"), allow_rule_parse("[::/0]")]
+    with pytest.raises(EgressDenied, match="metadata"):
+        egress_check_url("http://models.partner.example/v1", rules=rules,
+                         resolver=_resolver({"models.partner.example": [address]}))
+
+
 @pytest.mark.parametrize("text", ["", "10.0.0.0/33", "host:0", "host:70000", "host:http", "[::1", "bad_name!"])
 def test_unreadable_rules_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match=r"."):
