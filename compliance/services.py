@@ -12,10 +12,18 @@ from django.db import connection, transaction
 from django.utils import timezone
 from django_tenants.utils import schema_context
 
-from compliance.chain import GENESIS_HASH, Anchor, checkpoint_signature, event_hash, normalize_payload, verify_events
+from compliance.chain import (
+    GENESIS_HASH,
+    Anchor,
+    checkpoint_problem,
+    checkpoint_signature,
+    event_hash,
+    normalize_payload,
+    verify_events,
+)
 from compliance.models import AuditEvent
 from compliance.redaction import redact
-from compliance.selectors import audit_checkpoints_trusted, audit_events_streamed
+from compliance.selectors import audit_checkpoint_latest, audit_events_streamed
 from compliance.signing import keyring
 from config.errors import Conflict
 from tenants.models import AuditCheckpoint
@@ -117,18 +125,22 @@ class CheckpointOutcome:
 def audit_checkpoint_create(*, schema: str) -> tuple[AuditCheckpoint | None, bool]:
     """Sign a checkpoint of ``schema``'s chain head, in the public schema.
 
-    Only the events since the chain's newest trusted checkpoint are verified (so a run costs what
-    was appended since the last one); a head that does not verify is never signed: raises
-    ``Conflict`` (code ``audit_chain_broken``) naming the first bad seq. Returns the chain's newest
-    checkpoint and whether it was written now: a head unchanged since the last checkpoint gets no
-    new row (idempotent, and the table grows with the chain, not with the clock); an empty chain
-    returns ``(None, False)``.
+    Only the events since the chain's newest checkpoint are verified (so a run costs what
+    was appended since the last one); a head that does not verify, or a newest checkpoint whose
+    signature does not, is never signed over: raises ``Conflict`` (code ``audit_chain_broken``).
+    Returns the chain's newest checkpoint and whether it was written now: a head unchanged since
+    the last checkpoint gets no new row (idempotent, and the table grows with the chain, not with
+    the clock); an empty chain returns ``(None, False)``.
     """
     ring = keyring()
-    trusted, _problems = audit_checkpoints_trusted(schema=schema, keyring=ring)
-    newest = max(trusted, key=lambda c: (c.seq, c.created_at), default=None)
+    # Only the newest checkpoint matters here (audit_verify checks them all): its legacy count is
+    # every later one's too, since no plain-hash event can follow a keyed one.
+    newest = audit_checkpoint_latest(schema=schema)
+    if newest is not None and (reason := checkpoint_problem(checkpoint=newest, keyring=ring)) is not None:
+        raise Conflict(f"The newest checkpoint of {schema} (id {newest.pk}) does not verify ({reason}); run "
+                       "audit_verify.", code="audit_chain_broken", details={"schema": schema, "seq": newest.seq})
     start = Anchor(newest.seq, newest.hash, newest.legacy_events, "checkpoint") if newest else None
-    legacy_limit = min((c.legacy_events for c in trusted), default=None)
+    legacy_limit = newest.legacy_events if newest else None
     with schema_context(schema):
         if start is not None and not AuditEvent.objects.filter(seq=start.seq, hash=start.hash).exists():
             raise Conflict(f"The audit chain of {schema} no longer holds the head of its last checkpoint (seq "

@@ -45,22 +45,16 @@ class Principal:
         )
 
     @classmethod
-    def for_api_key(cls, key: ApiKey, *, role: str | None = None) -> Principal:
-        """A program authenticated by ``key``.
+    def for_api_key(cls, key: ApiKey) -> Principal:
+        """A program authenticated by ``key``, as ``api_key_authenticate`` returns it.
 
-        It holds the key's scopes that the role of the key's person (``key.acting_user``) in
-        the key's tenant grants today, ``role``: given, else the ``acting_role`` that
-        ``api_key_authenticate`` annotated, else read from the membership. Without a
-        membership it holds nothing. ``role`` stays ``None`` on the principal: a key never
-        acts with a member's role-assignment rights (``tenants.services.members``).
+        It holds the key's scopes that the role of the key's person (``key.acting_user``) in the
+        key's tenant grants today: ``key.acting_role``, which ``api_key_authenticate`` reads in
+        the same query as the key. A key without it holds nothing (fails closed). ``role`` stays
+        ``None`` on the principal: a key never acts with a member's role-assignment rights
+        (``tenants.services.members``).
         """
-        if role is None:
-            role = getattr(key, "acting_role", None)
-        if role is None:
-            from tenants.models import Membership
-
-            role = (Membership.objects.filter(user_id=key.acting_user_id, tenant_id=key.tenant_id)
-                    .values_list("role", flat=True).first())
+        role = getattr(key, "acting_role", None)
         return cls(
             kind="api_key",
             tenant=key.tenant,
