@@ -21,6 +21,8 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from config.db import connection_release
+
 logger = structlog.get_logger(__name__)
 
 
@@ -79,6 +81,8 @@ def beat() -> int:
         with schema_context(schema):
             stamped += Turn.objects.filter(pk__in=ids, status=Turn.Status.RUNNING).update(
                 heartbeat_at=timezone.now())
+    # Back to the pool between beats: the thread would otherwise hold one of the worker's slots.
+    connection_release()
     return stamped
 
 

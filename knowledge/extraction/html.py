@@ -1,8 +1,8 @@
 """HTML, read as a stream of tags with the standard library's ``html.parser``: h1-h6 become the
 heading path; scripts, styles and the head are dropped; table cells are joined with " | ".
 
-No tree is built: a document tree costs about a kilobyte per element, so a few megabytes of
-``<p>`` would grow the worker by gigabytes, and deep nesting costs nothing here. Only the
+No tree is built: a document tree costs memory per element (docs/perf/extraction-limits.md), so
+a few megabytes of ``<p>`` would grow the worker by gigabytes; deep nesting costs nothing here. Only the
 standard HTML character references are expanded (HTML has no user-defined entities), and files
 past ``KB_EXTRACT_MAX_HTML_MB`` are refused before they are decoded.
 """

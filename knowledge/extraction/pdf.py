@@ -72,12 +72,15 @@ _WHAT = "The PDF"
 @contextmanager
 def _pypdf_limits(limits: ExtractionLimits) -> Iterator[None]:
     """Run pypdf with each stream's decoded output bounded by ``KB_EXTRACT_MAX_PDF_STREAM_MB`` (its
-    own default is 75 MB) and without the external ``jbig2dec`` (images are not read)."""
+    own default is 75 MB) and without the external ``jbig2dec`` (images are not read). A stream's
+    raw (declared) length is bounded by the upload limit only: raw bytes are not a bomb, and a
+    genuine PDF may hold one large uncompressed image."""
     import pypdf
+    from django.conf import settings
 
     per_stream = limits.max_pdf_stream_bytes
     with pypdf.apply_configuration(
-        maximum_declared_stream_length=per_stream,
+        maximum_declared_stream_length=settings.KB_MAX_UPLOAD_MB * 1024 * 1024,
         array_based_stream_maximum_output_length=per_stream,
         zlib_maximum_output_length=per_stream,
         lzw_maximum_output_length=per_stream,

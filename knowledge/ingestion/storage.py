@@ -224,9 +224,7 @@ def _analyze_if_grown(added_chunks: int, *, collection_grew: bool = False) -> bo
     Only the columns searches filter and join on are analyzed (the collection, and the postings'
     lexeme), which spares computing statistics of the embeddings and texts. Until autovacuum
     analyzes them (up to a minute or two later), the planner keeps the statistics from before the
-    load: measured after importing 200 SciFact abstracts into the demo tenant, it estimated 1
-    posting row for the new collection, merge-joined all 26,354 of them, and a hybrid search's
-    keyword statement took 45-75 ms; after the analyze, 3.2 ms.
+    load and misestimates the new collection's rows (docs/perf/filtered-vector-search.md).
     """
     if added_chunks < ANALYZE_MIN_CHUNKS:
         return False

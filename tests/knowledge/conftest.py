@@ -112,9 +112,10 @@ def lying_zip(data: bytes, name: str = "word/document.xml", claimed: int = 1000)
     return bytes(blob)
 
 
-def pdf_with_stream(text: bytes, *, filler: bytes = b"", repeat: int = 0, pages: int = 1) -> bytes:
+def pdf_with_stream(text: bytes, *, filler: bytes = b"", repeat: int = 0, pages: int = 1, image_mb: int = 0) -> bytes:
     """A PDF of ``pages`` pages whose content stream (FlateDecode) shows ``text`` in Helvetica
-    followed by ``filler`` ``repeat`` times (compressed as it is made, never held whole)."""
+    followed by ``filler`` ``repeat`` times (compressed as it is made, never held whole); with
+    ``image_mb``, every page's resources also hold one uncompressed grey image of that size."""
     import zlib
 
     compressor = zlib.compressobj(9)
@@ -127,11 +128,18 @@ def pdf_with_stream(text: bytes, *, filler: bytes = b"", repeat: int = 0, pages:
     kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(pages)).encode()
     objects.append(b"<< /Type /Pages /Kids [" + kids + b"] /Count " + str(pages).encode() + b" >>")
     objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    image = f"/XObject << /Im1 {4 + 2 * pages} 0 R >> ".encode() if image_mb else b""
     for i in range(pages):
-        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
-                       b"/Contents " + str(5 + 2 * i).encode() + b" 0 R >>")
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> "
+                       + image + b">> /Contents " + str(5 + 2 * i).encode() + b" 0 R >>")
         objects.append(b"<< /Length " + str(len(compressed)).encode() + b" /Filter /FlateDecode >>\nstream\n"
                        + compressed + b"\nendstream")
+    if image_mb:
+        side = 1024
+        pixels = bytes(side * side * image_mb)
+        objects.append(f"<< /Type /XObject /Subtype /Image /Width {side} /Height {side * image_mb} /ColorSpace "
+                       f"/DeviceGray /BitsPerComponent 8 /Length {len(pixels)} >>\nstream\n".encode()
+                       + pixels + b"\nendstream")
     out = io.BytesIO()
     out.write(b"%PDF-1.4\n")
     offsets = []

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.test import override_settings
 
 from knowledge.extraction import ExtractionError, UnsupportedFile, detect_kind, extract
 from tests.knowledge.conftest import (
@@ -258,6 +259,13 @@ def test_a_normal_pdf_still_reads_under_the_limits() -> None:
     assert "Hello" in extract("pdf", pdf_with_stream(b"Hello there", filler=b"0 0 m\n", repeat=100_000)).text
 
 
+def test_a_pdf_with_a_large_uncompressed_image_still_reads() -> None:
+    """Raw bytes are no bomb: a stream's declared length past the decoded-stream limit is fine."""
+    with override_settings(KB_EXTRACT_MAX_PDF_STREAM_MB=2):
+        text = extract("pdf", pdf_with_stream(b"Hello image. " * 40, image_mb=3)).text
+    assert "Hello image" in text
+
+
 def test_html_past_its_size_limit_is_refused_before_parsing(settings: Any) -> None:
     settings.KB_EXTRACT_MAX_HTML_MB = 1
     html = b"<p>word</p>" * 200_000
@@ -280,7 +288,8 @@ def test_dense_or_deep_html_is_read_in_memory_bounded_by_its_size(html: bytes, e
 
 
 def test_a_markdown_of_many_tiny_blocks_is_parsed_in_slices() -> None:
-    markdown = b"# Title\n\n" + b"word\n\n" * 200_000 + b"```\nfenced\n\ncode\n```\n\nend\n"
+    # The fence's blank line falls just past the first 64 KiB slice, where a cut would split it.
+    markdown = b"# Title\n\n" + b"word\n\n" * 10_921 + b"```\nfenced\n\ncode\n```\n\nend\n"
     result, peak = peak_mb(lambda: extract("markdown", markdown))
     assert not isinstance(result, Exception), result
     assert "fenced\ncode" in result.text  # one code block: the fence was not cut at its blank line
