@@ -17,10 +17,10 @@ import hmac
 from dataclasses import dataclass
 from functools import lru_cache
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+
+from config.crypto import derive_key
 
 #: Shortest accepted key, in characters: 32 is the HMAC-SHA256 block-size guidance of RFC 2104
 #: section 3 (keys shorter than the 32-byte output weaken it).
@@ -52,18 +52,13 @@ class Keyring:
         return None
 
 
-def _derived_key(secret_key: str) -> bytes:
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"agent-ops-portal", info=b"audit-signing")
-    return hkdf.derive(secret_key.encode())
-
-
 @lru_cache(maxsize=4)
 def _keyring(keys: tuple[str, ...], secret_key: str, development: bool) -> Keyring:
     if not keys:
         if not development:
             raise ImproperlyConfigured("AUDIT_SIGNING_KEYS (or AUDIT_SIGNING_KEYS_FILE) is required in production: "
                                        "the audit chain is signed with it.")
-        secrets = [_derived_key(secret_key)]
+        secrets = [derive_key(secret_key, purpose=b"audit-signing")]
     else:
         secrets = [key.encode() for key in keys]
     return Keyring(tuple((key_id_of(secret), secret) for secret in secrets))

@@ -23,9 +23,15 @@ class SecretUnreadable(Exception):
     """A stored secret cannot be decrypted with any configured key (wrong or removed key)."""
 
 
+def derive_key(secret_key: str, *, purpose: bytes) -> bytes:
+    """32 bytes derived from ``secret_key`` for one ``purpose`` (HKDF-SHA256, RFC 5869), so a
+    development key per purpose needs no setting of its own; production sets its keys."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"agent-ops-portal", info=purpose)
+    return hkdf.derive(secret_key.encode())
+
+
 def _derived_key(secret_key: str) -> bytes:
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"agent-ops-portal", info=b"field-encryption")
-    return base64.urlsafe_b64encode(hkdf.derive(secret_key.encode()))
+    return base64.urlsafe_b64encode(derive_key(secret_key, purpose=b"field-encryption"))
 
 
 @lru_cache(maxsize=4)

@@ -34,7 +34,7 @@ def plan_limit_check(*, limit: str, used: Callable[[], int], adding: int = 1, te
     ``limit`` is a ``Plan`` field: ``max_members``, ``max_agents`` (counts), or ``max_storage_mb``
     (``used()`` and ``adding`` in bytes, the limit in MiB). ``tenant`` defaults to the tenant whose
     schema the connection is in; none, no plan or a ``None`` limit allows anything. Otherwise the
-    tenant's row is locked (``SELECT ... FOR UPDATE``, held until the transaction ends) before
+    tenant's row is locked (``SELECT ... FOR NO KEY UPDATE``, held until the transaction ends) before
     ``used()`` counts, so concurrent callers are serialised and each counts what the others
     committed. Raises ``Conflict`` (code ``plan_limit``; ``details``: ``limit``, ``allowed`` in the
     limit's unit, ``used``), and ``TransactionManagementError`` outside ``transaction.atomic``.
@@ -44,7 +44,9 @@ def plan_limit_check(*, limit: str, used: Callable[[], int], adding: int = 1, te
     current = tenant if tenant is not None else _tenant_of_connection()
     if current is None or _allowed(current, limit) is None:
         return
-    locked = Tenant.objects.select_related("plan").select_for_update(of=("self",)).get(pk=current.pk)
+    # FOR NO KEY UPDATE still serialises the checks but, unlike FOR UPDATE, lets rows that only
+    # reference the tenant (members, keys) be inserted meanwhile (an upload may hold it a while).
+    locked = Tenant.objects.select_related("plan").select_for_update(no_key=True, of=("self",)).get(pk=current.pk)
     allowed = _allowed(locked, limit)
     if allowed is None:
         return

@@ -298,6 +298,35 @@ def test_responses_over_the_size_cap_or_compressed_are_refused(db: Any, serve: A
         assert isinstance(EgressResponseRefused("x"), httpx.HTTPError)
 
 
+def test_a_response_that_trickles_past_the_time_cap_is_cut(db: Any, serve: Any) -> None:
+    """Each byte comes well within the read timeout, so only the total time cap can stop it."""
+    import time
+
+    def trickle(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "20")
+        handler.end_headers()
+        for _ in range(20):
+            handler.wfile.write(b"x")
+            handler.wfile.flush()
+            time.sleep(0.2)
+
+    slow = serve(trickle)
+    with override_settings(EGRESS_ALLOWLIST=[f"127.0.0.1:{slow.port}"]), \
+            egress_client(max_seconds=0.5) as client, pytest.raises(httpx.ReadTimeout, match="time cap"):
+        client.get(f"http://127.0.0.1:{slow.port}/")
+
+
+def test_an_unreadable_allowlist_entry_fails_the_system_check(db: Any) -> None:
+    from django.core.checks import run_checks
+
+    with override_settings(EGRESS_ALLOWLIST=["10.0.0.0/8", "10.0.0.0/33"]):
+        errors = [message for message in run_checks() if message.id == "portal.E031"]
+    assert len(errors) == 1 and "entry 2" in errors[0].msg
+    with override_settings(EGRESS_ALLOWLIST=["10.0.0.0/8", "models.internal:8000"]):
+        assert not [message for message in run_checks() if message.id == "portal.E031"]
+
+
 def _self_signed(host: str, directory: Any) -> tuple[str, str]:
     """A certificate for ``host`` and its key, as PEM files in ``directory``."""
     import datetime as dt
