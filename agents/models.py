@@ -8,6 +8,11 @@ A chat ``Turn`` is one user message and the work of answering it, a small state 
 
     queued -> running -> completed | failed | cancelled
     queued -> cancelled | failed
+    running -> awaiting_approval -> running (decided) | failed (expired) | cancelled
+
+A ``Tool`` is something an agent may call (a builtin, or an HTTP request to a tenant's service);
+each call the model makes is a ``ToolCall`` of its turn, and a call of a tool that
+``requires_approval`` waits for an ``ApprovalRequest`` to be decided by a person who may decide.
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ class AgentVersion(models.Model):
         TEXT = "text", "Text"
         JSON_SCHEMA = "json_schema", "JSON (schema)"
 
+    class ToolChoice(models.TextChoices):
+        AUTO = "auto", "Auto"
+        REQUIRED = "required", "Required"
+        NONE = "none", "None"
+
     class RetrievalMode(models.TextChoices):
         HYBRID = "hybrid", "Hybrid"
         VECTOR = "vector", "Vector"
@@ -78,6 +88,10 @@ class AgentVersion(models.Model):
     retrieval_max_chunks_per_document = models.PositiveIntegerField(null=True, blank=True)
     output_format = models.CharField(max_length=12, choices=OutputFormat.choices, default=OutputFormat.TEXT)
     output_schema = models.JSONField(null=True, blank=True)
+    # Names of the tenant's tools the model may call; tool_choice applies to the turn's first
+    # model call (later calls of the loop are "auto", so the model can answer from the results).
+    tools = ArrayField(models.CharField(max_length=64), default=list, blank=True)
+    tool_choice = models.CharField(max_length=10, choices=ToolChoice.choices, default=ToolChoice.AUTO)
     note = models.CharField(max_length=300, blank=True)
     created_by = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -152,15 +166,18 @@ class Turn(models.Model):
         COMPLETED = "completed", "Completed"
         FAILED = "failed", "Failed"
         CANCELLED = "cancelled", "Cancelled"
+        AWAITING_APPROVAL = "awaiting_approval", "Awaiting approval"
 
     FINAL: ClassVar[frozenset[str]] = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+    # A session takes no new message while one of its turns is in one of these.
+    UNFINISHED: ClassVar[frozenset[str]] = frozenset({Status.QUEUED, Status.RUNNING, Status.AWAITING_APPROVAL})
 
     session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="turns")
     agent_version = models.ForeignKey(AgentVersion, on_delete=models.PROTECT, related_name="turns")
     user_message = models.OneToOneField(Message, on_delete=models.CASCADE, related_name="turn")
     assistant_message = models.OneToOneField(Message, null=True, blank=True, on_delete=models.SET_NULL,
                                              related_name="answered_turn")
-    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
     queue = models.CharField(max_length=20, default="llm.standard")
     cancel_requested = models.BooleanField(default=False)
     deadline = models.DateTimeField()
@@ -179,9 +196,146 @@ class Turn(models.Model):
     output_tokens = models.PositiveIntegerField(default=0)
     error_code = models.CharField(max_length=40, blank=True)
     error_message = models.TextField(blank=True)
+    # The tool loop's state, saved when the turn parks for an approval so that a worker can
+    # resume it: {"messages": [...the model's messages so far...], "model_calls": n,
+    # "citations": [...]} ({} for a turn that never parked).
+    loop_state = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering: ClassVar = ["id"]
 
     def __str__(self) -> str:
         return f"Turn {self.pk} ({self.status})"
+
+
+class Tool(models.Model):
+    """A tool agents may call: a builtin (``kb_search``, ``current_time``, ``calculator``, rows
+    made by a migration and never changed) or an HTTP request to the tenant's service.
+
+    ``parameters`` is a JSON Schema (Draft 2020-12) of the arguments. An HTTP tool sends
+    ``method`` to ``url`` (``{param}`` placeholders filled with URL-encoded arguments) with
+    ``headers``, the encrypted ``secret_headers_encrypted`` (a JSON object of header -> value,
+    encrypted with ``config.crypto.secret_encrypt``; never returned or logged) and, when set,
+    ``body_template`` (JSON whose ``"{param}"`` strings become the arguments' values). Every
+    request goes through the egress guard.
+    """
+
+    class Kind(models.TextChoices):
+        BUILTIN = "builtin", "Builtin"
+        HTTP = "http", "HTTP"
+
+    class SideEffect(models.TextChoices):
+        READ = "read", "Read"
+        WRITE = "write", "Write"
+
+    name = models.CharField(max_length=64, unique=True)
+    description = models.TextField(blank=True)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.HTTP)
+    parameters = models.JSONField(default=dict, blank=True)
+    side_effect = models.CharField(max_length=5, choices=SideEffect.choices, default=SideEffect.READ)
+    requires_approval = models.BooleanField(default=False)
+    timeout_seconds = models.FloatField(default=10.0)
+    max_response_bytes = models.PositiveIntegerField(default=65536)
+    method = models.CharField(max_length=7, blank=True)
+    url = models.CharField(max_length=2000, blank=True)
+    headers = models.JSONField(default=dict, blank=True)
+    secret_headers_encrypted = models.TextField(blank=True)
+    body_template = models.JSONField(null=True, blank=True)
+    created_by = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering: ClassVar = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ToolCall(models.Model):
+    """One tool call the model made in a turn, in the order made (``sequence``).
+
+    ``invalid`` calls (arguments that are not JSON or break the schema, an unknown tool or one
+    not on the version's list) are never executed; the model is told why. A call of a tool that
+    requires approval goes ``awaiting_approval`` -> ``approved`` | ``rejected`` (or ``expired``);
+    an approved call is claimed (``running``) by exactly one worker before it is sent.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        AWAITING_APPROVAL = "awaiting_approval", "Awaiting approval"
+        APPROVED = "approved", "Approved"
+        RUNNING = "running", "Running"
+        OK = "ok", "OK"
+        ERROR = "error", "Error"
+        INVALID = "invalid", "Invalid"
+        REJECTED = "rejected", "Rejected"
+        EXPIRED = "expired", "Expired"
+
+    turn = models.ForeignKey(Turn, on_delete=models.CASCADE, related_name="tool_calls")
+    sequence = models.PositiveIntegerField()
+    call_id = models.CharField(max_length=100)  # the id the model gave the call
+    tool = models.ForeignKey(Tool, null=True, blank=True, on_delete=models.SET_NULL, related_name="calls")
+    tool_name = models.CharField(max_length=200)  # as the model wrote it (may name no tool)
+    arguments = models.JSONField(null=True, blank=True)  # parsed; null when they were not JSON
+    arguments_raw = models.TextField(blank=True)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING, db_index=True)
+    error_code = models.CharField(max_length=40, blank=True)
+    output_excerpt = models.TextField(blank=True)
+    # What was sent and received (HTTP tools; secret header values redacted), for the console.
+    request = models.JSONField(null=True, blank=True)
+    response = models.JSONField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering: ClassVar = ["turn", "sequence"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["turn", "sequence"], name="tool_call_sequence_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tool_name} ({self.status})"
+
+
+class ApprovalRequest(models.Model):
+    """A person's decision on one tool call: ``pending`` -> ``approved`` | ``rejected`` |
+    ``expired`` | ``cancelled`` (the turn was stopped). Decided once.
+
+    ``requested_by_*`` is whoever sent the message that caused the call (the session's owner:
+    a member, or an API key and the person it acts for); they may not decide it (separation of
+    duties). ``excerpt`` is the end of the conversation that led to the call
+    (``[{"role", "content"}]``).
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        APPROVED = "approved", "Approved"
+        REJECTED = "rejected", "Rejected"
+        EXPIRED = "expired", "Expired"
+        CANCELLED = "cancelled", "Cancelled"
+
+    tool_call = models.OneToOneField(ToolCall, on_delete=models.CASCADE, related_name="approval")
+    turn = models.ForeignKey(Turn, on_delete=models.CASCADE, related_name="approvals")
+    tool_name = models.CharField(max_length=64)
+    arguments = models.JSONField(default=dict, blank=True)
+    excerpt = models.JSONField(default=list, blank=True)
+    requested_by_user_id = models.BigIntegerField(null=True, blank=True)
+    requested_by_api_key_id = models.CharField(max_length=24, blank=True)
+    requested_by_label = models.CharField(max_length=200, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)
+    expires_at = models.DateTimeField()
+    decided_by_user_id = models.BigIntegerField(null=True, blank=True)
+    decided_by_api_key_id = models.CharField(max_length=24, blank=True)
+    decided_by_label = models.CharField(max_length=200, blank=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering: ClassVar = ["-id"]
+
+    def __str__(self) -> str:
+        return f"Approval {self.pk} of {self.tool_name} ({self.status})"

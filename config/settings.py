@@ -450,6 +450,12 @@ CHAT_DELTA_INTERVAL_MS = env_int("CHAT_DELTA_INTERVAL_MS", 40, minimum=0)
 # POST /api/v1/sessions/{id}/messages without streaming waits at most this long.
 CHAT_SYNC_WAIT_SECONDS = env_float("CHAT_SYNC_WAIT_SECONDS", 120.0)
 CHAT_MAX_MESSAGE_CHARS = env_int("CHAT_MAX_MESSAGE_CHARS", 16000, minimum=100)
+# The tool loop: at most AGENT_MAX_TOOL_CALLS tool calls per turn (invalid ones count), each
+# tool's result cut to AGENT_TOOL_RESULT_MAX_CHARS characters in the next prompt.
+AGENT_MAX_TOOL_CALLS = env_int("AGENT_MAX_TOOL_CALLS", 8, minimum=1)
+AGENT_TOOL_RESULT_MAX_CHARS = env_int("AGENT_TOOL_RESULT_MAX_CHARS", 4000, minimum=200)
+# A tool call waiting for approval expires after APPROVAL_TTL_SECONDS (its turn then fails).
+APPROVAL_TTL_SECONDS = env_int("APPROVAL_TTL_SECONDS", 24 * 3600, minimum=60)
 # The egress guard (config/egress.py) for URLs tenants supply: comma-separated allow rules
 # (host, host:port, IP, CIDR, [IPv6]:port) that open a private address or another port than
 # 80/443, besides the rows staff edit on the admin; and each response's size and time caps.

@@ -8,9 +8,14 @@ permissions at that time (nobody can mint a key more powerful than themselves).
 |----------|----------------------------------------------------------------------------|
 | owner    | everything, including managing owners and tenant security settings         |
 | admin    | everything except managing owners and tenant security settings             |
-| operator | build and run: agents, knowledge, chat, own API keys; read members, usage  |
-| viewer   | read agents and knowledge, chat with agents; read members                  |
-| auditor  | read-only: audit trail, usage, members, agents and knowledge               |
+| operator | build and run: agents, tools, knowledge, chat, own API keys; read members, |
+|          | usage and approvals                                                        |
+| approver | decide approval requests of tool calls; read agents, tools, knowledge; chat |
+| viewer   | read agents, tools and knowledge, chat with agents; read members           |
+| auditor  | read-only: audit trail, usage, approvals, members, agents and knowledge    |
+
+Deciding approvals (``approvals:decide``) is held by owner, admin and approver (and API keys
+given that scope by one of them); nobody decides a call their own message caused.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class Role(models.TextChoices):
     ADMIN = "admin", "Admin"
     OPERATOR = "operator", "Operator"
     VIEWER = "viewer", "Viewer"
+    APPROVER = "approver", "Approver"
     AUDITOR = "auditor", "Auditor"
 
 
@@ -41,18 +47,24 @@ PERMISSIONS: dict[str, str] = {
     "kb:read": "Read and search knowledge collections",
     "kb:write": "Create collections, upload and delete documents",
     "chat": "Chat with agents",
+    "tools:read": "Read tools",
+    "tools:write": "Create, edit, test and delete tools",
+    "approvals:read": "Read approval requests of tool calls",
+    "approvals:decide": "Approve or reject tool calls that need approval",
 }
 
-_READ = {"tenant:read", "members:read", "agents:read", "kb:read"}
+_READ = {"tenant:read", "members:read", "agents:read", "kb:read", "tools:read"}
 
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     Role.OWNER: frozenset(PERMISSIONS),
     Role.ADMIN: frozenset(PERMISSIONS) - {"tenant:admin"},
     Role.OPERATOR: frozenset(
-        _READ | {"keys:read", "keys:write", "usage:read", "agents:write", "kb:write", "chat"}
+        _READ | {"keys:read", "keys:write", "usage:read", "agents:write", "kb:write", "chat", "tools:write",
+                 "approvals:read"}
     ),
+    Role.APPROVER: frozenset(_READ | {"chat", "approvals:read", "approvals:decide"}),
     Role.VIEWER: frozenset(_READ | {"chat"}),
-    Role.AUDITOR: frozenset(_READ | {"audit:read", "usage:read", "keys:read"}),
+    Role.AUDITOR: frozenset(_READ | {"audit:read", "usage:read", "keys:read", "approvals:read"}),
 }
 
 # The scopes offered by default when a key is created in the console.

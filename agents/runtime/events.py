@@ -11,6 +11,10 @@ Every event is a dict with an ``event`` name and the ``turn_id``:
 | ``turn.completed`` | ``message_id``, ``content``, ``citations``, ``usage``                |
 | ``turn.failed``    | ``error`` (``code``, ``message``)                                    |
 | ``turn.cancelled`` | ``message_id`` (the partial answer kept, if any)                     |
+| ``tool.call``      | ``call_id``, ``tool``, ``arguments``                                 |
+| ``tool.result``    | ``call_id``, ``status`` (``ok``, ``error``, ``rejected``), ``excerpt`` |
+| ``approval.requested`` | ``approval_id``, ``call_id``, ``tool``, ``arguments``, ``expires_at`` |
+| ``approval.decided``   | ``approval_id``, ``call_id``, ``status``, ``decided_by``, ``reason`` |
 | ``message.accepted`` | ``user_message_id``, ``content`` (socket messages only, before ``turn.queued``) |
 | ``error``          | ``error`` (``code``, ``message``); no ``turn_id``: a socket message the worker refused |
 
