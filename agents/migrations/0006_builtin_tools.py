@@ -4,6 +4,8 @@ Their behaviour lives in ``agents.runtime.tools``; the rows give them ids and na
 own tools cannot take, and are never changed through the services or the API.
 """
 
+import json
+
 from django.db import migrations
 
 BUILTINS = [
@@ -50,19 +52,25 @@ BUILTINS = [
 ]
 
 
-def create_builtins(apps, schema_editor):
-    Tool = apps.get_model("agents", "Tool")
-    for spec in BUILTINS:
-        Tool.objects.update_or_create(name=spec["name"], defaults={
-            **spec, "kind": "builtin", "side_effect": "read", "requires_approval": False,
-            "timeout_seconds": 10.0, "max_response_bytes": 65536, "created_by": "system"})
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
-def remove_builtins(apps, schema_editor):
-    apps.get_model("agents", "Tool").objects.filter(kind="builtin").delete()
+# SQL, not RunPython: tenant provisioning replays tenant migrations as SQL. The values are this
+# module's constants, quoted by _literal.
+INSERT = "\n".join(
+    "INSERT INTO agents_tool (name, description, kind, parameters, side_effect, requires_approval, "  # noqa: S608
+    "timeout_seconds, "
+    "max_response_bytes, method, url, headers, secret_headers_encrypted, body_template, created_by, created_at, "
+    f"updated_at) VALUES ({_literal(spec['name'])}, {_literal(spec['description'])}, 'builtin', "
+    f"{_literal(json.dumps(spec['parameters']))}::jsonb, 'read', false, 10.0, 65536, '', '', '{{}}'::jsonb, '', NULL, "
+    "'system', now(), now()) ON CONFLICT (name) DO NOTHING;"
+    for spec in BUILTINS
+)
+DELETE = "DELETE FROM agents_tool WHERE kind = 'builtin';"
 
 
 class Migration(migrations.Migration):
     dependencies = [("agents", "0005_tools_and_approvals")]
 
-    operations = [migrations.RunPython(create_builtins, remove_builtins)]
+    operations = [migrations.RunSQL(INSERT, DELETE)]
