@@ -8,7 +8,7 @@ from celery import Task, shared_task
 from django.db import connection
 
 from agents.runtime import events
-from agents.runtime.orchestrator import turn_run
+from agents.runtime.orchestrator import turn_resume, turn_run
 from agents.selectors import session_get
 from agents.services import chat_message_send, turn_enqueue, turns_sweep
 from config.errors import DomainError
@@ -22,6 +22,13 @@ logger = structlog.get_logger(__name__)
 def turn_run_task(turn_id: int) -> str:
     """Run one turn to a final state (see ``agents.runtime.orchestrator.turn_run``)."""
     return turn_run(turn_id)
+
+
+@shared_task(name="agents.turn_resume", ignore_result=True, acks_late=False)
+def turn_resume_task(turn_id: int) -> str:
+    """Resume a turn whose approval request was decided (``orchestrator.turn_resume``); sent on
+    the turn's queue after the decision commits."""
+    return turn_resume(turn_id)
 
 
 @shared_task(name="agents.turn_sweep", ignore_result=True)

@@ -321,3 +321,10 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
         events.publish(group, {"event": "turn.failed", "turn_id": turn.pk,
                                "error": {"code": turn.error_code, "message": turn.error_message}})
     return str(turn.status)
+
+
+def turn_resume(turn_id: int) -> str:
+    """Resume turn ``turn_id`` after its approval request was decided: execute an approved call
+    exactly once (or tell the model it was rejected) and continue the tool loop; returns the
+    turn's state. Idempotent: a turn that is not waiting on a decided approval is ``skipped``."""
+    raise NotImplementedError("the tool loop's resume is being built (issue #29)")
