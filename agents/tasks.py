@@ -40,6 +40,18 @@ def turn_sweep() -> int:
     return result.failed
 
 
+@shared_task(name="agents.approvals_expire", ignore_result=True)
+def approvals_expire_task() -> int:
+    """Beat entry point, sent once per tenant: expire approval requests nobody decided in time
+    (``approval_services.approvals_expire``) and fail their turns."""
+    from agents.approval_services import approvals_expire
+
+    expired = approvals_expire()
+    if expired:
+        logger.info("approvals_expired", expired=expired)
+    return expired
+
+
 @shared_task(name="agents.chat_message_accept", ignore_result=True, acks_late=False, bind=True)
 def chat_message_accept_task(self: Task, membership_id: int, session_id: int, content: str) -> None:
     """Save a message sent over the chat socket and run its turn, in the worker rather than in

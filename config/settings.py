@@ -261,6 +261,8 @@ CHAT_TURN_SWEEP_SECONDS = env_float("CHAT_TURN_SWEEP_SECONDS", 10.0, minimum=1.0
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "kb-document-sweep": {"task": "knowledge.document_sweep", "schedule": 60.0},
     "chat-turn-sweep": {"task": "agents.turn_sweep", "schedule": CHAT_TURN_SWEEP_SECONDS},
+    # Each tenant: approval requests past their expires_at expire and their turns fail.
+    "approvals-expire": {"task": "agents.approvals_expire", "schedule": 60.0},
     # Sent once, to the public schema: the task checkpoints every chain itself.
     "audit-checkpoint": {"task": "compliance.audit_checkpoint", "schedule": float(AUDIT_CHECKPOINT_SECONDS),
                          "tenant_schemas": ["public"]},
