@@ -1,10 +1,10 @@
-"""Console pages for agents and chat (``/agents/``, ``/chat/``)."""
+"""Console pages for agents, approvals and chat (``/agents/``, ``/approvals/``, ``/chat/``)."""
 
 from __future__ import annotations
 
 from django.urls import URLPattern, path
 
-from agents import views
+from agents import approval_views, views
 
 urlpatterns: list[URLPattern] = [
     path("agents/", views.agent_list, name="agent_list"),
@@ -15,6 +15,9 @@ urlpatterns: list[URLPattern] = [
     path("agents/<int:agent_id>/status/", views.agent_status, name="agent_status"),
     path("agents/<int:agent_id>/versions/<int:number>/publish/", views.agent_version_publish,
          name="agent_version_publish"),
+    path("approvals/", approval_views.approval_list, name="approval_list"),
+    path("approvals/<int:approval_id>/", approval_views.approval_detail, name="approval_detail"),
+    path("approvals/<int:approval_id>/decide", approval_views.approval_decide, name="approval_decide"),
     path("chat/", views.chat_session_list, name="chat_session_list"),
     path("chat/<int:session_id>/", views.chat_session_detail, name="chat_session_detail"),
     path("chat/<int:session_id>/send", views.chat_message_send, name="chat_message_send"),

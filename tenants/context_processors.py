@@ -15,6 +15,7 @@ NAVIGATION: list[tuple[str, str, str]] = [
     ("dashboard", "Dashboard", "tenant:read"),
     ("agent_list", "Agents", "agents:read"),
     ("chat_session_list", "Chat", "chat"),
+    ("approval_list", "Approvals", "approvals:read"),
     ("collection_list", "Knowledge", "kb:read"),
     ("model_endpoint_list", "Models", "agents:read"),
     ("member_list", "Members", "members:read"),
@@ -37,6 +38,11 @@ def console(request: HttpRequest) -> dict[str, Any]:
     active = max(matches, key=lambda item: len(item["url"]))["url"] if matches else None
     for item in nav:
         item["active"] = item["url"] == active
+        if item["label"] == "Approvals" and principal is not None:
+            from agents.approval_selectors import approval_pending_count
+
+            # The requests waiting for a decision: one COUNT, only for members who read approvals.
+            item["badge"] = approval_pending_count(principal=principal)
     return {
         "base_domain": settings.BASE_DOMAIN,
         "tenant": tenant,
