@@ -138,9 +138,12 @@ def _authorize(scope: dict[str, Any], session_id: int) -> tuple[str, Any, int, s
 
 
 @database_sync_to_async
-def _snapshot(schema: str, principal: Any, session_id: int) -> list[dict[str, Any]]:
-    """Events that bring a (re)connecting client up to date with the latest turn."""
-    from agents.models import Turn
+def _snapshot(schema: str, principal: Any, session_id: int, *, as_json: bool = False) -> list[dict[str, Any]]:
+    """Events that bring a (re)connecting client up to date with the latest turn: its state, its
+    tool calls and approval (one ``tools.state`` event for the HTML page, which replaces the
+    turn's tool list; the tool events themselves with ``format=json``), and the text so far."""
+    from agents.chat_html import tool_cards_from_rows, tool_events_from_rows
+    from agents.models import ToolCall, Turn
     from agents.selectors import session_get, turn_latest
 
     with schema_context(schema):
@@ -151,6 +154,13 @@ def _snapshot(schema: str, principal: Any, session_id: int) -> list[dict[str, An
         out: list[dict[str, Any]] = [{"event": "turn.state", "turn_id": turn.pk, "status": turn.status,
                                       "user_message_id": turn.user_message_id,
                                       "question": turn.user_message.content}]
+        if turn.status in Turn.UNFINISHED:
+            calls = list(ToolCall.objects.filter(turn=turn).select_related("approval").order_by("sequence"))
+            if calls and as_json:
+                out.extend(tool_events_from_rows(calls))
+            elif calls:
+                out.append({"event": "tools.state", "turn_id": turn.pk, "status": turn.status,
+                            "calls": tool_cards_from_rows(calls)})
         if turn.status in (Turn.Status.QUEUED, Turn.Status.RUNNING):
             text = events.text_snapshot(schema, turn.pk)
             if turn.retrieved:
@@ -225,7 +235,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
         # Join before reading the snapshot, so nothing published in between is missed.
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
-        for event in await _snapshot(self.schema, self.principal, self.session_id):
+        for event in await _snapshot(self.schema, self.principal, self.session_id, as_json=self.as_json):
             await self._relay(event)
 
     async def disconnect(self, code: int) -> None:
@@ -272,6 +282,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
         await self._relay(message["event"])
 
     async def _relay(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "turn.started":
+            # A turn resumed after an approval starts again: its answer streams from offset 0.
+            self.sent.pop(int(event.get("turn_id") or 0), None)
         if event.get("event") == "token.delta":
             turn_id = int(event["turn_id"])
             have = self.sent.get(turn_id, 0)
@@ -294,6 +307,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
             return
         from agents.chat_html import event_fragment
 
-        html = event_fragment(event)  # templates only, no database access
+        # Templates only, no database access; the permission was read when the socket connected.
+        html = event_fragment(event, can_review=bool(self.principal and self.principal.can("approvals:read")))
         if html:
             await self.send(text_data=html)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from django.db.models import Q, QuerySet
 
-from agents.models import Agent, AgentVersion, ChatSession, Message, Turn
+from agents.models import Agent, AgentVersion, ChatSession, Message, ToolCall, Turn
 from config.errors import NotFound
 from tenants.principal import Principal
 
@@ -110,3 +110,10 @@ def agent_chat_list(*, principal: Principal) -> QuerySet[Agent]:
 def message_page_list(*, principal: Principal, session: ChatSession) -> QuerySet[Message]:
     """The session's messages with the turn each started or answered (no extra query per row)."""
     return message_list(principal=principal, session=session).select_related("turn", "answered_turn")
+
+
+def tool_call_list(*, principal: Principal, session: ChatSession) -> QuerySet[ToolCall]:
+    """The tool calls of a session's turns, in turn and call order, with their approval requests
+    (for the chat page's cards). Raises ``Forbidden`` without ``chat``."""
+    principal.require("chat")
+    return ToolCall.objects.filter(turn__session=session).select_related("approval").order_by("turn_id", "sequence")

@@ -19,10 +19,10 @@ from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from agents import selectors, services
-from agents.chat_html import render_markdown
+from agents.chat_html import render_markdown, tool_cards_from_rows
 from agents.endpoints import model_endpoint_list
 from agents.forms import AgentForm, AgentVersionForm, ChatMessageForm, ChatSessionForm
-from agents.models import Agent, AgentVersion, ChatSession, Message, Turn
+from agents.models import Agent, AgentVersion, ChatSession, Message, ToolCall, Turn
 from config.errors import DomainError, ValidationFailed
 from config.htmx import after_write, domain_errors_as_pages, render_page
 from tenants.principal import Principal, request_principal
@@ -304,6 +304,7 @@ class ChatEntry:
     turn: Turn | None = None
     answer: Message | None = None
     answer_html: str = ""
+    calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # chat_html.tool_card dicts
 
     @property
     def citations(self) -> list[dict[str, Any]]:
@@ -336,7 +337,14 @@ def chat_entries(messages_: list[Message]) -> list[ChatEntry]:
 
 def _chat_context(principal: Principal, session: ChatSession) -> dict[str, Any]:
     entries = chat_entries(list(selectors.message_page_list(principal=principal, session=session)))
+    calls: dict[int, list[ToolCall]] = {}
+    for call in selectors.tool_call_list(principal=principal, session=session):
+        calls.setdefault(call.turn_id, []).append(call)
+    for entry in entries:
+        if entry.turn is not None and entry.turn.pk in calls:
+            entry.calls = tool_cards_from_rows(calls[entry.turn.pk])
     return {"session": session, "entries": entries, "form": ChatMessageForm(),
+            "can_review": principal.can("approvals:read"),
             "ws_url": f"/ws/chat/{session.pk}/",
             "send_url": reverse("chat_message_send", kwargs={"session_id": session.pk}),
             "cancel_url": reverse("chat_turn_cancel", kwargs={"session_id": session.pk}),
