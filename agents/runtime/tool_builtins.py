@@ -83,8 +83,14 @@ def kb_search(
     remaining_ms = max(1, int((started + timeout_seconds - time.monotonic()) * 1000))
     try:
         with transaction.atomic(), connection.cursor() as cursor:
-            # SET LOCAL ends with this block's transaction (or savepoint, when the caller holds one).
-            cursor.execute("SELECT set_config('statement_timeout', %s, true)", [str(remaining_ms)])
+            # A local setting lasts to the end of the transaction: when the caller holds one, this
+            # block is only a savepoint, so the previous value is put back after the search (a
+            # failed search rolls the savepoint back, and the setting with it).
+            cursor.execute(
+                "SELECT current_setting('statement_timeout'), set_config('statement_timeout', %s, true)",
+                [f"{remaining_ms}ms"],
+            )
+            previous = cursor.fetchone()[0]
             hits = chunk_search(
                 query=query,
                 collections=collections,
@@ -95,6 +101,7 @@ def kb_search(
                 session_id=context.session_id,
                 turn_id=context.turn_id,
             )
+            cursor.execute("SELECT set_config('statement_timeout', %s, true)", [previous])
     except ValidationFailed as exc:
         return ToolOutcome(
             status="error", output=f"The search was refused: {exc.message}", error_code="invalid_arguments"

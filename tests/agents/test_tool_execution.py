@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from django.db import connection
 from django_tenants.utils import schema_context
 
 from agents.models import AgentVersion, Tool
@@ -310,6 +311,31 @@ def test_the_timeout_covers_a_body_that_trickles_in(service: _Service) -> None:
     assert (outcome.status, outcome.error_code) == ("error", "tool_timeout")
 
 
+def test_the_timeout_covers_headers_that_trickle_in(service: _Service) -> None:
+    # httpx's timeouts bound each read, not the wait for the whole head of the answer.
+    stop, finished = threading.Event(), threading.Event()
+
+    def trickle(handler: BaseHTTPRequestHandler, seen: dict[str, Any]) -> None:
+        try:
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(1000):
+                if stop.wait(0.05):
+                    return
+                handler.wfile.write(b"x")
+                handler.wfile.flush()
+            finished.set()
+        except OSError:
+            return
+
+    service.routes["/slow-head"] = trickle
+    try:
+        outcome = tool_execute(http_tool(service.url("/slow-head"), timeout_seconds=0.5), {}, context=CONTEXT)
+        assert not finished.is_set()
+    finally:
+        stop.set()
+    assert (outcome.status, outcome.error_code) == ("error", "tool_timeout")
+
+
 def test_a_private_address_without_an_allow_rule_is_refused_before_sending(
     db: Any, settings: Any, start_service: Callable[[], _Service]
 ) -> None:
@@ -570,6 +596,8 @@ def test_kb_search_returns_numbered_passages_with_their_hits_and_meters_the_quer
         retrieval_mode="hybrid",
     )
     before = UsageEvent.objects.filter(kind=UsageEvent.Kind.KB_QUERY).count()
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL statement_timeout = '42s'")  # the test runs inside a transaction
     outcome = tool_execute(
         Tool.objects.get(name="kb_search"), {"query": "lock the laptop screen", "top_k": 2}, context=context
     )
@@ -579,6 +607,9 @@ def test_kb_search_returns_numbered_passages_with_their_hits_and_meters_the_quer
     assert outcome.output.startswith("[1] Laptop security\nLock your laptop screen")
     assert f"[2] {outcome.hits[1].title}\n" in outcome.output
     assert UsageEvent.objects.filter(kind=UsageEvent.Kind.KB_QUERY).count() == before + 1
+    with connection.cursor() as cursor:  # the search's own statement timeout did not outlive it
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone()[0] == "42s"
 
 
 def test_kb_search_without_collections_says_there_is_no_knowledge_base(world: World) -> None:
