@@ -4,6 +4,7 @@ against a real local server, the builtins, and the result text the model reads."
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -205,8 +206,9 @@ def test_a_body_template_takes_the_arguments_with_their_types(service: _Service)
     }
 
 
-def test_secret_headers_are_sent_but_never_shown(service: _Service) -> None:
+def test_secret_headers_are_sent_but_never_shown(service: _Service, caplog: pytest.LogCaptureFixture) -> None:
     # The service echoes the headers it got: even then the secret must not reach the model.
+    caplog.set_level(logging.DEBUG)
     service.routes["/echo"] = lambda h, seen: _reply(h, 200, json.dumps(seen["headers"]).encode())
     tool = http_tool(
         service.url("/echo"),
@@ -227,6 +229,7 @@ def test_secret_headers_are_sent_but_never_shown(service: _Service) -> None:
         tool_result_text(outcome, max_chars=4000),
     ):
         assert SECRET not in shown
+    assert "tool.executed" in caplog.text and SECRET not in caplog.text
 
 
 def test_write_tools_send_an_idempotency_key_and_read_tools_do_not(service: _Service) -> None:
