@@ -10,6 +10,7 @@ fail it soon if the process dies.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from agents.models import Agent, Message, Turn
+from agents.models import Agent, AgentVersion, Message, Turn
 from agents.runtime import events
 from agents.runtime.heartbeat import turn_heartbeat
 from agents.runtime.llm import LLMError, StreamResult, endpoints_for, price_per_token, stream_chat
@@ -32,6 +33,7 @@ from compliance.services import audit_event_create
 from config.db import connection_release
 from config.errors import DomainError
 from config.redis import redis_client
+from tenants.models import ModelEndpoint
 from tenants.principal import Principal
 
 logger = structlog.get_logger(__name__)
@@ -201,7 +203,26 @@ def _meter(turn: Turn, result: StreamResult) -> None:
                        unit_price=price_per_token(endpoint.output_price_per_mtok), **common)
 
 
-def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
+@dataclass
+class TurnRun:
+    """One turn's run state, made by ``_prepare`` and read by ``_stream`` and ``_finish_turn``."""
+
+    turn: Turn
+    schema: str
+    group: str
+    batcher: DeltaBatcher
+    agent: Agent
+    version: AgentVersion
+    endpoints: list[ModelEndpoint]
+    messages: list[dict[str, Any]]
+    citations: list[dict[str, Any]]
+    response_format: dict[str, Any] | None = None
+    first_token_at: dt.datetime | None = None
+
+
+def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> TurnRun:
+    """Check the agent and tenant may run, pick the endpoints (``turn.started``), retrieve from
+    the version's collections (``citations``) and build the prompt. Raises ``TurnRefused``."""
     from knowledge.models import Collection
     from knowledge.retrieval import chunk_search
     from tenants.models import Tenant
@@ -254,8 +275,16 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
     if version.output_format == version.OutputFormat.JSON_SCHEMA and version.output_schema:
         response_format = {"type": "json_schema",
                            "json_schema": {"name": "answer", "schema": version.output_schema}}
-    cancel = events.cancel_key(schema, turn.pk)
-    deadline = turn.deadline.timestamp()
+    return TurnRun(turn=turn, schema=schema, group=group, batcher=batcher, agent=agent, version=version,
+                   endpoints=endpoints, messages=list(prompt.messages), citations=citations,
+                   response_format=response_format)
+
+
+def _stream(run: TurnRun) -> StreamResult:
+    """One model call with the run's messages, deltas published through the batcher; polls
+    cancellation and the deadline every 0.1 s. Raises ``LLMError``."""
+    cancel = events.cancel_key(run.schema, run.turn.pk)
+    deadline = run.turn.deadline.timestamp()
     checks = {"next": 0.0, "stop": False}
 
     def should_stop() -> bool:
@@ -265,24 +294,31 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
             checks["stop"] = bool(redis_client().exists(cancel)) or time.time() > deadline
         return bool(checks["stop"])
 
-    first_token: dict[str, Any] = {}
-
     def on_delta(text: str) -> None:
-        if not first_token:
-            first_token["at"] = timezone.now()
-        batcher.add(text)
+        if run.first_token_at is None:
+            run.first_token_at = timezone.now()
+        run.batcher.add(text)
 
     # The stream lasts seconds and needs no database: its connection serves other turns meanwhile
     # (a worker's pool is smaller than its thread count; README, "Database connections").
     connection_release()
-    result = stream_chat(endpoints=endpoints, messages=prompt.messages, temperature=version.temperature,
-                         max_tokens=version.max_output_tokens, response_format=response_format,
+    result = stream_chat(endpoints=run.endpoints, messages=run.messages, temperature=run.version.temperature,
+                         max_tokens=run.version.max_output_tokens, response_format=run.response_format,
                          on_delta=on_delta, should_stop=should_stop)
-    batcher.flush()
+    run.batcher.flush()
+    return result
+
+
+def _finish_turn(run: TurnRun, result: StreamResult) -> str:
+    """Save the answer of the turn's last model call and end the turn (completed, cancelled, or
+    failed ``turn_timeout``): meter the call, audit, publish the final event."""
+    turn, version, agent = run.turn, run.version, run.agent
     endpoint = result.endpoint
     assert endpoint is not None
+    deadline = turn.deadline.timestamp()
     cancelled = result.finish_reason == "cancelled"
-    timed_out = cancelled and time.time() > deadline and not redis_client().exists(cancel)
+    timed_out = cancelled and time.time() > deadline and not redis_client().exists(
+        events.cancel_key(run.schema, turn.pk))
     with transaction.atomic():
         turn.refresh_from_db(fields=["status"])
         if turn.status in Turn.FINAL:  # the sweeper got there first
@@ -291,11 +327,11 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
         message = None
         if result.text:
             message = Message.objects.create(session_id=turn.session_id, role=Message.Role.ASSISTANT,
-                                             content=result.text, citations=citations,
+                                             content=result.text, citations=run.citations,
                                              input_tokens=result.input_tokens, output_tokens=result.output_tokens)
         fields = {"assistant_message": message, "endpoint_name": endpoint.name, "model": endpoint.model,
                   "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
-                  "first_token_at": first_token.get("at")}
+                  "first_token_at": run.first_token_at}
         if timed_out:
             _finish(turn, Turn.Status.FAILED, error_code="turn_timeout",
                     error_message="The answer took longer than the turn's deadline.", **fields)
@@ -311,16 +347,22 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
     usage = {"input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
              "estimated": result.usage_estimated}
     if turn.status == Turn.Status.COMPLETED:
-        events.publish(group, {"event": "turn.completed", "turn_id": turn.pk,
-                               "message_id": message.pk if message else None, "content": result.text,
-                               "citations": citations, "usage": usage})
+        events.publish(run.group, {"event": "turn.completed", "turn_id": turn.pk,
+                                   "message_id": message.pk if message else None, "content": result.text,
+                                   "citations": run.citations, "usage": usage})
     elif turn.status == Turn.Status.CANCELLED:
-        events.publish(group, {"event": "turn.cancelled", "turn_id": turn.pk,
-                               "message_id": message.pk if message else None})
+        events.publish(run.group, {"event": "turn.cancelled", "turn_id": turn.pk,
+                                   "message_id": message.pk if message else None})
     else:
-        events.publish(group, {"event": "turn.failed", "turn_id": turn.pk,
-                               "error": {"code": turn.error_code, "message": turn.error_message}})
+        events.publish(run.group, {"event": "turn.failed", "turn_id": turn.pk,
+                                   "error": {"code": turn.error_code, "message": turn.error_message}})
     return str(turn.status)
+
+
+def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
+    run = _prepare(turn, schema=schema, group=group, batcher=batcher)
+    result = _stream(run)
+    return _finish_turn(run, result)
 
 
 def turn_resume(turn_id: int) -> str:
