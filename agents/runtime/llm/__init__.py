@@ -33,8 +33,10 @@ from agents.runtime.llm.common import (
     LLMError,
     StreamResult,
     StreamState,
+    ToolCallRequest,
     endpoints_for,
     estimate_tokens,
+    message_tokens,
     price_per_token,
 )
 from agents.runtime.llm.direct import DIRECT_PREFIXES, OPENAI_API_BASE, stream_direct
@@ -51,6 +53,7 @@ __all__ = [
     "LLMError",
     "StreamResult",
     "StreamState",
+    "ToolCallRequest",
     "endpoints_for",
     "estimate_tokens",
     "price_per_token",
@@ -121,15 +124,22 @@ def _stream_one(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, temp
 
 def _estimate(result: StreamResult, messages: list[dict[str, Any]]) -> None:
     result.usage_estimated = True
-    result.input_tokens = sum(estimate_tokens(m["content"]) for m in messages)
-    result.output_tokens = estimate_tokens(result.text) if result.text else 0
+    result.input_tokens = sum(message_tokens(m) for m in messages)
+    output = result.text + "".join(c.name + c.arguments for c in result.tool_calls)
+    result.output_tokens = estimate_tokens(output) if output else 0
 
 
 def stream_chat(*, endpoints: list[ModelEndpoint], messages: list[dict[str, Any]], temperature: float,
                 max_tokens: int, response_format: dict[str, Any] | None = None,
-                on_delta: Callable[[str], None], should_stop: Callable[[], bool]) -> StreamResult:
+                on_delta: Callable[[str], None], should_stop: Callable[[], bool],
+                tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None) -> StreamResult:
     """Stream a chat completion from the first endpoint that works, calling ``on_delta(text)``
     for every content delta. ``should_stop()`` is polled between chunks (cancellation).
+
+    ``messages`` are OpenAI chat messages (assistant messages may carry ``tool_calls``, ``tool``
+    messages a ``tool_call_id``). ``tools`` (OpenAI ``tools`` entries) are offered with
+    ``tool_choice`` (``auto``, ``required`` or ``none``); the calls the model makes are in
+    ``result.tool_calls`` (``finish_reason`` ``"tool_calls"``).
 
     Returns the ``StreamResult``; raises ``LLMError`` (the last endpoint's error, or
     ``no_model`` when ``endpoints`` is empty); an error after some text carries that text and its
@@ -148,7 +158,8 @@ def stream_chat(*, endpoints: list[ModelEndpoint], messages: list[dict[str, Any]
             if endpoint.tenant_id is not None:
                 _tenant_route_check(endpoint)
             stream(endpoint, messages, temperature=temperature, max_tokens=max_tokens,
-                   response_format=response_format, on_delta=on_delta, should_stop=should_stop, result=result)
+                   response_format=response_format, on_delta=on_delta, should_stop=should_stop, result=result,
+                   tools=tools, tool_choice=tool_choice)
         except LLMError as error:
             last = error
             logger.warning("llm_call_failed", endpoint=endpoint.name, code=error.code,

@@ -28,9 +28,25 @@ class LLMError(Exception):
 
 
 @dataclass
+class ToolCallRequest:
+    """One tool call the model asked for, assembled from the stream's ``tool_calls`` deltas
+    (fragments of ``function.arguments`` concatenated, by ``index``)."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+    def message(self) -> dict[str, Any]:
+        """The call as an entry of an assistant message's ``tool_calls`` (OpenAI format)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
 class StreamResult:
     """What one streamed call produced: the text, token counts (from the stream's ``usage``
-    when the server sends it, otherwise estimated and flagged), and the endpoint used."""
+    when the server sends it, otherwise estimated and flagged), the endpoint used, and the tool
+    calls the model asked for (``finish_reason`` ``"tool_calls"``), in index order."""
 
     text: str = ""
     input_tokens: int = 0
@@ -39,6 +55,7 @@ class StreamResult:
     endpoint: ModelEndpoint | None = None
     finish_reason: str = ""
     attempts: list[dict[str, str]] = field(default_factory=list)
+    tool_calls: list[ToolCallRequest] = field(default_factory=list)
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -86,9 +103,36 @@ class StreamState:
             self.streamed_any = True
             self.result.text += content
             self.on_delta(content)
+        calls = _get(delta, "tool_calls") if delta is not None else None
+        if calls:
+            self._read_tool_calls(calls)
         finish = _get(choice, "finish_reason")
         if finish:
             self.result.finish_reason = str(finish)
+
+    def _read_tool_calls(self, deltas: Any) -> None:
+        # The first delta of a call carries its id and name; later ones carry fragments of its
+        # arguments. Servers that send one call per chunk without an index get one by position.
+        calls = self.result.tool_calls
+        for position, delta in enumerate(deltas):
+            index = _get(delta, "index")
+            index = int(index) if isinstance(index, int) else position
+            call = next((c for c in calls if c.index == index), None)
+            if call is None:
+                call = ToolCallRequest(index=index)
+                calls.append(call)
+                calls.sort(key=lambda c: c.index)
+            if _get(delta, "id"):
+                call.id = str(_get(delta, "id"))
+            function = _get(delta, "function")
+            if function is not None:
+                name = _get(function, "name")
+                # Some servers repeat the whole name in every delta of a call: keep it once.
+                if name and str(name) != call.name:
+                    call.name += str(name)
+                arguments = _get(function, "arguments")
+                if arguments:
+                    call.arguments += str(arguments)
 
     def check_end(self) -> None:
         """Judge a stream that ended: with no content and no finish reason it is malformed (a cut
@@ -114,6 +158,15 @@ def endpoints_for(*, tenant: Tenant, tier: str, endpoint_id: int | None = None) 
         return list(visible.filter(pk=endpoint_id))
     return list(ModelEndpoint.objects.filter(tenant__isnull=True, enabled=True, tier=tier)
                 .order_by("priority", "pk"))
+
+
+def message_tokens(message: dict[str, Any]) -> int:
+    """``estimate_tokens`` of one chat message: its content and any tool calls it carries."""
+    text = str(message.get("content") or "")
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        text += str(function.get("name") or "") + str(function.get("arguments") or "")
+    return estimate_tokens(text)
 
 
 def estimate_tokens(text: str) -> int:
