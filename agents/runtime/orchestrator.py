@@ -338,14 +338,18 @@ def _stream(run: TurnRun) -> StreamResult:
         run.batcher.add(text)
 
     choice = run.version.tool_choice if run.model_calls == 0 else AgentVersion.ToolChoice.AUTO
-    offered = openai_tools(list(run.tools.values())) if run.tools and choice != AgentVersion.ToolChoice.NONE else None
+    offered = openai_tools(run.tools) if run.tools and choice != AgentVersion.ToolChoice.NONE else None
+    tool_choice: str | dict[str, Any] | None = None
+    if offered:
+        # auto / required, or one tool's name: OpenAI's named choice.
+        tool_choice = (str(choice) if choice in AgentVersion.ToolChoice.values
+                       else {"type": "function", "function": {"name": choice}})
     # The stream lasts seconds and needs no database: its connection serves other turns meanwhile
     # (a worker's pool is smaller than its thread count; README, "Database connections").
     connection_release()
     result = stream_chat(endpoints=run.endpoints, messages=run.messages, temperature=run.version.temperature,
                          max_tokens=run.version.max_output_tokens, response_format=run.response_format,
-                         on_delta=on_delta, should_stop=should_stop, tools=offered,
-                         tool_choice=str(choice) if offered else None)
+                         on_delta=on_delta, should_stop=should_stop, tools=offered, tool_choice=tool_choice)
     run.batcher.flush()
     run.model_calls += 1
     run.input_tokens += result.input_tokens
@@ -437,9 +441,13 @@ def _finish_turn(run: TurnRun, result: StreamResult | None, *, outcome: str = ""
             message = Message.objects.create(session_id=turn.session_id, role=Message.Role.ASSISTANT,
                                              content=run.text, citations=run.citations,
                                              input_tokens=run.input_tokens, output_tokens=run.output_tokens)
-        fields = {"assistant_message": message, "endpoint_name": endpoint.name, "model": endpoint.model,
-                  "input_tokens": run.input_tokens, "output_tokens": run.output_tokens,
-                  "first_token_at": run.first_token_at}
+        fields: dict[str, Any] = {"assistant_message": message, "endpoint_name": endpoint.name,
+                                  "model": endpoint.model, "input_tokens": run.input_tokens,
+                                  "output_tokens": run.output_tokens, "first_token_at": run.first_token_at}
+        if run.tool_calls:
+            # The loop's counts stay with the turn (its messages are needed only while parked).
+            fields["loop_state"] = {"model_calls": run.model_calls, "tool_calls": run.tool_calls,
+                                    "invalid_calls": run.invalid_calls}
         if outcome == "timeout":
             _finish(turn, Turn.Status.FAILED, error_code="turn_timeout",
                     error_message="The answer took longer than the turn's deadline.", **fields)

@@ -132,7 +132,8 @@ def _estimate(result: StreamResult, messages: list[dict[str, Any]]) -> None:
 def stream_chat(*, endpoints: list[ModelEndpoint], messages: list[dict[str, Any]], temperature: float,
                 max_tokens: int, response_format: dict[str, Any] | None = None,
                 on_delta: Callable[[str], None], should_stop: Callable[[], bool],
-                tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None) -> StreamResult:
+                tools: list[dict[str, Any]] | None = None,
+                tool_choice: str | dict[str, Any] | None = None) -> StreamResult:
     """Stream a chat completion from the first endpoint that works, calling ``on_delta(text)``
     for every content delta. ``should_stop()`` is polled between chunks (cancellation).
 

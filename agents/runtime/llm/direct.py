@@ -72,7 +72,7 @@ def _status_error(status: int, body: str) -> LLMError:
 def stream_direct(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, temperature: float,
                   max_tokens: int, response_format: dict[str, Any] | None, state: StreamState,
                   should_stop: Any, tools: list[dict[str, Any]] | None = None,
-                  tool_choice: str | None = None) -> None:
+                  tool_choice: str | dict[str, Any] | None = None) -> None:
     """Stream one call for an OpenAI-compatible endpoint: POST ``{api_base}/chat/completions``
     with ``stream: true`` and read the server-sent events (``data: {chunk}`` lines,
     ``data: [DONE]``) into ``state``.

@@ -55,7 +55,7 @@ def _close(response: Any) -> None:
 def stream_litellm(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, temperature: float,
                    max_tokens: int, response_format: dict[str, Any] | None, state: StreamState,
                    should_stop: Any, tools: list[dict[str, Any]] | None = None,
-                   tool_choice: str | None = None) -> None:
+                   tool_choice: str | dict[str, Any] | None = None) -> None:
     """Stream one call through ``litellm.completion(stream=True)`` into ``state``; raises
     ``LLMError`` classified from litellm's exceptions (``_classify``)."""
     import litellm
