@@ -149,14 +149,23 @@ class ScriptedLLM:
                     return
                 if not body.get("stream"):
                     text = "".join(tokens)
-                    self._json(200, {
-                        "id": "chatcmpl-scripted", "object": "chat.completion", "created": int(time.time()),
-                        "model": body.get("model"),
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": script.prompt_tokens, "completion_tokens": len(tokens),
-                                  "total_tokens": script.prompt_tokens + len(tokens)},
-                    })
+                    self._json(
+                        200,
+                        {
+                            "id": "chatcmpl-scripted",
+                            "object": "chat.completion",
+                            "created": int(time.time()),
+                            "model": body.get("model"),
+                            "choices": [
+                                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                            ],
+                            "usage": {
+                                "prompt_tokens": script.prompt_tokens,
+                                "completion_tokens": len(tokens),
+                                "total_tokens": script.prompt_tokens + len(tokens),
+                            },
+                        },
+                    )
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -176,9 +185,13 @@ class ScriptedLLM:
                         return
                     if i > 0 and script.token_interval:
                         time.sleep(script.token_interval)
-                    chunk = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": int(time.time()),
-                             "model": body.get("model"),
-                             "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]}
+                    chunk = {
+                        "id": "chatcmpl-scripted",
+                        "object": "chat.completion.chunk",
+                        "created": int(time.time()),
+                        "model": body.get("model"),
+                        "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}],
+                    }
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
                     if i == 0:
@@ -186,31 +199,51 @@ class ScriptedLLM:
                             owner.first_token_sent.append(time.time())
                 for k, call in enumerate(calls):
                     call_id = call.id or f"call_{seen}_{k}"
-                    head = {"index": k, "id": call_id, "type": "function",
-                            "function": {"name": call.name, "arguments": ""}}
+                    head = {
+                        "index": k,
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": ""},
+                    }
                     size = ARGUMENT_FRAGMENT_CHARS
-                    deltas = [head] + [{"index": k, "function": {"arguments": call.arguments[j:j + size]}}
-                                       for j in range(0, len(call.arguments), size)]
+                    deltas = [head] + [
+                        {"index": k, "function": {"arguments": call.arguments[j : j + size]}}
+                        for j in range(0, len(call.arguments), size)
+                    ]
                     for delta in deltas:
-                        chunk = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk",
-                                 "created": int(time.time()), "model": body.get("model"),
-                                 "choices": [{"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": None}]}
+                        chunk = {
+                            "id": "chatcmpl-scripted",
+                            "object": "chat.completion.chunk",
+                            "created": int(time.time()),
+                            "model": body.get("model"),
+                            "choices": [{"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": None}],
+                        }
                         self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                         self.wfile.flush()
                 if calls:
                     with owner._lock:
                         owner.last_tool_delta_sent.append((model, time.time()))
-                final: dict[str, Any] = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk",
-                                         "created": int(time.time()), "model": body.get("model"),
-                                         "choices": [{"index": 0, "delta": {},
-                                                      "finish_reason": "tool_calls" if calls else "stop"}]}
+                final: dict[str, Any] = {
+                    "id": "chatcmpl-scripted",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": body.get("model"),
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls" if calls else "stop"}],
+                }
                 self.wfile.write(f"data: {json.dumps(final)}\n\n".encode())
                 if script.usage and (body.get("stream_options") or {}).get("include_usage"):
-                    usage = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": int(time.time()),
-                             "model": body.get("model"), "choices": [],
-                             "usage": {"prompt_tokens": script.prompt_tokens,
-                                       "completion_tokens": len(tokens) + len(calls),
-                                       "total_tokens": script.prompt_tokens + len(tokens) + len(calls)}}
+                    usage = {
+                        "id": "chatcmpl-scripted",
+                        "object": "chat.completion.chunk",
+                        "created": int(time.time()),
+                        "model": body.get("model"),
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": script.prompt_tokens,
+                            "completion_tokens": len(tokens) + len(calls),
+                            "total_tokens": script.prompt_tokens + len(tokens) + len(calls),
+                        },
+                    }
                     self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()

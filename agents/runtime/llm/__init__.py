@@ -64,8 +64,23 @@ __all__ = [
 # litellm providers a tenant endpoint may use without an api_base: hosted services whose base URL
 # is fixed in litellm (public, not the tenant's to choose). Local-server providers (ollama,
 # lm_studio, vllm, ...) default to a local address and are left out on purpose.
-HOSTED_PROVIDERS = frozenset({"anthropic", "gemini", "mistral", "groq", "cohere", "cohere_chat", "deepseek",
-                              "together_ai", "fireworks_ai", "openrouter", "xai", "perplexity", "deepinfra"})
+HOSTED_PROVIDERS = frozenset(
+    {
+        "anthropic",
+        "gemini",
+        "mistral",
+        "groq",
+        "cohere",
+        "cohere_chat",
+        "deepseek",
+        "together_ai",
+        "fireworks_ai",
+        "openrouter",
+        "xai",
+        "perplexity",
+        "deepinfra",
+    }
+)
 
 
 def tenant_endpoint_check(*, model: str, api_base: str) -> EgressTarget | None:
@@ -80,13 +95,17 @@ def tenant_endpoint_check(*, model: str, api_base: str) -> EgressTarget | None:
     direct = model.startswith(DIRECT_PREFIXES)
     if api_base:
         if not direct:
-            raise EgressDenied(f"An endpoint with its own API base must use an OpenAI-compatible model string "
-                               f"({' or '.join(DIRECT_PREFIXES)}...).")
+            raise EgressDenied(
+                f"An endpoint with its own API base must use an OpenAI-compatible model string "
+                f"({' or '.join(DIRECT_PREFIXES)}...)."
+            )
         return egress_check_url(api_base)
     provider = model.split("/", 1)[0] if "/" in model else ""
     if not direct and provider not in HOSTED_PROVIDERS:
-        raise EgressDenied(f"Without an API base, a model string must name a hosted provider "
-                           f"({', '.join(sorted(p + '/' for p in HOSTED_PROVIDERS | {'openai'}))}).")
+        raise EgressDenied(
+            f"Without an API base, a model string must name a hosted provider "
+            f"({', '.join(sorted(p + '/' for p in HOSTED_PROVIDERS | {'openai'}))})."
+        )
     return None
 
 
@@ -100,26 +119,59 @@ def _tenant_route_check(endpoint: ModelEndpoint) -> None:
             return
         tenant_endpoint_check(model=endpoint.model, api_base=endpoint.api_base)
     except EgressDenied as exc:
-        raise LLMError("egress_denied", f"The model endpoint's address is not allowed: {exc.message}",
-                       fallback_ok=True) from exc
+        raise LLMError(
+            "egress_denied", f"The model endpoint's address is not allowed: {exc.message}", fallback_ok=True
+        ) from exc
 
 
-def _stream_direct(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, temperature: float,
-                   max_tokens: int, response_format: dict[str, Any] | None, on_delta: Callable[[str], None],
-                   should_stop: Callable[[], bool], result: StreamResult, **options: Any) -> None:
+def _stream_direct(
+    endpoint: ModelEndpoint,
+    messages: list[dict[str, Any]],
+    *,
+    temperature: float,
+    max_tokens: int,
+    response_format: dict[str, Any] | None,
+    on_delta: Callable[[str], None],
+    should_stop: Callable[[], bool],
+    result: StreamResult,
+    **options: Any,
+) -> None:
     """One call on the direct path into ``result`` (``direct.stream_direct``)."""
-    stream_direct(endpoint, messages, temperature=temperature, max_tokens=max_tokens,
-                  response_format=response_format, state=StreamState(result=result, on_delta=on_delta),
-                  should_stop=should_stop, **options)
+    stream_direct(
+        endpoint,
+        messages,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        response_format=response_format,
+        state=StreamState(result=result, on_delta=on_delta),
+        should_stop=should_stop,
+        **options,
+    )
 
 
-def _stream_one(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, temperature: float,
-                max_tokens: int, response_format: dict[str, Any] | None, on_delta: Callable[[str], None],
-                should_stop: Callable[[], bool], result: StreamResult, **options: Any) -> None:
+def _stream_one(
+    endpoint: ModelEndpoint,
+    messages: list[dict[str, Any]],
+    *,
+    temperature: float,
+    max_tokens: int,
+    response_format: dict[str, Any] | None,
+    on_delta: Callable[[str], None],
+    should_stop: Callable[[], bool],
+    result: StreamResult,
+    **options: Any,
+) -> None:
     """One call on the litellm path into ``result`` (``litellm_path.stream_litellm``)."""
-    stream_litellm(endpoint, messages, temperature=temperature, max_tokens=max_tokens,
-                   response_format=response_format, state=StreamState(result=result, on_delta=on_delta),
-                   should_stop=should_stop, **options)
+    stream_litellm(
+        endpoint,
+        messages,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        response_format=response_format,
+        state=StreamState(result=result, on_delta=on_delta),
+        should_stop=should_stop,
+        **options,
+    )
 
 
 def _estimate(result: StreamResult, messages: list[dict[str, Any]]) -> None:
@@ -129,11 +181,18 @@ def _estimate(result: StreamResult, messages: list[dict[str, Any]]) -> None:
     result.output_tokens = estimate_tokens(output) if output else 0
 
 
-def stream_chat(*, endpoints: list[ModelEndpoint], messages: list[dict[str, Any]], temperature: float,
-                max_tokens: int, response_format: dict[str, Any] | None = None,
-                on_delta: Callable[[str], None], should_stop: Callable[[], bool],
-                tools: list[dict[str, Any]] | None = None,
-                tool_choice: str | dict[str, Any] | None = None) -> StreamResult:
+def stream_chat(
+    *,
+    endpoints: list[ModelEndpoint],
+    messages: list[dict[str, Any]],
+    temperature: float,
+    max_tokens: int,
+    response_format: dict[str, Any] | None = None,
+    on_delta: Callable[[str], None],
+    should_stop: Callable[[], bool],
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = None,
+) -> StreamResult:
     """Stream a chat completion from the first endpoint that works, calling ``on_delta(text)``
     for every content delta. ``should_stop()`` is polled between chunks (cancellation).
 
@@ -158,13 +217,27 @@ def stream_chat(*, endpoints: list[ModelEndpoint], messages: list[dict[str, Any]
         try:
             if endpoint.tenant_id is not None:
                 _tenant_route_check(endpoint)
-            stream(endpoint, messages, temperature=temperature, max_tokens=max_tokens,
-                   response_format=response_format, on_delta=on_delta, should_stop=should_stop, result=result,
-                   tools=tools, tool_choice=tool_choice)
+            stream(
+                endpoint,
+                messages,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                response_format=response_format,
+                on_delta=on_delta,
+                should_stop=should_stop,
+                result=result,
+                tools=tools,
+                tool_choice=tool_choice,
+            )
         except LLMError as error:
             last = error
-            logger.warning("llm_call_failed", endpoint=endpoint.name, code=error.code,
-                           cause=repr(error.__cause__)[:500], seconds=round(time.perf_counter() - started, 3))
+            logger.warning(
+                "llm_call_failed",
+                endpoint=endpoint.name,
+                code=error.code,
+                cause=repr(error.__cause__)[:500],
+                seconds=round(time.perf_counter() - started, 3),
+            )
             if error.fallback_ok and not result.text:
                 continue
             if result.text:

@@ -156,8 +156,7 @@ def endpoints_for(*, tenant: Tenant, tier: str, endpoint_id: int | None = None) 
     if endpoint_id is not None:
         visible = ModelEndpoint.objects.filter(Q(tenant__isnull=True) | Q(tenant=tenant), enabled=True)
         return list(visible.filter(pk=endpoint_id))
-    return list(ModelEndpoint.objects.filter(tenant__isnull=True, enabled=True, tier=tier)
-                .order_by("priority", "pk"))
+    return list(ModelEndpoint.objects.filter(tenant__isnull=True, enabled=True, tier=tier).order_by("priority", "pk"))
 
 
 def message_tokens(message: dict[str, Any]) -> int:

@@ -36,8 +36,9 @@ def _http_client() -> Any:
 
     with _http_lock:
         if _http is None:
-            _http = httpx.Client(limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
-                                 follow_redirects=False)
+            _http = httpx.Client(
+                limits=httpx.Limits(max_connections=512, max_keepalive_connections=64), follow_redirects=False
+            )
         return _http
 
 
@@ -69,10 +70,18 @@ def _status_error(status: int, body: str) -> LLMError:
     return LLMError("model_error", f"The model server failed (HTTP {status}).", fallback_ok=True)
 
 
-def stream_direct(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, temperature: float,
-                  max_tokens: int, response_format: dict[str, Any] | None, state: StreamState,
-                  should_stop: Any, tools: list[dict[str, Any]] | None = None,
-                  tool_choice: str | dict[str, Any] | None = None) -> None:
+def stream_direct(
+    endpoint: ModelEndpoint,
+    messages: list[dict[str, Any]],
+    *,
+    temperature: float,
+    max_tokens: int,
+    response_format: dict[str, Any] | None,
+    state: StreamState,
+    should_stop: Any,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = None,
+) -> None:
     """Stream one call for an OpenAI-compatible endpoint: POST ``{api_base}/chat/completions``
     with ``stream: true`` and read the server-sent events (``data: {chunk}`` lines,
     ``data: [DONE]``) into ``state``.
@@ -107,12 +116,14 @@ def stream_direct(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, te
     timeout = httpx.Timeout(min(endpoint.timeout_seconds, settings.LLM_TIMEOUT_SECONDS))
     result: StreamResult = state.result
     try:
-        with client.stream("POST", f"{base}/chat/completions", json=body, headers=headers,
-                           timeout=timeout) as response:
+        with client.stream("POST", f"{base}/chat/completions", json=body, headers=headers, timeout=timeout) as response:
             if 300 <= response.status_code < 400:
                 # Redirects are not followed: an answer must come from the endpoint itself.
-                raise LLMError("model_error", f"The model server answered with a redirect (HTTP "
-                               f"{response.status_code}).", fallback_ok=True)
+                raise LLMError(
+                    "model_error",
+                    f"The model server answered with a redirect (HTTP {response.status_code}).",
+                    fallback_ok=True,
+                )
             if response.status_code >= 400:
                 response.read()
                 raise _status_error(response.status_code, response.text[:2000])
@@ -126,8 +137,11 @@ def stream_direct(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, te
                 if not isinstance(chunk, dict):
                     raise ValueError("a stream chunk is not a JSON object")
                 if chunk.get("error"):
-                    raise LLMError("model_error", "The model server reported an error mid-stream.",
-                                   fallback_ok=not state.streamed_any)
+                    raise LLMError(
+                        "model_error",
+                        "The model server reported an error mid-stream.",
+                        fallback_ok=not state.streamed_any,
+                    )
                 state.read(chunk)
                 if should_stop():
                     result.finish_reason = "cancelled"
@@ -135,8 +149,9 @@ def stream_direct(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, te
     except LLMError:
         raise
     except EgressDenied as exc:
-        raise LLMError("egress_denied", f"The model endpoint's address is not allowed: {exc.message}",
-                       fallback_ok=True) from exc
+        raise LLMError(
+            "egress_denied", f"The model endpoint's address is not allowed: {exc.message}", fallback_ok=True
+        ) from exc
     except httpx.TimeoutException as exc:
         if state.streamed_any:
             raise LLMError("stream_interrupted", "The model's answer was cut off; retry the turn.") from exc

@@ -52,10 +52,18 @@ def _close(response: Any) -> None:
             closer()
 
 
-def stream_litellm(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, temperature: float,
-                   max_tokens: int, response_format: dict[str, Any] | None, state: StreamState,
-                   should_stop: Any, tools: list[dict[str, Any]] | None = None,
-                   tool_choice: str | dict[str, Any] | None = None) -> None:
+def stream_litellm(
+    endpoint: ModelEndpoint,
+    messages: list[dict[str, Any]],
+    *,
+    temperature: float,
+    max_tokens: int,
+    response_format: dict[str, Any] | None,
+    state: StreamState,
+    should_stop: Any,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = None,
+) -> None:
     """Stream one call through ``litellm.completion(stream=True)`` into ``state``; raises
     ``LLMError`` classified from litellm's exceptions (``_classify``)."""
     import litellm
@@ -81,6 +89,9 @@ def stream_litellm(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, t
         kwargs["tools"] = tools
         if tool_choice:
             kwargs["tool_choice"] = tool_choice
+        # With tools, litellm first imports its MCP gateway (it needs the ``mcp`` package, not
+        # installed) to look for MCP tools; ours are plain functions, so that step is skipped.
+        kwargs["_skip_mcp_handler"] = True
     result: StreamResult = state.result
     try:
         response = litellm.completion(**kwargs)
