@@ -64,6 +64,7 @@ class Script:
     usage: bool = True
     prompt_tokens: int = 42
     steps: list[Step] = field(default_factory=list)
+    requests_before: int = 0
 
 
 class ScriptedLLM:
@@ -98,6 +99,8 @@ class ScriptedLLM:
     def script(self, model: str, **options: Any) -> Script:
         script = Script(**options)
         with self._lock:
+            # Steps count the model's requests from now on.
+            script.requests_before = sum(1 for r in self.requests if r.get("model") == model)
             self.scripts[model] = script
         return script
 
@@ -137,6 +140,7 @@ class ScriptedLLM:
                     owner.requests.append(body)
                     owner.request_arrived.append((model, arrived))
                     script = owner.scripts.get(model, Script())
+                seen -= script.requests_before
                 step = script.steps[min(seen, len(script.steps) - 1)] if script.steps else None
                 tokens = step.tokens if step is not None else script.tokens
                 calls = step.tool_calls if step is not None else []

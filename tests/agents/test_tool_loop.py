@@ -410,7 +410,7 @@ def test_an_approved_call_runs_exactly_once_and_the_turn_completes(
     )
     call = ToolCall.objects.get(turn=turn)
     # Stable for the call, so the service can drop a repeat.
-    assert request["headers"]["idempotency-key"] == f"{connection.schema_name}:{turn.pk}:{call.pk}"
+    assert request["headers"]["idempotency-key"] == f"{setup.world.tenant_a.schema_name}:{turn.pk}:{call.pk}"
     assert call.status == ToolCall.Status.OK
     turn.refresh_from_db()
     assert turn.status == Turn.Status.COMPLETED
@@ -468,6 +468,7 @@ def test_a_lost_resume_task_is_recovered_by_the_sweeper(
     turn = setup.ask()
     turn_run(turn.pk)
     approval = _decide(turn, "approved")  # ... and its resume task is lost
+    assert approval.decided_at is not None
 
     assert turns_sweep(now=approval.decided_at).resumed == 0  # within the grace period
     with django_capture_on_commit_callbacks(execute=True):
