@@ -374,7 +374,7 @@ def _loop(run: TurnRun) -> str:
             # The id pairs the call with its result message; a server that sends none gets one.
             call.id = call.id or f"call_{run.turn.pk}_{run.tool_calls + n}"
             calls.append(call.message())
-        run.messages.append({"role": "assistant", "content": result.text or None, "tool_calls": calls})
+        run.messages.append({"role": "assistant", "content": result.text or "", "tool_calls": calls})
         state = _calls_process(run, calls)
         if state is not None:
             return state
