@@ -283,7 +283,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
 
     async def _relay(self, event: dict[str, Any]) -> None:
         if event.get("event") == "turn.started":
-            # A turn resumed after an approval starts again: its answer streams from offset 0.
+            # A turn resumed after an approval is announced again; its deltas then continue the text
+            # from before it parked (a gap this socket fills from the snapshot) or restart at 0.
             self.sent.pop(int(event.get("turn_id") or 0), None)
         if event.get("event") == "token.delta":
             turn_id = int(event["turn_id"])

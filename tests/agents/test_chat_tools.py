@@ -233,3 +233,21 @@ def test_a_parked_turn_is_shown_on_connect_and_the_decision_arrives_live(
             decided = str(ws.recv(timeout=deadline - time.monotonic()))
     assert f'id="approval-{approval_id}"' in decided and "Approved by admin@acme.test" in decided
     assert len(resumed) == 1
+
+
+def test_a_resumed_turn_that_continues_its_offsets_is_resent_whole_from_the_snapshot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The tool loop resumes the text where it parked (offset = the text before the tool call).
+    sent = _consumer(monkeypatch, as_json=True)
+    consumer = sent.pop(0)
+    monkeypatch.setattr(consumers.events, "text_snapshot", lambda schema, turn_id: "Let me check. Done.")
+    _relay(
+        consumer,
+        {"event": "turn.started", "turn_id": 7},
+        {"event": "token.delta", "turn_id": 7, "offset": 0, "text": "Let me check."},
+        {"event": "turn.started", "turn_id": 7},
+        {"event": "token.delta", "turn_id": 7, "offset": 13, "text": " Done."},
+    )
+    texts = [(e["offset"], e["text"]) for e in sent if e["event"] == "token.delta"]
+    assert texts == [(0, "Let me check."), (0, "Let me check. Done.")]
