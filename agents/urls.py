@@ -1,10 +1,10 @@
-"""Console pages for agents and chat (``/agents/``, ``/chat/``)."""
+"""Console pages for agents, tools and chat (``/agents/``, ``/tools/``, ``/chat/``)."""
 
 from __future__ import annotations
 
 from django.urls import URLPattern, path
 
-from agents import views
+from agents import tool_views, views
 
 urlpatterns: list[URLPattern] = [
     path("agents/", views.agent_list, name="agent_list"),
@@ -15,6 +15,11 @@ urlpatterns: list[URLPattern] = [
     path("agents/<int:agent_id>/status/", views.agent_status, name="agent_status"),
     path("agents/<int:agent_id>/versions/<int:number>/publish/", views.agent_version_publish,
          name="agent_version_publish"),
+    path("tools/", tool_views.tool_list, name="tool_list"),
+    path("tools/new/", tool_views.tool_create, name="tool_create"),
+    path("tools/<int:tool_id>/", tool_views.tool_edit, name="tool_edit"),
+    path("tools/<int:tool_id>/delete/", tool_views.tool_delete, name="tool_delete"),
+    path("tools/<int:tool_id>/test/", tool_views.tool_test, name="tool_test"),
     path("chat/", views.chat_session_list, name="chat_session_list"),
     path("chat/<int:session_id>/", views.chat_session_detail, name="chat_session_detail"),
     path("chat/<int:session_id>/send", views.chat_message_send, name="chat_message_send"),
