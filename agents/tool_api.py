@@ -139,7 +139,10 @@ def tool_list(request: HttpRequest, filters: Query[ToolFilters]) -> dict[str, An
 
 @router.post("/tools", response={201: ToolOut}, summary="Create an HTTP tool")
 def tool_create(request: HttpRequest, payload: ToolIn) -> Status[dict[str, Any]]:
-    tool = services.tool_create(principal=principal_of(request), **payload.dict())
+    principal = principal_of(request)
+    # The answer is the tool read back, which needs tools:read: refuse before anything is written.
+    principal.require("tools:read")
+    tool = services.tool_create(principal=principal, **payload.dict())
     return Status(201, _one(tool))
 
 

@@ -160,8 +160,9 @@ def _clean_url(value: Any, *, parameters: dict[str, Any]) -> str:
     if parts.scheme.lower() not in ("http", "https"):
         raise _invalid("url", "must be an http:// or https:// URL.")
     if "{" in parts.scheme or "{" in parts.netloc:
-        raise _invalid("url", "placeholders may appear only in the path or the query, never in the scheme, "
-                              "host or port.")
+        # The guard cannot vouch for a destination chosen at call time: refused as egress.
+        raise EgressDenied("Placeholders may appear only in the path or the query, never in the scheme, host or "
+                           "port.", details={"field": "url"})
     if "{" in parts.fragment:
         raise _invalid("url", "placeholders may appear only in the path or the query.")
     properties = parameters.get("properties") or {}
@@ -354,7 +355,7 @@ def tool_create(*, principal: Principal, name: Any, url: Any, description: Any =
                 created_by=principal.label[:200], created_at=now, updated_at=now, **clean)
     _save(tool)
     audit_event_create(actor=principal, action="tool.created", target_type="tool", target_id=tool.pk,
-                       payload={**_audit_fields(clean), "secret_header_names": sorted(secrets)})
+                       payload={**_audit_fields(clean), "write_only_header_names": sorted(secrets)})
     _audit_waiver(principal, tool)
     return tool
 
@@ -412,7 +413,7 @@ def tool_update(*, principal: Principal, tool: Tool, **changes: Any) -> Tool:
     _save(tool)
     payload = _audit_fields(changed)
     if secret_change is not None:
-        payload["secret_header_names"] = secret_change
+        payload["write_only_header_names"] = secret_change
     audit_event_create(actor=principal, action="tool.updated", target_type="tool", target_id=tool.pk,
                        payload={"name": tool.name, "changed": sorted(set(changed) | (
                            {"secret_headers"} if secret_change is not None else set())), **payload})
