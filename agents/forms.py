@@ -72,6 +72,7 @@ class AgentVersionForm(forms.Form):
                                       help_text="What the model may call. Write tools that need approval wait for "
                                                 "a person to approve each call.")
     tool_choice = forms.ChoiceField(choices=AgentVersion.ToolChoice.choices, initial="auto", label="Tool choice",
+                                    required=False,
                                     help_text="Required: the model must call a tool before it answers (needs tools); "
                                               "none: it may not call any.")
     note = forms.CharField(required=False, max_length=300, help_text="What changed, for the version history.")
@@ -108,6 +109,10 @@ class AgentVersionForm(forms.Form):
         if not isinstance(value, dict):
             raise forms.ValidationError("A JSON Schema is a JSON object.")
         return value
+
+    def clean_tool_choice(self) -> str:
+        """The choice, ``auto`` when the form left it out (a client that predates tools)."""
+        return self.cleaned_data.get("tool_choice") or AgentVersion.ToolChoice.AUTO
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}

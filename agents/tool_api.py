@@ -34,8 +34,9 @@ class ToolIn(Schema):
     name: str = Field(max_length=200, description="1-64 letters, digits, underscores or hyphens; unique")
     description: str = Field("", description="What the tool does, as the model reads it")
     kind: str = Field("http", description="Only http (the builtins exist already)")
-    parameters: dict[str, Any] | None = Field(None, description='A JSON Schema (Draft 2020-12) with "type": '
-                                                                '"object" at the top; default: no arguments')
+    parameters: dict[str, Any] | None = Field(
+        None, description='A JSON Schema (Draft 2020-12) with "type": "object" at the top; default: no arguments'
+    )
     side_effect: str = Field("read", description="read or write")
     requires_approval: bool | None = Field(None, description="Default: true for write tools, false for read")
     timeout_seconds: float = Field(10.0, description="0.5-120 seconds")
@@ -43,8 +44,9 @@ class ToolIn(Schema):
     method: str = Field("GET", description="GET, POST, PUT, PATCH or DELETE")
     url: str = Field(max_length=4000, description="http(s) URL template")
     headers: dict[str, str] = Field(default_factory=dict, description="Plain headers (returned as given)")
-    secret_headers: dict[str, str] = Field(default_factory=dict,
-                                           description="Write-only headers, stored encrypted, never returned")
+    secret_headers: dict[str, str] = Field(
+        default_factory=dict, description="Write-only headers, stored encrypted, never returned"
+    )
     body_template: Any = Field(None, description="JSON body template (POST, PUT, PATCH only)")
 
 
@@ -100,8 +102,9 @@ class ToolFilters(Schema):
 
 
 class ToolTestIn(Schema):
-    arguments: dict[str, Any] = Field(default_factory=dict, description="The call's arguments, checked "
-                                                                        "against the tool's parameters")
+    arguments: dict[str, Any] = Field(
+        default_factory=dict, description="The call's arguments, checked against the tool's parameters"
+    )
 
 
 class ToolTestOut(Schema):
@@ -115,14 +118,26 @@ class ToolTestOut(Schema):
 
 def tool_out(tool: Tool, *, used_by: dict[str, list[Any]]) -> dict[str, Any]:
     """A tool as ``ToolOut``; ``used_by`` is ``tool_services.tool_active_users()``."""
-    return {"id": tool.pk, "name": tool.name, "description": tool.description, "kind": tool.kind,
-            "parameters": tool.parameters or {}, "side_effect": tool.side_effect,
-            "requires_approval": tool.requires_approval, "timeout_seconds": tool.timeout_seconds,
-            "max_response_bytes": tool.max_response_bytes, "method": tool.method, "url": tool.url,
-            "headers": tool.headers or {}, "secret_header_names": services.tool_secret_header_names(tool),
-            "body_template": tool.body_template,
-            "used_by": [agent.slug for agent in used_by.get(tool.name, [])],
-            "created_by": tool.created_by, "created_at": tool.created_at, "updated_at": tool.updated_at}
+    return {
+        "id": tool.pk,
+        "name": tool.name,
+        "description": tool.description,
+        "kind": tool.kind,
+        "parameters": tool.parameters or {},
+        "side_effect": tool.side_effect,
+        "requires_approval": tool.requires_approval,
+        "timeout_seconds": tool.timeout_seconds,
+        "max_response_bytes": tool.max_response_bytes,
+        "method": tool.method,
+        "url": tool.url,
+        "headers": tool.headers or {},
+        "secret_header_names": services.tool_secret_header_names(tool),
+        "body_template": tool.body_template,
+        "used_by": [agent.slug for agent in used_by.get(tool.name, [])],
+        "created_by": tool.created_by,
+        "created_at": tool.created_at,
+        "updated_at": tool.updated_at,
+    }
 
 
 def _one(tool: Tool) -> dict[str, Any]:
@@ -173,5 +188,11 @@ def tool_test(request: HttpRequest, tool_id: int, payload: ToolTestIn) -> dict[s
     principal.require("tools:write")
     tool = selectors.tool_get(principal=principal, tool_id=tool_id)
     outcome = services.tool_test_run(principal=principal, tool=tool, arguments=payload.arguments)
-    return {"status": outcome.status, "error_code": outcome.error_code, "output": outcome.output,
-            "request": outcome.request, "response": outcome.response, "duration_ms": outcome.duration_ms}
+    return {
+        "status": outcome.status,
+        "error_code": outcome.error_code,
+        "output": outcome.output,
+        "request": outcome.request,
+        "response": outcome.response,
+        "duration_ms": outcome.duration_ms,
+    }

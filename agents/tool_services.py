@@ -45,16 +45,40 @@ TIMEOUT_RANGE = (0.5, 120.0)  # seconds
 # RFC 9110 token characters (a field name).
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
 # Headers a tool may not set: hop-by-hop (RFC 9110 section 7.6.1) and those the client owns.
-FORBIDDEN_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                               "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection", "host",
-                               "content-length"})
+FORBIDDEN_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "host",
+        "content-length",
+    }
+)
 # A ``{name}`` placeholder of the URL template; the name is a property of ``parameters``.
 PLACEHOLDER_RE = re.compile(r"\{([A-Za-z0-9_.-]{1,64})\}")
 # What a placeholder becomes when the template is checked by the egress guard.
 PLACEHOLDER_SAMPLE = "sample"
 # The fields a caller may give (``secret_headers`` is write-only; the rest are stored as given).
-FIELDS = ("name", "description", "parameters", "side_effect", "requires_approval", "timeout_seconds",
-          "max_response_bytes", "method", "url", "headers", "body_template")
+FIELDS = (
+    "name",
+    "description",
+    "parameters",
+    "side_effect",
+    "requires_approval",
+    "timeout_seconds",
+    "max_response_bytes",
+    "method",
+    "url",
+    "headers",
+    "body_template",
+)
 DEFAULT_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
@@ -67,6 +91,7 @@ def _json_chars(value: Any) -> int:
 
 
 # --- Field checks -----------------------------------------------------------------------------
+
 
 def _clean_name(value: Any) -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
@@ -161,15 +186,20 @@ def _clean_url(value: Any, *, parameters: dict[str, Any]) -> str:
         raise _invalid("url", "must be an http:// or https:// URL.")
     if "{" in parts.scheme or "{" in parts.netloc:
         # The guard cannot vouch for a destination chosen at call time: refused as egress.
-        raise EgressDenied("Placeholders may appear only in the path or the query, never in the scheme, host or "
-                           "port.", details={"field": "url"})
+        raise EgressDenied(
+            "Placeholders may appear only in the path or the query, never in the scheme, host or port.",
+            details={"field": "url"},
+        )
     if "{" in parts.fragment:
         raise _invalid("url", "placeholders may appear only in the path or the query.")
     properties = parameters.get("properties") or {}
     unknown = [name for name in dict.fromkeys(url_placeholders(url)) if name not in properties]
     if unknown:
-        raise _invalid("url", f"the placeholder(s) {', '.join('{' + n + '}' for n in unknown)} are not properties "
-                              "of parameters.", placeholders=unknown)
+        raise _invalid(
+            "url",
+            f"the placeholder(s) {', '.join('{' + n + '}' for n in unknown)} are not properties of parameters.",
+            placeholders=unknown,
+        )
     return url
 
 
@@ -202,8 +232,11 @@ def _clean_body_template(value: Any, *, method: str, parameters: dict[str, Any])
     properties = parameters.get("properties") or {}
     unknown = [name for name in dict.fromkeys(_body_placeholders(value)) if name not in properties]
     if unknown:
-        raise _invalid("body_template", f"the placeholder(s) {', '.join(unknown)} are not properties of parameters.",
-                       placeholders=unknown)
+        raise _invalid(
+            "body_template",
+            f"the placeholder(s) {', '.join(unknown)} are not properties of parameters.",
+            placeholders=unknown,
+        )
     return value
 
 
@@ -230,19 +263,22 @@ def tool_fields_clean(fields: dict[str, Any]) -> dict[str, Any]:
         raise _invalid("side_effect", "must be read or write.")
     clean["side_effect"] = side_effect
     approval = fields.get("requires_approval")
-    clean["requires_approval"] = (side_effect == Tool.SideEffect.WRITE if approval is None
-                                  else _clean_bool("requires_approval", approval))
+    clean["requires_approval"] = (
+        side_effect == Tool.SideEffect.WRITE if approval is None else _clean_bool("requires_approval", approval)
+    )
     clean["timeout_seconds"] = _clean_number("timeout_seconds", fields.get("timeout_seconds"), float, *TIMEOUT_RANGE)
-    clean["max_response_bytes"] = _clean_number("max_response_bytes", fields.get("max_response_bytes"), int, 1,
-                                                settings.EGRESS_MAX_RESPONSE_BYTES)
+    clean["max_response_bytes"] = _clean_number(
+        "max_response_bytes", fields.get("max_response_bytes"), int, 1, settings.EGRESS_MAX_RESPONSE_BYTES
+    )
     method = fields.get("method")
     if not isinstance(method, str) or method.upper() not in METHODS:
         raise _invalid("method", f"must be one of {', '.join(METHODS)}.")
     clean["method"] = method.upper()
     clean["url"] = _clean_url(fields.get("url"), parameters=clean["parameters"])
     clean["headers"] = _clean_headers("headers", fields.get("headers"))
-    clean["body_template"] = _clean_body_template(fields.get("body_template"), method=clean["method"],
-                                                  parameters=clean["parameters"])
+    clean["body_template"] = _clean_body_template(
+        fields.get("body_template"), method=clean["method"], parameters=clean["parameters"]
+    )
     return clean
 
 
@@ -274,12 +310,17 @@ def tool_secret_header_names(tool: Tool) -> list[str]:
 
 # --- Usage by agents ----------------------------------------------------------------------------
 
+
 def tool_active_users(names: list[str] | None = None) -> dict[str, list[Agent]]:
     """Agents that are not retired and whose active version lists a tool, by tool name (``names``
     limits the tools looked at; ``None``: all). One query."""
-    queryset = (Agent.objects.exclude(status=Agent.Status.RETIRED).filter(active_version__isnull=False)
-                .select_related("active_version").only("id", "slug", "name", "status", "active_version__tools")
-                .order_by("slug"))
+    queryset = (
+        Agent.objects.exclude(status=Agent.Status.RETIRED)
+        .filter(active_version__isnull=False)
+        .select_related("active_version")
+        .only("id", "slug", "name", "status", "active_version__tools")
+        .order_by("slug")
+    )
     if names is not None:
         queryset = queryset.filter(active_version__tools__overlap=names)
     users: dict[str, list[Agent]] = {}
@@ -296,14 +337,14 @@ def _refuse_builtin(tool: Tool, verb: str) -> None:
 
 def _save(tool: Tool) -> None:
     if Tool.objects.filter(name=tool.name).exclude(pk=tool.pk).exists():
-        raise Conflict(f"A tool named “{tool.name}” already exists.", code="duplicate_tool",
-                       details={"field": "name"})
+        raise Conflict(f"A tool named “{tool.name}” already exists.", code="duplicate_tool", details={"field": "name"})
     try:
         with transaction.atomic():
             tool.save()
     except IntegrityError as exc:  # a concurrent create with the same name
-        raise Conflict(f"A tool named “{tool.name}” already exists.", code="duplicate_tool",
-                       details={"field": "name"}) from exc
+        raise Conflict(
+            f"A tool named “{tool.name}” already exists.", code="duplicate_tool", details={"field": "name"}
+        ) from exc
 
 
 def _audit_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -317,17 +358,36 @@ def _audit_fields(fields: dict[str, Any]) -> dict[str, Any]:
 
 def _audit_waiver(principal: Principal, tool: Tool) -> None:
     if tool.side_effect == Tool.SideEffect.WRITE and not tool.requires_approval:
-        audit_event_create(actor=principal, action="tool.approval_waived", target_type="tool", target_id=tool.pk,
-                           payload={"name": tool.name})
+        audit_event_create(
+            actor=principal,
+            action="tool.approval_waived",
+            target_type="tool",
+            target_id=tool.pk,
+            payload={"name": tool.name},
+        )
 
 
 # --- Services ---------------------------------------------------------------------------------
 
+
 @transaction.atomic
-def tool_create(*, principal: Principal, name: Any, url: Any, description: Any = "", kind: Any = Tool.Kind.HTTP,
-                parameters: Any = None, side_effect: Any = Tool.SideEffect.READ, requires_approval: Any = None,
-                timeout_seconds: Any = 10.0, max_response_bytes: Any = 65536, method: Any = "GET",
-                headers: Any = None, secret_headers: Any = None, body_template: Any = None) -> Tool:
+def tool_create(
+    *,
+    principal: Principal,
+    name: Any,
+    url: Any,
+    description: Any = "",
+    kind: Any = Tool.Kind.HTTP,
+    parameters: Any = None,
+    side_effect: Any = Tool.SideEffect.READ,
+    requires_approval: Any = None,
+    timeout_seconds: Any = 10.0,
+    max_response_bytes: Any = 65536,
+    method: Any = "GET",
+    headers: Any = None,
+    secret_headers: Any = None,
+    body_template: Any = None,
+) -> Tool:
     """Create an HTTP tool of the principal's tenant. ``parameters`` is a JSON Schema object
     (default: an object with no properties); ``requires_approval=None`` means true for a write
     tool, false for a read one (a write tool explicitly set not to need approval is audited as
@@ -341,21 +401,44 @@ def tool_create(*, principal: Principal, name: Any, url: Any, description: Any =
     principal.require("tools:write")
     if kind != Tool.Kind.HTTP:
         raise _invalid("kind", "only http tools can be created (the builtins exist already).")
-    clean = tool_fields_clean({"name": name, "description": description, "parameters": parameters,
-                               "side_effect": side_effect, "requires_approval": requires_approval,
-                               "timeout_seconds": timeout_seconds, "max_response_bytes": max_response_bytes,
-                               "method": method, "url": url, "headers": headers, "body_template": body_template})
+    clean = tool_fields_clean(
+        {
+            "name": name,
+            "description": description,
+            "parameters": parameters,
+            "side_effect": side_effect,
+            "requires_approval": requires_approval,
+            "timeout_seconds": timeout_seconds,
+            "max_response_bytes": max_response_bytes,
+            "method": method,
+            "url": url,
+            "headers": headers,
+            "body_template": body_template,
+        }
+    )
     secrets = _clean_secret_headers(secret_headers, headers=clean["headers"])
     if Tool.objects.filter(name=clean["name"]).exists():
-        raise Conflict(f"A tool named “{clean['name']}” already exists.", code="duplicate_tool",
-                       details={"field": "name"})
+        raise Conflict(
+            f"A tool named “{clean['name']}” already exists.", code="duplicate_tool", details={"field": "name"}
+        )
     _check_egress(clean["url"])
     now = timezone.now()
-    tool = Tool(kind=Tool.Kind.HTTP, secret_headers_encrypted=secret_encrypt(json.dumps(secrets)) if secrets else "",
-                created_by=principal.label[:200], created_at=now, updated_at=now, **clean)
+    tool = Tool(
+        kind=Tool.Kind.HTTP,
+        secret_headers_encrypted=secret_encrypt(json.dumps(secrets)) if secrets else "",
+        created_by=principal.label[:200],
+        created_at=now,
+        updated_at=now,
+        **clean,
+    )
     _save(tool)
-    audit_event_create(actor=principal, action="tool.created", target_type="tool", target_id=tool.pk,
-                       payload={**_audit_fields(clean), "write_only_header_names": sorted(secrets)})
+    audit_event_create(
+        actor=principal,
+        action="tool.created",
+        target_type="tool",
+        target_id=tool.pk,
+        payload={**_audit_fields(clean), "write_only_header_names": sorted(secrets)},
+    )
     _audit_waiver(principal, tool)
     return tool
 
@@ -395,16 +478,25 @@ def tool_update(*, principal: Principal, tool: Tool, **changes: Any) -> Tool:
             secret_change = sorted(new_secrets)
             tool.secret_headers_encrypted = secret_encrypt(json.dumps(new_secrets)) if new_secrets else ""
     elif "headers" in changed:
-        _clean_secret_headers(tool_secret_headers(tool) if tool.secret_headers_encrypted else {},
-                              headers=clean["headers"])
+        _clean_secret_headers(
+            tool_secret_headers(tool) if tool.secret_headers_encrypted else {}, headers=clean["headers"]
+        )
     if not changed and secret_change is None:
         return tool
     if "name" in changed:
-        listing = list(AgentVersion.objects.filter(tools__contains=[tool.name])
-                       .order_by("agent__slug").values_list("agent__slug", flat=True).distinct())
+        listing = list(
+            AgentVersion.objects.filter(tools__contains=[tool.name])
+            .order_by("agent__slug")
+            .values_list("agent__slug", flat=True)
+            .distinct()
+        )
         if listing:
-            raise Conflict(f"“{tool.name}” is listed by agent versions ({', '.join(listing)}); add a new tool "
-                           "instead of renaming it.", code="tool_in_use", details={"agents": listing})
+            raise Conflict(
+                f"“{tool.name}” is listed by agent versions ({', '.join(listing)}); add a new tool "
+                "instead of renaming it.",
+                code="tool_in_use",
+                details={"agents": listing},
+            )
     if "url" in changed:
         _check_egress(clean["url"])
     for name, value in changed.items():
@@ -414,9 +506,17 @@ def tool_update(*, principal: Principal, tool: Tool, **changes: Any) -> Tool:
     payload = _audit_fields(changed)
     if secret_change is not None:
         payload["write_only_header_names"] = secret_change
-    audit_event_create(actor=principal, action="tool.updated", target_type="tool", target_id=tool.pk,
-                       payload={"name": tool.name, "changed": sorted(set(changed) | (
-                           {"secret_headers"} if secret_change is not None else set())), **payload})
+    audit_event_create(
+        actor=principal,
+        action="tool.updated",
+        target_type="tool",
+        target_id=tool.pk,
+        payload={
+            "name": tool.name,
+            "changed": sorted(set(changed) | ({"secret_headers"} if secret_change is not None else set())),
+            **payload,
+        },
+    )
     if {"side_effect", "requires_approval"} & set(changed):
         _audit_waiver(principal, tool)
     return tool
@@ -436,12 +536,14 @@ def tool_delete(*, principal: Principal, tool: Tool) -> None:
     _refuse_builtin(tool, "deleted")
     agents = [agent.slug for agent in tool_active_users([tool.name]).get(tool.name, [])]
     if agents:
-        raise Conflict(f"“{tool.name}” is used by the active version of {', '.join(agents)}; publish versions "
-                       "without it first.", code="tool_in_use", details={"agents": agents})
+        raise Conflict(
+            f"“{tool.name}” is used by the active version of {', '.join(agents)}; publish versions without it first.",
+            code="tool_in_use",
+            details={"agents": agents},
+        )
     pk, name = tool.pk, tool.name
     tool.delete()
-    audit_event_create(actor=principal, action="tool.deleted", target_type="tool", target_id=pk,
-                       payload={"name": name})
+    audit_event_create(actor=principal, action="tool.deleted", target_type="tool", target_id=pk, payload={"name": name})
 
 
 def tool_test_run(*, principal: Principal, tool: Tool, arguments: dict[str, Any]) -> ToolOutcome:
@@ -460,18 +562,33 @@ def tool_test_run(*, principal: Principal, tool: Tool, arguments: dict[str, Any]
     principal.require("tools:write")
     require_storable(arguments, field="arguments")
     if not isinstance(arguments, dict):
-        raise ValidationFailed("arguments must be a JSON object.", code="invalid_arguments",
-                               details={"field": "arguments"})
+        raise ValidationFailed(
+            "arguments must be a JSON object.", code="invalid_arguments", details={"field": "arguments"}
+        )
     try:
         _, parsed = tool_arguments_parse(name=tool.name, raw=json.dumps(arguments), allowed={tool.name: tool})
     except ToolCallInvalid as exc:
         raise ValidationFailed(exc.message, code=exc.code, details={"field": "arguments"}) from None
     schema: str = connection.schema_name  # type: ignore[attr-defined]
     # No transaction around the call: the request may take up to the tool's timeout.
-    outcome = tool_execute(tool, parsed, context=ToolContext(schema=schema, agent_id=None, session_id=None,
-                                                             turn_id=None, idempotency_key=f"test-{uuid.uuid4()}"))
+    outcome = tool_execute(
+        tool,
+        parsed,
+        context=ToolContext(
+            schema=schema, agent_id=None, session_id=None, turn_id=None, idempotency_key=f"test-{uuid.uuid4()}"
+        ),
+    )
     with transaction.atomic():
-        audit_event_create(actor=principal, action="tool.tested", target_type="tool", target_id=tool.pk,
-                           payload={"name": tool.name, "arguments": parsed, "status": outcome.status,
-                                    "error_code": outcome.error_code})
+        audit_event_create(
+            actor=principal,
+            action="tool.tested",
+            target_type="tool",
+            target_id=tool.pk,
+            payload={
+                "name": tool.name,
+                "arguments": parsed,
+                "status": outcome.status,
+                "error_code": outcome.error_code,
+            },
+        )
     return outcome

@@ -51,31 +51,56 @@ class JSONField(forms.CharField):
             raise forms.ValidationError(f"Not valid JSON: {exc}") from None
 
 
+class WriteOnlyTextarea(forms.Textarea):
+    """A textarea that never renders its value back (a secret typed into a form that failed is
+    not echoed into the page)."""
+
+    def format_value(self, value: Any) -> str | None:
+        return None
+
+
 class ToolForm(forms.Form):
     """Shape only; the rules live in ``agents.tool_services.tool_fields_clean``."""
 
-    name = forms.CharField(max_length=64, help_text="Letters, digits, underscores or hyphens; the model calls "
-                                                    "the tool by this name.")
-    description = forms.CharField(required=False, max_length=services.DESCRIPTION_MAX_CHARS,
-                                  widget=forms.Textarea(attrs={"rows": 2}),
-                                  help_text="What the tool does and when to use it, as the model reads it.")
+    name = forms.CharField(
+        max_length=64, help_text="Letters, digits, underscores or hyphens; the model calls the tool by this name."
+    )
+    description = forms.CharField(
+        required=False,
+        max_length=services.DESCRIPTION_MAX_CHARS,
+        widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="What the tool does and when to use it, as the model reads it.",
+    )
     side_effect = forms.ChoiceField(choices=Tool.SideEffect.choices, initial=Tool.SideEffect.READ)
     requires_approval = forms.ChoiceField(choices=APPROVAL_CHOICES, required=False, label="Needs approval")
     method = forms.ChoiceField(choices=[(m, m) for m in services.METHODS], initial="GET")
-    url = forms.CharField(max_length=2000, label="URL",
-                          help_text="http(s) URL; {param} placeholders (properties of the parameters) may appear "
-                                    "in the path and query only.")
+    url = forms.CharField(
+        max_length=2000,
+        label="URL",
+        help_text="http(s) URL; {param} placeholders (properties of the parameters) may appear "
+        "in the path and query only.",
+    )
     timeout_seconds = forms.FloatField(initial=10.0, label="Timeout (seconds)", help_text="0.5 to 120.")
     max_response_bytes = forms.IntegerField(initial=65536, label="Max response bytes")
-    parameters = JSONField(rows=8, label="Parameters (JSON Schema)",
-                           help_text='A JSON Schema object, e.g. {"type": "object", "properties": {"q": {"type": '
-                                     '"string"}}, "required": ["q"]}. Blank: no arguments.')
+    parameters = JSONField(
+        rows=8,
+        label="Parameters (JSON Schema)",
+        help_text='A JSON Schema object, e.g. {"type": "object", "properties": {"q": {"type": '
+        '"string"}}, "required": ["q"]}. Blank: no arguments.',
+    )
     headers = JSONField(rows=3, label="Headers (JSON)", help_text='Plain headers, e.g. {"Accept": "application/json"}.')
-    secret_headers = JSONField(rows=2, label="Secret headers (JSON)",
-                               help_text='Write-only, stored encrypted, e.g. {"Authorization": "Bearer ..."}.')
+    secret_headers = JSONField(
+        rows=2,
+        label="Secret headers (JSON)",
+        widget=WriteOnlyTextarea(attrs={"rows": 2}),
+        help_text='Write-only, stored encrypted, e.g. {"Authorization": "Bearer ..."}.',
+    )
     clear_secret_headers = forms.BooleanField(required=False, label="Remove the stored secret headers")
-    body_template = JSONField(rows=4, label="Body template (JSON)",
-                              help_text='POST, PUT and PATCH only; "{param}" strings become the arguments\' values.')
+    body_template = JSONField(
+        rows=4,
+        label="Body template (JSON)",
+        help_text='POST, PUT and PATCH only; "{param}" strings become the arguments\' values.',
+    )
 
     def __init__(self, *args: Any, creating: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -83,8 +108,9 @@ class ToolForm(forms.Form):
             del self.fields["clear_secret_headers"]
         else:
             self.fields["secret_headers"].label = "Replace secret headers (JSON)"
-            self.fields["secret_headers"].help_text = ("Write-only. Blank keeps the stored ones; a JSON object "
-                                                       "replaces them all.")
+            self.fields["secret_headers"].help_text = (
+                "Write-only. Blank keeps the stored ones; a JSON object replaces them all."
+            )
         for field in self.fields.values():
             widget = field.widget
             css = "form-check-input" if isinstance(widget, forms.CheckboxInput) else "form-control"
@@ -97,11 +123,19 @@ class ToolForm(forms.Form):
         """The cleaned fields as ``tool_create``/``tool_update`` keywords (secrets left out)."""
         data = self.cleaned_data
         approval = {"": None, "yes": True, "no": False}[data.get("requires_approval") or ""]
-        return {"name": data["name"], "description": data["description"], "side_effect": data["side_effect"],
-                "requires_approval": approval, "method": data["method"], "url": data["url"],
-                "timeout_seconds": data["timeout_seconds"], "max_response_bytes": data["max_response_bytes"],
-                "parameters": data["parameters"], "headers": data["headers"] or {},
-                "body_template": data["body_template"]}
+        return {
+            "name": data["name"],
+            "description": data["description"],
+            "side_effect": data["side_effect"],
+            "requires_approval": approval,
+            "method": data["method"],
+            "url": data["url"],
+            "timeout_seconds": data["timeout_seconds"],
+            "max_response_bytes": data["max_response_bytes"],
+            "parameters": data["parameters"],
+            "headers": data["headers"] or {},
+            "body_template": data["body_template"],
+        }
 
     def add_domain_error(self, exc: DomainError) -> None:
         """Show a service's error on the field it names, or above the form."""
@@ -114,11 +148,19 @@ class ToolForm(forms.Form):
 
 
 def _initial(tool: Tool) -> dict[str, Any]:
-    return {"name": tool.name, "description": tool.description, "side_effect": tool.side_effect,
-            "requires_approval": "yes" if tool.requires_approval else "no", "method": tool.method or "GET",
-            "url": tool.url, "timeout_seconds": tool.timeout_seconds, "max_response_bytes": tool.max_response_bytes,
-            "parameters": _json_text(tool.parameters), "headers": _json_text(tool.headers or {}),
-            "body_template": _json_text(tool.body_template)}
+    return {
+        "name": tool.name,
+        "description": tool.description,
+        "side_effect": tool.side_effect,
+        "requires_approval": "yes" if tool.requires_approval else "no",
+        "method": tool.method or "GET",
+        "url": tool.url,
+        "timeout_seconds": tool.timeout_seconds,
+        "max_response_bytes": tool.max_response_bytes,
+        "parameters": _json_text(tool.parameters),
+        "headers": _json_text(tool.headers or {}),
+        "body_template": _json_text(tool.body_template),
+    }
 
 
 @require_GET
@@ -130,8 +172,12 @@ def tool_list(request: HttpRequest) -> HttpResponse:
     tools = sorted(selectors.tool_list(principal=principal), key=lambda t: (t.kind != Tool.Kind.BUILTIN, t.name))
     users = services.tool_active_users()
     rows = [{"tool": t, "used_by": users.get(t.name, [])} for t in tools]
-    return render_page(request, "agents/tool_list.html", {"rows": rows, "can_write": principal.can("tools:write")},
-                       partial="tool-table")
+    return render_page(
+        request,
+        "agents/tool_list.html",
+        {"rows": rows, "can_write": principal.can("tools:write")},
+        partial="tool-table",
+    )
 
 
 @sensitive_post_parameters("secret_headers")
@@ -141,19 +187,22 @@ def tool_create(request: HttpRequest) -> HttpResponse:
     """The new-tool form; creates an HTTP tool and opens it."""
     principal = request_principal(request)
     principal.require("tools:write")
-    form = ToolForm(request.POST or None, initial={"parameters": _json_text(services.DEFAULT_PARAMETERS),
-                                                   "headers": "{}"})
+    form = ToolForm(
+        request.POST or None, initial={"parameters": _json_text(services.DEFAULT_PARAMETERS), "headers": "{}"}
+    )
     if request.method == "POST" and form.is_valid():
         try:
-            tool = services.tool_create(principal=principal, secret_headers=form.cleaned_data["secret_headers"],
-                                        **form.tool_fields())
+            tool = services.tool_create(
+                principal=principal, secret_headers=form.cleaned_data["secret_headers"], **form.tool_fields()
+            )
         except DomainError as exc:
             form.add_domain_error(exc)
         else:
             messages.success(request, f"Tool “{tool.name}” created.")
             return redirect("tool_edit", tool_id=tool.pk)
-    return render(request, "agents/tool_form.html", {"form": form, "tool": None},
-                  status=422 if request.method == "POST" else 200)
+    return render(
+        request, "agents/tool_form.html", {"form": form, "tool": None}, status=422 if request.method == "POST" else 200
+    )
 
 
 @sensitive_post_parameters("secret_headers")
@@ -183,10 +232,19 @@ def tool_edit(request: HttpRequest, tool_id: int) -> HttpResponse:
         principal.require("tools:write")
         raise Conflict(f"“{tool.name}” is a builtin tool and cannot be changed.", code="builtin_tool")
     used_by = services.tool_active_users([tool.name]).get(tool.name, [])
-    return render(request, "agents/tool_form.html", {
-        "form": form, "tool": tool, "used_by": used_by, "parameters_text": _json_text(tool.parameters),
-        "secret_header_names": services.tool_secret_header_names(tool), "can_write": principal.can("tools:write"),
-    }, status=422 if form is not None and form.errors else 200)
+    return render(
+        request,
+        "agents/tool_form.html",
+        {
+            "form": form,
+            "tool": tool,
+            "used_by": used_by,
+            "parameters_text": _json_text(tool.parameters),
+            "secret_header_names": services.tool_secret_header_names(tool),
+            "can_write": principal.can("tools:write"),
+        },
+        status=422 if form is not None and form.errors else 200,
+    )
 
 
 @require_POST
@@ -244,8 +302,16 @@ def tool_test(request: HttpRequest, tool_id: int) -> HttpResponse:
                     outcome = services.tool_test_run(principal=principal, tool=tool, arguments=arguments)
                 except ValidationFailed as exc:
                     error = exc.message
-    return render(request, "agents/tool_test.html", {
-        "tool": tool, "arguments": text, "error": error, "outcome": outcome,
-        "request_text": _json_text(outcome.request) if outcome and outcome.request is not None else "",
-        "response_text": _json_text(outcome.response) if outcome and outcome.response is not None else "",
-    }, status=422 if error else 200)
+    return render(
+        request,
+        "agents/tool_test.html",
+        {
+            "tool": tool,
+            "arguments": text,
+            "error": error,
+            "outcome": outcome,
+            "request_text": _json_text(outcome.request) if outcome and outcome.request is not None else "",
+            "response_text": _json_text(outcome.response) if outcome and outcome.response is not None else "",
+        },
+        status=422 if error else 200,
+    )

@@ -25,9 +25,18 @@ pytestmark = pytest.mark.django_db
 
 SECRET = "Bearer tok-PLAINTEXT-never-shown-4242"
 PUBLIC = "93.184.216.34"
-DNS: dict[str, list[str]] = {"tickets.example.test": [PUBLIC], "intranet.example.test": ["10.1.2.3"]}
-PARAMETERS = {"type": "object", "properties": {"ticket_id": {"type": "string"}, "title": {"type": "string"}},
-              "required": ["ticket_id"]}
+# "sample.example.test" is what a placeholder in a host would become when checked: it resolves
+# publicly, so only the placeholder rule refuses it.
+DNS: dict[str, list[str]] = {
+    "tickets.example.test": [PUBLIC],
+    "sample.example.test": [PUBLIC],
+    "intranet.example.test": ["10.1.2.3"],
+}
+PARAMETERS = {
+    "type": "object",
+    "properties": {"ticket_id": {"type": "string"}, "title": {"type": "string"}},
+    "required": ["ticket_id"],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -42,9 +51,16 @@ def _dns() -> Iterator[None]:
 
 
 def _body(**overrides: Any) -> dict[str, Any]:
-    return {"name": "get_ticket", "description": "Read one ticket.", "parameters": PARAMETERS,
-            "method": "GET", "url": "https://tickets.example.test/tickets/{ticket_id}?expand=1",
-            "headers": {"Accept": "application/json"}, "secret_headers": {"Authorization": SECRET}, **overrides}
+    return {
+        "name": "get_ticket",
+        "description": "Read one ticket.",
+        "parameters": PARAMETERS,
+        "method": "GET",
+        "url": "https://tickets.example.test/tickets/{ticket_id}?expand=1",
+        "headers": {"Accept": "application/json"},
+        "secret_headers": {"Authorization": SECRET},
+        **overrides,
+    }
 
 
 def _post(client: Client, path: str, body: Any) -> Any:
@@ -71,8 +87,9 @@ def _audit(world: World, tool_id: int) -> list[AuditEvent]:
 
 
 def _key(world: World, scopes: list[str]) -> str:
-    key = api_key_create(principal=Principal.system("tests", tenant=world.tenant_a), tenant=world.tenant_a,
-                         name="scoped", scopes=scopes).secret
+    key = api_key_create(
+        principal=Principal.system("tests", tenant=world.tenant_a), tenant=world.tenant_a, name="scoped", scopes=scopes
+    ).secret
     connection.set_schema_to_public()
     return key
 
@@ -87,6 +104,7 @@ def _agent_with(client: Client, slug: str, tools: list[str], *, publish: bool = 
 
 # --- CRUD -------------------------------------------------------------------------------------
 
+
 def test_a_tool_is_created_read_listed_changed_and_deleted(world: World, api_a: Client) -> None:
     created = _create(api_a)
     assert created["kind"] == "http" and created["name"] == "get_ticket" and created["method"] == "GET"
@@ -100,9 +118,16 @@ def test_a_tool_is_created_read_listed_changed_and_deleted(world: World, api_a: 
     kinds = {t["name"]: t["kind"] for t in listed["items"]}
     assert kinds == {"kb_search": "builtin", "current_time": "builtin", "calculator": "builtin", "get_ticket": "http"}
 
-    changed = _patch(api_a, f"/api/v1/tools/{created['id']}", {"description": "Read a ticket.",
-                                                                "side_effect": "write", "method": "post",
-                                                                "body_template": {"id": "{ticket_id}"}})
+    changed = _patch(
+        api_a,
+        f"/api/v1/tools/{created['id']}",
+        {
+            "description": "Read a ticket.",
+            "side_effect": "write",
+            "method": "post",
+            "body_template": {"id": "{ticket_id}"},
+        },
+    )
     assert changed.status_code == 200, changed.content
     body = changed.json()
     assert body["description"] == "Read a ticket." and body["method"] == "POST"
@@ -148,36 +173,47 @@ def test_a_taken_name_is_a_conflict(world: World, api_a: Client) -> None:
 
 # --- Validation -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("overrides", "field"), [
-    ({"name": "has space"}, "name"),
-    ({"name": "x" * 65}, "name"),
-    ({"name": ""}, "name"),
-    ({"name": "kb_search"}, "name"),
-    ({"kind": "builtin"}, "kind"),
-    ({"parameters": {"type": 5}}, "parameters"),
-    ({"parameters": {"type": "string"}}, "parameters"),
-    ({"parameters": {"type": "object", "properties": {f"p{n}": {"type": "string", "description": "d" * 200}
-                                                      for n in range(120)}}}, "parameters"),
-    ({"side_effect": "delete"}, "side_effect"),
-    ({"timeout_seconds": 0.4}, "timeout_seconds"),
-    ({"timeout_seconds": 121}, "timeout_seconds"),
-    ({"max_response_bytes": 0}, "max_response_bytes"),
-    ({"max_response_bytes": 10**12}, "max_response_bytes"),
-    ({"method": "TRACE"}, "method"),
-    ({"url": "ftp://tickets.example.test/x"}, "url"),
-    ({"url": ""}, "url"),
-    ({"url": "https://tickets.example.test/{missing}"}, "url"),
-    ({"url": "https://tickets.example.test/{ticket_id"}, "url"),
-    ({"headers": {"X-Evil": "a\r\nInjected: yes"}}, "headers"),
-    ({"headers": {"Host": "elsewhere.test"}}, "headers"),
-    ({"headers": {"Transfer-Encoding": "chunked"}}, "headers"),
-    ({"headers": {"Content-Length": "3"}}, "headers"),
-    ({"headers": {"bad header": "x"}}, "headers"),
-    ({"secret_headers": {"Connection": "close"}}, "secret_headers"),
-    ({"secret_headers": {"accept": "x"}}, "secret_headers"),  # also a plain header
-    ({"body_template": {"id": "{ticket_id}"}}, "body_template"),  # GET takes no body
-    ({"method": "POST", "body_template": {"id": "{nope}"}}, "body_template"),
-])
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"name": "has space"}, "name"),
+        ({"name": "x" * 65}, "name"),
+        ({"name": ""}, "name"),
+        ({"name": "kb_search"}, "name"),
+        ({"kind": "builtin"}, "kind"),
+        ({"parameters": {"type": 5}}, "parameters"),
+        ({"parameters": {"type": "string"}}, "parameters"),
+        (
+            {
+                "parameters": {
+                    "type": "object",
+                    "properties": {f"p{n}": {"type": "string", "description": "d" * 200} for n in range(120)},
+                }
+            },
+            "parameters",
+        ),
+        ({"side_effect": "delete"}, "side_effect"),
+        ({"timeout_seconds": 0.4}, "timeout_seconds"),
+        ({"timeout_seconds": 121}, "timeout_seconds"),
+        ({"max_response_bytes": 0}, "max_response_bytes"),
+        ({"max_response_bytes": 10**12}, "max_response_bytes"),
+        ({"method": "TRACE"}, "method"),
+        ({"url": "ftp://tickets.example.test/x"}, "url"),
+        ({"url": ""}, "url"),
+        ({"url": "https://tickets.example.test/{missing}"}, "url"),
+        ({"url": "https://tickets.example.test/{ticket_id"}, "url"),
+        ({"headers": {"X-Evil": "a\r\nInjected: yes"}}, "headers"),
+        ({"headers": {"Host": "elsewhere.test"}}, "headers"),
+        ({"headers": {"Transfer-Encoding": "chunked"}}, "headers"),
+        ({"headers": {"Content-Length": "3"}}, "headers"),
+        ({"headers": {"bad header": "x"}}, "headers"),
+        ({"secret_headers": {"Connection": "close"}}, "secret_headers"),
+        ({"secret_headers": {"accept": "x"}}, "secret_headers"),  # also a plain header
+        ({"body_template": {"id": "{ticket_id}"}}, "body_template"),  # GET takes no body
+        ({"method": "POST", "body_template": {"id": "{nope}"}}, "body_template"),
+    ],
+)
 def test_each_bad_field_is_named(world: World, api_a: Client, overrides: dict[str, Any], field: str) -> None:
     response = _post(api_a, "/api/v1/tools", _body(**overrides))
     assert response.status_code == 422, response.content
@@ -193,23 +229,26 @@ def test_malformed_bodies_are_422_not_500(world: World, api_a: Client) -> None:
     nul = _post(api_a, "/api/v1/tools", _body(description="a\u0000b"))
     assert nul.status_code == 422 and _error(nul)["code"] == "invalid_characters"
     created = _create(api_a)
-    for patch in ({"name": None}, {"side_effect": None}, {"timeout_seconds": None}, {"url": None},
-                  {"kind": "builtin"}):
+    for patch in ({"name": None}, {"side_effect": None}, {"timeout_seconds": None}, {"url": None}, {"kind": "builtin"}):
         response = _patch(api_a, f"/api/v1/tools/{created['id']}", patch)
         assert response.status_code == 422, (patch, response.content)
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/tickets",
-    "http://169.254.169.254/latest/meta-data/",
-    "http://[::1]/tickets",
-    "https://intranet.example.test/tickets",
-    "https://{ticket_id}.example.test/tickets",
-    "https://tickets.example.test:{ticket_id}/tickets",
-    "{ticket_id}://tickets.example.test/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/tickets",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/tickets",
+        "https://intranet.example.test/tickets",
+        "https://{ticket_id}.example.test/tickets",
+        "https://tickets.example.test:{ticket_id}/tickets",
+        "{ticket_id}://tickets.example.test/",
+    ],
+)
 def test_the_egress_guard_refuses_private_addresses_and_placeholder_hosts_at_save(
-        world: World, api_a: Client, url: str) -> None:
+    world: World, api_a: Client, url: str
+) -> None:
     response = _post(api_a, "/api/v1/tools", _body(url=url))
     assert response.status_code == 422, response.content
     error = _error(response)
@@ -222,6 +261,7 @@ def test_the_egress_guard_refuses_private_addresses_and_placeholder_hosts_at_sav
 
 
 # --- Secrets ----------------------------------------------------------------------------------
+
 
 def test_secret_headers_are_encrypted_and_never_returned_or_audited(world: World, api_a: Client) -> None:
     created = _post(api_a, "/api/v1/tools", _body())
@@ -253,6 +293,7 @@ def test_secret_headers_are_encrypted_and_never_returned_or_audited(world: World
 
 # --- Builtins ---------------------------------------------------------------------------------
 
+
 def test_builtins_are_listed_and_cannot_be_changed_or_deleted(world: World, api_a: Client) -> None:
     listed = {t["name"]: t for t in api_a.get("/api/v1/tools").json()["items"]}
     calculator = listed["calculator"]
@@ -266,8 +307,8 @@ def test_builtins_are_listed_and_cannot_be_changed_or_deleted(world: World, api_
 
 # --- In use -----------------------------------------------------------------------------------
 
-def test_a_tool_an_active_version_lists_cannot_be_deleted_until_the_agent_retires(
-        world: World, api_a: Client) -> None:
+
+def test_a_tool_an_active_version_lists_cannot_be_deleted_until_the_agent_retires(world: World, api_a: Client) -> None:
     tool = _create(api_a)
     agent = _agent_with(api_a, "helpdesk", ["get_ticket", "calculator"])
     assert api_a.get(f"/api/v1/tools/{tool['id']}").json()["used_by"] == ["helpdesk"]
@@ -291,6 +332,7 @@ def test_a_tool_any_version_lists_cannot_be_renamed(world: World, api_a: Client)
 
 
 # --- Permissions and isolation ----------------------------------------------------------------
+
 
 def test_a_viewer_reads_but_cannot_write_and_an_auditor_reads(world: World, api_a: Client) -> None:
     tool = _create(api_a)
@@ -334,12 +376,14 @@ def test_the_outsider_cannot_see_or_touch_tenant_a_tools(world: World, api_a: Cl
 
 # --- Versions with tools ----------------------------------------------------------------------
 
+
 def test_versions_take_tools_and_tool_choice(world: World, api_a: Client) -> None:
     _create(api_a)
     agent = _agent_with(api_a, "helpdesk", [], publish=False)
     versions = f"/api/v1/agents/{agent['id']}/versions"
-    created = _post(api_a, versions, {"config": {"tools": ["get_ticket", "calculator", "get_ticket"],
-                                                 "tool_choice": "required"}})
+    created = _post(
+        api_a, versions, {"config": {"tools": ["get_ticket", "calculator", "get_ticket"], "tool_choice": "required"}}
+    )
     assert created.status_code == 201, created.content
     assert created.json()["tools"] == ["get_ticket", "calculator"] and created.json()["tool_choice"] == "required"
     # A new version starts from the latest one.
@@ -365,8 +409,10 @@ def test_versions_take_tools_and_tool_choice(world: World, api_a: Client) -> Non
 
 # --- Pages and query counts -------------------------------------------------------------------
 
-def test_the_list_pages_by_keyset_and_keeps_its_query_count(world: World, api_a: Client,
-                                                            django_assert_max_num_queries: Any) -> None:
+
+def test_the_list_pages_by_keyset_and_keeps_its_query_count(
+    world: World, api_a: Client, django_assert_max_num_queries: Any
+) -> None:
     _create(api_a, name="tool-0")
     _agent_with(api_a, "agent-0", ["tool-0"])
     with django_assert_max_num_queries(12) as few:
