@@ -74,7 +74,8 @@ class AgentVersionForm(forms.Form):
     tool_choice = forms.ChoiceField(choices=AgentVersion.ToolChoice.choices, initial="auto", label="Tool choice",
                                     required=False,
                                     help_text="Required: the model must call a tool before it answers (needs tools); "
-                                              "none: it may not call any.")
+                                              "none: it may not call any; a tool's name: it must call that one "
+                                              "first (one of the tools above; small local models need this).")
     note = forms.CharField(required=False, max_length=300, help_text="What changed, for the version history.")
 
     def __init__(self, *args: Any, collections: list[tuple[int, str]] | None = None,
@@ -83,6 +84,8 @@ class AgentVersionForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["collection_ids"].choices = list(collections or [])  # type: ignore[attr-defined]
         self.fields["tools"].choices = list(tools or [])  # type: ignore[attr-defined]
+        self.fields["tool_choice"].choices = [  # type: ignore[attr-defined]
+            *AgentVersion.ToolChoice.choices, *((name, f"Call {name} first") for name, _ in tools or [])]
         self.fields["endpoint_id"].choices = [("", "None (use the tier)"), *(endpoints or [])]  # type: ignore[attr-defined]
         _bootstrap(self)
 

@@ -33,7 +33,8 @@ class VersionConfigIn(Schema):
     output_schema: dict[str, Any] | None = None
     # Names of the tenant's tools the model may call (at most 32, duplicates dropped in order).
     tools: list[str] | None = None
-    # auto (the model decides), required (it must call a tool first; needs tools) or none.
+    # auto (the model decides), required (it must call a tool first; needs tools), none, or the
+    # name of one of the version's tools (the model must call that one first).
     tool_choice: str | None = None
 
 

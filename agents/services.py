@@ -77,7 +77,8 @@ def version_config_clean(*, principal: Principal, config: dict[str, Any]) -> dic
     collections not in this tenant, an output schema that is not a JSON Schema (checked
     against its metaschema with ``jsonschema``), ``tools`` that are not a list of names of this
     tenant's tools (``details.missing``; deduplicated in order, at most ``VERSION_MAX_TOOLS``), or
-    ``tool_choice`` not auto, required or none (``required`` needs at least one tool).
+    ``tool_choice`` not auto, required, none or one of the version's tools (``required`` needs
+    at least one tool).
     """
     from knowledge.models import Collection
 
@@ -164,9 +165,9 @@ def _tools_clean(names: Any, choice: Any) -> tuple[list[str], str]:
     if missing:
         raise ValidationFailed(f"No such tool: {', '.join(missing)}.", code="invalid_version",
                                details={"field": "tools", "missing": missing})
-    if choice not in AgentVersion.ToolChoice.values:
-        raise ValidationFailed("tool_choice must be auto, required or none.", code="invalid_version",
-                               details={"field": "tool_choice"})
+    if not isinstance(choice, str) or (choice not in AgentVersion.ToolChoice.values and choice not in unique):
+        raise ValidationFailed("tool_choice must be auto, required, none or the name of one of the version's tools.",
+                               code="invalid_version", details={"field": "tool_choice"})
     if choice == AgentVersion.ToolChoice.REQUIRED and not unique:
         raise ValidationFailed("tool_choice required needs at least one tool.", code="invalid_version",
                                details={"field": "tool_choice"})

@@ -262,6 +262,12 @@ def test_the_version_form_offers_tools_with_side_effect_and_approval_and_saves_t
         version = AgentVersion.objects.get(agent=agent, number=2)
     # The version's own order first, then the new ones.
     assert version.tools == ["search_tickets", "create_ticket"] and version.tool_choice == "required"
+    named = client.post(
+        f"/agents/{agent.pk}/edit/", {**VERSION_POST, "tools": ["create_ticket"], "tool_choice": "create_ticket"}
+    )
+    assert named.status_code == 302
+    with schema_context(world.tenant_a.schema_name):
+        assert AgentVersion.objects.get(agent=agent, number=3).tool_choice == "create_ticket"
     refused = client.post(f"/agents/{agent.pk}/edit/", {**VERSION_POST, "tool_choice": "required"})
     assert refused.status_code == 422
     html = refused.content.decode()

@@ -395,6 +395,10 @@ def test_versions_take_tools_and_tool_choice(world: World, api_a: Client) -> Non
     assert _error(unknown)["code"] == "invalid_version" and _error(unknown)["details"]["missing"] == ["nope", "nada"]
     required = _post(api_a, versions, {"config": {"tools": [], "tool_choice": "required"}})
     assert required.status_code == 422 and _error(required)["details"]["field"] == "tool_choice"
+    named = _post(api_a, versions, {"config": {"tools": ["get_ticket"], "tool_choice": "get_ticket"}})
+    assert named.status_code == 201 and named.json()["tool_choice"] == "get_ticket"
+    not_listed = _post(api_a, versions, {"config": {"tools": ["get_ticket"], "tool_choice": "calculator"}})
+    assert not_listed.status_code == 422 and _error(not_listed)["details"]["field"] == "tool_choice"
     bad_choice = _post(api_a, versions, {"config": {"tool_choice": "sometimes"}})
     assert bad_choice.status_code == 422 and _error(bad_choice)["details"]["field"] == "tool_choice"
     too_many = _post(api_a, versions, {"config": {"tools": [f"t{n}" for n in range(33)]}})
