@@ -62,7 +62,7 @@ FORBIDDEN_HEADERS = frozenset(
     }
 )
 # A ``{name}`` placeholder of the URL template; the name is a property of ``parameters``.
-PLACEHOLDER_RE = re.compile(r"\{([A-Za-z0-9_.-]{1,64})\}")
+PLACEHOLDER_RE = re.compile(r"\{([A-Za-z0-9_-]{1,64})\}")
 # What a placeholder becomes when the template is checked by the egress guard.
 PLACEHOLDER_SAMPLE = "sample"
 # The fields a caller may give (``secret_headers`` is write-only; the rest are stored as given).
@@ -212,9 +212,10 @@ def _check_egress(url: str) -> None:
 
 
 def _body_placeholders(value: Any) -> list[str]:
+    """Every ``{name}`` in the template's strings: a whole string ``"{name}"`` becomes the
+    argument's JSON value, one inside a longer string its text (``agents.runtime.tool_http``)."""
     if isinstance(value, str):
-        match = PLACEHOLDER_RE.fullmatch(value)
-        return [match.group(1)] if match else []
+        return PLACEHOLDER_RE.findall(value)
     if isinstance(value, dict):
         return [name for item in value.values() for name in _body_placeholders(item)]
     if isinstance(value, list):

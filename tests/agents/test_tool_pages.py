@@ -4,10 +4,13 @@ of agent versions (form, detail, diff)."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
-from typing import Any
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import pytest
+from django.test import override_settings
 from django_tenants.utils import schema_context
 
 from agents.models import Agent, AgentVersion, Tool
@@ -296,3 +299,58 @@ def test_the_diff_and_detail_show_tool_changes(world: World, client_a: Any) -> N
     detail = client.get(f"/agents/{agent.pk}/").content.decode()
     tools = detail[detail.index('data-testid="active-tools"') :]
     assert "<code>create_ticket</code>" in tools[:300] and "tool choice required" in tools[:300]
+
+
+# --- Test page --------------------------------------------------------------------------------
+
+
+class _Echo(BaseHTTPRequestHandler):
+    seen: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server hook's name
+        _Echo.seen.append(self.path)
+        body = json.dumps({"results": ["ticket 1"], "key": self.headers.get("X-Api-Key")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        return
+
+
+def test_the_test_page_runs_a_tool_once_and_shows_request_and_response(world: World, client_a: Any) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Echo.seen.clear()
+    port = server.server_address[1]
+    try:
+        with override_settings(EGRESS_ALLOWLIST=[f"127.0.0.1:{port}"]):
+            with schema_context(world.tenant_a.schema_name):
+                tool = tool_create(
+                    principal=_system(world),
+                    name="search_tickets",
+                    parameters=PARAMETERS,
+                    url=f"http://127.0.0.1:{port}/search?q={{q}}",
+                    secret_headers={"X-Api-Key": SECRET},
+                )
+            client = client_a("operator")
+            form = client.get(f"/tools/{tool.pk}/test/").content.decode()
+            assert "&quot;q&quot;: &quot;&quot;" in form  # the required argument, as a sample
+            bad = client.post(f"/tools/{tool.pk}/test/", {"arguments": "{oops"})
+            assert bad.status_code == 422 and "not valid JSON" in bad.content.decode()
+            refused = client.post(f"/tools/{tool.pk}/test/", {"arguments": '{"q": 5}'})
+            assert refused.status_code == 422 and 'data-testid="error-arguments"' in refused.content.decode()
+            assert _Echo.seen == []
+            ran = client.post(f"/tools/{tool.pk}/test/", {"arguments": '{"q": "screen"}'})
+    finally:
+        server.shutdown()
+        server.server_close()
+    html = ran.content.decode()
+    assert ran.status_code == 200 and _Echo.seen == ["/search?q=screen"]
+    assert 'data-testid="outcome-status"><span class="badge text-bg-success">ok' in html
+    request = html[html.index('data-testid="outcome-request"') :]
+    assert "/search?q=screen" in request[:800] and "X-Api-Key" in request[:800]
+    assert "ticket 1" in html[html.index('data-testid="outcome-response"') :]
+    assert SECRET not in html

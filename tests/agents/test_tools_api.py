@@ -5,12 +5,14 @@ counts (Django test client; DNS answered by the test)."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from django.db import connection
-from django.test import Client
+from django.test import Client, override_settings
 from django_tenants.utils import schema_context
 
 from agents.models import Tool
@@ -212,6 +214,7 @@ def test_a_taken_name_is_a_conflict(world: World, api_a: Client) -> None:
         ({"secret_headers": {"accept": "x"}}, "secret_headers"),  # also a plain header
         ({"body_template": {"id": "{ticket_id}"}}, "body_template"),  # GET takes no body
         ({"method": "POST", "body_template": {"id": "{nope}"}}, "body_template"),
+        ({"method": "POST", "body_template": {"title": "Ticket {nope}"}}, "body_template"),
     ],
 )
 def test_each_bad_field_is_named(world: World, api_a: Client, overrides: dict[str, Any], field: str) -> None:
@@ -433,3 +436,97 @@ def test_the_list_pages_by_keyset_and_keeps_its_query_count(
     assert len(first["items"]) == 10 and len(second["items"]) == 5 and second["next_cursor"] is None
     assert {t["id"] for t in first["items"]}.isdisjoint({t["id"] for t in second["items"]})
     assert _error(api_a.get("/api/v1/tools?cursor=garbage"))["code"] == "invalid_cursor"
+
+
+# --- Test runs --------------------------------------------------------------------------------
+
+
+class _Service(ThreadingHTTPServer):
+    """A tenant's ticket service, in the test's process: records each request and answers with
+    ``status`` and a JSON body that echoes the X-Api-Key header (to show it is scrubbed)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.status = 200
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server hook's name
+                service.seen.append({"method": "GET", "path": self.path, "headers": dict(self.headers)})
+                body = json.dumps(
+                    {"id": self.path.rsplit("/", 1)[-1], "title": "Broken screen", "key": self.headers.get("X-Api-Key")}
+                ).encode()
+                self.send_response(service.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+                return
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+
+@pytest.fixture
+def service() -> Iterator[_Service]:
+    server = _Service()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with override_settings(EGRESS_ALLOWLIST=[f"127.0.0.1:{server.port}"]):
+            yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_test_run_calls_the_service_once_and_keeps_the_secret_hidden(
+    world: World, api_a: Client, service: _Service
+) -> None:
+    tool = _create(
+        api_a, url=f"http://127.0.0.1:{service.port}/tickets/{{ticket_id}}", secret_headers={"X-Api-Key": SECRET}
+    )
+    response = _post(api_a, f"/api/v1/tools/{tool['id']}/test", {"arguments": {"ticket_id": "42"}})
+    assert response.status_code == 200, response.content
+    outcome = response.json()
+    assert outcome["status"] == "ok" and outcome["error_code"] == ""
+    assert "Broken screen" in outcome["output"] and outcome["response"]["status"] == 200
+    assert outcome["request"]["method"] == "GET" and outcome["request"]["url"].endswith("/tickets/42")
+    assert "X-Api-Key" in outcome["request"]["headers"] and SECRET not in response.content.decode()
+    assert len(service.seen) == 1 and service.seen[0]["path"] == "/tickets/42"
+    assert service.seen[0]["headers"]["X-Api-Key"] == SECRET and service.seen[0]["headers"]["Accept"] == (
+        "application/json"
+    )
+    tested = [e for e in _audit(world, tool["id"]) if e.action == "tool.tested"]
+    assert len(tested) == 1
+    assert tested[0].payload["arguments"] == {"ticket_id": "42"} and tested[0].payload["status"] == "ok"
+    assert SECRET not in json.dumps(tested[0].payload)
+
+
+def test_a_test_run_refuses_arguments_the_schema_refuses_and_reports_the_services_failure(
+    world: World, api_a: Client, service: _Service
+) -> None:
+    tool = _create(api_a, url=f"http://127.0.0.1:{service.port}/tickets/{{ticket_id}}")
+    path = f"/api/v1/tools/{tool['id']}/test"
+    missing = _post(api_a, path, {"arguments": {}})
+    assert missing.status_code == 422 and _error(missing)["code"] == "invalid_arguments"
+    wrong = _post(api_a, path, {"arguments": {"ticket_id": 42}})
+    assert wrong.status_code == 422 and _error(wrong)["details"]["field"] == "arguments"
+    assert service.seen == []
+    service.status = 500
+    failed = _post(api_a, path, {"arguments": {"ticket_id": "7"}})
+    assert failed.status_code == 200
+    assert failed.json()["status"] == "error" and failed.json()["error_code"] == "http_error"
+    assert len(service.seen) == 1
+
+
+def test_a_builtin_can_be_test_run(world: World, api_a: Client) -> None:
+    calculator = {t["name"]: t for t in api_a.get("/api/v1/tools").json()["items"]}["calculator"]
+    response = _post(api_a, f"/api/v1/tools/{calculator['id']}/test", {"arguments": {"expression": "(2 + 3) * 4"}})
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+    assert "20" in response.json()["output"] and response.json()["request"] is None
