@@ -60,7 +60,9 @@ class ToolPatch(Schema):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     side_effect: str | None = None
-    requires_approval: bool | None = None
+    requires_approval: bool | None = Field(
+        None, description="null: the side effect's default; changing side_effect alone also resets it"
+    )
     timeout_seconds: float | None = None
     max_response_bytes: int | None = None
     method: str | None = None
