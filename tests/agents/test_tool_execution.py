@@ -279,12 +279,14 @@ def test_a_slow_answer_times_out_while_the_service_still_holds_it(service: _Serv
 
     service.routes["/slow"] = stall
     try:
-        outcome = tool_execute(http_tool(service.url("/slow"), timeout_seconds=0.5), {}, context=CONTEXT)
+        tool = http_tool(service.url("/slow"), method="POST", side_effect=Tool.SideEffect.WRITE, timeout_seconds=0.5)
+        outcome = tool_execute(tool, {}, context=CONTEXT)
         assert not answered.is_set()  # the call gave up while the service was still holding the answer
     finally:
         release.set()
     assert (outcome.status, outcome.error_code) == ("error", "tool_timeout")
-    assert "0.5 s" in outcome.output
+    assert "0.5 s" in outcome.output and "may have reached the service" in outcome.output
+    assert service.requests[0]["headers"]["idempotency-key"] == "turn-7-call-1"
 
 
 def test_the_timeout_covers_a_body_that_trickles_in(service: _Service) -> None:
