@@ -38,8 +38,9 @@ class AgentForm(forms.Form):
 class AgentVersionForm(forms.Form):
     """Every field of an ``AgentVersion``; ``config()`` is what ``agent_version_create`` takes.
 
-    ``collections`` are ``(id, name)`` pairs of the tenant's knowledge collections and
-    ``endpoints`` ``(id, label)`` pairs of the model endpoints it may pin.
+    ``collections`` are ``(id, name)`` pairs of the tenant's knowledge collections,
+    ``endpoints`` ``(id, label)`` pairs of the model endpoints it may pin and ``tools``
+    ``(name, label)`` pairs of its tools.
     """
 
     system_prompt = forms.CharField(max_length=20000, widget=forms.Textarea(attrs={"rows": 6}))
@@ -66,12 +67,25 @@ class AgentVersionForm(forms.Form):
     output_schema = forms.CharField(required=False, label="Output JSON Schema",
                                     widget=forms.Textarea(attrs={"rows": 6, "class": "font-monospace"}),
                                     help_text="Used when the output format is JSON (schema).")
+    tools = forms.MultipleChoiceField(choices=[], required=False, widget=forms.CheckboxSelectMultiple,
+                                      label="Tools",
+                                      help_text="What the model may call. Write tools that need approval wait for "
+                                                "a person to approve each call.")
+    tool_choice = forms.ChoiceField(choices=AgentVersion.ToolChoice.choices, initial="auto", label="Tool choice",
+                                    required=False,
+                                    help_text="Required: the model must call a tool before it answers (needs tools); "
+                                              "none: it may not call any; a tool's name: it must call that one "
+                                              "first (one of the tools above; small local models need this).")
     note = forms.CharField(required=False, max_length=300, help_text="What changed, for the version history.")
 
     def __init__(self, *args: Any, collections: list[tuple[int, str]] | None = None,
-                 endpoints: list[tuple[int, str]] | None = None, **kwargs: Any) -> None:
+                 endpoints: list[tuple[int, str]] | None = None, tools: list[tuple[str, str]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["collection_ids"].choices = list(collections or [])  # type: ignore[attr-defined]
+        self.fields["tools"].choices = list(tools or [])  # type: ignore[attr-defined]
+        self.fields["tool_choice"].choices = [  # type: ignore[attr-defined]
+            *AgentVersion.ToolChoice.choices, *((name, f"Call {name} first") for name, _ in tools or [])]
         self.fields["endpoint_id"].choices = [("", "None (use the tier)"), *(endpoints or [])]  # type: ignore[attr-defined]
         _bootstrap(self)
 
@@ -82,6 +96,7 @@ class AgentVersionForm(forms.Form):
         schema = values.get("output_schema")
         values["output_schema"] = json.dumps(schema, indent=2, sort_keys=True) if schema is not None else ""
         values["endpoint_id"] = values.get("endpoint_id") or ""
+        values["tools"] = list(values.get("tools") or [])
         return values
 
     def clean_output_schema(self) -> dict[str, Any] | None:
@@ -98,6 +113,10 @@ class AgentVersionForm(forms.Form):
             raise forms.ValidationError("A JSON Schema is a JSON object.")
         return value
 
+    def clean_tool_choice(self) -> str:
+        """The choice, ``auto`` when the form left it out (a client that predates tools)."""
+        return self.cleaned_data.get("tool_choice") or AgentVersion.ToolChoice.AUTO
+
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
         if cleaned.get("output_format") == AgentVersion.OutputFormat.JSON_SCHEMA and not cleaned.get("output_schema") \
@@ -107,7 +126,11 @@ class AgentVersionForm(forms.Form):
 
     def config(self) -> dict[str, Any]:
         """The cleaned fields as a version config (every key of ``VERSION_FIELDS``)."""
-        return {name: self.cleaned_data[name] for name in VERSION_FIELDS}
+        config = {name: self.cleaned_data[name] for name in VERSION_FIELDS}
+        # Checkboxes come back in the choices' order; keep the order the version had.
+        initial = [n for n in self.initial.get("tools") or [] if n in config["tools"]]
+        config["tools"] = [*initial, *(n for n in config["tools"] if n not in initial)]
+        return config
 
 
 class ChatSessionForm(forms.Form):

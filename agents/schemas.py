@@ -31,6 +31,11 @@ class VersionConfigIn(Schema):
     retrieval_max_chunks_per_document: int | None = None
     output_format: str | None = None
     output_schema: dict[str, Any] | None = None
+    # Names of the tenant's tools the model may call (at most 32, duplicates dropped in order).
+    tools: list[str] | None = None
+    # auto (the model decides), required (it must call a tool first; needs tools), none, or the
+    # name of one of the version's tools (the model must call that one first).
+    tool_choice: str | None = None
 
 
 class AgentIn(Schema):
@@ -88,6 +93,8 @@ class VersionOut(Schema):
     retrieval_max_chunks_per_document: int | None
     output_format: str
     output_schema: dict[str, Any] | None
+    tools: list[str]
+    tool_choice: str
     note: str
     created_by: str
     created_at: dt.datetime

@@ -19,7 +19,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from agents.models import Agent, AgentVersion, ChatSession, Message, Turn
+from agents.models import Agent, AgentVersion, ChatSession, Message, Tool, Turn
 from agents.runtime import events
 from compliance.services import audit_event_create
 from config.errors import Conflict, ValidationFailed
@@ -47,7 +47,11 @@ VERSION_DEFAULTS: dict[str, Any] = {
     "retrieval_max_chunks_per_document": None,
     "output_format": "text",
     "output_schema": None,
+    "tools": [],
+    "tool_choice": "auto",
 }
+# At most this many tools on one version (each is described to the model on every call).
+VERSION_MAX_TOOLS = 32
 VERSION_FIELDS = tuple(VERSION_DEFAULTS)
 
 
@@ -70,8 +74,11 @@ def version_config_clean(*, principal: Principal, config: dict[str, Any]) -> dic
     that is neither the platform's nor this tenant's, temperature outside 0-2, output tokens
     outside 1-32768, history window outside 0-200, top_k outside 1-50, unknown retrieval mode,
     chunks per document outside 1-50 (``None`` or ``""``: no cap), unknown output format,
-    collections not in this tenant, or an output schema that is not a JSON Schema (checked
-    against its metaschema with ``jsonschema``).
+    collections not in this tenant, an output schema that is not a JSON Schema (checked
+    against its metaschema with ``jsonschema``), ``tools`` that are not a list of names of this
+    tenant's tools (``details.missing``; deduplicated in order, at most ``VERSION_MAX_TOOLS``), or
+    ``tool_choice`` not auto, required, none or one of the version's tools (``required`` needs
+    at least one tool).
     """
     from knowledge.models import Collection
 
@@ -138,7 +145,33 @@ def version_config_clean(*, principal: Principal, config: dict[str, Any]) -> dic
                                    code="invalid_version", details={"field": "output_schema"}) from None
     else:
         cfg["output_schema"] = None
+    cfg["tools"], cfg["tool_choice"] = _tools_clean(cfg["tools"], cfg["tool_choice"])
     return cfg
+
+
+def _tools_clean(names: Any, choice: Any) -> tuple[list[str], str]:
+    if names is None:
+        names = []
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ValidationFailed("tools must be a list of tool names.", code="invalid_version",
+                               details={"field": "tools"})
+    require_storable(list(names), field="tools")
+    unique = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+    if len(unique) > VERSION_MAX_TOOLS:
+        raise ValidationFailed(f"A version may list at most {VERSION_MAX_TOOLS} tools.", code="invalid_version",
+                               details={"field": "tools"})
+    found = set(Tool.objects.filter(name__in=unique).values_list("name", flat=True))
+    missing = [n for n in unique if n not in found]
+    if missing:
+        raise ValidationFailed(f"No such tool: {', '.join(missing)}.", code="invalid_version",
+                               details={"field": "tools", "missing": missing})
+    if not isinstance(choice, str) or (choice not in AgentVersion.ToolChoice.values and choice not in unique):
+        raise ValidationFailed("tool_choice must be auto, required, none or the name of one of the version's tools.",
+                               code="invalid_version", details={"field": "tool_choice"})
+    if choice == AgentVersion.ToolChoice.REQUIRED and not unique:
+        raise ValidationFailed("tool_choice required needs at least one tool.", code="invalid_version",
+                               details={"field": "tool_choice"})
+    return unique, str(choice)
 
 
 def _version_snapshot(version: AgentVersion) -> dict[str, Any]:

@@ -1,10 +1,11 @@
-"""Console pages for agents, approvals and chat (``/agents/``, ``/approvals/``, ``/chat/``)."""
+"""Console pages for agents, tools, approvals and chat (``/agents/``, ``/tools/``, ``/approvals/``,
+``/chat/``)."""
 
 from __future__ import annotations
 
 from django.urls import URLPattern, path
 
-from agents import approval_views, views
+from agents import approval_views, tool_views, views
 
 urlpatterns: list[URLPattern] = [
     path("agents/", views.agent_list, name="agent_list"),
@@ -15,6 +16,11 @@ urlpatterns: list[URLPattern] = [
     path("agents/<int:agent_id>/status/", views.agent_status, name="agent_status"),
     path("agents/<int:agent_id>/versions/<int:number>/publish/", views.agent_version_publish,
          name="agent_version_publish"),
+    path("tools/", tool_views.tool_list, name="tool_list"),
+    path("tools/new/", tool_views.tool_create, name="tool_create"),
+    path("tools/<int:tool_id>/", tool_views.tool_edit, name="tool_edit"),
+    path("tools/<int:tool_id>/delete/", tool_views.tool_delete, name="tool_delete"),
+    path("tools/<int:tool_id>/test/", tool_views.tool_test, name="tool_test"),
     path("approvals/", approval_views.approval_list, name="approval_list"),
     path("approvals/<int:approval_id>/", approval_views.approval_detail, name="approval_detail"),
     path("approvals/<int:approval_id>/decide", approval_views.approval_decide, name="approval_decide"),

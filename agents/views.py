@@ -41,9 +41,20 @@ def _endpoint_choices(principal: Principal) -> list[tuple[int, str]]:
             for e in model_endpoint_list(principal=principal)]
 
 
+def _tool_choices(principal: Principal) -> list[tuple[str, str]]:
+    """(name, label) of the tenant's tools, the label giving the side effect and whether a call
+    waits for approval."""
+    from agents.tool_selectors import tool_list
+
+    if not principal.can("tools:read"):
+        return []
+    return [(t.name, f"{t.name} ({t.side_effect}{', needs approval' if t.requires_approval else ''})")
+            for t in tool_list(principal=principal)]
+
+
 def _version_form(principal: Principal, data: Any = None, initial: dict[str, Any] | None = None) -> AgentVersionForm:
     return AgentVersionForm(data, initial=initial, collections=_collection_choices(principal),
-                            endpoints=_endpoint_choices(principal))
+                            endpoints=_endpoint_choices(principal), tools=_tool_choices(principal))
 
 
 def _add_domain_error(form: AgentVersionForm, extra: AgentForm | None, exc: DomainError) -> None:
@@ -216,7 +227,7 @@ DIFF_LABELS = {
     "collection_ids": "Knowledge collections", "retrieval_top_k": "Retrieval top-k",
     "retrieval_mode": "Retrieval mode", "retrieval_max_chunks_per_document": "Chunks per document",
     "output_format": "Output format", "output_schema": "Output JSON Schema",
-    "note": "Note",
+    "tools": "Tools", "tool_choice": "Tool choice", "note": "Note",
 }
 
 
@@ -227,6 +238,8 @@ def _field_text(name: str, value: Any, collections: dict[int, str], endpoints: d
         return endpoints.get(value, f"#{value}") if value else "(none: use the tier)"
     if name == "retrieval_max_chunks_per_document":
         return str(value) if value else "(no limit)"
+    if name == "tools":
+        return "\n".join(value or []) or "(none)"
     if name == "output_schema":
         return json.dumps(value, indent=2, sort_keys=True) if value is not None else "(none)"
     return str(value)
@@ -269,6 +282,8 @@ def agent_version_diff(request: HttpRequest, agent_id: int) -> HttpResponse:
                          endpoints=dict(_endpoint_choices(principal)))
     return render(request, "agents/agent_version_diff.html", {
         "agent": agent, "a": a, "b": b, "numbers": numbers,
+        "tools_added": [n for n in b.tools if n not in a.tools],
+        "tools_removed": [n for n in a.tools if n not in b.tools],
         "changed": [f for f in fields if f.changed], "unchanged": [f for f in fields if not f.changed],
     })
 

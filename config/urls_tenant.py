@@ -6,6 +6,7 @@ from agents.api import router as agents_router
 from agents.approval_api import router as approvals_router
 from agents.endpoint_api import router as endpoint_router
 from agents.openai_api import router as openai_router
+from agents.tool_api import router as tool_router
 from billing.api import router as usage_router
 from compliance.api import router as audit_router
 from config.api import api, api_not_found
@@ -20,6 +21,7 @@ api.add_router("/", knowledge_router)
 api.add_router("/", agents_router)
 api.add_router("/openai", openai_router)
 api.add_router("/", endpoint_router)
+api.add_router("/", tool_router)
 api.add_router("/", approvals_router)
 
 urlpatterns = [

@@ -14,6 +14,7 @@ from tenants.principal import Principal
 NAVIGATION: list[tuple[str, str, str]] = [
     ("dashboard", "Dashboard", "tenant:read"),
     ("agent_list", "Agents", "agents:read"),
+    ("tool_list", "Tools", "tools:read"),
     ("chat_session_list", "Chat", "chat"),
     ("approval_list", "Approvals", "approvals:read"),
     ("collection_list", "Knowledge", "kb:read"),
