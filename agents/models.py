@@ -253,6 +253,21 @@ class Tool(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def secret_headers(self) -> dict[str, str]:
+        """The decrypted secret headers (header -> value; ``{}`` when none). Raises
+        ``config.crypto.SecretUnreadable`` when no configured key decrypts them, ``ValueError``
+        when they are not a JSON object of strings. Never return or log the values."""
+        import json
+
+        from config.crypto import secret_decrypt
+
+        if not self.secret_headers_encrypted:
+            return {}
+        value = json.loads(secret_decrypt(self.secret_headers_encrypted))
+        if not isinstance(value, dict):
+            raise ValueError("secret headers are not a JSON object")
+        return {str(name): str(text) for name, text in value.items()}
+
 
 class ToolCall(models.Model):
     """One tool call the model made in a turn, in the order made (``sequence``).

@@ -26,7 +26,7 @@ from django.utils import timezone
 from agents.models import Agent, AgentVersion, Tool
 from agents.runtime.tools import BUILTIN_NAMES, ToolCallInvalid, ToolContext, ToolOutcome
 from compliance.services import audit_event_create
-from config.crypto import SecretUnreadable, secret_decrypt, secret_encrypt
+from config.crypto import SecretUnreadable, secret_encrypt
 from config.egress import EgressDenied, egress_check_url
 from config.errors import Conflict, ValidationFailed
 from config.text import require_storable
@@ -292,19 +292,11 @@ def _clean_secret_headers(value: Any, *, headers: dict[str, str]) -> dict[str, s
     return secrets
 
 
-def tool_secret_headers(tool: Tool) -> dict[str, str]:
-    """The decrypted secret headers of a tool (header -> value); ``{}`` when there are none.
-    Raises ``SecretUnreadable`` when no configured key decrypts them. For the executor only:
-    never return or log the values."""
-    text = secret_decrypt(tool.secret_headers_encrypted)
-    return json.loads(text) if text else {}
-
-
 def tool_secret_header_names(tool: Tool) -> list[str]:
     """The names of a tool's secret headers, sorted (``[]`` when none, or when they cannot be
     decrypted any more: the tool then needs its secrets given again)."""
     try:
-        return sorted(tool_secret_headers(tool))
+        return sorted(tool.secret_headers())
     except SecretUnreadable:
         return []
 
@@ -474,13 +466,13 @@ def tool_update(*, principal: Principal, tool: Tool, **changes: Any) -> Tool:
     secret_change = None
     if secrets is not None:
         new_secrets = _clean_secret_headers(secrets, headers=clean["headers"])
-        old_secrets = tool_secret_headers(tool) if tool.secret_headers_encrypted else {}
+        old_secrets = tool.secret_headers() if tool.secret_headers_encrypted else {}
         if new_secrets != old_secrets:
             secret_change = sorted(new_secrets)
             tool.secret_headers_encrypted = secret_encrypt(json.dumps(new_secrets)) if new_secrets else ""
     elif "headers" in changed:
         _clean_secret_headers(
-            tool_secret_headers(tool) if tool.secret_headers_encrypted else {}, headers=clean["headers"]
+            tool.secret_headers() if tool.secret_headers_encrypted else {}, headers=clean["headers"]
         )
     if not changed and secret_change is None:
         return tool

@@ -52,7 +52,7 @@ from django.db import connections
 
 from agents.models import Tool
 from agents.runtime.tools import ToolContext, ToolOutcome
-from config.crypto import SecretUnreadable, secret_decrypt
+from config.crypto import SecretUnreadable
 from config.egress import EgressDenied, EgressResponseRefused, egress_client
 
 logger = structlog.get_logger(__name__)
@@ -151,17 +151,12 @@ def _query_params(arguments: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _secret_headers(tool: Tool) -> dict[str, str]:
-    if not tool.secret_headers_encrypted:
-        return {}
     try:
-        secrets = json.loads(secret_decrypt(tool.secret_headers_encrypted))
+        return tool.secret_headers()
     except (SecretUnreadable, ValueError) as exc:
         raise _Refusal(
             "tool_error", "The tool's secret headers cannot be read; ask an administrator to set them again."
         ) from exc
-    if not isinstance(secrets, dict):
-        raise _Refusal("tool_error", "The tool's secret headers are not a set of header names and values.")
-    return {str(name): _text(value) for name, value in secrets.items()}
 
 
 @dataclass
