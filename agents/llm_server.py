@@ -34,8 +34,19 @@ CHAT_FORMAT = "portal-tools"
 DEFAULT_TEMPLATE = "chat_template.default"
 END = "<|im_end|>"
 # Sampling options of the request passed on to the completion.
-SAMPLING = ("temperature", "top_p", "top_k", "min_p", "typical_p", "presence_penalty", "frequency_penalty",
-            "repeat_penalty", "seed", "max_tokens", "model")
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+    "seed",
+    "max_tokens",
+    "model",
+)
 
 
 def _text(content: Any) -> str:
@@ -93,12 +104,20 @@ def _call_chunks(name: str, call_id: str, chunks: Iterator[dict[str, Any]]) -> I
     first = True
     base: dict[str, Any] = {}
     for chunk in chunks:
-        base = {"id": "chat" + chunk["id"], "object": "chat.completion.chunk", "created": chunk["created"],
-                "model": chunk["model"]}
+        base = {
+            "id": "chat" + chunk["id"],
+            "object": "chat.completion.chunk",
+            "created": chunk["created"],
+            "model": chunk["model"],
+        }
         text = chunk["choices"][0]["text"]
         if first:
-            call: dict[str, Any] = {"index": 0, "id": call_id, "type": "function",
-                                    "function": {"name": name, "arguments": text}}
+            call: dict[str, Any] = {
+                "index": 0,
+                "id": call_id,
+                "type": "function",
+                "function": {"name": name, "arguments": text},
+            }
             delta: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [call]}
             first = False
         elif text:
@@ -111,19 +130,37 @@ def _call_chunks(name: str, call_id: str, chunks: Iterator[dict[str, Any]]) -> I
 
 
 def _call_response(name: str, call_id: str, completion: dict[str, Any]) -> dict[str, Any]:
-    call = {"id": call_id, "type": "function",
-            "function": {"name": name, "arguments": completion["choices"][0]["text"]}}
+    call = {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": completion["choices"][0]["text"]},
+    }
     return {
-        "id": "chat" + completion["id"], "object": "chat.completion", "created": completion["created"],
+        "id": "chat" + completion["id"],
+        "object": "chat.completion",
+        "created": completion["created"],
         "model": completion["model"],
-        "choices": [{"index": 0, "logprobs": None, "finish_reason": "tool_calls",
-                     "message": {"role": "assistant", "content": None, "tool_calls": [call]}}],
+        "choices": [
+            {
+                "index": 0,
+                "logprobs": None,
+                "finish_reason": "tool_calls",
+                "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+            }
+        ],
         "usage": completion["usage"],
     }
 
 
-def portal_tools_handler(*, llama: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                         tool_choice: Any = None, stream: bool = False, **kwargs: Any) -> Any:
+def portal_tools_handler(
+    *,
+    llama: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: Any = None,
+    stream: bool = False,
+    **kwargs: Any,
+) -> Any:
     """llama-cpp-python chat completion handler (the ``portal-tools`` chat format; see the module
     docstring for what each ``tool_choice`` does). Returns a chat completion dict, or an iterator
     of chunk dicts when ``stream``. Raises ``ValueError`` for a named choice not in ``tools``."""
@@ -151,7 +188,11 @@ def portal_tools_handler(*, llama: Any, messages: list[dict[str, Any]], tools: l
         name = next(iter(by_name))
     else:
         choice = llama.create_completion(
-            prompt=prompt + "Tool: ", stream=False, max_tokens=64, temperature=0.0, stop=[END],
+            prompt=prompt + "Tool: ",
+            stream=False,
+            max_tokens=64,
+            temperature=0.0,
+            stop=[END],
             grammar=llama_grammar.LlamaGrammar.from_string(_name_grammar(list(by_name)), verbose=False),
         )
         name = choice["choices"][0]["text"].strip()
@@ -163,8 +204,9 @@ def portal_tools_handler(*, llama: Any, messages: list[dict[str, Any]], tools: l
     except Exception:  # a schema the converter cannot express: any JSON value instead
         grammar = llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
     call_id = f"call_{uuid.uuid4().hex[:24]}"
-    completion = llama.create_completion(prompt=prompt + f"Tool: {name}\nArguments: ", stream=stream, stop=[END],
-                                         grammar=grammar, **sampling)
+    completion = llama.create_completion(
+        prompt=prompt + f"Tool: {name}\nArguments: ", stream=stream, stop=[END], grammar=grammar, **sampling
+    )
     if stream:
         return _call_chunks(name, call_id, completion)
     return _call_response(name, call_id, completion)

