@@ -88,10 +88,12 @@ class AgentVersion(models.Model):
     retrieval_max_chunks_per_document = models.PositiveIntegerField(null=True, blank=True)
     output_format = models.CharField(max_length=12, choices=OutputFormat.choices, default=OutputFormat.TEXT)
     output_schema = models.JSONField(null=True, blank=True)
-    # Names of the tenant's tools the model may call; tool_choice applies to the turn's first
-    # model call (later calls of the loop are "auto", so the model can answer from the results).
+    # Names of the tenant's tools the model may call. tool_choice is auto, required, none, or the
+    # name of one of those tools (OpenAI's named choice: small local models only call tools when
+    # named, docs/local-model-tools.md); it applies to the turn's first model call, later calls
+    # of the loop are "auto" so that the model can answer from the results.
     tools = ArrayField(models.CharField(max_length=64), default=list, blank=True)
-    tool_choice = models.CharField(max_length=10, choices=ToolChoice.choices, default=ToolChoice.AUTO)
+    tool_choice = models.CharField(max_length=64, default=ToolChoice.AUTO)
     note = models.CharField(max_length=300, blank=True)
     created_by = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
