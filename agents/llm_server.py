@@ -12,8 +12,8 @@ without a tool-calling template, and its ``chatml-function-calling`` format cann
   (SmolLM2-135M cannot judge when a tool is needed, so ``"auto"`` never calls one);
 - ``"required"``: one call of one of the offered tools: the name is chosen by the model under a
   grammar that allows only the offered names (the only tool when there is one), then the
-  arguments are generated under a grammar built from the tool's JSON Schema, so they always parse
-  and match the schema's shape;
+  arguments are generated under a grammar built from the tool's JSON Schema (without long length
+  bounds, ``grammar_schema``), so they always parse and match the schema's shape;
 - a named choice (``{"type": "function", "function": {"name": ...}}``): that tool's arguments, as
   above.
 
@@ -33,6 +33,8 @@ from typing import Any
 CHAT_FORMAT = "portal-tools"
 DEFAULT_TEMPLATE = "chat_template.default"
 END = "<|im_end|>"
+SIZE_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+GRAMMAR_MAX_REPEAT = 16
 # Sampling options of the request passed on to the completion.
 SAMPLING = (
     "temperature",
@@ -89,6 +91,27 @@ def render_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | 
             parts.append(f"<|im_start|>user\n{_text(message.get('content'))}{END}\n")
     parts.append("<|im_start|>assistant\n")
     return "".join(parts)
+
+
+def grammar_schema(schema: Any) -> Any:
+    """``schema`` without the keywords that make llama.cpp's grammar too large to use.
+
+    A ``maxLength`` or ``maxItems`` becomes one grammar repetition per allowed character or item,
+    and past a few hundred llama.cpp refuses the grammar while sampling, which stalls the server;
+    ``pattern`` and ``format`` are dropped too. Bounds up to ``GRAMMAR_MAX_REPEAT`` are kept. The
+    caller still validates the arguments against the full schema."""
+    if isinstance(schema, list):
+        return [grammar_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("pattern", "format"):
+            continue
+        if key in SIZE_KEYWORDS and (not isinstance(value, int) or value > GRAMMAR_MAX_REPEAT):
+            continue
+        out[key] = value if key in ("enum", "const", "default", "examples") else grammar_schema(value)
+    return out
 
 
 def _name_grammar(names: list[str]) -> str:
@@ -200,7 +223,7 @@ def portal_tools_handler(
             name = next(iter(by_name))
     parameters = by_name[name]["function"].get("parameters") or {"type": "object", "properties": {}}
     try:
-        grammar = llama_grammar.LlamaGrammar.from_json_schema(json.dumps(parameters), verbose=False)
+        grammar = llama_grammar.LlamaGrammar.from_json_schema(json.dumps(grammar_schema(parameters)), verbose=False)
     except Exception:  # a schema the converter cannot express: any JSON value instead
         grammar = llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
     call_id = f"call_{uuid.uuid4().hex[:24]}"
