@@ -401,8 +401,24 @@ class Command(BaseCommand):
                     config=config,
                 )
                 if not set(tools) <= set(VERSION_FIELDS):
-                    # Until the version services take tools: set them on the unpublished version 1.
-                    AgentVersion.objects.filter(agent=agent).update(**tools)
+                    # Until the version services take tools (the tools CRUD part): versions are
+                    # append-only, so version 2 is version 1 with the tools.
+                    first = agent.versions.get()
+                    AgentVersion.objects.create(
+                        agent=agent,
+                        number=2,
+                        created_by=actor.label,
+                        note="Tools",
+                        **{name: getattr(first, name) for name in VERSION_FIELDS},
+                        **tools,
+                    )
+                    audit_event_create(
+                        actor=actor,
+                        action="agent_version.created",
+                        target_type="agent",
+                        target_id=agent.pk,
+                        payload={"version": 2, "changed": sorted(tools)},
+                    )
             if agent.active_version_id is None and agent.status == Agent.Status.DRAFT:
                 agent = agent_version_publish(principal=actor, version=agent.versions.order_by("-number")[0])
             version = agent.active_version or agent.versions.order_by("-number")[0]
