@@ -17,6 +17,9 @@ without a tool-calling template, and its ``chatml-function-calling`` format cann
 - a named choice (``{"type": "function", "function": {"name": ...}}``): that tool's arguments, as
   above.
 
+The server also accepts an assistant message with ``"content": null`` (what OpenAI clients send
+back with tool calls), which llama-cpp-python itself refuses (``AssistantContentFill``).
+
 Tool calls stream as OpenAI does: the first delta of the call carries ``id``, ``type`` and the
 name, later deltas only ``arguments`` fragments; the last chunk has ``finish_reason:
 "tool_calls"``. This module must not import Django: it runs in the model server's process.
@@ -235,6 +238,60 @@ def portal_tools_handler(
     return _call_response(name, call_id, completion)
 
 
+def assistant_content_fill(body: bytes) -> bytes:
+    """A chat completion request body with ``"content": null`` of assistant messages made ``""``.
+
+    OpenAI clients send an assistant message that only calls tools with ``content: null``;
+    llama-cpp-python's request model types it as a string and answers HTTP 500. Any other body
+    (not JSON, no messages) is returned unchanged."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return body
+    messages = request.get("messages") if isinstance(request, dict) else None
+    if not isinstance(messages, list):
+        return body
+    changed = False
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") == "assistant" and message.get("content", "") is None:
+            message["content"] = ""
+            changed = True
+    return json.dumps(request).encode() if changed else body
+
+
+class AssistantContentFill:
+    """ASGI middleware applying ``assistant_content_fill`` to ``POST …/chat/completions``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/chat/completions"):
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        body = assistant_content_fill(body)
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:  # later reads wait for the client to disconnect, as the server expects
+                return dict(await receive())
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 def register() -> None:
     """Registers ``portal_tools_handler`` as llama-cpp-python's chat format ``portal-tools``."""
     from llama_cpp import llama_chat_format
@@ -243,9 +300,18 @@ def register() -> None:
 
 
 def main() -> None:
-    """``python -m llama_cpp.server`` with the ``portal-tools`` chat format registered; takes the
-    same arguments (``sys.argv``)."""
+    """``python -m llama_cpp.server`` with the ``portal-tools`` chat format registered and the app
+    wrapped in ``AssistantContentFill``; takes the same arguments (``sys.argv``)."""
     register()
+    import llama_cpp.server.app as server_app
+
+    create_app = server_app.create_app
+
+    def create_app_filled(*args: Any, **kwargs: Any) -> Any:
+        return AssistantContentFill(create_app(*args, **kwargs))
+
+    # llama_cpp.server.__main__ imports create_app by name, so it is replaced before that import.
+    server_app.create_app = create_app_filled
     from llama_cpp.server.__main__ import main as serve
 
     sys.argv[0] = "llama_cpp.server"
