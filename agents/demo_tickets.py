@@ -155,6 +155,7 @@ class TicketsApp:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "/").rstrip("/") or "/"
         headers: list[tuple[str, str]] = []
+        body: dict[str, Any]
         try:
             if path == "/healthz":
                 self._allow(method, ("GET",))

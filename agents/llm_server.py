@@ -38,6 +38,7 @@ DEFAULT_TEMPLATE = "chat_template.default"
 END = "<|im_end|>"
 SIZE_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
 GRAMMAR_MAX_REPEAT = 16
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 # Sampling options of the request passed on to the completion.
 SAMPLING = (
     "temperature",
@@ -107,13 +108,16 @@ def grammar_schema(schema: Any) -> Any:
         return [grammar_schema(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in schema.items():
         if key in ("pattern", "format"):
             continue
         if key in SIZE_KEYWORDS and (not isinstance(value, int) or value > GRAMMAR_MAX_REPEAT):
             continue
-        out[key] = value if key in ("enum", "const", "default", "examples") else grammar_schema(value)
+        if key in SCHEMA_MAPS and isinstance(value, dict):  # names of properties, not keywords
+            out[key] = {name: grammar_schema(sub) for name, sub in value.items()}
+        else:
+            out[key] = value if key in ("enum", "const", "default", "examples") else grammar_schema(value)
     return out
 
 

@@ -120,6 +120,86 @@ def ticket_tools(base_url: str) -> dict[str, dict[str, Any]]:
     }
 
 
+def ticket_tools_ensure(*, principal: Principal, base_url: str) -> None:
+    """Creates the tools of ``ticket_tools(base_url)`` that the current tenant schema lacks
+    (audited as ``tool.created``); existing tools of those names are left as they are."""
+    from agents.models import Tool
+
+    for name, fields in ticket_tools(base_url).items():
+        if Tool.objects.filter(name=name).exists():
+            continue
+        # Rows made directly, as the builtins are; the tools services check the same fields.
+        tool = Tool.objects.create(name=name, created_by=principal.label[:200], **fields)
+        audit_event_create(
+            actor=principal,
+            action="tool.created",
+            target_type="tool",
+            target_id=tool.pk,
+            payload={
+                "name": name,
+                "method": tool.method,
+                "url": tool.url,
+                "side_effect": tool.side_effect,
+                "requires_approval": tool.requires_approval,
+            },
+        )
+
+
+def it_helpdesk_create(
+    *,
+    principal: Principal,
+    collection_ids: list[int],
+    slug: str = IT_HELPDESK_SLUG,
+    config: dict[str, Any] | None = None,
+) -> Any:
+    """Creates and publishes the demo's ticket-opening agent in the current tenant schema: the
+    ``IT_HELPDESK_PROMPT``, ``collection_ids``, the tools ``list_tickets``, ``create_ticket`` and
+    ``kb_search`` with ``tool_choice`` ``create_ticket``; ``config`` overrides version fields
+    (e.g. ``tier``, ``endpoint_id``). Returns the active ``Agent``. Raises as ``agent_create``."""
+    from agents.models import AgentVersion
+    from agents.services import VERSION_FIELDS, agent_create, agent_version_publish
+
+    fields: dict[str, Any] = {
+        "system_prompt": IT_HELPDESK_PROMPT,
+        "tier": ModelEndpoint.Tier.STANDARD,
+        "collection_ids": collection_ids,
+        "retrieval_top_k": 2,
+        "history_window": 4,
+        "max_output_tokens": 256,
+        "temperature": 0.0,
+        **(config or {}),
+    }
+    tools = {"tools": ["list_tickets", "create_ticket", "kb_search"], "tool_choice": "create_ticket"}
+    takes_tools = set(tools) <= set(VERSION_FIELDS)
+    agent = agent_create(
+        principal=principal,
+        slug=slug,
+        name="IT helpdesk",
+        description="Opens IT tickets on the demo ticket service; each new ticket needs an approver.",
+        config={**fields, **tools} if takes_tools else fields,
+    )
+    if not takes_tools:
+        # Until the version services take tools (the tools CRUD part): versions are append-only,
+        # so version 2 is version 1 with the tools.
+        first = agent.versions.get()
+        AgentVersion.objects.create(
+            agent=agent,
+            number=2,
+            created_by=principal.label[:200],
+            note="Tools",
+            **{name: getattr(first, name) for name in VERSION_FIELDS},
+            **tools,
+        )
+        audit_event_create(
+            actor=principal,
+            action="agent_version.created",
+            target_type="agent",
+            target_id=agent.pk,
+            payload={"version": 2, "changed": sorted(tools)},
+        )
+    return agent_version_publish(principal=principal, version=agent.versions.order_by("-number")[0])
+
+
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
@@ -354,72 +434,18 @@ class Command(BaseCommand):
     def _it_helpdesk(self, tenant: Tenant, tickets_url: str) -> str:
         """The tools ``list_tickets`` and ``create_ticket`` and the published agent ``it-helpdesk``
         in ``tenant``; returns a one-line summary for the output."""
-        from agents.models import Agent, AgentVersion, Tool
-        from agents.services import VERSION_FIELDS, agent_create, agent_version_publish
+        from agents.models import Agent
+        from agents.services import agent_version_publish
         from knowledge.models import Collection
 
         actor = Principal.system("manage.py demo_seed", tenant=tenant)
         with schema_context(tenant.schema_name), transaction.atomic():
-            for name, fields in ticket_tools(tickets_url).items():
-                if Tool.objects.filter(name=name).exists():
-                    continue
-                # Rows made directly, as the builtins are; the tools services check the same fields.
-                tool = Tool.objects.create(name=name, created_by=actor.label, **fields)
-                audit_event_create(
-                    actor=actor,
-                    action="tool.created",
-                    target_type="tool",
-                    target_id=tool.pk,
-                    payload={
-                        "name": name,
-                        "method": tool.method,
-                        "url": tool.url,
-                        "side_effect": tool.side_effect,
-                        "requires_approval": tool.requires_approval,
-                    },
-                )
+            ticket_tools_ensure(principal=actor, base_url=tickets_url)
             agent = Agent.objects.filter(slug=IT_HELPDESK_SLUG).first()
             if agent is None:
                 collection = Collection.objects.get(name__iexact=HANDBOOK)
-                config: dict[str, Any] = {
-                    "system_prompt": IT_HELPDESK_PROMPT,
-                    "tier": ModelEndpoint.Tier.STANDARD,
-                    "collection_ids": [collection.pk],
-                    "retrieval_top_k": 2,
-                    "history_window": 4,
-                    "max_output_tokens": 256,
-                    "temperature": 0.0,
-                }
-                tools = {"tools": ["list_tickets", "create_ticket", "kb_search"], "tool_choice": "create_ticket"}
-                if set(tools) <= set(VERSION_FIELDS):
-                    config.update(tools)
-                agent = agent_create(
-                    principal=actor,
-                    slug=IT_HELPDESK_SLUG,
-                    name="IT helpdesk",
-                    description="Opens IT tickets on the demo ticket service; each new ticket needs an approver.",
-                    config=config,
-                )
-                if not set(tools) <= set(VERSION_FIELDS):
-                    # Until the version services take tools (the tools CRUD part): versions are
-                    # append-only, so version 2 is version 1 with the tools.
-                    first = agent.versions.get()
-                    AgentVersion.objects.create(
-                        agent=agent,
-                        number=2,
-                        created_by=actor.label,
-                        note="Tools",
-                        **{name: getattr(first, name) for name in VERSION_FIELDS},
-                        **tools,
-                    )
-                    audit_event_create(
-                        actor=actor,
-                        action="agent_version.created",
-                        target_type="agent",
-                        target_id=agent.pk,
-                        payload={"version": 2, "changed": sorted(tools)},
-                    )
-            if agent.active_version_id is None and agent.status == Agent.Status.DRAFT:
+                agent = it_helpdesk_create(principal=actor, collection_ids=[collection.pk])
+            elif agent.active_version_id is None and agent.status == Agent.Status.DRAFT:
                 agent = agent_version_publish(principal=actor, version=agent.versions.order_by("-number")[0])
             version = agent.active_version or agent.versions.order_by("-number")[0]
             return (
