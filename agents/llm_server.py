@@ -202,7 +202,9 @@ def portal_tools_handler(
     wants_call = bool(tools) and (named is not None or tool_choice == "required")
     sampling = _sampling(kwargs)
     if not wants_call and not has_tool_turns:
-        default = llama._chat_handlers.get(DEFAULT_TEMPLATE) or llama_chat_format.get_chat_completion_handler("chatml")
+        default: Any = llama._chat_handlers.get(DEFAULT_TEMPLATE) or llama_chat_format.get_chat_completion_handler(
+            "chatml"
+        )
         return default(llama=llama, messages=messages, stream=stream, **kwargs)
     if not wants_call:
         completion = llama.create_completion(prompt=render_prompt(messages), stream=stream, stop=[END], **sampling)
