@@ -15,10 +15,18 @@ in the order ``turn.queued``, ``turn.started``, ``citations`` (when the agent re
 which the stream ends. The deltas concatenate to the final ``content``. If the turn outlives
 its deadline the stream ends with ``event: error`` (code ``stream_timeout``).
 
+When the agent calls tools, ``tool.call`` (``call_id``, ``tool``, ``arguments``) and
+``tool.result`` (``call_id``, ``status`` ok/error/rejected, ``excerpt``) come between the deltas.
+A call of a tool that requires approval parks the turn: the stream then ends after
+``approval.requested`` (``approval_id``, ``call_id``, ``tool``, ``arguments``, ``expires_at``).
+The turn is not final; after the decision it resumes in the same session: follow it with
+``GET /sessions/{id}/turns/{turn_id}`` (``status``, ``tool_calls``, ``approval_id``).
+
 Without ``stream`` the call waits up to ``CHAT_SYNC_WAIT_SECONDS`` and answers with the
 assistant message (200); a failed turn answers 502 with the turn's error code, a cancelled
 one 409 (``turn_cancelled``), and a turn still unfinished 504 (``turn_not_finished``, with
-``details.turn_id`` to poll ``GET /sessions/{id}/turns/{turn_id}``).
+``details.turn_id`` to poll ``GET /sessions/{id}/turns/{turn_id}``); a turn that parked for an
+approval answers 202 with the turn (``TurnOut``, status ``awaiting_approval``).
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from agents.schemas import (
     VersionOut,
     VersionPage,
 )
-from agents.streaming import sse_response, turn_sse, turn_wait
+from agents.streaming import PAUSE_EVENTS, sse_response, turn_sse, turn_wait
 from config.api import error_response, keyset_page, principal_of
 from config.errors import ValidationFailed
 from tenants.principal import Principal
@@ -114,9 +122,21 @@ def message_out(message: Message) -> dict[str, Any]:
 
 
 def turn_out(turn: Turn) -> dict[str, Any]:
-    """A turn as ``TurnOut``; ``error`` is set for failed turns only."""
+    """A turn as ``TurnOut``; ``error`` is set for failed turns only, ``approval_id`` while the
+    turn awaits an approval. Two queries: the turn's tool calls, and its pending approval."""
+    from agents.models import ApprovalRequest
+
     error = {"code": turn.error_code, "message": turn.error_message} if turn.status == Turn.Status.FAILED else None
-    return {"id": turn.pk, "session_id": turn.session_id, "status": turn.status,
+    calls = [{"call_id": c.call_id, "tool": c.tool_name,
+              "arguments": c.arguments if c.arguments is not None else c.arguments_raw, "status": c.status,
+              "error_code": c.error_code, "output_excerpt": c.output_excerpt, "duration_ms": c.duration_ms}
+             for c in turn.tool_calls.order_by("sequence")]
+    approval_id = None
+    if turn.status == Turn.Status.AWAITING_APPROVAL:
+        approval_id = (ApprovalRequest.objects.filter(turn_id=turn.pk, status=ApprovalRequest.Status.PENDING)
+                       .order_by("-pk").values_list("pk", flat=True).first())
+    return {"tool_calls": calls, "approval_id": approval_id,
+            "id": turn.pk, "session_id": turn.session_id, "status": turn.status,
             "agent_version_id": turn.agent_version_id, "user_message_id": turn.user_message_id,
             "assistant_message_id": turn.assistant_message_id, "cancel_requested": turn.cancel_requested,
             "model": turn.model, "endpoint_name": turn.endpoint_name, "input_tokens": turn.input_tokens,
@@ -252,13 +272,16 @@ def message_list(request: HttpRequest, session_id: int, page: Query[PageParams])
     return {"items": [message_out(m) for m in rows], "next_cursor": cursor}
 
 
-@router.post("/sessions/{session_id}/messages", response={200: MessageOut}, tags=["chat"],
+@router.post("/sessions/{session_id}/messages", response={200: MessageOut, 202: TurnOut}, tags=["chat"],
              summary="Send a message; the answer as Server-Sent Events (stream) or when it is done")
 def message_send(request: HttpRequest, session_id: int, payload: MessageIn) -> Any:
     """Start a turn. ``stream: true``: ``text/event-stream`` of the turn's events (see the module
-    docstring), ending after the final one. Otherwise 200 with the assistant message, 502 (turn
-    failed, its error code), 409 ``turn_cancelled`` or 504 ``turn_not_finished`` (``details.turn_id``).
-    Before any turn: 422 empty or overlong content, 409 agent not active or a turn unfinished."""
+    docstring), ending after the final one, or after ``approval.requested`` when the turn parks
+    for an approval (it is not final: follow it with ``GET /sessions/{id}/turns/{turn_id}``).
+    Otherwise 200 with the assistant message, 202 with the turn (status ``awaiting_approval``,
+    ``approval_id``) when it parked, 502 (turn failed, its error code), 409 ``turn_cancelled`` or
+    504 ``turn_not_finished`` (``details.turn_id``). Before any turn: 422 empty or overlong
+    content, 409 agent not active or a turn unfinished (also one awaiting approval)."""
     principal = principal_of(request)
     session = selectors.session_get(principal=principal, session_id=session_id)
     turn = services.chat_message_send(principal=principal, session=session, content=payload.content)
@@ -268,6 +291,8 @@ def message_send(request: HttpRequest, session_id: int, payload: MessageIn) -> A
         return sse_response(turn_sse(schema=schema, session_id=session.pk, turn_id=turn.pk, wait_seconds=wait))
     final = turn_wait(schema=schema, session_id=session.pk, turn_id=turn.pk,
                       wait_seconds=settings.CHAT_SYNC_WAIT_SECONDS)
+    if final is not None and final["event"] in PAUSE_EVENTS:
+        return Status(202, turn_out(selectors.turn_get(principal=principal, session=session, turn_id=turn.pk)))
     return _final_answer(request, principal=principal, session=session, turn_id=turn.pk, final=final)
 
 
@@ -276,10 +301,17 @@ def turn_outcome_error(request: HttpRequest, *, final: dict[str, Any] | None, tu
     """The API's error body for a turn that did not complete, else ``None``.
 
     ``final`` is ``streaming.turn_wait``'s result: ``None`` (still running) gives 504
-    ``turn_not_finished``; ``turn.failed`` gives 502 with the turn's error code; ``turn.cancelled``
-    gives 409 ``turn_cancelled``. ``details`` carry ``turn_id`` and ``session_id``.
+    ``turn_not_finished``; ``approval.requested`` (the turn parked) gives 409
+    ``awaiting_approval`` with ``details.approval_id``; ``turn.failed`` gives 502 with the turn's
+    error code; ``turn.cancelled`` gives 409 ``turn_cancelled``. ``details`` carry ``turn_id`` and ``session_id``.
     """
-    details = {"turn_id": turn_id, "session_id": session_id}
+    details: dict[str, Any] = {"turn_id": turn_id, "session_id": session_id}
+    if final is not None and final["event"] in PAUSE_EVENTS:
+        approval_id = final.get("approval_id")
+        return error_response(request, status=409, code="awaiting_approval",
+                              message=f"The agent's tool call waits for approval {approval_id} "
+                                      f"(tool {final.get('tool')}); the answer continues after the decision.",
+                              details={**details, "approval_id": approval_id})
     if final is None:
         return error_response(request, status=504, code="turn_not_finished",
                               message=f"The answer did not finish within {settings.CHAT_SYNC_WAIT_SECONDS:g} s; "

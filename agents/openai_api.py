@@ -14,6 +14,11 @@ Point an OpenAI client at ``https://<tenant host>/api/v1/openai`` with an API ke
   owns the system prompt and rules, and letting a caller replace them would bypass what the
   agent's editors published. Sampling options (``temperature``, ``max_tokens``, ``tools``...)
   are ignored for the same reason; ``n`` must be 1.
+- The agent's own tools run server side (the tool loop): the answer holds only its text, never
+  tool events. A turn that parks on a tool call needing approval answers 409
+  ``awaiting_approval`` (``details.approval_id``); streaming, ``data: {"error": {"code":
+  "awaiting_approval", "param": "<approval id>"}}``. The turn resumes after the decision in its
+  session (``GET /api/v1/sessions/{id}/turns/{turn_id}``).
 - ``stream: true`` answers with ``chat.completion.chunk`` Server-Sent Events ending with
   ``data: [DONE]``; with ``stream_options.include_usage`` the last chunk before it carries
   ``usage`` (and every chunk has ``"usage": null``, as OpenAI does). A turn that fails while
@@ -142,7 +147,8 @@ async def completion_chunks(*, schema: str, session_id: int, turn_id: int, wait_
     First chunk: ``delta: {"role": "assistant", "content": ""}``; one chunk per ``token.delta``;
     a ``finish_reason: "stop"`` chunk on completion or cancellation; with ``include_usage`` a
     last chunk with ``choices: []`` and ``usage``. A failed or timed-out turn gives
-    ``data: {"error": {"message", "type", "code"}}`` instead of the stop chunk.
+    ``data: {"error": {"message", "type", "code"}}`` instead of the stop chunk, as does a turn
+    that parks for an approval (code ``awaiting_approval``, ``param`` the approval id).
     """
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
 
@@ -171,6 +177,12 @@ async def completion_chunks(*, schema: str, session_id: int, turn_id: int, wait_
                     yield _data({**base, "choices": [], "usage": {"prompt_tokens": prompt,
                                                                   "completion_tokens": completion,
                                                                   "total_tokens": prompt + completion}})
+            elif name == "approval.requested":
+                yield _data({"error": {"message": f"The agent's tool call waits for approval "
+                                                  f"{event.get('approval_id')}; the answer continues after "
+                                                  "the decision.",
+                                       "type": "invalid_request_error", "code": "awaiting_approval",
+                                       "param": str(event.get("approval_id"))}})
             elif name in ("turn.failed", "error"):
                 error = event.get("error") or {}
                 yield _data({"error": {"message": error.get("message") or "The turn failed.",

@@ -146,6 +146,19 @@ class TurnError(Schema):
     message: str
 
 
+class TurnToolCallOut(Schema):
+    """One tool call of a turn; ``status``: pending, awaiting_approval, approved, running, ok,
+    error, invalid, rejected or expired."""
+
+    call_id: str
+    tool: str
+    arguments: Any
+    status: str
+    error_code: str
+    output_excerpt: str
+    duration_ms: int | None
+
+
 class TurnOut(Schema):
     id: int
     session_id: int
@@ -163,6 +176,8 @@ class TurnOut(Schema):
     started_at: dt.datetime | None
     first_token_at: dt.datetime | None
     finished_at: dt.datetime | None
+    tool_calls: list[TurnToolCallOut] = []
+    approval_id: int | None = None  # the pending approval request while status is awaiting_approval
 
 
 # --- OpenAI-compatible ---------------------------------------------------------------------

@@ -353,7 +353,7 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
     running the turn to the caller (a worker already on the turn's queue). Raises ``ValidationFailed``
     for empty or overlong content or content with a NUL or an unpaired surrogate
     (``invalid_characters``: the chat socket sends text straight here), ``Conflict`` when the agent
-    is not active or a turn of this session is unfinished.
+    is not active or a turn of this session is unfinished (queued, running or awaiting approval).
     """
     principal.require("chat")
     require_storable(content, field="content")
@@ -366,7 +366,12 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
                                code="message_too_long")
     session = ChatSession.objects.select_for_update().select_related("agent").get(pk=session.pk)
     version = _require_runnable(session.agent)
-    if Turn.objects.filter(session=session, status__in=[Turn.Status.QUEUED, Turn.Status.RUNNING]).exists():
+    unfinished = (Turn.objects.filter(session=session, status__in=Turn.UNFINISHED)
+                  .values_list("status", flat=True).first())
+    if unfinished == Turn.Status.AWAITING_APPROVAL:
+        raise Conflict("The previous answer is waiting for a tool call to be approved; wait for the decision "
+                       "or stop it.", code="turn_in_progress")
+    if unfinished is not None:
         raise Conflict("The previous answer is still being written; wait for it or stop it.",
                        code="turn_in_progress")
     for item in history or []:
@@ -395,21 +400,26 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
 @transaction.atomic
 def turn_cancel(*, principal: Principal, turn: Turn) -> Turn:
     """Stop a turn. A queued turn is cancelled at once; a running one is flagged and the worker
-    stops at its next check (within about 0.1 s), keeping the partial answer. Cancelling a
-    finished turn is a no-op (idempotent: the user's intent already holds)."""
+    stops at its next check (within about 0.1 s), keeping the partial answer. A turn waiting for
+    an approval is cancelled at once: its pending approval request becomes ``cancelled`` and its
+    tool call ``rejected`` (never run), with ``approval.decided`` and ``turn.cancelled`` published.
+    Cancelling a finished turn is a no-op (idempotent: the user's intent already holds)."""
     principal.require("chat")
     turn = Turn.objects.select_for_update().get(pk=turn.pk)
     if turn.status in Turn.FINAL:
         return turn
     schema: str = connection.schema_name  # type: ignore[attr-defined]
+    group = events.session_group(schema, turn.session_id)
+    turn_id = turn.pk
     turn.cancel_requested = True
-    if turn.status == Turn.Status.QUEUED:
+    if turn.status == Turn.Status.AWAITING_APPROVAL:
+        _parked_turn_cancel(principal=principal, turn=turn, group=group)
+    if turn.status in (Turn.Status.QUEUED, Turn.Status.AWAITING_APPROVAL):
         turn.status = Turn.Status.CANCELLED
         turn.finished_at = timezone.now()
-        group = events.session_group(schema, turn.session_id)
-        turn_id = turn.pk
+        message_id = turn.assistant_message_id
         transaction.on_commit(lambda: events.publish(group, {"event": "turn.cancelled", "turn_id": turn_id,
-                                                             "message_id": None}))
+                                                             "message_id": message_id}))
     turn.save(update_fields=["cancel_requested", "status", "finished_at"])
     key = events.cancel_key(schema, turn.pk)
     transaction.on_commit(lambda: redis_client().set(key, b"1", ex=3600))
@@ -417,9 +427,40 @@ def turn_cancel(*, principal: Principal, turn: Turn) -> Turn:
     return turn
 
 
+def _parked_turn_cancel(*, principal: Principal, turn: Turn, group: str) -> None:
+    """The approval side of cancelling a parked turn (inside ``turn_cancel``'s transaction): the
+    pending request is cancelled, the call not yet run is rejected."""
+    from agents.models import ApprovalRequest, ToolCall
+
+    now = timezone.now()
+    for approval in ApprovalRequest.objects.select_for_update().select_related("tool_call").filter(turn=turn):
+        ToolCall.objects.filter(pk=approval.tool_call_id, status__in=[
+            ToolCall.Status.AWAITING_APPROVAL, ToolCall.Status.APPROVED]).update(
+            status=ToolCall.Status.REJECTED, error_code="turn_cancelled", finished_at=now)
+        if approval.status != ApprovalRequest.Status.PENDING:
+            continue
+        approval.status = ApprovalRequest.Status.CANCELLED
+        approval.decided_at = now
+        approval.reason = "The turn was cancelled."
+        approval.decided_by_label = principal.label[:200]
+        approval.save(update_fields=["status", "decided_at", "reason", "decided_by_label"])
+        audit_event_create(actor=principal, action="approval.cancelled", target_type="approval",
+                           target_id=approval.pk, payload={"turn_id": turn.pk, "tool": approval.tool_name})
+        event = {"event": "approval.decided", "turn_id": turn.pk, "approval_id": approval.pk,
+                 "call_id": approval.tool_call.call_id, "status": "cancelled", "decided_by": principal.label,
+                 "reason": approval.reason}
+        transaction.on_commit(partial(events.publish, group, event))
+
+
 @dataclass(frozen=True)
 class SweepResult:
     failed: int
+    resumed: int = 0
+
+
+# A decided approval whose turn is still parked this long after the decision lost its resume
+# task (the worker died between the decision and the task, or the message was lost).
+RESUME_GRACE_SECONDS = 10
 
 
 def turns_sweep(*, now: dt.datetime | None = None) -> SweepResult:
@@ -428,7 +469,15 @@ def turns_sweep(*, now: dt.datetime | None = None) -> SweepResult:
     ``CHAT_TURN_HEARTBEAT_STALE_SECONDS`` ago (the worker died; ``agents.runtime.heartbeat``), and
     tell its session. Safe to run concurrently with workers: the update only touches turns still
     unfinished and still overdue or silent. Turns without a heartbeat (claimed by a worker that
-    does not stamp) wait for their deadline."""
+    does not stamp) wait for their deadline.
+
+    Tool calls of a failed turn still ``running`` become ``error`` ``worker_lost``: their outcome
+    is unknown and they are never run again (HTTP tools send an ``Idempotency-Key``, so a service
+    can drop a repeat a person makes). Turns ``awaiting_approval`` are never failed for their old
+    deadline (the approval's own expiry ends them); one whose approval was decided more than
+    ``RESUME_GRACE_SECONDS`` ago is resumed again (``turn_resume`` is idempotent)."""
+    from agents.models import ApprovalRequest, ToolCall
+
     now = now or timezone.now()
     schema: str = connection.schema_name  # type: ignore[attr-defined]
     silent = Q(status=Turn.Status.RUNNING,
@@ -444,13 +493,30 @@ def turns_sweep(*, now: dt.datetime | None = None) -> SweepResult:
             code, message = "worker_lost", "The answer did not finish in time (the model or worker stopped responding)."
         else:
             code, message = "worker_lost", "The worker answering this stopped responding; try again."
-        updated = Turn.objects.filter(stuck, pk=turn_id, status=status).update(
-            status=Turn.Status.FAILED, finished_at=now, error_code=code, error_message=message)
+        with transaction.atomic():
+            updated = Turn.objects.filter(stuck, pk=turn_id, status=status).update(
+                status=Turn.Status.FAILED, finished_at=now, error_code=code, error_message=message)
+            if updated:
+                ToolCall.objects.filter(turn_id=turn_id, status=ToolCall.Status.RUNNING).update(
+                    status=ToolCall.Status.ERROR, error_code="worker_lost", finished_at=now,
+                    output_excerpt="The worker running this call stopped; its outcome is unknown.")
         if updated:
             failed += 1
             event = {"event": "turn.failed", "turn_id": turn_id, "error": {"code": code, "message": message}}
             # After the commit (at once under autocommit): a client that reloads on this event
             # must find the turn failed.
             transaction.on_commit(partial(events.publish, events.session_group(schema, session_id), event))
-    return SweepResult(failed=failed)
+    lost = list(Turn.objects.filter(
+        status=Turn.Status.AWAITING_APPROVAL,
+        approvals__status__in=[ApprovalRequest.Status.APPROVED, ApprovalRequest.Status.REJECTED],
+        approvals__decided_at__lt=now - dt.timedelta(seconds=RESUME_GRACE_SECONDS)).distinct())
+    for turn in lost:
+        transaction.on_commit(partial(turn_resume_enqueue, turn))
+    return SweepResult(failed=failed, resumed=len(lost))
 
+
+def turn_resume_enqueue(turn: Turn) -> None:
+    """Send the turn's resume task to its queue (``agents.turn_resume``)."""
+    from agents.tasks import turn_resume_task
+
+    turn_resume_task.apply_async(args=[turn.pk], queue=turn.queue)

@@ -35,6 +35,10 @@ from config.db import connection_release
 logger = structlog.get_logger(__name__)
 
 FINAL_EVENTS = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
+# A turn that parks for an approval is not final, but its stream ends there: the decision may
+# take hours. Follow it with GET /sessions/{id}/turns/{turn_id} (or the session's socket).
+PAUSE_EVENTS = frozenset({"approval.requested"})
+END_EVENTS = FINAL_EVENTS | PAUSE_EVENTS
 POLL_SECONDS = 2.0  # how often the database is re-read while no final event has arrived
 HEARTBEAT_SECONDS = 15.0  # an SSE comment after this much silence keeps proxies from closing the stream
 _ONCE = frozenset({"turn.queued", "turn.started", "citations"})
@@ -81,6 +85,15 @@ def _snapshot_read(schema: str, turn_id: int) -> list[dict[str, Any]]:
         elif turn.status == Turn.Status.FAILED:
             out.append({"event": "turn.failed", "turn_id": turn.pk,
                         "error": {"code": turn.error_code, "message": turn.error_message}})
+        elif turn.status == Turn.Status.AWAITING_APPROVAL:
+            from agents.models import ApprovalRequest
+
+            approval = (ApprovalRequest.objects.select_related("tool_call").filter(turn_id=turn.pk)
+                        .order_by("-pk").first())
+            if approval is not None:
+                out.append({"event": "approval.requested", "turn_id": turn.pk, "approval_id": approval.pk,
+                            "call_id": approval.tool_call.call_id, "tool": approval.tool_name,
+                            "arguments": approval.arguments, "expires_at": approval.expires_at.isoformat()})
         elif turn.status == Turn.Status.CANCELLED:
             if message is not None:
                 out.append({"event": "token.delta", "turn_id": turn.pk, "offset": 0, "text": message.content})
@@ -90,7 +103,8 @@ def _snapshot_read(schema: str, turn_id: int) -> list[dict[str, Any]]:
 
 class TurnRelay:
     """Decides which events of one turn reach the client: each of ``turn.queued``,
-    ``turn.started`` and ``citations`` once, deltas without overlap, nothing after the final event."""
+    ``turn.started`` and ``citations`` once, deltas without overlap, tool and approval events as
+    they come, nothing after the final event or ``approval.requested`` (the turn parked)."""
 
     def __init__(self, turn_id: int) -> None:
         self.turn_id = turn_id
@@ -117,6 +131,9 @@ class TurnRelay:
                 event = {**event, "offset": self.sent_chars, "text": text[self.sent_chars - offset:]}
             self.sent_chars = end
             return [event]
+        if name in PAUSE_EVENTS:
+            self.done = True
+            return [event]
         if name in FINAL_EVENTS:
             self.done = True
             out: list[dict[str, Any]] = []
@@ -133,7 +150,8 @@ class TurnRelay:
 async def turn_events(*, schema: str, session_id: int, turn_id: int,
                       wait_seconds: float) -> AsyncGenerator[dict[str, Any] | None, None]:
     """The events of turn ``turn_id`` (dicts as in ``agents.runtime.events``), ending after its
-    final event (``turn.completed``, ``turn.failed`` or ``turn.cancelled``).
+    final event (``turn.completed``, ``turn.failed`` or ``turn.cancelled``) or after
+    ``approval.requested`` when the turn parks for an approval.
 
     Yields ``None`` (a heartbeat) after each wait that produced nothing for the client, at least
     every ``POLL_SECONDS`` while the turn is quiet, so callers can write keep-alives. If no
@@ -251,7 +269,8 @@ def sse_response(chunks: AsyncIterator[str]) -> StreamingHttpResponse:
 
 
 def turn_wait(*, schema: str, session_id: int, turn_id: int, wait_seconds: float) -> dict[str, Any] | None:
-    """Block until turn ``turn_id`` is final; its final event, or ``None`` after ``wait_seconds``.
+    """Block until turn ``turn_id`` is final or parked; its final event (or
+    ``approval.requested``), or ``None`` after ``wait_seconds``.
 
     For sync views: runs ``turn_events`` through ``async_to_sync`` (on the server's event loop
     under ASGI), so it has the same guarantees as the stream."""
@@ -261,7 +280,7 @@ def turn_wait(*, schema: str, session_id: int, turn_id: int, wait_seconds: float
         # aclosing: leaving early must still remove the channel-layer subscription at once.
         async with contextlib.aclosing(stream):
             async for event in stream:
-                if event is not None and event["event"] in FINAL_EVENTS:
+                if event is not None and event["event"] in END_EVENTS:
                     return event
         return None
 

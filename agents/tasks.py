@@ -33,10 +33,11 @@ def turn_resume_task(turn_id: int) -> str:
 
 @shared_task(name="agents.turn_sweep", ignore_result=True)
 def turn_sweep() -> int:
-    """Beat entry point, sent once per tenant: fail turns past their deadline or whose worker died."""
+    """Beat entry point, sent once per tenant: fail turns past their deadline or whose worker died,
+    and resume parked turns whose decided approval lost its resume task."""
     result = turns_sweep()
-    if result.failed:
-        logger.warning("turns_swept", failed=result.failed)
+    if result.failed or result.resumed:
+        logger.warning("turns_swept", failed=result.failed, resumed=result.resumed)
     return result.failed
 
 

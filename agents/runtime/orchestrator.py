@@ -10,10 +10,11 @@ fail it soon if the process dies.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -21,17 +22,19 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from agents.models import Agent, Message, Turn
-from agents.runtime import events
+from agents.models import Agent, AgentVersion, ApprovalRequest, Message, Tool, Turn
+from agents.runtime import events, tool_loop
 from agents.runtime.heartbeat import turn_heartbeat
 from agents.runtime.llm import LLMError, StreamResult, endpoints_for, price_per_token, stream_chat
 from agents.runtime.prompt import build_prompt
+from agents.runtime.tools import openai_tools, tools_for_version
 from billing.models import UsageEvent
 from billing.services import usage_event_record
 from compliance.services import audit_event_create
 from config.db import connection_release
 from config.errors import DomainError
 from config.redis import redis_client
+from tenants.models import ModelEndpoint
 from tenants.principal import Principal
 
 logger = structlog.get_logger(__name__)
@@ -145,25 +148,34 @@ def _claim(turn_id: int) -> Turn | None:
 
 
 def turn_run(turn_id: int) -> str:
-    """Run turn ``turn_id`` of the current schema to a final state; returns that state.
+    """Run turn ``turn_id`` of the current schema to a final state (or to ``awaiting_approval``);
+    returns that state, or ``skipped`` when the turn was not queued.
 
     Steps: claim (queued -> running), check the agent may run, retrieve from the version's
-    collections, build the prompt, stream from the tier's endpoints (fallback before the first
-    token only), record usage events (input and output tokens, priced from the endpoint) and
-    save the assistant message with its citations. Never raises for a turn's own failure.
+    collections, build the prompt, then the tool loop: stream from the tier's endpoints (fallback
+    before the first token only) offering the version's tools, run the calls the model makes and
+    call the model again with their results, until it answers without calls. Records usage events
+    (tokens of every model call, priced from the endpoint; one per executed tool call) and saves
+    the assistant message with its citations. Never raises for a turn's own failure.
     """
     schema: str = connection.schema_name  # type: ignore[attr-defined]
     turn = _claim(turn_id)
     if turn is None:
         return "skipped"
-    session = turn.session
-    group = events.session_group(schema, session.pk)
-    structlog.contextvars.bind_contextvars(turn_id=turn.pk, session_id=session.pk)
+    group = events.session_group(schema, turn.session_id)
     batcher = DeltaBatcher(schema=schema, group=group, turn_id=turn.pk,
                            interval=settings.CHAT_DELTA_INTERVAL_MS / 1000)
+    return _drive(turn, schema=schema, group=group, batcher=batcher,
+                  body=lambda: _loop(_prepare(turn, schema=schema, group=group, batcher=batcher)))
+
+
+def _drive(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, body: Callable[[], str]) -> str:
+    """Run ``body`` for a claimed turn with the heartbeat on; any exception fails the turn (with
+    its code for ``LLMError``, ``TurnRefused`` and domain errors, ``internal_error`` otherwise)."""
+    structlog.contextvars.bind_contextvars(turn_id=turn.pk, session_id=turn.session_id)
     try:
         with _streaming(), turn_heartbeat(schema, turn.pk):
-            return _run(turn, schema=schema, group=group, batcher=batcher)
+            return body()
     except Exception as exc:
         if isinstance(exc, LLMError | TurnRefused | DomainError):
             code, message = exc.code, exc.message
@@ -201,7 +213,45 @@ def _meter(turn: Turn, result: StreamResult) -> None:
                        unit_price=price_per_token(endpoint.output_price_per_mtok), **common)
 
 
-def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
+@dataclass
+class TurnRun:
+    """One turn's run state, made by ``_prepare`` (or ``_restore`` on resume) and carried through
+    the tool loop: the model's messages so far, the counts and token totals of the turn's model
+    and tool calls, and all text streamed to the user (every model call's, in order)."""
+
+    turn: Turn
+    schema: str
+    group: str
+    batcher: DeltaBatcher
+    agent: Agent
+    version: AgentVersion
+    endpoints: list[ModelEndpoint]
+    messages: list[dict[str, Any]]
+    citations: list[dict[str, Any]]
+    response_format: dict[str, Any] | None = None
+    first_token_at: dt.datetime | None = None
+    tools: dict[str, Tool] = field(default_factory=dict)
+    model_calls: int = 0
+    tool_calls: int = 0
+    invalid_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usage_estimated: bool = False
+    text: str = ""
+    endpoint: ModelEndpoint | None = None  # the endpoint that served the last model call
+
+    def loop_state(self, pending_calls: list[dict[str, Any]]) -> dict[str, Any]:
+        """What ``Turn.loop_state`` keeps while the turn waits for an approval."""
+        return {"messages": self.messages, "model_calls": self.model_calls, "tool_calls": self.tool_calls,
+                "invalid_calls": self.invalid_calls, "citations": self.citations, "pending_calls": pending_calls,
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "usage_estimated": self.usage_estimated, "text": self.text,
+                "first_token_at": self.first_token_at.isoformat() if self.first_token_at else None}
+
+
+def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> TurnRun:
+    """Check the agent and tenant may run, pick the endpoints (``turn.started``), retrieve from
+    the version's collections (``citations``) and build the prompt. Raises ``TurnRefused``."""
     from knowledge.models import Collection
     from knowledge.retrieval import chunk_search
     from tenants.models import Tenant
@@ -254,8 +304,18 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
     if version.output_format == version.OutputFormat.JSON_SCHEMA and version.output_schema:
         response_format = {"type": "json_schema",
                            "json_schema": {"name": "answer", "schema": version.output_schema}}
-    cancel = events.cancel_key(schema, turn.pk)
-    deadline = turn.deadline.timestamp()
+    return TurnRun(turn=turn, schema=schema, group=group, batcher=batcher, agent=agent, version=version,
+                   endpoints=endpoints, messages=list(prompt.messages), citations=citations,
+                   response_format=response_format, tools=tools_for_version(version) if version.tools else {})
+
+
+def _stream(run: TurnRun) -> StreamResult:
+    """One model call with the run's messages, deltas published through the batcher; polls
+    cancellation and the deadline every 0.1 s. The version's tools are offered with its
+    ``tool_choice`` on the turn's first model call, with ``auto`` on later ones (``none``: no
+    tools). Adds the call's tokens to the run's totals. Raises ``LLMError``."""
+    cancel = events.cancel_key(run.schema, run.turn.pk)
+    deadline = run.turn.deadline.timestamp()
     checks = {"next": 0.0, "stop": False}
 
     def should_stop() -> bool:
@@ -265,66 +325,242 @@ def _run(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
             checks["stop"] = bool(redis_client().exists(cancel)) or time.time() > deadline
         return bool(checks["stop"])
 
-    first_token: dict[str, Any] = {}
+    separate = {"pending": bool(run.text) and not run.text[-1].isspace()}
 
     def on_delta(text: str) -> None:
-        if not first_token:
-            first_token["at"] = timezone.now()
-        batcher.add(text)
+        if run.first_token_at is None:
+            run.first_token_at = timezone.now()
+        if separate["pending"]:
+            # A later model call's text starts a new paragraph of the one answer the user reads.
+            separate["pending"] = False
+            text = "\n\n" + text
+        run.text += text
+        run.batcher.add(text)
 
+    choice = run.version.tool_choice if run.model_calls == 0 else AgentVersion.ToolChoice.AUTO
+    offered = openai_tools(run.tools) if run.tools and choice != AgentVersion.ToolChoice.NONE else None
+    tool_choice: str | dict[str, Any] | None = None
+    if offered:
+        # auto / required, or one tool's name: OpenAI's named choice.
+        tool_choice = (str(choice) if choice in AgentVersion.ToolChoice.values
+                       else {"type": "function", "function": {"name": choice}})
     # The stream lasts seconds and needs no database: its connection serves other turns meanwhile
     # (a worker's pool is smaller than its thread count; README, "Database connections").
     connection_release()
-    result = stream_chat(endpoints=endpoints, messages=prompt.messages, temperature=version.temperature,
-                         max_tokens=version.max_output_tokens, response_format=response_format,
-                         on_delta=on_delta, should_stop=should_stop)
-    batcher.flush()
-    endpoint = result.endpoint
-    assert endpoint is not None
-    cancelled = result.finish_reason == "cancelled"
-    timed_out = cancelled and time.time() > deadline and not redis_client().exists(cancel)
+    result = stream_chat(endpoints=run.endpoints, messages=run.messages, temperature=run.version.temperature,
+                         max_tokens=run.version.max_output_tokens, response_format=run.response_format,
+                         on_delta=on_delta, should_stop=should_stop, tools=offered, tool_choice=tool_choice)
+    run.batcher.flush()
+    run.model_calls += 1
+    run.input_tokens += result.input_tokens
+    run.output_tokens += result.output_tokens
+    run.usage_estimated = run.usage_estimated or result.usage_estimated
+    run.endpoint = result.endpoint
+    return result
+
+
+def _loop(run: TurnRun) -> str:
+    """The tool loop: call the model; while it answers with tool calls, handle them (run,
+    refuse, or park the turn for an approval) and call it again with their results. Returns the
+    turn's state (``awaiting_approval`` when parked)."""
+    while True:
+        result = _stream(run)
+        if result.finish_reason == "cancelled" or not result.tool_calls:
+            return _finish_turn(run, result)
+        with transaction.atomic():
+            _meter(run.turn, result)
+        calls = []
+        for n, call in enumerate(result.tool_calls, start=1):
+            # The id pairs the call with its result message; a server that sends none gets one.
+            call.id = call.id or f"call_{run.turn.pk}_{run.tool_calls + n}"
+            calls.append(call.message())
+        run.messages.append({"role": "assistant", "content": result.text or "", "tool_calls": calls})
+        state = _calls_process(run, calls)
+        if state is not None:
+            return state
+
+
+def _stop_reason(run: TurnRun) -> str:
+    """``cancelled`` or ``timeout`` when the turn must stop before its next step, else ''."""
+    if redis_client().exists(events.cancel_key(run.schema, run.turn.pk)):
+        return "cancelled"
+    if time.time() > run.turn.deadline.timestamp():
+        return "timeout"
+    return ""
+
+
+def _calls_process(run: TurnRun, calls: list[dict[str, Any]]) -> str | None:
+    """Handle one model response's tool calls in order (``tool_loop.call_handle``); the turn's
+    state when the turn ended or parked, ``None`` to call the model again.
+
+    Bounds: a turn makes at most ``AGENT_MAX_TOOL_CALLS`` tool calls (invalid ones count); a
+    model asking for more ends the turn *completed*, its answer saying that the agent stopped
+    after that many calls (the user gets what was written and can ask again). Cancellation and
+    the turn's deadline are checked before each call."""
+    for position, call in enumerate(calls):
+        stop = _stop_reason(run)
+        if stop:
+            return _finish_turn(run, None, outcome=stop)
+        if run.tool_calls >= settings.AGENT_MAX_TOOL_CALLS:
+            logger.info("tool_loop_limit", tool_calls=run.tool_calls, invalid_calls=run.invalid_calls)
+            note = (f"(The agent stopped after {run.tool_calls} tool calls, the most one answer may make. "
+                    "Ask again to continue.)")
+            return _finish_turn(run, None, note=note)
+        handled = tool_loop.call_handle(run, call, remaining=calls[position + 1:])
+        if handled == "parked":
+            return str(Turn.Status.AWAITING_APPROVAL)
+        if handled in Turn.FINAL:
+            return handled
+    return None
+
+
+def _finish_turn(run: TurnRun, result: StreamResult | None, *, outcome: str = "", note: str = "") -> str:
+    """End the turn: meter the last model call (``result``; ``None`` when the turn ends between
+    calls), save the answer (all text streamed in the turn, plus ``note``) with the citations,
+    set the final state (completed, cancelled, or failed ``turn_timeout``; ``outcome`` forces
+    ``cancelled`` or ``timeout``), audit, and publish the final event."""
+    turn, version, agent = run.turn, run.version, run.agent
+    if note:
+        sep = "\n\n" if run.text and not run.text[-1].isspace() else ""
+        run.batcher.add(sep + note)
+        run.batcher.flush()
+        run.text += sep + note
+    endpoint = run.endpoint or run.endpoints[0]
+    if result is not None and result.finish_reason == "cancelled":
+        deadline = turn.deadline.timestamp()
+        outcome = "timeout" if time.time() > deadline and not redis_client().exists(
+            events.cancel_key(run.schema, turn.pk)) else "cancelled"
     with transaction.atomic():
         turn.refresh_from_db(fields=["status"])
         if turn.status in Turn.FINAL:  # the sweeper got there first
             return str(turn.status)
-        _meter(turn, result)
+        if result is not None:
+            _meter(turn, result)
         message = None
-        if result.text:
+        if run.text:
             message = Message.objects.create(session_id=turn.session_id, role=Message.Role.ASSISTANT,
-                                             content=result.text, citations=citations,
-                                             input_tokens=result.input_tokens, output_tokens=result.output_tokens)
-        fields = {"assistant_message": message, "endpoint_name": endpoint.name, "model": endpoint.model,
-                  "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
-                  "first_token_at": first_token.get("at")}
-        if timed_out:
+                                             content=run.text, citations=run.citations,
+                                             input_tokens=run.input_tokens, output_tokens=run.output_tokens)
+        fields: dict[str, Any] = {"assistant_message": message, "endpoint_name": endpoint.name,
+                                  "model": endpoint.model, "input_tokens": run.input_tokens,
+                                  "output_tokens": run.output_tokens, "first_token_at": run.first_token_at}
+        if run.tool_calls:
+            # The loop's counts stay with the turn (its messages are needed only while parked).
+            fields["loop_state"] = {"model_calls": run.model_calls, "tool_calls": run.tool_calls,
+                                    "invalid_calls": run.invalid_calls}
+        if outcome == "timeout":
             _finish(turn, Turn.Status.FAILED, error_code="turn_timeout",
                     error_message="The answer took longer than the turn's deadline.", **fields)
-        elif cancelled:
+        elif outcome == "cancelled":
             _finish(turn, Turn.Status.CANCELLED, **fields)
         else:
             _finish(turn, Turn.Status.COMPLETED, **fields)
         audit_event_create(actor=Principal.system("chat-worker"), action=f"turn.{turn.status}", target_type="turn",
                            target_id=turn.pk, payload={"session_id": turn.session_id, "agent": agent.slug,
                                                        "version": version.number, "endpoint": endpoint.name,
-                                                       "input_tokens": result.input_tokens,
-                                                       "output_tokens": result.output_tokens})
-    usage = {"input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
-             "estimated": result.usage_estimated}
+                                                       "input_tokens": run.input_tokens,
+                                                       "output_tokens": run.output_tokens,
+                                                       "model_calls": run.model_calls, "tool_calls": run.tool_calls,
+                                                       "invalid_tool_calls": run.invalid_calls})
+    logger.info("turn_finished", status=str(turn.status), model_calls=run.model_calls, tool_calls=run.tool_calls,
+                invalid_tool_calls=run.invalid_calls)
+    usage = {"input_tokens": run.input_tokens, "output_tokens": run.output_tokens,
+             "estimated": run.usage_estimated}
     if turn.status == Turn.Status.COMPLETED:
-        events.publish(group, {"event": "turn.completed", "turn_id": turn.pk,
-                               "message_id": message.pk if message else None, "content": result.text,
-                               "citations": citations, "usage": usage})
+        events.publish(run.group, {"event": "turn.completed", "turn_id": turn.pk,
+                                   "message_id": message.pk if message else None, "content": run.text,
+                                   "citations": run.citations, "usage": usage})
     elif turn.status == Turn.Status.CANCELLED:
-        events.publish(group, {"event": "turn.cancelled", "turn_id": turn.pk,
-                               "message_id": message.pk if message else None})
+        events.publish(run.group, {"event": "turn.cancelled", "turn_id": turn.pk,
+                                   "message_id": message.pk if message else None})
     else:
-        events.publish(group, {"event": "turn.failed", "turn_id": turn.pk,
-                               "error": {"code": turn.error_code, "message": turn.error_message}})
+        events.publish(run.group, {"event": "turn.failed", "turn_id": turn.pk,
+                                   "error": {"code": turn.error_code, "message": turn.error_message}})
     return str(turn.status)
+
+
+# --- Resuming a turn after its approval was decided -------------------------------------------
+
+def _claim_resume(turn_id: int) -> tuple[Turn, ApprovalRequest] | None:
+    """Move a turn parked on a decided approval back to running, with a fresh deadline; ``None``
+    when it is not (still pending, already resumed by another task, cancelled, expired, gone).
+    The row lock makes two resume tasks of one turn take turns: the second finds it running."""
+    with transaction.atomic():
+        turn = (Turn.objects.select_for_update().select_related("session", "agent_version", "user_message")
+                .filter(pk=turn_id).first())
+        if turn is None or turn.status != Turn.Status.AWAITING_APPROVAL:
+            return None
+        approval = (ApprovalRequest.objects.select_related("tool_call").filter(turn_id=turn.pk)
+                    .order_by("-pk").first())
+        if approval is None or approval.status not in (ApprovalRequest.Status.APPROVED,
+                                                       ApprovalRequest.Status.REJECTED):
+            return None
+        now = timezone.now()
+        turn.status = Turn.Status.RUNNING
+        turn.heartbeat_at = now
+        turn.deadline = now + dt.timedelta(seconds=settings.CHAT_TURN_DEADLINE_SECONDS)
+        turn.save(update_fields=["status", "heartbeat_at", "deadline"])
+        return turn, approval
 
 
 def turn_resume(turn_id: int) -> str:
     """Resume turn ``turn_id`` after its approval request was decided: execute an approved call
-    exactly once (or tell the model it was rejected) and continue the tool loop; returns the
-    turn's state. Idempotent: a turn that is not waiting on a decided approval is ``skipped``."""
-    raise NotImplementedError("the tool loop's resume is being built (issue #29)")
+    exactly once (or tell the model it was rejected, by whom and why), handle the rest of that
+    model response's calls, and continue the tool loop; returns the turn's state. Idempotent: a
+    turn that is not waiting on a decided approval is ``skipped`` (a second resume task, a
+    redelivered one, one for a cancelled or expired turn)."""
+    schema: str = connection.schema_name  # type: ignore[attr-defined]
+    claimed = _claim_resume(turn_id)
+    if claimed is None:
+        return "skipped"
+    turn, approval = claimed
+    group = events.session_group(schema, turn.session_id)
+    text = str((turn.loop_state or {}).get("text") or "")
+    batcher = DeltaBatcher(schema=schema, group=group, turn_id=turn.pk,
+                           interval=settings.CHAT_DELTA_INTERVAL_MS / 1000, sent_chars=len(text))
+    return _drive(turn, schema=schema, group=group, batcher=batcher,
+                  body=lambda: _resume(turn, approval, schema=schema, group=group, batcher=batcher))
+
+
+def _restore(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> TurnRun:
+    """The run state of a parked turn, from ``Turn.loop_state``; publishes ``turn.started`` again
+    so that clients following the session resume. Raises ``TurnRefused`` as ``_prepare``."""
+    from tenants.models import Tenant
+
+    version = turn.agent_version
+    agent = Agent.objects.get(pk=version.agent_id)
+    if agent.status in (Agent.Status.PAUSED, Agent.Status.RETIRED):
+        raise TurnRefused("agent_unavailable", f"The agent '{agent.name}' is {agent.status}; it does not answer now.")
+    tenant = Tenant.objects.get(schema_name=schema)
+    if tenant.status != Tenant.Status.ACTIVE:
+        raise TurnRefused("tenant_suspended", "This workspace is suspended.")
+    endpoints = endpoints_for(tenant=tenant, tier=version.tier, endpoint_id=version.endpoint_id)
+    if not endpoints:
+        raise TurnRefused("no_model", f"No model endpoint is enabled for the '{version.tier}' tier.")
+    state = turn.loop_state or {}
+    events.publish(group, {"event": "turn.started", "turn_id": turn.pk, "model": endpoints[0].model,
+                           "endpoint": endpoints[0].name})
+    response_format = None
+    if version.output_format == version.OutputFormat.JSON_SCHEMA and version.output_schema:
+        response_format = {"type": "json_schema",
+                           "json_schema": {"name": "answer", "schema": version.output_schema}}
+    first = state.get("first_token_at")
+    return TurnRun(turn=turn, schema=schema, group=group, batcher=batcher, agent=agent, version=version,
+                   endpoints=endpoints, messages=list(state.get("messages") or []),
+                   citations=list(state.get("citations") or []), response_format=response_format,
+                   first_token_at=dt.datetime.fromisoformat(first) if first else None,
+                   tools=tools_for_version(version) if version.tools else {},
+                   model_calls=int(state.get("model_calls") or 0), tool_calls=int(state.get("tool_calls") or 0),
+                   invalid_calls=int(state.get("invalid_calls") or 0),
+                   input_tokens=int(state.get("input_tokens") or 0),
+                   output_tokens=int(state.get("output_tokens") or 0),
+                   usage_estimated=bool(state.get("usage_estimated")), text=str(state.get("text") or ""))
+
+
+def _resume(turn: Turn, approval: ApprovalRequest, *, schema: str, group: str, batcher: DeltaBatcher) -> str:
+    run = _restore(turn, schema=schema, group=group, batcher=batcher)
+    tool_loop.decided_call_handle(run, approval)
+    state = _calls_process(run, list((turn.loop_state or {}).get("pending_calls") or []))
+    if state is not None:
+        return state
+    return _loop(run)

@@ -35,12 +35,13 @@ class Prompt:
 _BRACKET_RUN = re.compile(r"<{3,}|>{3,}")
 
 
-def _fence(text: str, n: int) -> str:
+def _fence(text: str, n: int | None, *, label: str = "REFERENCE") -> str:
     # A reference must not be able to close its own fence early, nor write something that reads
     # like one: every run of three or more brackets is spaced out. (A plain replace of "<<<"
-    # leaves "<<<" behind in "<<<<<".)
+    # leaves "<<<" behind in "<<<<<".) Tool results use it too, with their own label.
     safe = _BRACKET_RUN.sub(lambda m: " ".join(m.group()), text)
-    return f"{FENCE.format(n=n)}\n{safe}\n{FENCE_END.format(n=n)}"
+    tag = label if n is None else f"{label} {n}"
+    return f"<<<{tag}>>>\n{safe}\n<<<END {tag}>>>"
 
 
 def reference_block(hits: list[SearchHit]) -> str:
