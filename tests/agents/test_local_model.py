@@ -358,46 +358,50 @@ class TicketsWorld:
 
 
 @pytest.fixture
-def tickets_world(
-    django_db_setup: World, django_db_blocker: Any, local_world: LocalWorld, tmp_path: Path
-) -> Iterator[TicketsWorld]:
-    """Committed: a ticket service started for the test, the staff egress rule for exactly its
-    address, the demo's ticket tools in tenant A aimed at it, the demo agent (``it_helpdesk_create``)
-    pinned to the local model, and a member with the ``approver`` role. The rule and the member
-    are removed afterwards."""
+def tickets_world(django_db_setup: World, local_world: LocalWorld, tmp_path: Path) -> Iterator[TicketsWorld]:
+    """Committed (from another connection, so that the live processes see it): a ticket service
+    started for the test, the staff egress rule for exactly its address, the demo's ticket tools
+    in tenant A aimed at it, the demo agent (``it_helpdesk_create``) pinned to the local model, and
+    a member with the ``approver`` role. The rule and the member are removed afterwards."""
     from agents.models import Tool
     from knowledge.models import Collection
     from tenants.management.commands.demo_seed import it_helpdesk_create, ticket_tools_ensure
     from tenants.models import EgressAllowRule, Membership, ModelEndpoint, User
     from tenants.principal import Principal
+    from tests.agents.conftest import committed
     from tests.agents.tickets_live import tickets_serve
 
     tenant = django_db_setup.tenant_a
-    with tickets_serve(tmp_path) as base, django_db_blocker.unblock():
-        port = int(base.rsplit(":", 1)[1])
-        rule = EgressAllowRule.objects.create(target="127.0.0.1", port=port, description="tests: ticket service")
+
+    def setup(base: str, port: int) -> TicketsWorld:
+        EgressAllowRule.objects.create(target="127.0.0.1", port=port, description="tests: ticket service")
         approver = User.objects.create_user(email=f"approver-{port}@acme.test", password="x" * 16, name="Approver")
-        membership = Membership.objects.create(user=approver, tenant=tenant, role="approver")
+        Membership.objects.create(user=approver, tenant=tenant, role="approver")
+        with schema_context(tenant.schema_name):
+            principal = Principal.system("tests", tenant=tenant)
+            ticket_tools_ensure(principal=principal, base_url=base)
+            # Tools of these names committed earlier in the session point at an older service.
+            Tool.objects.filter(name__in=["list_tickets", "create_ticket"]).update(url=f"{base}/tickets")
+            collection = Collection.objects.get(name="Handbook (local model tests)")
+            endpoint = ModelEndpoint.objects.get(name=local_world.endpoint_name)
+            agent = it_helpdesk_create(
+                principal=principal,
+                collection_ids=[collection.pk],
+                slug=f"it-helpdesk-local-{port}",
+                config={"tier": "heavy", "endpoint_id": endpoint.pk},
+            )
+        return TicketsWorld(agent_id=agent.pk, tickets_url=base, approver_id=approver.pk)
+
+    def teardown(port: int) -> None:
+        EgressAllowRule.objects.filter(target="127.0.0.1", port=port).delete()
+        Membership.objects.filter(tenant=tenant, user__email=f"approver-{port}@acme.test").delete()
+
+    with tickets_serve(tmp_path) as base:
+        port = int(base.rsplit(":", 1)[1])
         try:
-            with schema_context(tenant.schema_name):
-                principal = Principal.system("tests", tenant=tenant)
-                ticket_tools_ensure(principal=principal, base_url=base)
-                # Tools of these names committed earlier in the session point at an older service.
-                Tool.objects.filter(name__in=["list_tickets", "create_ticket"]).update(url=f"{base}/tickets")
-                collection = Collection.objects.get(name="Handbook (local model tests)")
-                endpoint = ModelEndpoint.objects.get(name=local_world.endpoint_name)
-                agent = it_helpdesk_create(
-                    principal=principal,
-                    collection_ids=[collection.pk],
-                    slug=f"it-helpdesk-local-{port}",
-                    config={"tier": "heavy", "endpoint_id": endpoint.pk},
-                )
-            connection.set_schema_to_public()
-            yield TicketsWorld(agent_id=agent.pk, tickets_url=base, approver_id=approver.pk)
+            yield committed(setup, base, port)
         finally:
-            connection.set_schema_to_public()
-            rule.delete()
-            membership.delete()
+            committed(teardown, port)
 
 
 def _events_until(ws: Any, names: set[str], timeout: float) -> list[dict[str, Any]]:
