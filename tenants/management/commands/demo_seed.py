@@ -10,8 +10,18 @@ For chat it registers platform model endpoints ``local-smollm2-<tier>`` (light, 
 on the embedded model server (``manage.py llm_serve``, the Procfile's ``llm``), builds the
 collection "Handbook" in tenant ``demo`` from the fictional company handbook in
 ``agents/demo_docs/`` (indexed here, synchronously, so the demo answers as soon as the processes
-start), and publishes the agent ``helpdesk`` on it. Existing rows are left as they are: an
-endpoint or agent edited in the console is not reset by a second run.
+start), and publishes the agent ``helpdesk`` on it.
+
+For tools and approvals it adds the staff egress allow rule for exactly the demo ticket service
+(``127.0.0.1:DEMO_TICKETS_PORT``, the Procfile's ``tickets``), the HTTP tools ``list_tickets``
+(read) and ``create_ticket`` (write, needs approval) that call it, the active agent ``it-helpdesk``
+using them and ``kb_search`` over the handbook, and a member with the ``approver`` role.
+``it-helpdesk``'s ``tool_choice`` names ``create_ticket``: the embedded SmolLM2 model calls a tool
+reliably only when the call is named (docs/local-model-tools.md).
+
+Existing rows are left as they are: an endpoint, rule, tool or agent edited in the console is not
+reset by a second run. The demo API key is replaced only when it lacks one of today's
+permissions (a key made before tools and approvals existed).
 """
 
 from __future__ import annotations
@@ -24,14 +34,17 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 from django_otp.plugins.otp_totp.models import TOTPDevice
 from django_tenants.utils import schema_context
 
+from compliance.services import audit_event_create
 from config.errors import NotAuthenticated
-from tenants.models import ModelEndpoint, Plan, Tenant, User
+from tenants.models import EgressAllowRule, Membership, ModelEndpoint, Plan, Tenant, User
 from tenants.principal import Principal
-from tenants.roles import PERMISSIONS
-from tenants.services.keys import api_key_authenticate, api_key_create
+from tenants.roles import PERMISSIONS, Role
+from tenants.services.keys import api_key_authenticate, api_key_create, api_key_revoke
+from tenants.services.members import invitation_accept, invitation_accept_new_user, invitation_create
 from tenants.services.provisioning import public_tenant_ensure, tenant_create
 
 STAFF_EMAIL = "staff@example.com"
@@ -48,6 +61,143 @@ HELPDESK_PROMPT = (
     "handbook in the reference material, briefly and in plain language, and cite the references "
     "you used as [n]. If the handbook does not answer the question, say so and suggest asking HR."
 )
+APPROVER_EMAIL = "approver@example.com"
+TICKETS_HOST = "127.0.0.1"  # tickets_serve's default --host
+IT_HELPDESK_SLUG = "it-helpdesk"
+# Short and concrete: SmolLM2-135M fills create_ticket's arguments from this and the message.
+IT_HELPDESK_PROMPT = (
+    "You are the IT helpdesk of Northwind Robotics. When an employee reports a problem, open a "
+    "ticket: the title names the broken device in a few words, the description repeats the "
+    "employee's words, the priority is high if they cannot work, otherwise normal. After the "
+    "ticket is created, tell the employee its number in one sentence."
+)
+PRIORITIES = ["low", "normal", "high"]
+
+
+def ticket_tools(base_url: str) -> dict[str, dict[str, Any]]:
+    """The demo's HTTP tools on the ticket service at ``base_url``, as ``Tool`` fields by name."""
+    return {
+        "list_tickets": {
+            "description": "List the IT support tickets, newest last.",
+            "kind": "http",
+            "method": "GET",
+            "url": f"{base_url}/tickets",
+            "side_effect": "read",
+            "requires_approval": False,
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+        },
+        "create_ticket": {
+            "description": "Open a new IT support ticket for a problem an employee reports.",
+            "kind": "http",
+            "method": "POST",
+            "url": f"{base_url}/tickets",
+            "side_effect": "write",
+            "requires_approval": True,
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "title": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": 200,
+                        "description": "A few words naming the broken thing",
+                    },
+                    "description": {
+                        "type": "string",
+                        "maxLength": 2000,
+                        "description": "The problem in the employee's words",
+                    },
+                    "priority": {
+                        "type": "string",
+                        "enum": PRIORITIES,
+                        "description": "high if the employee cannot work, otherwise normal",
+                    },
+                },
+                "required": ["title", "description", "priority"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+def ticket_tools_ensure(*, principal: Principal, base_url: str) -> None:
+    """Creates the tools of ``ticket_tools(base_url)`` that the current tenant schema lacks
+    (audited as ``tool.created``); existing tools of those names are left as they are."""
+    from agents.models import Tool
+
+    for name, fields in ticket_tools(base_url).items():
+        if Tool.objects.filter(name=name).exists():
+            continue
+        # Rows made directly, as the builtins are; the tools services check the same fields.
+        tool = Tool.objects.create(name=name, created_by=principal.label[:200], **fields)
+        audit_event_create(
+            actor=principal,
+            action="tool.created",
+            target_type="tool",
+            target_id=tool.pk,
+            payload={
+                "name": name,
+                "method": tool.method,
+                "url": tool.url,
+                "side_effect": tool.side_effect,
+                "requires_approval": tool.requires_approval,
+            },
+        )
+
+
+def it_helpdesk_create(
+    *,
+    principal: Principal,
+    collection_ids: list[int],
+    slug: str = IT_HELPDESK_SLUG,
+    config: dict[str, Any] | None = None,
+) -> Any:
+    """Creates and publishes the demo's ticket-opening agent in the current tenant schema: the
+    ``IT_HELPDESK_PROMPT``, ``collection_ids``, the tools ``list_tickets``, ``create_ticket`` and
+    ``kb_search`` with ``tool_choice`` ``create_ticket``; ``config`` overrides version fields
+    (e.g. ``tier``, ``endpoint_id``). Returns the active ``Agent``. Raises as ``agent_create``."""
+    from agents.models import AgentVersion
+    from agents.services import VERSION_FIELDS, agent_create, agent_version_publish
+
+    fields: dict[str, Any] = {
+        "system_prompt": IT_HELPDESK_PROMPT,
+        "tier": ModelEndpoint.Tier.STANDARD,
+        "collection_ids": collection_ids,
+        "retrieval_top_k": 2,
+        "history_window": 4,
+        "max_output_tokens": 256,
+        "temperature": 0.0,
+        **(config or {}),
+    }
+    tools = {"tools": ["list_tickets", "create_ticket", "kb_search"], "tool_choice": "create_ticket"}
+    takes_tools = set(tools) <= set(VERSION_FIELDS)
+    agent = agent_create(
+        principal=principal,
+        slug=slug,
+        name="IT helpdesk",
+        description="Opens IT tickets on the demo ticket service; each new ticket needs an approver.",
+        config={**fields, **tools} if takes_tools else fields,
+    )
+    if not takes_tools:
+        # Until the version services take tools (the tools CRUD part): versions are append-only,
+        # so version 2 is version 1 with the tools.
+        first = agent.versions.get()
+        AgentVersion.objects.create(
+            agent=agent,
+            number=2,
+            created_by=principal.label[:200],
+            note="Tools",
+            **{name: getattr(first, name) for name in VERSION_FIELDS},
+            **tools,
+        )
+        audit_event_create(
+            actor=principal,
+            action="agent_version.created",
+            target_type="agent",
+            target_id=agent.pk,
+            payload={"version": 2, "changed": sorted(tools)},
+        )
+    return agent_version_publish(principal=principal, version=agent.versions.order_by("-number")[0])
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -75,8 +225,9 @@ class Command(BaseCommand):
         public_tenant_ensure()
 
         for code, name, fee, members in (("free", "Free", "0", 5), ("team", "Team", "99", 50)):
-            Plan.objects.get_or_create(code=code, defaults={"name": name, "monthly_fee": Decimal(fee),
-                                                            "max_members": members})
+            Plan.objects.get_or_create(
+                code=code, defaults={"name": name, "monthly_fee": Decimal(fee), "max_members": members}
+            )
 
         staff_password = saved.get("staff_password") or secrets.token_urlsafe(12)
         staff, _ = User.objects.get_or_create(email=STAFF_EMAIL, defaults={"name": "Staff"})
@@ -89,8 +240,13 @@ class Command(BaseCommand):
 
         tenant = Tenant.objects.filter(slug=DEMO_SLUG).first()
         if tenant is None:
-            tenant = tenant_create(actor=actor, slug=DEMO_SLUG, name="Demo Company", owner_email=OWNER_EMAIL,
-                                   plan=Plan.objects.get(code="team")).tenant
+            tenant = tenant_create(
+                actor=actor,
+                slug=DEMO_SLUG,
+                name="Demo Company",
+                owner_email=OWNER_EMAIL,
+                plan=Plan.objects.get(code="team"),
+            ).tenant
         owner = User.objects.get(email=OWNER_EMAIL)
         owner_password = saved.get("owner_password") or secrets.token_urlsafe(12)
         owner.name = owner.name or "Demo Owner"
@@ -99,18 +255,32 @@ class Command(BaseCommand):
         from allauth.account.models import EmailAddress
 
         for user in (staff, owner):
-            EmailAddress.objects.update_or_create(user=user, email=user.email,
-                                                  defaults={"verified": True, "primary": True})
+            EmailAddress.objects.update_or_create(
+                user=user, email=user.email, defaults={"verified": True, "primary": True}
+            )
 
         endpoints = self._local_endpoints()
         agent_summary = self._helpdesk(tenant)
+        tickets_url = f"http://{TICKETS_HOST}:{settings.DEMO_TICKETS_PORT}"
+        self._tickets_egress_rule()
+        it_summary = self._it_helpdesk(tenant, tickets_url)
+        approver_password = saved.get("approver_password") or secrets.token_urlsafe(12)
+        self._approver(tenant, approver_password)
 
         api_key = key_path.read_text(encoding="utf-8").strip() if key_path.exists() else ""
+        key_principal = Principal.system("demo_seed", tenant=tenant)
         try:
-            api_key_authenticate(raw_key=api_key, tenant=tenant)
+            key = api_key_authenticate(raw_key=api_key, tenant=tenant)
         except NotAuthenticated:
-            api_key = api_key_create(principal=Principal.system("demo_seed", tenant=tenant), tenant=tenant,
-                                     name="demo key", scopes=list(PERMISSIONS), acting_user=owner).secret
+            key = None
+        if key is not None and not set(PERMISSIONS) <= set(key.scopes):
+            # A key from before tools and approvals existed: replace it with one holding every scope.
+            api_key_revoke(principal=key_principal, key=key)
+            key = None
+        if key is None:
+            api_key = api_key_create(
+                principal=key_principal, tenant=tenant, name="demo key", scopes=list(PERMISSIONS), acting_user=owner
+            ).secret
             _write_private(key_path, api_key + "\n")
 
         port = f":{settings.PUBLIC_PORT}" if settings.PUBLIC_PORT else ""
@@ -126,6 +296,11 @@ class Command(BaseCommand):
             "agents_url": f"http://{tenant.primary_host}{port}/agents/",
             "chat_url": f"http://{tenant.primary_host}{port}/chat/",
             "helpdesk_agent": HELPDESK_SLUG,
+            "approver_email": APPROVER_EMAIL,
+            "approver_password": approver_password,
+            "approvals_url": f"http://{tenant.primary_host}{port}/approvals/",
+            "it_helpdesk_agent": IT_HELPDESK_SLUG,
+            "tickets_url": f"{tickets_url}/tickets",
         }
         _write_private(creds_path, json.dumps(creds, indent=2) + "\n")
         out = self.stdout.write
@@ -137,12 +312,23 @@ class Command(BaseCommand):
         out(f"    TOTP      {device.config_url}")
         out("              (add it to an authenticator app; `make totp` prints the current code)")
         out(f"  API key     in {key_path}:")
-        out(f"    curl -H 'Host: {tenant.primary_host}' -H \"Authorization: Bearer $(cat {key_path})\" "
-            f"http://127.0.0.1{port}/api/v1/me")
+        out(
+            f"    curl -H 'Host: {tenant.primary_host}' -H \"Authorization: Bearer $(cat {key_path})\" "
+            f"http://127.0.0.1{port}/api/v1/me"
+        )
         out(f"  Agent       {creds['agents_url']}  ({HELPDESK_SLUG}: {agent_summary})")
         out(f"  Chat        {creds['chat_url']}  (pick '{HELPDESK_SLUG}'; ask \"How many vacation days do I get?\")")
-        out(f"  Model       {', '.join(endpoints)} -> {LOCAL_MODEL} at {self._local_api_base()} "
-            "(the Procfile's llm process)")
+        out(
+            f"  Model       {', '.join(endpoints)} -> {LOCAL_MODEL} at {self._local_api_base()} "
+            "(the Procfile's llm process)"
+        )
+        out(f"  Tools       {IT_HELPDESK_SLUG}: {it_summary}")
+        out(
+            f"    ask       pick '{IT_HELPDESK_SLUG}' in the chat as the owner; say \"Open a ticket: my laptop "
+            'screen is broken"'
+        )
+        out(f"    approver  {creds['approvals_url']}  {APPROVER_EMAIL} / {approver_password}")
+        out(f"    tickets   curl {creds['tickets_url']}  (the Procfile's tickets process)")
 
     @staticmethod
     def _local_api_base() -> str:
@@ -155,10 +341,17 @@ class Command(BaseCommand):
             name = f"{LOCAL_ENDPOINT_PREFIX}-{tier}"
             # get_or_create: a second run keeps the row, including edits made on the staff pages.
             ModelEndpoint.objects.get_or_create(
-                tenant=None, name=name,
-                defaults={"model": LOCAL_MODEL, "api_base": self._local_api_base(), "tier": tier,
-                          "context_window": LOCAL_CONTEXT_WINDOW, "input_price_per_mtok": Decimal(0),
-                          "output_price_per_mtok": Decimal(0), "timeout_seconds": 60.0},
+                tenant=None,
+                name=name,
+                defaults={
+                    "model": LOCAL_MODEL,
+                    "api_base": self._local_api_base(),
+                    "tier": tier,
+                    "context_window": LOCAL_CONTEXT_WINDOW,
+                    "input_price_per_mtok": Decimal(0),
+                    "output_price_per_mtok": Decimal(0),
+                    "timeout_seconds": 60.0,
+                },
             )
             names.append(name)
         return names
@@ -175,28 +368,105 @@ class Command(BaseCommand):
         actor = Principal.system("manage.py demo_seed", tenant=tenant)
         with schema_context(tenant.schema_name):
             collection = Collection.objects.filter(name__iexact=HANDBOOK).first() or collection_create(
-                principal=actor, name=HANDBOOK,
-                description="Employee handbook of Northwind Robotics, a fictional company (agents/demo_docs/).")
+                principal=actor,
+                name=HANDBOOK,
+                description="Employee handbook of Northwind Robotics, a fictional company (agents/demo_docs/).",
+            )
             for path in sorted(p for p in DEMO_DOCS.iterdir() if p.suffix in (".md", ".pdf")):
                 # The same bytes are recognised by their SHA-256 and not stored twice.
-                document_upload(principal=actor, collection=collection, filename=path.name,
-                                data=path.read_bytes(), queue=False)
+                document_upload(
+                    principal=actor, collection=collection, filename=path.name, data=path.read_bytes(), queue=False
+                )
             # Index whatever is not yet indexed, including documents a crashed run left pending.
-            waiting = list(Document.objects.filter(collection=collection)
-                           .exclude(status=Document.Status.INDEXED).values_list("pk", flat=True))
+            waiting = list(
+                Document.objects.filter(collection=collection)
+                .exclude(status=Document.Status.INDEXED)
+                .values_list("pk", flat=True)
+            )
             if waiting:
                 report = ingest_documents(waiting)
-                self.stdout.write(f"Indexed {report.indexed} handbook document(s) ({report.chunks} chunks), "
-                                  f"{report.failed} failed")
+                self.stdout.write(
+                    f"Indexed {report.indexed} handbook document(s) ({report.chunks} chunks), {report.failed} failed"
+                )
             agent = Agent.objects.filter(slug=HELPDESK_SLUG).first()
             if agent is None:
                 agent = agent_create(
-                    principal=actor, slug=HELPDESK_SLUG, name="Helpdesk",
+                    principal=actor,
+                    slug=HELPDESK_SLUG,
+                    name="Helpdesk",
                     description="Answers questions about the Northwind Robotics handbook, with citations.",
-                    config={"system_prompt": HELPDESK_PROMPT, "tier": ModelEndpoint.Tier.LIGHT,
-                            "collection_ids": [collection.pk], "retrieval_top_k": 4, "history_window": 6,
-                            "max_output_tokens": 256, "temperature": 0.2})
+                    config={
+                        "system_prompt": HELPDESK_PROMPT,
+                        "tier": ModelEndpoint.Tier.LIGHT,
+                        "collection_ids": [collection.pk],
+                        "retrieval_top_k": 4,
+                        "history_window": 6,
+                        "max_output_tokens": 256,
+                        "temperature": 0.2,
+                    },
+                )
             if agent.active_version_id is None and agent.status == Agent.Status.DRAFT:
                 agent = agent_version_publish(principal=actor, version=agent.versions.order_by("-number")[0])
             indexed = Document.objects.filter(collection=collection, status=Document.Status.INDEXED).count()
             return f"{agent.status}, collection {HANDBOOK} with {indexed} indexed document(s)"
+
+    def _tickets_egress_rule(self) -> None:
+        """The staff egress allow rule for exactly the demo ticket service (host and port), made
+        once and audited in the public chain as staff changes are."""
+        port = settings.DEMO_TICKETS_PORT
+        with transaction.atomic():
+            if EgressAllowRule.objects.filter(target=TICKETS_HOST, port=port).exists():
+                return
+            rule = EgressAllowRule.objects.create(
+                target=TICKETS_HOST,
+                port=port,
+                description="The demo ticket service (manage.py tickets_serve) for the demo agent's HTTP tools.",
+            )
+            audit_event_create(
+                actor=Principal.system("manage.py demo_seed"),
+                action="egress_allow_rule.created",
+                target_type="egress_allow_rule",
+                target_id=rule.pk,
+                payload={"target": rule.target, "port": rule.port, "description": rule.description},
+                schema="public",
+            )
+
+    def _it_helpdesk(self, tenant: Tenant, tickets_url: str) -> str:
+        """The tools ``list_tickets`` and ``create_ticket`` and the published agent ``it-helpdesk``
+        in ``tenant``; returns a one-line summary for the output."""
+        from agents.models import Agent
+        from agents.services import agent_version_publish
+        from knowledge.models import Collection
+
+        actor = Principal.system("manage.py demo_seed", tenant=tenant)
+        with schema_context(tenant.schema_name), transaction.atomic():
+            ticket_tools_ensure(principal=actor, base_url=tickets_url)
+            agent = Agent.objects.filter(slug=IT_HELPDESK_SLUG).first()
+            if agent is None:
+                collection = Collection.objects.get(name__iexact=HANDBOOK)
+                agent = it_helpdesk_create(principal=actor, collection_ids=[collection.pk])
+            elif agent.active_version_id is None and agent.status == Agent.Status.DRAFT:
+                agent = agent_version_publish(principal=actor, version=agent.versions.order_by("-number")[0])
+            version = agent.active_version or agent.versions.order_by("-number")[0]
+            return (
+                f"{agent.status}, tools {', '.join(version.tools)}, tool_choice {version.tool_choice}; "
+                f"tickets at {tickets_url}"
+            )
+
+    def _approver(self, tenant: Tenant, password: str) -> None:
+        """A member of ``tenant`` with the ``approver`` role (invited and joined through the
+        membership services, so it is audited); the password is (re)set to ``password``."""
+        user = User.objects.filter(email=APPROVER_EMAIL).first()
+        if user is None or not Membership.objects.filter(tenant=tenant, user=user).exists():
+            actor = Principal.system("manage.py demo_seed", tenant=tenant)
+            issued = invitation_create(principal=actor, tenant=tenant, email=APPROVER_EMAIL, role=Role.APPROVER)
+            if user is None:
+                invitation_accept_new_user(tenant=tenant, token=issued.token, name="Demo Approver", password=password)
+            else:
+                invitation_accept(tenant=tenant, token=issued.token, user=user)
+        user = User.objects.get(email=APPROVER_EMAIL)
+        user.set_password(password)
+        user.save()
+        from allauth.account.models import EmailAddress
+
+        EmailAddress.objects.update_or_create(user=user, email=user.email, defaults={"verified": True, "primary": True})
