@@ -121,28 +121,15 @@ def ticket_tools(base_url: str) -> dict[str, dict[str, Any]]:
 
 
 def ticket_tools_ensure(*, principal: Principal, base_url: str) -> None:
-    """Creates the tools of ``ticket_tools(base_url)`` that the current tenant schema lacks
-    (audited as ``tool.created``); existing tools of those names are left as they are."""
+    """Creates the tools of ``ticket_tools(base_url)`` that the current tenant schema lacks,
+    through ``agents.tool_services.tool_create`` (checked and audited like the console's); tools
+    of those names are left as they are. The egress allow rule for ``base_url`` must exist."""
     from agents.models import Tool
+    from agents.tool_services import tool_create
 
     for name, fields in ticket_tools(base_url).items():
-        if Tool.objects.filter(name=name).exists():
-            continue
-        # Rows made directly, as the builtins are; the tools services check the same fields.
-        tool = Tool.objects.create(name=name, created_by=principal.label[:200], **fields)
-        audit_event_create(
-            actor=principal,
-            action="tool.created",
-            target_type="tool",
-            target_id=tool.pk,
-            payload={
-                "name": name,
-                "method": tool.method,
-                "url": tool.url,
-                "side_effect": tool.side_effect,
-                "requires_approval": tool.requires_approval,
-            },
-        )
+        if not Tool.objects.filter(name=name).exists():
+            tool_create(principal=principal, name=name, **fields)
 
 
 def it_helpdesk_create(
@@ -156,8 +143,7 @@ def it_helpdesk_create(
     ``IT_HELPDESK_PROMPT``, ``collection_ids``, the tools ``list_tickets``, ``create_ticket`` and
     ``kb_search`` with ``tool_choice`` ``create_ticket``; ``config`` overrides version fields
     (e.g. ``tier``, ``endpoint_id``). Returns the active ``Agent``. Raises as ``agent_create``."""
-    from agents.models import AgentVersion
-    from agents.services import VERSION_FIELDS, agent_create, agent_version_publish
+    from agents.services import agent_create, agent_version_publish
 
     fields: dict[str, Any] = {
         "system_prompt": IT_HELPDESK_PROMPT,
@@ -170,34 +156,14 @@ def it_helpdesk_create(
         **(config or {}),
     }
     tools = {"tools": ["list_tickets", "create_ticket", "kb_search"], "tool_choice": "create_ticket"}
-    takes_tools = set(tools) <= set(VERSION_FIELDS)
     agent = agent_create(
         principal=principal,
         slug=slug,
         name="IT helpdesk",
         description="Opens IT tickets on the demo ticket service; each new ticket needs an approver.",
-        config={**fields, **tools} if takes_tools else fields,
+        config={**fields, **tools},
     )
-    if not takes_tools:
-        # Until the version services take tools (the tools CRUD part): versions are append-only,
-        # so version 2 is version 1 with the tools.
-        first = agent.versions.get()
-        AgentVersion.objects.create(
-            agent=agent,
-            number=2,
-            created_by=principal.label[:200],
-            note="Tools",
-            **{name: getattr(first, name) for name in VERSION_FIELDS},
-            **tools,
-        )
-        audit_event_create(
-            actor=principal,
-            action="agent_version.created",
-            target_type="agent",
-            target_id=agent.pk,
-            payload={"version": 2, "changed": sorted(tools)},
-        )
-    return agent_version_publish(principal=principal, version=agent.versions.order_by("-number")[0])
+    return agent_version_publish(principal=principal, version=agent.versions.get())
 
 
 def _write_private(path: Path, text: str) -> None:
