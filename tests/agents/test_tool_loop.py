@@ -676,8 +676,8 @@ def test_two_resume_tasks_at_once_execute_the_approved_call_once(
     for thread in threads:
         thread.join(timeout=60)
 
-    assert sorted(map(str, outcomes)) == ["completed", "skipped"]
     assert len(tool_server.requests) == 1
+    assert sorted(map(str, outcomes)) == ["completed", "skipped"]
 
     def rows() -> tuple[list[tuple[str, int | None]], int, int]:
         with schema_context(tenant.schema_name):
