@@ -597,7 +597,11 @@ def main() -> None:
     server = RemoteModel(model_ttft_ms=args.model_ttft_ms, log=log_dir / "scripted.log")
     setup = build_world(server.api_base, ticket_port)
     port = free_port()
+    # The Procfile's pool sizes (web 20, celery 16): the default of 10 would make 20 concurrent
+    # turns wait for connections.
+    os.environ["DATABASE_POOL_MAX_SIZE"] = "20"
     daphne = start_daphne(port, log_dir / "daphne.log")
+    os.environ.update(DATABASE_POOL_MAX_SIZE="16", DATABASE_POOL_TIMEOUT_SECONDS="30")
     workers = start_workers(1, args.worker_concurrency, log_dir / "celery.log")
     print(
         f"daphne :{port}, celery --pool threads --concurrency {args.worker_concurrency}, scripted model "
