@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import json
 import os
@@ -466,9 +467,10 @@ def decide(setup: Setup, approval_id: int) -> float:
     from django.db import transaction
     from django_tenants.utils import schema_context
 
-    from agents.approval_services import approval_decide
     from agents.models import ApprovalRequest
 
+    # By name: the module arrives with the approvals part (``resume_part`` skips without it).
+    approval_decide = importlib.import_module("agents.approval_services").approval_decide
     committed: list[float] = []
     with schema_context(setup.schema):
         approval = ApprovalRequest.objects.get(pk=approval_id)
@@ -485,16 +487,13 @@ def resume_once(port: int, setup: Setup, server: RemoteModel, session_id: int) -
     from agents.models import ToolCall, Turn
 
     marker = uuid.uuid4().hex[:12]
-    ws = _ws(port, setup, session_id)
-    try:
+    with _ws(port, setup, session_id) as ws:
         ws.send(json.dumps({"content": f"[bench:{marker}] Open a ticket: my laptop screen is broken"}))
         requested = _until(ws, {"approval.requested"})
         committed = decide(setup, int(requested["approval_id"]))
         _until(ws, {"token.delta"})
         first_delta = time.time()
         _until(ws, {"turn.completed"})
-    finally:
-        ws.close()
     seen = server.turns()[marker]
     arrived, first_token = seen["arrived"][1], seen["first_token"][0]
     with schema_context(setup.schema):
