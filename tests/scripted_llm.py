@@ -17,6 +17,11 @@ arguments in fragments split across chunks, ending with ``finish_reason: "tool_c
     llm.script(model, steps=[Step(tool_calls=[ScriptedCall("calculator", '{"expression": "2+2"}')]),
                              Step(tokens=["It is ", "4."])])
 
+With ``steps_by="tool_rounds"`` the step is instead the number of the request's assistant
+messages that carry tool calls (the first model call of a turn gets ``steps[0]``, the call after
+its first round of tool results ``steps[1]``, ...), so that concurrent turns on one model each
+follow the script.
+
 Every request body is kept in ``requests`` (newest last), and the wall-clock time at which the
 first token was written is kept per request in ``first_token_sent`` (``time.time()``), so the
 platform's overhead can be measured against it. ``GET /v1/models`` lists the scripts.
@@ -64,6 +69,7 @@ class Script:
     usage: bool = True
     prompt_tokens: int = 42
     steps: list[Step] = field(default_factory=list)
+    steps_by: str = "requests"  # or "tool_rounds": see the module docstring
     requests_before: int = 0
 
 
@@ -141,7 +147,11 @@ class ScriptedLLM:
                     owner.request_arrived.append((model, arrived))
                     script = owner.scripts.get(model, Script())
                 seen -= script.requests_before
-                step = script.steps[min(seen, len(script.steps) - 1)] if script.steps else None
+                index = seen
+                if script.steps_by == "tool_rounds":
+                    messages = body.get("messages") or []
+                    index = sum(1 for m in messages if m.get("role") == "assistant" and m.get("tool_calls"))
+                step = script.steps[min(index, len(script.steps) - 1)] if script.steps else None
                 tokens = step.tokens if step is not None else script.tokens
                 calls = step.tool_calls if step is not None else []
                 if script.failure.startswith("status:"):

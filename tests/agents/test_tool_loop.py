@@ -502,6 +502,23 @@ def test_a_call_stuck_running_when_its_worker_died_is_never_run_again(
     assert (turn.status, turn.error_code) == (Turn.Status.FAILED, "worker_lost")
 
 
+def test_an_approved_call_another_worker_claimed_is_not_run_again(
+    make_setup: Callable[..., Setup], tool_server: ToolServer
+) -> None:
+    setup = _write_setup(make_setup, tool_server)
+    turn = setup.ask()
+    turn_run(turn.pk)
+    _decide(turn, "approved")
+    # The call was claimed already (approved -> running) by a task that got no further.
+    ToolCall.objects.filter(turn=turn).update(status=ToolCall.Status.RUNNING)
+
+    assert turn_resume(turn.pk) == "completed"
+
+    assert tool_server.requests == []
+    (told,) = tool_messages(setup.requests()[1])
+    assert "unknown" in told["content"] and "not run again" in told["content"]
+
+
 def test_cancelling_a_parked_turn_cancels_its_approval_and_rejects_its_call(
     make_setup: Callable[..., Setup], tool_server: ToolServer
 ) -> None:
@@ -588,3 +605,87 @@ def test_a_turn_with_one_read_call_makes_a_bounded_number_of_queries(make_setup:
 
     # Claim, prepare, one call (row, parse, record with usage and audit), two meterings, finish.
     assert len(queries) <= 60, "\n".join(q["sql"][:120] for q in queries.captured_queries)
+
+
+# --- Two resume tasks at once ------------------------------------------------------------------
+
+
+def test_two_resume_tasks_at_once_execute_the_approved_call_once(
+    world: World, scripted_llm: ScriptedLLM, tool_server: ToolServer
+) -> None:
+    """Committed rows (unique names), then two threads, each on its own database connection, call
+    ``turn_resume`` for the same turn at the same moment (a barrier): a redelivered task racing
+    the original one, or the sweeper's re-enqueue racing a slow task."""
+    from tests.agents.conftest import committed
+
+    tenant = world.tenant_a
+    model = f"race-{uuid.uuid4().hex[:10]}"
+    write = f"create_{uuid.uuid4().hex[:8]}"
+    scripted_llm.script(
+        model, steps=[Step(tool_calls=[ScriptedCall(write, '{"title": "Broken screen"}')]), Step(tokens=["Opened."])]
+    )
+
+    def park() -> int:
+        endpoint = endpoint_create(name=model, model=model, api_base=scripted_llm.api_base, tier="light", priority=9000)
+        with schema_context(tenant.schema_name):
+            http_tool(write, tool_server.url("/tickets"), method="POST", side_effect="write", requires_approval=True)
+            system = Principal.system("tests", tenant=tenant)
+            agent = agent_create(
+                principal=system,
+                slug=model,
+                name=model,
+                config={"system_prompt": "Use the tools.", "tier": "light", "endpoint_id": endpoint.pk},
+            )
+            first = agent.versions.get()
+            version = AgentVersion.objects.create(
+                agent=agent,
+                number=2,
+                system_prompt=first.system_prompt,
+                tier="light",
+                endpoint_id=endpoint.pk,
+                tools=[write],
+            )
+            agent_version_publish(principal=system, version=version)
+            membership = Membership.objects.select_related("user", "tenant").get(
+                user=world.user("operator"), tenant=tenant
+            )
+            principal = Principal.for_member(membership)
+            session = chat_session_create(principal=principal, agent=Agent.objects.get(pk=agent.pk))
+            turn = chat_message_send(principal=principal, session=session, content="Open a ticket", enqueue=False)
+            assert turn_run(turn.pk) == "awaiting_approval"
+            _decide(turn, "approved")
+            return int(turn.pk)
+
+    turn_id = committed(park)
+    barrier = threading.Barrier(2)
+    outcomes: list[object] = [None, None]
+
+    def resume(n: int) -> None:
+        try:
+            with schema_context(tenant.schema_name):
+                barrier.wait(timeout=30)
+                outcomes[n] = turn_resume(turn_id)
+        except BaseException as exc:  # noqa: BLE001 - returned for the assertions
+            outcomes[n] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=resume, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert len(tool_server.requests) == 1
+    assert sorted(map(str, outcomes)) == ["completed", "skipped"]
+
+    def rows() -> tuple[list[tuple[str, int | None]], int, int]:
+        with schema_context(tenant.schema_name):
+            calls = list(ToolCall.objects.filter(turn_id=turn_id).values_list("status", "duration_ms"))
+            executed = AuditEvent.objects.filter(action="tool_call.executed", payload__turn_id=turn_id).count()
+            metered = UsageEvent.objects.filter(turn_id=turn_id, kind=UsageEvent.Kind.TOOL_CALL).count()
+            return calls, executed, metered
+
+    calls, executed, metered = committed(rows)
+    assert [status for status, _ in calls] == [ToolCall.Status.OK]
+    assert (executed, metered) == (1, 1)  # the call ran and was recorded once

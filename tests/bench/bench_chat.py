@@ -40,7 +40,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,9 +62,16 @@ os.environ["REDIS_URL"] = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6
 os.environ["CACHE_KEY_PREFIX"] = "benchchat"
 
 from tests.bench.bench_retrieval import prepare_database  # noqa: E402  (after the environment is set)
+from tests.bench.live import (  # noqa: E402
+    ServerProcess,
+    free_port,
+    percentiles,
+    start_daphne,
+    start_workers,
+    stop,
+)
 from tests.scripted_llm import ScriptedLLM  # noqa: E402
 
-STARTUP_TIMEOUT_S = 90.0
 RECV_TIMEOUT_S = 30.0
 MARKER_RE = re.compile(r"\[bench:([0-9a-f]{12})\]")
 QUESTION = "How long is the refund window for a purchase, and how are refunds paid?"
@@ -74,14 +80,6 @@ HANDBOOK = (
     "original card within five business days. Gift cards are not refundable.\n\n"
     "Shipping\n\nOrders ship within two business days. Express shipping is available in the EU.\n"
 )
-
-
-def percentiles(samples: list[float]) -> tuple[float, float]:
-    """(p50, p95) of ``samples`` (inclusive method, as numpy's default 'linear')."""
-    if len(samples) == 1:
-        return samples[0], samples[0]
-    cuts = statistics.quantiles(samples, n=100, method="inclusive")
-    return cuts[49], cuts[94]
 
 
 # --- The scripted model, timed per request ----------------------------------------------------
@@ -148,33 +146,20 @@ class TimedLLM(ScriptedLLM):
         return Timed
 
 
-class RemoteLLM:
+class RemoteLLM(ServerProcess):
     """The ``TimedLLM`` in a process of its own (``bench_chat.py --serve-scripted``), so its 50
     writer threads do not compete for this process's GIL with the WebSocket clients being timed
-    (in production the model server is another machine). ``served`` is fetched over HTTP; both
-    processes read the same clock (``time.time()``)."""
+    (in production the model server is another machine). ``served`` is fetched over HTTP."""
 
     def __init__(self, *, model: str, first_token_ms: float, rate: float, tokens: int, log: Path) -> None:
-        self._log = log.open("wb")
-        self.process = subprocess.Popen(  # noqa: S603 (fixed argument list)
-            [sys.executable, __file__, "--serve-scripted", "--model", model, "--first-token-ms", str(first_token_ms),
-             "--rate", str(rate), "--tokens", str(tokens)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().decode().strip()
-        if not line.isdigit():
-            raise RuntimeError(f"the scripted server did not start: {line!r} (see {log})")
-        self.api_base = f"http://127.0.0.1:{int(line)}/v1"
+        super().__init__([sys.executable, __file__, "--serve-scripted", "--model", model, "--first-token-ms",
+                          str(first_token_ms), "--rate", str(rate), "--tokens", str(tokens)], log)
+        self.api_base = f"http://127.0.0.1:{self.port}/v1"
 
     @property
     def served(self) -> dict[str, Served]:
-        with urllib.request.urlopen(f"{self.api_base}/_served", timeout=30) as response:  # noqa: S310
-            rows = json.load(response)
+        rows = self.get_json("/v1/_served")
         return {m: Served(started=v[0], first_token=v[1], ended=v[2]) for m, v in rows.items()}
-
-    def stop(self) -> None:
-        stop(self.process)
-        self._log.close()
 
 
 def serve_scripted(args: argparse.Namespace) -> None:
@@ -187,71 +172,6 @@ def serve_scripted(args: argparse.Namespace) -> None:
 
 
 # --- Live processes ---------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=20)
-
-
-def start_daphne(port: int, log: Path) -> subprocess.Popen[bytes]:
-    daphne = Path(sys.executable).with_name("daphne")
-    env = {**os.environ, "PUBLIC_PORT": str(port)}
-    with log.open("wb") as out:
-        process = subprocess.Popen(  # noqa: S603 (fixed argument list)
-            [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"daphne exited:\n{log.read_text(errors='replace')[-3000:]}")
-        with contextlib.suppress(OSError), \
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:  # noqa: S310
-            if response.status == 200:
-                return process
-        time.sleep(0.2)
-    stop(process)
-    raise RuntimeError(f"daphne did not start:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def start_workers(processes: int, concurrency: int, log: Path) -> list[subprocess.Popen[bytes]]:
-    """The Procfile's workers: ``processes`` Celery workers (thread pool on the llm.* queues),
-    each with ``concurrency`` threads; returns once every one answers a ping."""
-    celery = Path(sys.executable).with_name("celery")
-    started: list[subprocess.Popen[bytes]] = []
-    for n in range(1, processes + 1):
-        with log.with_suffix(f".{n}.log").open("wb") as out:
-            started.append(subprocess.Popen(  # noqa: S603 (fixed argument list)
-                [str(celery), "-A", "config", "worker", "-Q", "llm.light,llm.standard,llm.heavy,default",
-                 "-n", f"bench{n}@%h", "--pool", "threads", "--concurrency", str(concurrency),
-                 "--without-heartbeat", "--without-gossip", "--without-mingle", "--loglevel", "WARNING"],
-                cwd=ROOT, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT))
-    # With --loglevel WARNING the "ready." line is not printed; wait for the workers to answer a ping.
-    from config.celery import app
-
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        for process in started:
-            if process.poll() is not None:
-                raise RuntimeError(f"celery exited; see {log.parent}")
-        with contextlib.suppress(Exception):
-            if len(app.control.ping(timeout=1.0)) >= processes:
-                return started
-        time.sleep(0.5)
-    for process in started:
-        stop(process)
-    raise RuntimeError(f"celery did not start; see {log.parent}")
-
 
 def start_local_model(log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()

@@ -1,0 +1,154 @@
+"""Live processes for the benchmarks that run the portal as it runs in production: daphne, Celery
+workers on the thread pool, and helper servers in processes of their own.
+
+Shared by ``bench_chat.py`` and ``bench_tools.py``. Importing this module sets nothing in the
+environment and loads no Django setting; ``start_workers`` imports the Celery app when called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 90.0
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    """(p50, p95) of ``samples`` (inclusive method, as numpy's default 'linear')."""
+    if len(samples) == 1:
+        return samples[0], samples[0]
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
+    return cuts[49], cuts[94]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``process`` and wait for it (SIGKILL after 20 s)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=20)
+
+
+def start_daphne(port: int, log: Path) -> subprocess.Popen[bytes]:
+    """daphne on 127.0.0.1:``port`` serving ``config.asgi``; returns once ``/healthz`` answers 200."""
+    daphne = Path(sys.executable).with_name("daphne")
+    env = {**os.environ, "PUBLIC_PORT": str(port)}
+    with log.open("wb") as out:
+        process = subprocess.Popen(  # noqa: S603 (fixed argument list)
+            [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"daphne exited:\n{log.read_text(errors='replace')[-3000:]}")
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response,
+        ):  # noqa: S310
+            if response.status == 200:
+                return process
+        time.sleep(0.2)
+    stop(process)
+    raise RuntimeError(f"daphne did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def start_workers(processes: int, concurrency: int, log: Path) -> list[subprocess.Popen[bytes]]:
+    """The Procfile's workers: ``processes`` Celery workers (thread pool on the llm.* queues),
+    each with ``concurrency`` threads; returns once every one answers a ping."""
+    celery = Path(sys.executable).with_name("celery")
+    started: list[subprocess.Popen[bytes]] = []
+    for n in range(1, processes + 1):
+        with log.with_suffix(f".{n}.log").open("wb") as out:
+            started.append(
+                subprocess.Popen(  # noqa: S603 (fixed argument list)
+                    [
+                        str(celery),
+                        "-A",
+                        "config",
+                        "worker",
+                        "-Q",
+                        "llm.light,llm.standard,llm.heavy,default",
+                        "-n",
+                        f"bench{n}@%h",
+                        "--pool",
+                        "threads",
+                        "--concurrency",
+                        str(concurrency),
+                        "--without-heartbeat",
+                        "--without-gossip",
+                        "--without-mingle",
+                        "--loglevel",
+                        "WARNING",
+                    ],
+                    cwd=ROOT,
+                    env=dict(os.environ),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    # With --loglevel WARNING the "ready." line is not printed; wait for the workers to answer a ping.
+    from config.celery import app
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for process in started:
+            if process.poll() is not None:
+                raise RuntimeError(f"celery exited; see {log.parent}")
+        with contextlib.suppress(Exception):
+            if len(app.control.ping(timeout=1.0)) >= processes:
+                return started
+        time.sleep(0.5)
+    for process in started:
+        stop(process)
+    raise RuntimeError(f"celery did not start; see {log.parent}")
+
+
+class ServerProcess:
+    """A helper HTTP server in a process of its own: ``argv`` runs it, and it prints its port as
+    its first line on stdout (its stderr goes to ``log``). A process of its own, so that its
+    threads do not compete for the benchmark's GIL with the clients being timed; both processes
+    read the same clock (``time.time()``)."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(  # noqa: S603 (fixed argument list)
+            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().decode().strip()
+        if not line.isdigit():
+            raise RuntimeError(f"the server did not start: {line!r} (see {log})")
+        self.port = int(line)
+
+    def get_json(self, path: str) -> Any:
+        """GET ``path`` on the server, parsed as JSON."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as response:  # noqa: S310
+            return json.load(response)
+
+    def stop(self) -> None:
+        stop(self.process)
+        self._log.close()
