@@ -35,7 +35,7 @@ from agents.services import (
 from billing.models import UsageEvent
 from compliance.models import AuditEvent
 from config.errors import Conflict
-from tenants.models import Membership
+from tenants.models import Membership, ModelEndpoint
 from tenants.principal import Principal
 from tests.agents.conftest import endpoint_create
 from tests.conftest import World
@@ -611,7 +611,7 @@ def test_a_turn_with_one_read_call_makes_a_bounded_number_of_queries(make_setup:
 
 
 def test_two_resume_tasks_at_once_execute_the_approved_call_once(
-    world: World, scripted_llm: ScriptedLLM, tool_server: ToolServer
+    world: World, scripted_llm: ScriptedLLM, tool_server: ToolServer, portal: Any
 ) -> None:
     """Committed rows (unique names), then two threads, each on its own database connection, call
     ``turn_resume`` for the same turn at the same moment (a barrier): a redelivered task racing
@@ -687,5 +687,6 @@ def test_two_resume_tasks_at_once_execute_the_approved_call_once(
             return calls, executed, metered
 
     calls, executed, metered = committed(rows)
+    committed(lambda: ModelEndpoint.objects.filter(name=model).delete())
     assert [status for status, _ in calls] == [ToolCall.Status.OK]
     assert (executed, metered) == (1, 1)  # the call ran and was recorded once

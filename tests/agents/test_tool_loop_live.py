@@ -16,6 +16,7 @@ from django_tenants.utils import schema_context
 
 from agents.models import AgentVersion, Tool
 from agents.services import agent_create, agent_version_publish
+from tenants.models import ModelEndpoint
 from tenants.principal import Principal
 from tests.agents.conftest import committed, endpoint_create, sse_events
 from tests.live import Portal
@@ -34,6 +35,17 @@ def live(portal: Portal, celery_worker: Any) -> Iterator[httpx.Client]:
         yield client
 
 
+_endpoints: list[int] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _endpoints_removed() -> Iterator[None]:
+    """The platform endpoints this module commits go at its end: a later test's tier must not
+    fall back to them."""
+    yield
+    committed(lambda: ModelEndpoint.objects.filter(pk__in=_endpoints).delete())
+
+
 def _agent(portal: Portal, llm: ScriptedLLM, steps: list[Step]) -> tuple[str, str]:
     """A committed agent offered ``calculator`` and a write tool needing approval (unique name,
     aimed at a closed port: it must never be called); returns (slug, write tool name)."""
@@ -44,6 +56,7 @@ def _agent(portal: Portal, llm: ScriptedLLM, steps: list[Step]) -> tuple[str, st
 
     def create() -> None:
         endpoint = endpoint_create(name=name, model=name, api_base=llm.api_base, tier="light", priority=9000)
+        _endpoints.append(endpoint.pk)
         with schema_context(tenant.schema_name):
             Tool.objects.create(
                 name=write,
