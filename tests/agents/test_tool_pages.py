@@ -103,7 +103,8 @@ def test_the_list_shows_builtins_and_tools_with_their_agents_and_keeps_its_query
     _agent(world, "agent-0", ["tool-0"])
     client = client_a("viewer")
     # Live tests commit tools of their own in tenant A: count from what is there.
-    before = Tool.objects.count()
+    with schema_context(world.tenant_a.schema_name):
+        before = Tool.objects.count()
     with django_assert_max_num_queries(15) as few:
         assert client.get("/tools/").status_code == 200
     baseline = len(few.captured_queries)
