@@ -39,11 +39,12 @@ _endpoints: list[int] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _endpoints_removed() -> Iterator[None]:
+def _endpoints_removed(django_db_blocker: Any) -> Iterator[None]:
     """The platform endpoints this module commits go at its end: a later test's tier must not
     fall back to them."""
     yield
-    committed(lambda: ModelEndpoint.objects.filter(pk__in=_endpoints).delete())
+    with django_db_blocker.unblock():
+        committed(lambda: ModelEndpoint.objects.filter(pk__in=_endpoints).delete())
 
 
 def _agent(portal: Portal, llm: ScriptedLLM, steps: list[Step]) -> tuple[str, str]:
