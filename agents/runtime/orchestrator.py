@@ -249,11 +249,9 @@ class TurnRun:
                 "first_token_at": self.first_token_at.isoformat() if self.first_token_at else None}
 
 
-def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> TurnRun:
-    """Check the agent and tenant may run, pick the endpoints (``turn.started``), retrieve from
-    the version's collections (``citations``) and build the prompt. Raises ``TurnRefused``."""
-    from knowledge.models import Collection
-    from knowledge.retrieval import chunk_search
+def _runnable(turn: Turn, *, schema: str) -> tuple[Agent, list[ModelEndpoint]]:
+    """The turn's agent and the endpoints to try, after checking that the agent and the tenant
+    may run and that a model is configured. Raises ``TurnRefused``."""
     from tenants.models import Tenant
 
     version = turn.agent_version
@@ -266,6 +264,23 @@ def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> T
     endpoints = endpoints_for(tenant=tenant, tier=version.tier, endpoint_id=version.endpoint_id)
     if not endpoints:
         raise TurnRefused("no_model", f"No model endpoint is enabled for the '{version.tier}' tier.")
+    return agent, endpoints
+
+
+def _response_format(version: AgentVersion) -> dict[str, Any] | None:
+    if version.output_format == version.OutputFormat.JSON_SCHEMA and version.output_schema:
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": version.output_schema}}
+    return None
+
+
+def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> TurnRun:
+    """Check the agent and tenant may run, pick the endpoints (``turn.started``), retrieve from
+    the version's collections (``citations``) and build the prompt. Raises ``TurnRefused``."""
+    from knowledge.models import Collection
+    from knowledge.retrieval import chunk_search
+
+    version = turn.agent_version
+    agent, endpoints = _runnable(turn, schema=schema)
     # Saved first, so a client that joins later reads the same turn.started from the database
     # (the answer's save replaces them with the endpoint that answered, after any fallback).
     Turn.objects.filter(pk=turn.pk).update(model=endpoints[0].model, endpoint_name=endpoints[0].name)
@@ -300,13 +315,9 @@ def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> T
         events.publish(group, {"event": "citations", "turn_id": turn.pk, "citations": citations,
                                "retrieved": retrieved})
 
-    response_format = None
-    if version.output_format == version.OutputFormat.JSON_SCHEMA and version.output_schema:
-        response_format = {"type": "json_schema",
-                           "json_schema": {"name": "answer", "schema": version.output_schema}}
     return TurnRun(turn=turn, schema=schema, group=group, batcher=batcher, agent=agent, version=version,
                    endpoints=endpoints, messages=list(prompt.messages), citations=citations,
-                   response_format=response_format, tools=tools_for_version(version) if version.tools else {})
+                   response_format=_response_format(version), tools=tools_for_version(version) if version.tools else {})
 
 
 def _stream(run: TurnRun) -> StreamResult:
@@ -525,29 +536,15 @@ def turn_resume(turn_id: int) -> str:
 def _restore(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> TurnRun:
     """The run state of a parked turn, from ``Turn.loop_state``; publishes ``turn.started`` again
     so that clients following the session resume. Raises ``TurnRefused`` as ``_prepare``."""
-    from tenants.models import Tenant
-
     version = turn.agent_version
-    agent = Agent.objects.get(pk=version.agent_id)
-    if agent.status in (Agent.Status.PAUSED, Agent.Status.RETIRED):
-        raise TurnRefused("agent_unavailable", f"The agent '{agent.name}' is {agent.status}; it does not answer now.")
-    tenant = Tenant.objects.get(schema_name=schema)
-    if tenant.status != Tenant.Status.ACTIVE:
-        raise TurnRefused("tenant_suspended", "This workspace is suspended.")
-    endpoints = endpoints_for(tenant=tenant, tier=version.tier, endpoint_id=version.endpoint_id)
-    if not endpoints:
-        raise TurnRefused("no_model", f"No model endpoint is enabled for the '{version.tier}' tier.")
+    agent, endpoints = _runnable(turn, schema=schema)
     state = turn.loop_state or {}
     events.publish(group, {"event": "turn.started", "turn_id": turn.pk, "model": endpoints[0].model,
                            "endpoint": endpoints[0].name})
-    response_format = None
-    if version.output_format == version.OutputFormat.JSON_SCHEMA and version.output_schema:
-        response_format = {"type": "json_schema",
-                           "json_schema": {"name": "answer", "schema": version.output_schema}}
     first = state.get("first_token_at")
     return TurnRun(turn=turn, schema=schema, group=group, batcher=batcher, agent=agent, version=version,
                    endpoints=endpoints, messages=list(state.get("messages") or []),
-                   citations=list(state.get("citations") or []), response_format=response_format,
+                   citations=list(state.get("citations") or []), response_format=_response_format(version),
                    first_token_at=dt.datetime.fromisoformat(first) if first else None,
                    tools=tools_for_version(version) if version.tools else {},
                    model_calls=int(state.get("model_calls") or 0), tool_calls=int(state.get("tool_calls") or 0),
