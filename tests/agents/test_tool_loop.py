@@ -22,7 +22,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_tenants.utils import schema_context
 
-from agents.models import Agent, AgentVersion, ApprovalRequest, Tool, ToolCall, Turn
+from agents.models import Agent, ApprovalRequest, Tool, ToolCall, Turn
 from agents.runtime.orchestrator import turn_resume, turn_run
 from agents.services import (
     agent_create,
@@ -148,21 +148,10 @@ def make_setup(world: World, scripted_llm: ScriptedLLM) -> Iterator[Callable[...
                 principal=system,
                 slug=model,
                 name=model,
-                config={"system_prompt": "Use the tools.", "tier": "light", "endpoint_id": endpoint.pk},
+                config={"system_prompt": "Use the tools.", "tier": "light", "endpoint_id": endpoint.pk,
+                        "tools": tools, "tool_choice": tool_choice},
             )
-            first = agent.versions.get()
-            # A version with tools, made as a row (versions are immutable, and the version
-            # service's tool fields belong to another part of this change).
-            version = AgentVersion.objects.create(
-                agent=agent,
-                number=2,
-                system_prompt=first.system_prompt,
-                tier=first.tier,
-                endpoint_id=first.endpoint_id,
-                tools=tools,
-                tool_choice=tool_choice,
-            )
-            agent_version_publish(principal=system, version=version)
+            agent_version_publish(principal=system, version=agent.versions.get())
             return Setup(world=world, llm=scripted_llm, model=model, agent=agent, principal=principal)
 
         yield make
@@ -242,10 +231,10 @@ def test_a_read_call_runs_and_its_fenced_result_reaches_the_next_model_call(make
 
 
 def test_an_http_read_tool_sends_one_request(make_setup: Callable[..., Setup], tool_server: ToolServer) -> None:
+    http_tool("list_tickets", tool_server.url("/tickets?q={title}"))
     setup = make_setup(
         [Step(tool_calls=[ScriptedCall("list_tickets", '{"title": "screen"}')]), ANSWER], tools=["list_tickets"]
     )
-    http_tool("list_tickets", tool_server.url("/tickets?q={title}"))
     turn = setup.ask()
 
     assert turn_run(turn.pk) == "completed"
@@ -306,8 +295,8 @@ def test_a_tool_that_times_out_is_an_error_the_model_reads(
     make_setup: Callable[..., Setup], tool_server: ToolServer
 ) -> None:
     tool_server.delay = 2.0
-    setup = make_setup([Step(tool_calls=[ScriptedCall("slow", '{"title": "x"}')]), ANSWER], tools=["slow"])
     http_tool("slow", tool_server.url("/slow"), timeout_seconds=0.3)
+    setup = make_setup([Step(tool_calls=[ScriptedCall("slow", '{"title": "x"}')]), ANSWER], tools=["slow"])
     turn = setup.ask()
 
     assert turn_run(turn.pk) == "completed"
@@ -321,8 +310,8 @@ def test_an_http_tool_aimed_at_a_private_address_is_refused_by_the_guard(
     make_setup: Callable[..., Setup], tool_server: ToolServer, settings: Any
 ) -> None:
     settings.EGRESS_ALLOWLIST = []
-    setup = make_setup([Step(tool_calls=[ScriptedCall("internal", '{"title": "x"}')]), ANSWER], tools=["internal"])
     http_tool("internal", tool_server.url("/admin"))
+    setup = make_setup([Step(tool_calls=[ScriptedCall("internal", '{"title": "x"}')]), ANSWER], tools=["internal"])
     turn = setup.ask()
 
     assert turn_run(turn.pk) == "completed"
@@ -336,6 +325,7 @@ def test_an_http_tool_aimed_at_a_private_address_is_refused_by_the_guard(
 
 
 def _write_setup(make_setup: Callable[..., Setup], tool_server: ToolServer, after: list[Step] | None = None) -> Setup:
+    http_tool("create_ticket", tool_server.url("/tickets"), method="POST", side_effect="write", requires_approval=True)
     setup = make_setup(
         [
             Step(tool_calls=[ScriptedCall("create_ticket", '{"title": "Broken screen"}')]),
@@ -343,7 +333,6 @@ def _write_setup(make_setup: Callable[..., Setup], tool_server: ToolServer, afte
         ],
         tools=["create_ticket", "calculator"],
     )
-    http_tool("create_ticket", tool_server.url("/tickets"), method="POST", side_effect="write", requires_approval=True)
     return setup
 
 
@@ -438,11 +427,11 @@ def test_a_rejected_call_is_not_sent_and_the_model_is_told_by_whom_and_why(
 def test_the_calls_after_a_parked_one_run_after_the_decision(
     make_setup: Callable[..., Setup], tool_server: ToolServer
 ) -> None:
+    http_tool("create_ticket", tool_server.url("/tickets"), method="POST", side_effect="write", requires_approval=True)
     setup = make_setup(
         [Step(tool_calls=[ScriptedCall("create_ticket", '{"title": "A"}'), calc("1+2")]), ANSWER],
         tools=["create_ticket", "calculator"],
     )
-    http_tool("create_ticket", tool_server.url("/tickets"), method="POST", side_effect="write", requires_approval=True)
     turn = setup.ask()
     turn_run(turn.pk)
     turn.refresh_from_db()
@@ -634,18 +623,10 @@ def test_two_resume_tasks_at_once_execute_the_approved_call_once(
                 principal=system,
                 slug=model,
                 name=model,
-                config={"system_prompt": "Use the tools.", "tier": "light", "endpoint_id": endpoint.pk},
+                config={"system_prompt": "Use the tools.", "tier": "light", "endpoint_id": endpoint.pk,
+                        "tools": [write]},
             )
-            first = agent.versions.get()
-            version = AgentVersion.objects.create(
-                agent=agent,
-                number=2,
-                system_prompt=first.system_prompt,
-                tier="light",
-                endpoint_id=endpoint.pk,
-                tools=[write],
-            )
-            agent_version_publish(principal=system, version=version)
+            agent_version_publish(principal=system, version=agent.versions.get())
             membership = Membership.objects.select_related("user", "tenant").get(
                 user=world.user("operator"), tenant=tenant
             )

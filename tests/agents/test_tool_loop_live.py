@@ -14,7 +14,7 @@ import httpx
 import pytest
 from django_tenants.utils import schema_context
 
-from agents.models import AgentVersion, Tool
+from agents.models import Tool
 from agents.services import agent_create, agent_version_publish
 from tenants.models import ModelEndpoint
 from tenants.principal import Principal
@@ -73,18 +73,10 @@ def _agent(portal: Portal, llm: ScriptedLLM, steps: list[Step]) -> tuple[str, st
                 principal=system,
                 slug=name,
                 name=name,
-                config={"system_prompt": "Use the tools.", "tier": "light", "endpoint_id": endpoint.pk},
+                config={"system_prompt": "Use the tools.", "tier": "light", "endpoint_id": endpoint.pk,
+                        "tools": ["calculator", write]},
             )
-            first = agent.versions.get()
-            version = AgentVersion.objects.create(
-                agent=agent,
-                number=2,
-                system_prompt=first.system_prompt,
-                tier="light",
-                endpoint_id=endpoint.pk,
-                tools=["calculator", write],
-            )
-            agent_version_publish(principal=system, version=version)
+            agent_version_publish(principal=system, version=agent.versions.get())
 
     committed(create)
     return name, write

@@ -253,7 +253,7 @@ def build_world(api_base: str, ticket_port: int) -> Setup:
     from django.test import Client
     from django_tenants.utils import schema_context
 
-    from agents.models import AgentVersion, Tool
+    from agents.models import Tool
     from agents.services import agent_create, agent_version_publish
     from config.crypto import secret_encrypt
     from tenants.models import Domain, Membership, ModelEndpoint, User
@@ -313,19 +313,10 @@ def build_world(api_base: str, ticket_port: int) -> Setup:
                 principal=principal,
                 slug=model,
                 name=model,
-                config={"system_prompt": "Use the tools.", "tier": "light", "endpoint_id": endpoint.pk},
+                config={"system_prompt": "Use the tools.", "tier": "light", "endpoint_id": endpoint.pk,
+                        "tools": tools},
             )
-            first = agent.versions.get()
-            # A version with tools, as a row (the version service's tool fields are another part's).
-            version = AgentVersion.objects.create(
-                agent=agent,
-                number=2,
-                system_prompt=first.system_prompt,
-                tier="light",
-                endpoint_id=endpoint.pk,
-                tools=tools,
-            )
-            agent_version_publish(principal=principal, version=version)
+            agent_version_publish(principal=principal, version=agent.versions.get())
             setup.agents[model] = agent.pk
     connection.set_schema_to_public()  # type: ignore[attr-defined]  # django-tenants' wrapper
     return setup

@@ -66,7 +66,7 @@ def ticket_service() -> Iterator[tuple[int, list[dict[str, Any]]]]:
 def _agent(portal: Portal, llm: ScriptedLLM, port: int) -> tuple[str, str]:
     """A committed agent whose version offers a write tool that needs approval; returns (agent
     name, tool name). Its scripted model calls the tool, then answers."""
-    from agents.models import AgentVersion, Tool
+    from agents.models import Tool
     from agents.services import agent_create, agent_version_publish
     from tenants.principal import Principal
 
@@ -105,18 +105,10 @@ def _agent(portal: Portal, llm: ScriptedLLM, port: int) -> tuple[str, str]:
                 principal=system,
                 slug=model,
                 name=name,
-                config={"system_prompt": "Open tickets.", "tier": "light", "endpoint_id": endpoint.pk},
+                config={"system_prompt": "Open tickets.", "tier": "light", "endpoint_id": endpoint.pk,
+                        "tools": [tool]},
             )
-            first = agent.versions.get()
-            version = AgentVersion.objects.create(
-                agent=agent,
-                number=2,
-                system_prompt=first.system_prompt,
-                tier="light",
-                endpoint_id=endpoint.pk,
-                tools=[tool],
-            )
-            agent_version_publish(principal=system, version=version)
+            agent_version_publish(principal=system, version=agent.versions.get())
 
     committed(create)
     return name, tool
