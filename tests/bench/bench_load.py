@@ -10,7 +10,8 @@ otherwise. One tenant, its owner's all-scopes API key, a small indexed collectio
 
 1. Load (locust as a library, in a child process of its own: locust patches the standard library
    with gevent on import). For ``--duration`` seconds:
-   - ``--api-clients`` API clients, each repeating GET /api/v1/me, GET /api/v1/agents,
+   - ``--api-clients`` API clients, each repeating GET /api/v1/me, GET /api/v1/agents, GET /api/v1/tools,
+     GET /api/v1/approvals?status=pending,
      POST /api/v1/knowledge/search (hybrid, the collection) and GET /api/v1/sessions with a
      think time of ``--think`` seconds on average;
    - ``--streams`` SSE clients, each sending a message with ``"stream": true`` to a session of its
@@ -117,6 +118,14 @@ def locust_phase(config_path: str) -> None:
         @task
         def sessions(self) -> None:
             self.client.get("/api/v1/sessions", headers=headers, name="GET /sessions")
+
+        @task
+        def tools(self) -> None:
+            self.client.get("/api/v1/tools", headers=headers, name="GET /tools")
+
+        @task
+        def approvals(self) -> None:
+            self.client.get("/api/v1/approvals?status=pending", headers=headers, name="GET /approvals")
 
     class Streamer(HttpUser):
         host = base
