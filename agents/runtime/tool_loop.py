@@ -152,8 +152,10 @@ def _execute(run: TurnRun, row: ToolCall, tool: Tool, arguments: dict[str, Any],
             max_chunks_per_document=version.retrieval_max_chunks_per_document,
             idempotency_key=f"{run.schema}:{turn.pk}:{row.pk}",
         )
-        # Like the model stream: the tool waits on the network, its connection serves others.
-        connection_release()
+        if tool.kind == Tool.Kind.HTTP:
+            # Like the model stream: the tool waits on the network, its connection serves others
+            # (builtins answer at once, or query the database themselves: they keep it).
+            connection_release()
         outcome = tool_execute(bounded, arguments, context=context)
     _record(run, row, tool, outcome)
 
