@@ -124,54 +124,21 @@ def _tenant_route_check(endpoint: ModelEndpoint) -> None:
         ) from exc
 
 
-def _stream_direct(
-    endpoint: ModelEndpoint,
-    messages: list[dict[str, Any]],
-    *,
-    temperature: float,
-    max_tokens: int,
-    response_format: dict[str, Any] | None,
-    on_delta: Callable[[str], None],
-    should_stop: Callable[[], bool],
-    result: StreamResult,
-    **options: Any,
-) -> None:
-    """One call on the direct path into ``result`` (``direct.stream_direct``)."""
-    stream_direct(
-        endpoint,
-        messages,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        response_format=response_format,
-        state=StreamState(result=result, on_delta=on_delta),
-        should_stop=should_stop,
-        **options,
-    )
+def _one_call(stream: Callable[..., None]) -> Callable[..., None]:
+    """One model call on a path (``direct.stream_direct`` or ``litellm_path.stream_litellm``)
+    that reads the stream into ``result``, calling ``on_delta`` for content; the other keyword
+    arguments (temperature, max_tokens, response_format, should_stop, tools, tool_choice) pass
+    through."""
+
+    def call(endpoint: ModelEndpoint, messages: list[dict[str, Any]], *, on_delta: Callable[[str], None],
+             result: StreamResult, **options: Any) -> None:
+        stream(endpoint, messages, state=StreamState(result=result, on_delta=on_delta), **options)
+
+    return call
 
 
-def _stream_one(
-    endpoint: ModelEndpoint,
-    messages: list[dict[str, Any]],
-    *,
-    temperature: float,
-    max_tokens: int,
-    response_format: dict[str, Any] | None,
-    on_delta: Callable[[str], None],
-    should_stop: Callable[[], bool],
-    result: StreamResult,
-    **options: Any,
-) -> None:
-    """One call on the litellm path into ``result`` (``litellm_path.stream_litellm``)."""
-    stream_litellm(
-        endpoint,
-        messages,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        response_format=response_format,
-        state=StreamState(result=result, on_delta=on_delta),
-        should_stop=should_stop,
-        **options,
-    )
+_stream_direct = _one_call(stream_direct)
+_stream_one = _one_call(stream_litellm)
 
 
 def _estimate(result: StreamResult, messages: list[dict[str, Any]]) -> None:
