@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 from functools import partial
-from typing import Any
 
 from django.db import connection, transaction
 from django.utils import timezone
@@ -104,18 +103,6 @@ def _clean_reason(decision: str, reason: str | None) -> str:
     return text
 
 
-def _decided_event(approval: ApprovalRequest, call_id: str) -> dict[str, Any]:
-    return {
-        "event": "approval.decided",
-        "turn_id": approval.turn_id,
-        "approval_id": approval.pk,
-        "call_id": call_id,
-        "status": approval.status,
-        "decided_by": approval.decided_by_label,
-        "reason": approval.reason,
-    }
-
-
 def _expire_locked(approval: ApprovalRequest, *, now: dt.datetime) -> None:
     """Expire a pending approval whose row the caller holds locked: the request and its call
     expired, its turn failed (``approval_expired``) if still unfinished; audited; events after
@@ -151,7 +138,7 @@ def _expire_locked(approval: ApprovalRequest, *, now: dt.datetime) -> None:
         },
     )
     group = events.session_group(_schema(), turn.session_id)
-    transaction.on_commit(partial(events.publish, group, _decided_event(approval, call.call_id)))
+    transaction.on_commit(partial(events.publish, group, events.approval_decided(approval, call.call_id)))
     if failed:
         transaction.on_commit(
             partial(
@@ -270,7 +257,7 @@ def _decide_locked(
     )
     turn = approval.turn
     group = events.session_group(_schema(), turn.session_id)
-    transaction.on_commit(partial(events.publish, group, _decided_event(approval, call.call_id)))
+    transaction.on_commit(partial(events.publish, group, events.approval_decided(approval, call.call_id)))
     transaction.on_commit(partial(_send_resume, turn.pk, turn.queue))
 
 

@@ -479,10 +479,8 @@ def _parked_turn_cancel(*, principal: Principal, turn: Turn, group: str) -> None
         approval.save(update_fields=["status", "decided_at", "reason", "decided_by_label"])
         audit_event_create(actor=principal, action="approval.cancelled", target_type="approval",
                            target_id=approval.pk, payload={"turn_id": turn.pk, "tool": approval.tool_name})
-        event = {"event": "approval.decided", "turn_id": turn.pk, "approval_id": approval.pk,
-                 "call_id": approval.tool_call.call_id, "status": "cancelled", "decided_by": principal.label,
-                 "reason": approval.reason}
-        transaction.on_commit(partial(events.publish, group, event))
+        transaction.on_commit(partial(events.publish, group,
+                                      events.approval_decided(approval, approval.tool_call.call_id)))
 
 
 @dataclass(frozen=True)

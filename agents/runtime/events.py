@@ -55,6 +55,14 @@ def session_group(schema: str, session_id: int) -> str:
     return f"chat.{schema}.{session_id}"
 
 
+def approval_decided(approval: Any, call_id: str) -> dict[str, Any]:
+    """The ``approval.decided`` event of a decided ``ApprovalRequest`` (approved, rejected,
+    expired or cancelled), for the call the model named ``call_id``."""
+    return {"event": "approval.decided", "turn_id": approval.turn_id, "approval_id": approval.pk,
+            "call_id": call_id, "status": approval.status, "decided_by": approval.decided_by_label,
+            "reason": approval.reason}
+
+
 def text_snapshot(schema: str, turn_id: int) -> str:
     """The answer text streamed so far for a running turn ('' when none)."""
     raw = redis_client().get(snapshot_key(schema, turn_id))
