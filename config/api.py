@@ -246,6 +246,7 @@ class MemberSessionAuth(APIKeyCookie):
             or TOTPDevice.objects.filter(user=user, confirmed=True).exists()
         ):
             raise Forbidden("Complete two-factor verification in the console first.", code="two_factor_required")
+        structlog.contextvars.bind_contextvars(user_id=user.pk)
         return Principal.for_member(membership)
 
 

@@ -70,3 +70,18 @@ class UnsupportedMediaType(DomainError):
 
     status = 415
     code = "unsupported_media_type"
+
+
+class TooManyRequests(DomainError):
+    """A rate limit, budget or quota refuses the request for now (HTTP 429). ``retry_after`` is
+    the number of seconds after which it may succeed (``Retry-After``), ``None`` if unknown;
+    ``headers`` are extra response headers (``RateLimit-*``)."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, code: str | None = None, details: Any = None,
+                 retry_after: int | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, code=code, details=details)
+        self.retry_after = retry_after
+        self.headers = dict(headers or {})

@@ -7,7 +7,7 @@ from agents.approval_api import router as approvals_router
 from agents.endpoint_api import router as endpoint_router
 from agents.openai_api import router as openai_router
 from agents.tool_api import router as tool_router
-from billing.api import router as usage_router
+from billing.api import router as billing_router
 from compliance.api import router as audit_router
 from config.api import api, api_not_found
 from knowledge.api import router as knowledge_router
@@ -16,7 +16,7 @@ from tenants.urls import security_urlpatterns
 
 api.add_router("/", tenant_router)
 api.add_router("/", audit_router)
-api.add_router("/", usage_router)
+api.add_router("/", billing_router)
 api.add_router("/", knowledge_router)
 api.add_router("/", agents_router)
 api.add_router("/openai", openai_router)
@@ -32,6 +32,7 @@ urlpatterns = [
     path("audit/", include("compliance.urls")),
     path("kb/", include("knowledge.urls")),
     path("models/", include("agents.endpoint_urls")),
+    path("", include("billing.urls")),
     path("", include("agents.urls")),
     path("", include("tenants.urls")),
 ]

@@ -109,7 +109,7 @@ class TenantAccessMiddleware:
                               "errors/not_member.html", {"tenant": tenant})
             request.membership = membership  # type: ignore[attr-defined]
             request.principal = Principal.for_member(membership)  # type: ignore[attr-defined]
-            structlog.contextvars.bind_contextvars(role=membership.role)
+            structlog.contextvars.bind_contextvars(role=membership.role, user_id=user.pk)
 
         if user.is_authenticated and not getattr(view_func, "otp_exempt", False) and not otp_verified(user):
             has_device = TOTPDevice.objects.filter(user=user, confirmed=True).exists()

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import zoneinfo
 from typing import Any, ClassVar
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, BaseUserManager, PermissionsMixin
 from django.contrib.postgres.fields import ArrayField
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
 from django_tenants.models import DomainMixin, TenantMixin
 
 from tenants.roles import Role
+
+
+def validate_time_zone(value: str) -> None:
+    """Refuse a name that is not an IANA timezone (``ZoneInfo`` must load it)."""
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValidationError(f"{value!r} is not an IANA timezone such as 'Europe/Berlin'.") from exc
 
 
 class Plan(models.Model):  # type: ignore[django-manager-missing]  # reverse FK from a TenantMixin subclass
@@ -29,6 +39,12 @@ class Plan(models.Model):  # type: ignore[django-manager-missing]  # reverse FK 
     max_members = models.PositiveIntegerField(null=True, blank=True)
     max_agents = models.PositiveIntegerField(null=True, blank=True)
     max_storage_mb = models.PositiveIntegerField(null=True, blank=True)
+    # Per API key and per member, per minute (Redis-backed, across processes).
+    api_requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    chat_turns_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    kb_searches_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    # Model input + output tokens per calendar month in the tenant's timezone, tenant-wide.
+    monthly_token_quota = models.PositiveBigIntegerField(null=True, blank=True)
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -51,6 +67,11 @@ class Tenant(TenantMixin):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
     plan = models.ForeignKey(Plan, null=True, blank=True, on_delete=models.PROTECT, related_name="tenants")
     region = models.CharField(max_length=40, default="local")
+    time_zone = models.CharField(max_length=64, default="UTC", validators=[validate_time_zone],
+                                 help_text="IANA timezone of budget periods and invoice months.")
+    alert_webhook_url = models.URLField(max_length=500, blank=True,
+                                        help_text="Budget alerts are POSTed here, signed (HMAC-SHA256).")
+    alert_webhook_secret_encrypted = models.TextField(blank=True, editable=False)
     require_2fa = models.BooleanField(
         default=False, help_text="Owners and admins must use two-factor authentication."
     )

@@ -9,10 +9,11 @@ permissions at that time (nobody can mint a key more powerful than themselves).
 | owner    | everything, including managing owners and tenant security settings         |
 | admin    | everything except managing owners and tenant security settings             |
 | operator | build and run: agents, tools, knowledge, chat, own API keys; read members, |
-|          | usage and approvals                                                        |
+|          | usage, budgets, invoices and approvals                                     |
 | approver | decide approval requests of tool calls; read agents, tools, knowledge; chat |
 | viewer   | read agents, tools and knowledge, chat with agents; read members           |
-| auditor  | read-only: audit trail, usage, approvals, members, agents and knowledge    |
+| auditor  | read-only: audit trail, usage, budgets, invoices, approvals, members,      |
+|          | agents and knowledge                                                       |
 
 Deciding approvals (``approvals:decide``) is held by owner, admin and approver (and API keys
 given that scope by one of them); nobody decides a call their own message caused.
@@ -41,7 +42,9 @@ PERMISSIONS: dict[str, str] = {
     "keys:read": "List API keys",
     "keys:write": "Create and revoke API keys",
     "audit:read": "Read the audit trail",
-    "usage:read": "Read usage events",
+    "usage:read": "Read usage events and usage summaries",
+    "billing:read": "Read budgets and invoices",
+    "billing:write": "Create, change and delete budgets; draft and finalize invoices",
     "agents:read": "Read agents and their versions",
     "agents:write": "Create, edit, publish and retire agents",
     "kb:read": "Read and search knowledge collections",
@@ -59,12 +62,12 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     Role.OWNER: frozenset(PERMISSIONS),
     Role.ADMIN: frozenset(PERMISSIONS) - {"tenant:admin"},
     Role.OPERATOR: frozenset(
-        _READ | {"keys:read", "keys:write", "usage:read", "agents:write", "kb:write", "chat", "tools:write",
-                 "approvals:read"}
+        _READ | {"keys:read", "keys:write", "usage:read", "billing:read", "agents:write", "kb:write", "chat",
+                 "tools:write", "approvals:read"}
     ),
     Role.APPROVER: frozenset(_READ | {"chat", "approvals:read", "approvals:decide"}),
     Role.VIEWER: frozenset(_READ | {"chat"}),
-    Role.AUDITOR: frozenset(_READ | {"audit:read", "usage:read", "keys:read", "approvals:read"}),
+    Role.AUDITOR: frozenset(_READ | {"audit:read", "usage:read", "billing:read", "keys:read", "approvals:read"}),
 }
 
 # The scopes offered by default when a key is created in the console.

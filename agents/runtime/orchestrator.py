@@ -172,7 +172,9 @@ def turn_run(turn_id: int) -> str:
 def _drive(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, body: Callable[[], str]) -> str:
     """Run ``body`` for a claimed turn with the heartbeat on; any exception fails the turn (with
     its code for ``LLMError``, ``TurnRefused`` and domain errors, ``internal_error`` otherwise)."""
-    structlog.contextvars.bind_contextvars(turn_id=turn.pk, session_id=turn.session_id)
+    # Usage events of the turn are attributed to whoever sent it (billing.services.usage).
+    structlog.contextvars.bind_contextvars(turn_id=turn.pk, session_id=turn.session_id,
+                                           user_id=turn.session.user_id, api_key=turn.session.api_key_id or None)
     try:
         with _streaming(), turn_heartbeat(schema, turn.pk):
             return body()

@@ -88,9 +88,10 @@ WITH doc AS (
     RETURNING d.id
 ), usage AS (
     INSERT INTO billing_usageevent (kind, quantity, unit, model, agent_id, session_id, turn_id, unit_price, cost,
-                                    currency, request_id, metadata, created_at)
+                                    currency, user_id, api_key_id, request_id, metadata, created_at)
     SELECT %(u_kind)s, %(u_quantity)s, %(u_unit)s, %(u_model)s, %(u_agent_id)s, %(u_session_id)s, %(u_turn_id)s,
-           %(u_unit_price)s, %(u_cost)s, %(u_currency)s, %(u_request_id)s, %(u_metadata)s::jsonb, %(u_created_at)s
+           %(u_unit_price)s, %(u_cost)s, %(u_currency)s, %(u_user_id)s, %(u_api_key_id)s, %(u_request_id)s,
+           %(u_metadata)s::jsonb, %(u_created_at)s
     FROM doc
     RETURNING id
 )

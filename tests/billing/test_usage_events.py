@@ -12,7 +12,7 @@ from django.db import IntegrityError, connection, transaction
 from django.test import Client
 from django_tenants.utils import schema_context
 
-from billing import services as usage_services
+from billing.services import usage as usage_services
 from billing.models import UsageEvent
 from billing.services import usage_event_record
 from tenants.principal import Principal

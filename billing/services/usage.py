@@ -31,6 +31,8 @@ class UsageFields(TypedDict, total=False):
     unit_price: Decimal
     currency: str
     metadata: dict[str, Any] | None
+    user_id: int | None
+    api_key_id: str
 
 
 def usage_event_values(**fields: Unpack[UsageFields]) -> dict[str, Any]:
@@ -39,7 +41,9 @@ def usage_event_values(**fields: Unpack[UsageFields]) -> dict[str, Any]:
 
     ``quantity`` is a non-negative integer count of the kind's unit (tokens, queries, calls);
     ``unit_price`` (default 0) is the price of one unit in ``currency`` (default USD) at this
-    moment (a snapshot). Raises ``ValueError`` for an unknown kind or a negative quantity.
+    moment (a snapshot). ``user_id`` / ``api_key_id`` (who caused it) default to the member or
+    key bound in structlog's context (``user_id``, ``api_key``) by the request or the turn.
+    Raises ``ValueError`` for an unknown kind or a negative quantity.
     """
     kind, quantity = fields["kind"], fields["quantity"]
     if kind not in UNITS:
@@ -52,6 +56,8 @@ def usage_event_values(**fields: Unpack[UsageFields]) -> dict[str, Any]:
         "kind": kind, "quantity": quantity, "unit": UNITS[kind], "model": fields.get("model", ""),
         "agent_id": fields.get("agent_id"), "session_id": fields.get("session_id"), "turn_id": fields.get("turn_id"),
         "unit_price": unit_price, "cost": unit_price * quantity, "currency": fields.get("currency", "USD"),
+        "user_id": fields["user_id"] if "user_id" in fields else context.get("user_id"),
+        "api_key_id": str((fields["api_key_id"] if "api_key_id" in fields else context.get("api_key")) or "")[:24],
         "request_id": str(context.get("request_id") or "")[:128], "metadata": fields.get("metadata") or {},
         "created_at": timezone.now(),
     }
