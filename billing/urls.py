@@ -8,4 +8,9 @@ urlpatterns = [
     path("usage/", usage.usage_dashboard, name="usage_dashboard"),
     path("budgets/", budgets.budget_list, name="budget_list"),
     path("invoices/", invoices.invoice_list, name="invoice_list"),
+    path("invoices/draft/", invoices.invoice_draft, name="invoice_draft"),
+    path("invoices/<int:invoice_id>/", invoices.invoice_detail, name="invoice_detail"),
+    path("invoices/<int:invoice_id>/finalize/", invoices.invoice_finalize, name="invoice_finalize"),
+    path("invoices/<int:invoice_id>/csv/", invoices.invoice_csv, name="invoice_csv"),
+    path("invoices/<int:invoice_id>/pdf/", invoices.invoice_pdf_download, name="invoice_pdf"),
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from celery import signals
+from celery.schedules import crontab
 from tenant_schemas_celery.app import CeleryApp
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -22,6 +23,17 @@ app.autodiscover_tasks()
 from django_structlog.celery.steps import DjangoStructLogInitStep  # noqa: E402
 
 app.steps["worker"].add(DjangoStructLogInitStep)
+
+
+@app.on_after_configure.connect
+def _beat_invoices(sender: CeleryApp, **kwargs: object) -> None:
+    """Beat: draft last month's invoice in every tenant's schema (no ``tenant_schemas``: sent once
+    per tenant) on the 1st at 12:00 UTC, when the 1st has begun in every timezone (UTC-12 to
+    UTC+14), so "last month" is the same month for every tenant."""
+    sender.conf.beat_schedule["billing-invoice-draft"] = {
+        "task": "billing.invoice_draft_last_month",
+        "schedule": crontab(minute=0, hour=12, day_of_month=1),
+    }
 
 
 @signals.worker_ready.connect

@@ -3,12 +3,15 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from billing.views.staff import staff_invoice_list
 from config.views import public_home
 from tenants.urls import security_urlpatterns
 
 urlpatterns = [
     path("", public_home, name="public_home"),
     path("admin/rq/", include("django_rq.urls")),
+    # Before admin/: admin_view asks what every staff page asks (staff, session verified by 2FA).
+    path("admin/billing/invoices/", admin.site.admin_view(staff_invoice_list), name="staff_invoice_list"),
     path("admin/", admin.site.urls),
     path("accounts/2fa/", include(security_urlpatterns)),
     path("accounts/", include("allauth.urls")),
