@@ -18,8 +18,13 @@ from billing.services.invoices import PLAN_FEE_KIND
 from tenants.models import Tenant
 
 # Column widths (mm) of the lines table on an A4 page with 15 mm margins: 180 mm in all.
-_COLUMNS = [("Description", 78, "L"), ("Quantity", 24, "R"), ("Unit", 14, "L"), ("Unit price", 36, "R"),
-            ("Amount", 28, "R")]
+_COLUMNS = [
+    ("Description", 78, "L"),
+    ("Quantity", 24, "R"),
+    ("Unit", 14, "L"),
+    ("Unit price", 36, "R"),
+    ("Amount", 28, "R"),
+]
 
 
 def _latin1(text: str) -> str:
@@ -47,8 +52,11 @@ def invoice_pdf(*, invoice: Invoice, tenant: Tenant) -> bytes:
     pdf.set_font("Helvetica", "", 10)
     facts = [
         ("Customer", f"{tenant.name} ({tenant.slug})"),
-        ("Period", f"{invoice.period} ({invoice.period_start:%Y-%m-%d %H:%M %Z} to {invoice.period_end:%Y-%m-%d %H:%M %Z},"
-                   f" {tenant.time_zone})"),
+        (
+            "Period",
+            f"{invoice.period} ({invoice.period_start:%Y-%m-%d %H:%M %Z} to "
+            f"{invoice.period_end:%Y-%m-%d %H:%M %Z}, {tenant.time_zone})",
+        ),
         ("Status", invoice.status),
         ("Plan", invoice.plan_code or "none"),
         ("Currency", invoice.currency),
@@ -69,8 +77,13 @@ def invoice_pdf(*, invoice: Invoice, tenant: Tenant) -> bytes:
     for line in invoice.lines.all():
         if line.kind == PLAN_FEE_KIND:
             continue
-        cells = [_latin1(line.description or line.kind)[:60], f"{line.quantity:,}", _latin1(line.unit),
-                 f"{line.unit_price:f}", f"{line.amount:.2f}"]
+        cells = [
+            _latin1(line.description or line.kind)[:60],
+            f"{line.quantity:,}",
+            _latin1(line.unit),
+            f"{line.unit_price:f}",
+            f"{line.amount:.2f}",
+        ]
         for (_, width, align), text in zip(_COLUMNS, cells, strict=True):
             pdf.cell(width, 6, text, border=1, align=align, new_x=XPos.RIGHT, new_y=YPos.TOP)
         pdf.ln(6)
@@ -79,15 +92,21 @@ def invoice_pdf(*, invoice: Invoice, tenant: Tenant) -> bytes:
     pdf.ln(4)
 
     pdf.set_font("Helvetica", "", 10)
-    for label, value in (("Usage subtotal", invoice.usage_total),
-                         (f"Plan fee ({invoice.plan_code or 'no plan'})", invoice.plan_fee)):
+    for label, amount in (
+        ("Usage subtotal", invoice.usage_total),
+        (f"Plan fee ({invoice.plan_code or 'no plan'})", invoice.plan_fee),
+    ):
         pdf.cell(130, 7, _latin1(label), align="R", new_x=XPos.RIGHT, new_y=YPos.TOP)
-        pdf.cell(50, 7, _money(value, invoice.currency), align="R", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        pdf.cell(50, 7, _money(amount, invoice.currency), align="R", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     pdf.set_font("Helvetica", "B", 12)
     pdf.cell(130, 9, "Total", align="R", new_x=XPos.RIGHT, new_y=YPos.TOP)
     pdf.cell(50, 9, _money(invoice.total, invoice.currency), align="R", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     pdf.set_font("Helvetica", "", 8)
     pdf.ln(2)
-    pdf.multi_cell(0, 4, "Each usage line is the exact sum of its usage events' costs rounded to cents (half up); "
-                         "the total is the sum of the lines plus the plan fee.")
+    pdf.multi_cell(
+        0,
+        4,
+        "Each usage line is the exact sum of its usage events' costs rounded to cents (half up); "
+        "the total is the sum of the lines plus the plan fee.",
+    )
     return bytes(pdf.output())

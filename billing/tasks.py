@@ -39,6 +39,12 @@ def invoice_draft_last_month_task() -> str:
     except DomainError as exc:
         logger.warning("invoice_draft_failed", tenant=tenant.slug, period=period, code=exc.code, message=exc.message)
         return f"failed:{exc.code}"
-    logger.info("invoice_drafted", tenant=tenant.slug, period=period, invoice_id=outcome.invoice.pk,
-                total=str(outcome.invoice.total), created=outcome.created)
+    logger.info(
+        "invoice_drafted",
+        tenant=tenant.slug,
+        period=period,
+        invoice_id=outcome.invoice.pk,
+        total=str(outcome.invoice.total),
+        created=outcome.created,
+    )
     return "drafted" if outcome.created else "redrafted"

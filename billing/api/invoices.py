@@ -83,11 +83,20 @@ class InvoiceFilters(Schema):
 
 def invoice_summary(invoice: Invoice) -> dict[str, Any]:
     return {
-        "id": invoice.pk, "number": invoice.number, "period": invoice.period, "status": invoice.status,
-        "currency": invoice.currency, "plan_code": invoice.plan_code, "plan_fee": f"{invoice.plan_fee:f}",
-        "usage_total": f"{invoice.usage_total:f}", "total": f"{invoice.total:f}",
-        "events_count": invoice.events_count, "period_start": invoice.period_start,
-        "period_end": invoice.period_end, "drafted_at": invoice.drafted_at, "finalized_at": invoice.finalized_at,
+        "id": invoice.pk,
+        "number": invoice.number,
+        "period": invoice.period,
+        "status": invoice.status,
+        "currency": invoice.currency,
+        "plan_code": invoice.plan_code,
+        "plan_fee": f"{invoice.plan_fee:f}",
+        "usage_total": f"{invoice.usage_total:f}",
+        "total": f"{invoice.total:f}",
+        "events_count": invoice.events_count,
+        "period_start": invoice.period_start,
+        "period_end": invoice.period_end,
+        "drafted_at": invoice.drafted_at,
+        "finalized_at": invoice.finalized_at,
         "voided_at": invoice.voided_at,
     }
 
@@ -95,10 +104,19 @@ def invoice_summary(invoice: Invoice) -> dict[str, Any]:
 def invoice_out(invoice: Invoice) -> dict[str, Any]:
     """An invoice with its lines as ``InvoiceOut``."""
     lines = [
-        {"position": line.position, "kind": line.kind, "description": line.description, "model": line.model,
-         "endpoint": line.endpoint, "agent_id": line.agent_id, "agent_slug": line.agent_slug,
-         "quantity": line.quantity, "unit": line.unit, "unit_price": f"{line.unit_price:f}",
-         "amount": f"{line.amount:f}"}
+        {
+            "position": line.position,
+            "kind": line.kind,
+            "description": line.description,
+            "model": line.model,
+            "endpoint": line.endpoint,
+            "agent_id": line.agent_id,
+            "agent_slug": line.agent_slug,
+            "quantity": line.quantity,
+            "unit": line.unit,
+            "unit_price": f"{line.unit_price:f}",
+            "amount": f"{line.amount:f}",
+        }
         for line in invoice.lines.all()
     ]
     return {**invoice_summary(invoice), "lines": lines}
@@ -115,8 +133,11 @@ def invoice_list(request: HttpRequest, filters: Query[InvoiceFilters]) -> dict[s
     return {"items": [invoice_summary(invoice) for invoice in rows], "next_cursor": cursor}
 
 
-@router.post("/invoices/draft", response={200: InvoiceOut, 201: InvoiceOut},
-             summary="Draft (or recompute the draft of) a month's invoice from the usage events")
+@router.post(
+    "/invoices/draft",
+    response={200: InvoiceOut, 201: InvoiceOut},
+    summary="Draft (or recompute the draft of) a month's invoice from the usage events",
+)
 def invoice_draft(request: HttpRequest, payload: InvoiceDraftIn) -> Status[dict[str, Any]]:
     principal = principal_of(request)
     # The answer is the invoice read back, which needs billing:read: refuse before anything is written.
@@ -131,8 +152,11 @@ def invoice_get(request: HttpRequest, invoice_id: int) -> dict[str, Any]:
     return invoice_out(selectors.invoice_get(principal=principal_of(request), invoice_id=invoice_id))
 
 
-@router.post("/invoices/{invoice_id}/finalize", response=InvoiceOut,
-             summary="Recompute, number and freeze a draft invoice of a month that has ended")
+@router.post(
+    "/invoices/{invoice_id}/finalize",
+    response=InvoiceOut,
+    summary="Recompute, number and freeze a draft invoice of a month that has ended",
+)
 def invoice_finalize(request: HttpRequest, invoice_id: int) -> dict[str, Any]:
     principal = principal_of(request)
     principal.require("billing:write")
@@ -150,8 +174,9 @@ def invoice_void(request: HttpRequest, invoice_id: int) -> dict[str, Any]:
     return invoice_out(selectors.invoice_get(principal=principal, invoice_id=invoice_id))
 
 
-@router.get("/invoices/{invoice_id}/csv", summary="The invoice as CSV: one row per line and a total row",
-            response={200: str})
+@router.get(
+    "/invoices/{invoice_id}/csv", summary="The invoice as CSV: one row per line and a total row", response={200: str}
+)
 def invoice_csv(request: HttpRequest, invoice_id: int) -> HttpResponse:
     invoice = selectors.invoice_get(principal=principal_of(request), invoice_id=invoice_id)
     response = HttpResponse(selectors.invoice_csv(invoice), content_type="text/csv; charset=utf-8")
@@ -162,7 +187,9 @@ def invoice_csv(request: HttpRequest, invoice_id: int) -> HttpResponse:
 @router.get("/invoices/{invoice_id}/pdf", summary="The invoice as a PDF document", response={200: bytes})
 def invoice_pdf_download(request: HttpRequest, invoice_id: int) -> HttpResponse:
     invoice = selectors.invoice_get(principal=principal_of(request), invoice_id=invoice_id)
-    response = HttpResponse(invoice_pdf(invoice=invoice, tenant=connection.tenant),  # type: ignore[attr-defined]
-                            content_type="application/pdf")
+    response = HttpResponse(
+        invoice_pdf(invoice=invoice, tenant=connection.tenant),  # type: ignore[attr-defined]
+        content_type="application/pdf",
+    )
     response["Content-Disposition"] = f'attachment; filename="{_filename(invoice, "pdf")}"'
     return response

@@ -43,8 +43,19 @@ def invoice_get(*, principal: Principal, invoice_id: int) -> Invoice:
     return invoice
 
 
-CSV_HEADER = ["position", "kind", "description", "model", "endpoint", "agent", "quantity", "unit", "unit_price",
-              "amount", "currency"]
+CSV_HEADER = [
+    "position",
+    "kind",
+    "description",
+    "model",
+    "endpoint",
+    "agent",
+    "quantity",
+    "unit",
+    "unit_price",
+    "amount",
+    "currency",
+]
 
 
 def invoice_csv(invoice: Invoice) -> str:
@@ -55,11 +66,36 @@ def invoice_csv(invoice: Invoice) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_HEADER)
     for line in invoice.lines.all():
-        writer.writerow([line.position + 1, line.kind, _csv_safe(line.description), _csv_safe(line.model),
-                         _csv_safe(line.endpoint), _csv_safe(line.agent_slug or (line.agent_id or "")),
-                         line.quantity, line.unit, f"{line.unit_price:f}", f"{line.amount:f}", invoice.currency])
-    writer.writerow(["", "total", f"Invoice {invoice.number or 'DRAFT'} {invoice.period}", "", "", "", "", "", "",
-                     f"{invoice.total:f}", invoice.currency])
+        writer.writerow(
+            [
+                line.position + 1,
+                line.kind,
+                _csv_safe(line.description),
+                _csv_safe(line.model),
+                _csv_safe(line.endpoint),
+                _csv_safe(line.agent_slug or (line.agent_id or "")),
+                line.quantity,
+                line.unit,
+                f"{line.unit_price:f}",
+                f"{line.amount:f}",
+                invoice.currency,
+            ]
+        )
+    writer.writerow(
+        [
+            "",
+            "total",
+            f"Invoice {invoice.number or 'DRAFT'} {invoice.period}",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            f"{invoice.total:f}",
+            invoice.currency,
+        ]
+    )
     return out.getvalue()
 
 
@@ -106,12 +142,22 @@ def staff_invoice_list(*, principal: Principal) -> list[StaffInvoiceRow]:
     rows: list[StaffInvoiceRow] = []
     for tenant in Tenant.objects.exclude(schema_name="public").order_by("slug"):
         with schema_context(tenant.schema_name):
-            for invoice in Invoice.objects.order_by("-period", "-id").values(
-                    "id", "number", "period", "status", "currency", "total", "finalized_at"):
-                rows.append(StaffInvoiceRow(tenant=tenant, invoice_id=invoice["id"], number=invoice["number"],
-                                            period=invoice["period"], status=invoice["status"],
-                                            currency=invoice["currency"], total=invoice["total"],
-                                            finalized_at=invoice["finalized_at"]))
+            invoices = Invoice.objects.order_by("-period", "-id").values(
+                "id", "number", "period", "status", "currency", "total", "finalized_at"
+            )
+            rows.extend(
+                StaffInvoiceRow(
+                    tenant=tenant,
+                    invoice_id=i["id"],
+                    number=i["number"],
+                    period=i["period"],
+                    status=i["status"],
+                    currency=i["currency"],
+                    total=i["total"],
+                    finalized_at=i["finalized_at"],
+                )
+                for i in invoices
+            )
     return rows
 
 
@@ -127,12 +173,20 @@ def staff_spend_month_to_date(*, principal: Principal, now: dt.datetime | None =
         period = period_of(now, tenant.time_zone)
         start, _ = period_bounds(period, tenant.time_zone)
         with schema_context(tenant.schema_name), connection.cursor() as cursor:
-            cursor.execute(f"SELECT currency, COUNT(*), COALESCE(SUM(cost), 0) FROM {UsageEvent._meta.db_table} "  # noqa: S608 (a model's table name)
-                           "WHERE created_at >= %s AND created_at < %s GROUP BY currency ORDER BY currency",
-                           [start, now])
+            cursor.execute(
+                f"SELECT currency, COUNT(*), COALESCE(SUM(cost), 0) FROM {UsageEvent._meta.db_table} "  # noqa: S608 (a model's table name)
+                "WHERE created_at >= %s AND created_at < %s GROUP BY currency ORDER BY currency",
+                [start, now],
+            )
             by_currency = cursor.fetchall()
-        spend.append(TenantSpend(tenant=tenant, period=period, events=sum(r[1] for r in by_currency),
-                                 costs=[(r[0], r[2]) for r in by_currency]))
+        spend.append(
+            TenantSpend(
+                tenant=tenant,
+                period=period,
+                events=sum(r[1] for r in by_currency),
+                costs=[(r[0], r[2]) for r in by_currency],
+            )
+        )
     return spend
 
 
@@ -152,8 +206,10 @@ class InvoiceMismatch:
 
 def _line_label(key: tuple[object, ...]) -> str:
     kind, model, endpoint, agent_id, unit_price, unit = key
-    return (f"{kind} model={model or '-'} endpoint={endpoint or '-'} agent={agent_id if agent_id is not None else '-'} "
-            f"unit_price={unit_price:f}/{unit}")  # type: ignore[str-format]
+    return (
+        f"{kind} model={model or '-'} endpoint={endpoint or '-'} agent={agent_id if agent_id is not None else '-'} "
+        f"unit_price={unit_price:f}/{unit}"
+    )  # type: ignore[str-format]
 
 
 def invoice_mismatches(*, tenant: Tenant, invoice: Invoice) -> list[InvoiceMismatch]:
@@ -164,16 +220,25 @@ def invoice_mismatches(*, tenant: Tenant, invoice: Invoice) -> list[InvoiceMisma
     from config.errors import DomainError
 
     def mismatch(line: str, stored: object, recomputed: object) -> InvoiceMismatch:
-        return InvoiceMismatch(number=invoice.number, period=invoice.period, line=line, stored=str(stored),
-                               recomputed=str(recomputed))
+        return InvoiceMismatch(
+            number=invoice.number, period=invoice.period, line=line, stored=str(stored), recomputed=str(recomputed)
+        )
 
     try:
-        computed = invoice_compute(tenant=tenant, period=invoice.period, currency=invoice.currency,
-                                   plan_fee=invoice.plan_fee, plan_code=invoice.plan_code)
+        computed = invoice_compute(
+            tenant=tenant,
+            period=invoice.period,
+            currency=invoice.currency,
+            plan_fee=invoice.plan_fee,
+            plan_code=invoice.plan_code,
+        )
     except DomainError as exc:
         return [mismatch("(whole invoice)", f"total {invoice.total:f}", f"cannot recompute: {exc.message}")]
-    stored = {(line.kind, line.model, line.endpoint, line.agent_id, line.unit_price, line.unit): line
-              for line in invoice.lines.all() if line.kind != PLAN_FEE_KIND}
+    stored = {
+        (line.kind, line.model, line.endpoint, line.agent_id, line.unit_price, line.unit): line
+        for line in invoice.lines.all()
+        if line.kind != PLAN_FEE_KIND
+    }
     fresh = {line.key: line for line in computed.lines}
     found: list[InvoiceMismatch] = []
     for key in sorted(stored.keys() | fresh.keys(), key=str):

@@ -60,7 +60,7 @@ FROM {UsageEvent._meta.db_table}
 WHERE created_at >= %s AND created_at < %s
 GROUP BY kind, model, endpoint, agent_id, unit_price, unit, currency
 ORDER BY kind, model, endpoint, agent_id NULLS FIRST, unit_price, unit, currency
-"""
+"""  # noqa: S608 (the model's table name, no input)
 
 
 def round_cents(value: Decimal) -> Decimal:
@@ -72,8 +72,9 @@ def period_parse(period: str) -> tuple[int, int]:
     """``(year, month)`` of a ``YYYY-MM`` period; ``ValidationFailed`` (``invalid_period``) else."""
     match = _PERIOD_RE.match(period or "")
     if not match:
-        raise ValidationFailed("period must be a month written YYYY-MM, e.g. 2026-11.", code="invalid_period",
-                               details={"field": "period"})
+        raise ValidationFailed(
+            "period must be a month written YYYY-MM, e.g. 2026-11.", code="invalid_period", details={"field": "period"}
+        )
     return int(match.group(1)), int(match.group(2))
 
 
@@ -141,8 +142,14 @@ class InvoiceComputation:
         return self.usage_total + self.plan_fee
 
 
-def invoice_compute(*, tenant: Tenant, period: str, currency: str | None = None,
-                    plan_fee: Decimal | None = None, plan_code: str | None = None) -> InvoiceComputation:
+def invoice_compute(
+    *,
+    tenant: Tenant,
+    period: str,
+    currency: str | None = None,
+    plan_fee: Decimal | None = None,
+    plan_code: str | None = None,
+) -> InvoiceComputation:
     """The invoice of ``period`` recomputed from the usage events of the current schema (which
     must be ``tenant``'s), in one aggregate query. ``currency``, ``plan_fee`` and ``plan_code``
     default to the tenant's plan today (USD, 0 and "" without a plan); ``invoice_verify`` passes
@@ -164,16 +171,36 @@ def invoice_compute(*, tenant: Tenant, period: str, currency: str | None = None,
             if row_currency != currency:
                 foreign.add(row_currency)
                 continue
-            lines.append(LineComputation(kind=kind, model=model, endpoint=endpoint[:100], agent_id=agent_id,
-                                         unit_price=unit_price, unit=unit, quantity=int(quantity), cost=cost,
-                                         amount=round_cents(cost)))
+            lines.append(
+                LineComputation(
+                    kind=kind,
+                    model=model,
+                    endpoint=endpoint[:100],
+                    agent_id=agent_id,
+                    unit_price=unit_price,
+                    unit=unit,
+                    quantity=int(quantity),
+                    cost=cost,
+                    amount=round_cents(cost),
+                )
+            )
     if foreign:
         raise ValidationFailed(
             f"Usage events of {period} are in {', '.join(sorted(foreign))}, not in the invoice's currency "
-            f"{currency}: an invoice has one currency.", code="currency_mismatch",
-            details={"currency": currency, "event_currencies": sorted(foreign)})
-    return InvoiceComputation(period=period, period_start=start, period_end=end, currency=currency,
-                              plan_code=plan_code, plan_fee=plan_fee, lines=lines, events_count=events)
+            f"{currency}: an invoice has one currency.",
+            code="currency_mismatch",
+            details={"currency": currency, "event_currencies": sorted(foreign)},
+        )
+    return InvoiceComputation(
+        period=period,
+        period_start=start,
+        period_end=end,
+        currency=currency,
+        plan_code=plan_code,
+        plan_fee=plan_fee,
+        lines=lines,
+        events_count=events,
+    )
 
 
 class DraftOutcome(NamedTuple):
@@ -196,17 +223,30 @@ def invoice_draft(*, principal: Principal, period: str) -> DraftOutcome:
     tenant = _tenant_of(principal)
     start, _ = period_bounds(period, tenant.time_zone)
     if start > timezone.now():
-        raise ValidationFailed(f"{period} has not begun: there is nothing to invoice yet.",
-                               code="period_in_future", details={"field": "period"})
+        raise ValidationFailed(
+            f"{period} has not begun: there is nothing to invoice yet.",
+            code="period_in_future",
+            details={"field": "period"},
+        )
     _lock("invoice-period", period)
     invoice = Invoice.objects.select_for_update().exclude(status=Invoice.Status.VOID).filter(period=period).first()
     created = invoice is None
     if invoice is not None and invoice.status != Invoice.Status.DRAFT:
         raise _finalized(invoice)
     invoice = _draft_write(invoice or Invoice(period=period), invoice_compute(tenant=tenant, period=period))
-    audit_event_create(actor=principal, action="invoice.drafted", target_type="invoice", target_id=invoice.pk,
-                       payload={"period": period, "total": str(invoice.total), "currency": invoice.currency,
-                                "events": invoice.events_count, "created": created})
+    audit_event_create(
+        actor=principal,
+        action="invoice.drafted",
+        target_type="invoice",
+        target_id=invoice.pk,
+        payload={
+            "period": period,
+            "total": str(invoice.total),
+            "currency": invoice.currency,
+            "events": invoice.events_count,
+            "created": created,
+        },
+    )
     return DraftOutcome(invoice, created)
 
 
@@ -229,9 +269,12 @@ def invoice_finalize(*, principal: Principal, invoice: Invoice) -> Invoice:
         raise _finalized(invoice)
     now = timezone.now()
     if now < invoice.period_end:
-        raise Conflict(f"{invoice.period} has not ended yet ({invoice.period_end.isoformat()}): usage events could "
-                       "still arrive. Finalize it after the month ends.", code="period_open",
-                       details={"period_end": invoice.period_end.isoformat()})
+        raise Conflict(
+            f"{invoice.period} has not ended yet ({invoice.period_end.isoformat()}): usage events could "
+            "still arrive. Finalize it after the month ends.",
+            code="period_open",
+            details={"period_end": invoice.period_end.isoformat()},
+        )
     invoice = _draft_write(invoice, invoice_compute(tenant=tenant, period=invoice.period))
     _lock("invoice-number")
     last = Invoice.objects.filter(number__isnull=False).order_by("-number").values_list("number", flat=True).first()
@@ -239,9 +282,18 @@ def invoice_finalize(*, principal: Principal, invoice: Invoice) -> Invoice:
     invoice.status = Invoice.Status.FINALIZED
     invoice.finalized_at = now
     invoice.save(update_fields=["number", "status", "finalized_at"])
-    audit_event_create(actor=principal, action="invoice.finalized", target_type="invoice", target_id=invoice.pk,
-                       payload={"period": invoice.period, "number": invoice.number, "total": str(invoice.total),
-                                "currency": invoice.currency})
+    audit_event_create(
+        actor=principal,
+        action="invoice.finalized",
+        target_type="invoice",
+        target_id=invoice.pk,
+        payload={
+            "period": invoice.period,
+            "number": invoice.number,
+            "total": str(invoice.total),
+            "currency": invoice.currency,
+        },
+    )
     return invoice
 
 
@@ -254,13 +306,19 @@ def invoice_void(*, principal: Principal, invoice: Invoice) -> Invoice:
     _tenant_of(principal)
     invoice = Invoice.objects.select_for_update().get(pk=invoice.pk)
     if invoice.status != Invoice.Status.FINALIZED:
-        raise Conflict(f"Only a finalized invoice can be voided; this one is {invoice.status}.",
-                       code="invoice_not_finalized")
+        raise Conflict(
+            f"Only a finalized invoice can be voided; this one is {invoice.status}.", code="invoice_not_finalized"
+        )
     invoice.status = Invoice.Status.VOID
     invoice.voided_at = timezone.now()
     invoice.save(update_fields=["status", "voided_at"])
-    audit_event_create(actor=principal, action="invoice.voided", target_type="invoice", target_id=invoice.pk,
-                       payload={"period": invoice.period, "number": invoice.number})
+    audit_event_create(
+        actor=principal,
+        action="invoice.voided",
+        target_type="invoice",
+        target_id=invoice.pk,
+        payload={"period": invoice.period, "number": invoice.number},
+    )
     return invoice
 
 
@@ -276,9 +334,9 @@ def _tenant_of(principal: Principal) -> Tenant:
 
 def _require_schema(tenant: Tenant) -> None:
     # Queries go to the connection's schema: writing one tenant's invoice into another's is refused.
-    if connection.schema_name != tenant.schema_name:  # type: ignore[attr-defined]  # django-tenants' backend
-        raise RuntimeError(f"invoices of {tenant.slug} must be computed in schema {tenant.schema_name}, "
-                           f"not {connection.schema_name}")  # type: ignore[attr-defined]
+    schema = connection.schema_name  # type: ignore[attr-defined]  # django-tenants' backend
+    if schema != tenant.schema_name:
+        raise RuntimeError(f"invoices of {tenant.slug} must be computed in schema {tenant.schema_name}, not {schema}")
 
 
 def _lock(*names: str) -> None:
@@ -290,9 +348,11 @@ def _lock(*names: str) -> None:
 
 
 def _finalized(invoice: Invoice) -> Conflict:
-    return Conflict(f"The invoice of {invoice.period} is {invoice.status} (number {invoice.number}): it can no "
-                    "longer change.", code="invoice_finalized",
-                    details={"invoice_id": invoice.pk, "status": invoice.status, "number": invoice.number})
+    return Conflict(
+        f"The invoice of {invoice.period} is {invoice.status} (number {invoice.number}): it can no longer change.",
+        code="invoice_finalized",
+        details={"invoice_id": invoice.pk, "status": invoice.status, "number": invoice.number},
+    )
 
 
 def _description(line: LineComputation, agent_slug: str) -> str:
@@ -312,7 +372,8 @@ def _draft_write(invoice: Invoice, computation: InvoiceComputation) -> Invoice:
     from agents.models import Agent
 
     invoice.period_start, invoice.period_end = computation.period_start, computation.period_end
-    invoice.currency, invoice.plan_code, invoice.plan_fee = computation.currency, computation.plan_code, computation.plan_fee
+    invoice.currency, invoice.plan_code = computation.currency, computation.plan_code
+    invoice.plan_fee = computation.plan_fee
     invoice.usage_total, invoice.total = computation.usage_total, computation.total
     invoice.events_count = computation.events_count
     invoice.drafted_at = timezone.now()
@@ -321,15 +382,34 @@ def _draft_write(invoice: Invoice, computation: InvoiceComputation) -> Invoice:
     agent_ids = {line.agent_id for line in computation.lines if line.agent_id is not None}
     slugs = dict(Agent.objects.filter(pk__in=agent_ids).values_list("id", "slug")) if agent_ids else {}
     rows = [
-        InvoiceLine(invoice=invoice, position=position, kind=line.kind, model=line.model, endpoint=line.endpoint,
-                    agent_id=line.agent_id, agent_slug=slugs.get(line.agent_id, "") if line.agent_id else "",
-                    quantity=line.quantity, unit=line.unit, unit_price=line.unit_price, amount=line.amount,
-                    description=_description(line, slugs.get(line.agent_id, "") if line.agent_id else ""))
+        InvoiceLine(
+            invoice=invoice,
+            position=position,
+            kind=line.kind,
+            model=line.model,
+            endpoint=line.endpoint,
+            agent_id=line.agent_id,
+            agent_slug=slugs.get(line.agent_id, "") if line.agent_id else "",
+            quantity=line.quantity,
+            unit=line.unit,
+            unit_price=line.unit_price,
+            amount=line.amount,
+            description=_description(line, slugs.get(line.agent_id, "") if line.agent_id else ""),
+        )
         for position, line in enumerate(computation.lines)
     ]
     if computation.plan_code:
-        rows.append(InvoiceLine(invoice=invoice, position=len(rows), kind=PLAN_FEE_KIND, quantity=1, unit="month",
-                                unit_price=computation.plan_fee, amount=computation.plan_fee,
-                                description=f"Plan {computation.plan_code}: monthly fee"))
+        rows.append(
+            InvoiceLine(
+                invoice=invoice,
+                position=len(rows),
+                kind=PLAN_FEE_KIND,
+                quantity=1,
+                unit="month",
+                unit_price=computation.plan_fee,
+                amount=computation.plan_fee,
+                description=f"Plan {computation.plan_code}: monthly fee",
+            )
+        )
     InvoiceLine.objects.bulk_create(rows)
     return invoice

@@ -24,9 +24,13 @@ from tenants.principal import request_principal
 
 
 class InvoiceDraftForm(forms.Form):
-    period = forms.RegexField(regex=r"^\d{4}-(0[1-9]|1[0-2])$", max_length=7, label="Month (YYYY-MM)",
-                              error_messages={"invalid": "Write the month as YYYY-MM, e.g. 2026-11."},
-                              widget=forms.TextInput(attrs={"class": "form-control", "placeholder": "YYYY-MM"}))
+    period = forms.RegexField(
+        regex=r"^\d{4}-(0[1-9]|1[0-2])$",
+        max_length=7,
+        label="Month (YYYY-MM)",
+        error_messages={"invalid": "Write the month as YYYY-MM, e.g. 2026-11."},
+        widget=forms.TextInput(attrs={"class": "form-control", "placeholder": "YYYY-MM"}),
+    )
 
 
 def _list_context(request: HttpRequest, form: InvoiceDraftForm | None = None) -> dict[str, object]:
@@ -63,8 +67,10 @@ def invoice_draft(request: HttpRequest) -> HttpResponse:
             form.add_error("period", exc.message)
         else:
             verb = "drafted" if outcome.created else "recomputed"
-            messages.success(request, f"Invoice of {outcome.invoice.period} {verb}: "
-                                      f"{outcome.invoice.currency} {outcome.invoice.total}.")
+            messages.success(
+                request,
+                f"Invoice of {outcome.invoice.period} {verb}: {outcome.invoice.currency} {outcome.invoice.total}.",
+            )
             return redirect("invoice_detail", invoice_id=outcome.invoice.pk)
     return render_page(request, "billing/invoice_list.html", _list_context(request, form), status=422)
 
@@ -75,10 +81,16 @@ def invoice_detail(request: HttpRequest, invoice_id: int) -> HttpResponse:
     """One invoice: its facts, lines, totals, downloads and (drafts, for writers) finalize."""
     principal = request_principal(request)
     invoice = selectors.invoice_get(principal=principal, invoice_id=invoice_id)
-    return render_page(request, "billing/invoice_detail.html", {
-        "invoice": invoice, "lines": list(invoice.lines.all()), "can_write": principal.can("billing:write"),
-        "period_open": timezone.now() < invoice.period_end,
-    })
+    return render_page(
+        request,
+        "billing/invoice_detail.html",
+        {
+            "invoice": invoice,
+            "lines": list(invoice.lines.all()),
+            "can_write": principal.can("billing:write"),
+            "period_open": timezone.now() < invoice.period_end,
+        },
+    )
 
 
 @require_POST
@@ -93,8 +105,9 @@ def invoice_finalize(request: HttpRequest, invoice_id: int) -> HttpResponse:
     except DomainError as exc:
         messages.error(request, exc.message)
     else:
-        messages.success(request, f"Invoice {invoice.number} of {invoice.period} finalized: "
-                                  f"{invoice.currency} {invoice.total}.")
+        messages.success(
+            request, f"Invoice {invoice.number} of {invoice.period} finalized: {invoice.currency} {invoice.total}."
+        )
     return redirect("invoice_detail", invoice_id=invoice_id)
 
 
@@ -111,7 +124,9 @@ def invoice_csv(request: HttpRequest, invoice_id: int) -> HttpResponse:
 @domain_errors_as_pages
 def invoice_pdf_download(request: HttpRequest, invoice_id: int) -> HttpResponse:
     invoice = selectors.invoice_get(principal=request_principal(request), invoice_id=invoice_id)
-    response = HttpResponse(invoice_pdf(invoice=invoice, tenant=connection.tenant),  # type: ignore[attr-defined]
-                            content_type="application/pdf")
+    response = HttpResponse(
+        invoice_pdf(invoice=invoice, tenant=connection.tenant),  # type: ignore[attr-defined]
+        content_type="application/pdf",
+    )
     response["Content-Disposition"] = f'attachment; filename="invoice-{invoice.period}-{invoice.number or "draft"}.pdf"'
     return response

@@ -25,14 +25,22 @@ def _draft(client: Client, period: str) -> Any:
     return client.post("/api/v1/invoices/draft", {"period": period}, content_type="application/json")
 
 
-def test_it_drafts_one_line_per_kind_model_endpoint_agent_and_price_with_the_plan_fee(world: World,
-                                                                                      api_a: Client) -> None:
+def test_it_drafts_one_line_per_kind_model_endpoint_agent_and_price_with_the_plan_fee(
+    world: World, api_a: Client
+) -> None:
     schema = world.tenant_a.schema_name
     plan_set(world.tenant_a, fee="49.00")
     for _ in range(3):  # 3 x 1000 tokens x 0.0000025 = 0.0075 -> 0.01 (half up, once per line)
         event_at(schema, MARCH, agent_id=7, metadata={"endpoint": "standard"})
-    event_at(schema, MARCH, kind=UsageEvent.Kind.LLM_OUTPUT_TOKENS, quantity=333, unit_price=Decimal("0.000015"),
-             agent_id=7, metadata={"endpoint": "standard"})  # 0.004995 -> 0.00
+    event_at(
+        schema,
+        MARCH,
+        kind=UsageEvent.Kind.LLM_OUTPUT_TOKENS,
+        quantity=333,
+        unit_price=Decimal("0.000015"),
+        agent_id=7,
+        metadata={"endpoint": "standard"},
+    )  # 0.004995 -> 0.00
     event_at(schema, MARCH, agent_id=7, metadata={"endpoint": "heavy"})  # another endpoint: another line
     event_at(schema, MARCH, kind=UsageEvent.Kind.KB_QUERY, quantity=1, unit_price=Decimal("0.005"), model="")
     response = _draft(api_a, "2025-03")
@@ -101,8 +109,9 @@ def test_the_invoice_takes_the_plans_currency(world: World, api_a: Client) -> No
     assert body["currency"] == "EUR" and body["total"] == "10.00"
 
 
-def test_it_lists_invoices_by_keyset_pages_with_a_constant_query_count(world: World, api_a: Client,
-                                                                       django_assert_max_num_queries: Any) -> None:
+def test_it_lists_invoices_by_keyset_pages_with_a_constant_query_count(
+    world: World, api_a: Client, django_assert_max_num_queries: Any
+) -> None:
     drafted(world.tenant_a, "2024-01")
     with django_assert_max_num_queries(12) as few:
         assert api_a.get("/api/v1/invoices").status_code == 200
@@ -122,17 +131,31 @@ def test_one_invoice_has_its_lines_and_total_as_a_decimal_string(world: World, a
     invoice = drafted(world.tenant_a, "2025-03")
     body = api_a.get(f"/api/v1/invoices/{invoice.pk}").json()
     assert body["total"] == "0.01" and isinstance(body["total"], str)
-    for field in ("number", "period", "status", "currency", "plan_fee", "usage_total", "period_start",
-                  "period_end", "finalized_at", "lines"):
+    for field in (
+        "number",
+        "period",
+        "status",
+        "currency",
+        "plan_fee",
+        "usage_total",
+        "period_start",
+        "period_end",
+        "finalized_at",
+        "lines",
+    ):
         assert field in body
     assert api_a.get("/api/v1/invoices/999999").status_code == 404
 
 
 def test_a_member_without_billing_read_gets_403_and_the_outsider_404(world: World) -> None:
     invoice = drafted(world.tenant_a, "2025-03")
-    viewer_key = api_key_create(principal=Principal.system("tests", tenant=world.tenant_a), tenant=world.tenant_a,
-                                name="viewer", scopes=["tenant:read"],
-                                acting_user=world.user("viewer")).secret
+    viewer_key = api_key_create(
+        principal=Principal.system("tests", tenant=world.tenant_a),
+        tenant=world.tenant_a,
+        name="viewer",
+        scopes=["tenant:read"],
+        acting_user=world.user("viewer"),
+    ).secret
     viewer = api_client(HOST_A, viewer_key)
     assert viewer.get("/api/v1/invoices").status_code == 403
     assert viewer.get(f"/api/v1/invoices/{invoice.pk}").status_code == 403
@@ -146,9 +169,13 @@ def test_a_member_without_billing_read_gets_403_and_the_outsider_404(world: Worl
 
 
 def test_an_auditor_reads_but_cannot_draft(world: World) -> None:
-    key = api_key_create(principal=Principal.system("tests", tenant=world.tenant_a), tenant=world.tenant_a,
-                         name="auditor", scopes=["billing:read"],
-                         acting_user=world.user("auditor")).secret
+    key = api_key_create(
+        principal=Principal.system("tests", tenant=world.tenant_a),
+        tenant=world.tenant_a,
+        name="auditor",
+        scopes=["billing:read"],
+        acting_user=world.user("auditor"),
+    ).secret
     auditor = api_client(HOST_A, key)
     assert auditor.get("/api/v1/invoices").status_code == 200
     response = _draft(auditor, "2025-03")
@@ -158,8 +185,9 @@ def test_an_auditor_reads_but_cannot_draft(world: World) -> None:
 # --- Console ----------------------------------------------------------------------------------
 
 
-def test_the_console_drafts_a_month_and_shows_the_invoice(world: World, client_a: Any,
-                                                          django_assert_max_num_queries: Any) -> None:
+def test_the_console_drafts_a_month_and_shows_the_invoice(
+    world: World, client_a: Any, django_assert_max_num_queries: Any
+) -> None:
     event_at(world.tenant_a.schema_name, MARCH, quantity=4000, agent_id=None)
     owner = client_a("owner")
     page = owner.get("/invoices/")

@@ -90,9 +90,11 @@ def test_the_trigger_refuses_changes_to_a_finalized_invoice_and_its_lines(world:
         ("DELETE FROM billing_invoice WHERE id = %s", [invoice.pk]),
         ("UPDATE billing_invoiceline SET amount = 0 WHERE invoice_id = %s", [invoice.pk]),
         ("DELETE FROM billing_invoiceline WHERE invoice_id = %s", [invoice.pk]),
-        ("INSERT INTO billing_invoiceline (invoice_id, position, kind, description, model, endpoint, agent_slug, "
-         "quantity, unit, unit_price, amount) VALUES (%s, 9, 'tool.call', '', '', '', '', 1, 'call', 1, 1)",
-         [invoice.pk]),
+        (
+            "INSERT INTO billing_invoiceline (invoice_id, position, kind, description, model, endpoint, agent_slug, "
+            "quantity, unit, unit_price, amount) VALUES (%s, 9, 'tool.call', '', '', '', '', 1, 'call', 1, 1)",
+            [invoice.pk],
+        ),
         ("SET CONSTRAINTS ALL IMMEDIATE; TRUNCATE billing_invoiceline", []),
     ]
     for sql, params in refused:
@@ -137,16 +139,19 @@ def test_concurrent_finalizes_take_consecutive_numbers(world: World) -> None:
     from tenants.services.provisioning import tenant_create, tenant_delete
 
     system = Principal.system("tests")
-    tenant = _in_thread(lambda: tenant_create(actor=system, slug="invoice-race", name="Race",
-                                              owner_email="owner@race.test").tenant)
+    tenant = _in_thread(
+        lambda: tenant_create(actor=system, slug="invoice-race", name="Race", owner_email="owner@race.test").tenant
+    )
     try:
         periods = [f"2024-{month:02d}" for month in range(1, 11)]
 
         def draft_all() -> list[int]:
             fresh = Tenant.objects.get(pk=tenant.pk)
             with schema_context(fresh.schema_name):
-                return [invoice_draft(principal=Principal.system("tests", tenant=fresh), period=p).invoice.pk
-                        for p in periods]
+                return [
+                    invoice_draft(principal=Principal.system("tests", tenant=fresh), period=p).invoice.pk
+                    for p in periods
+                ]
 
         ids = _in_thread(draft_all)
         barrier = threading.Barrier(len(ids))
@@ -159,8 +164,9 @@ def test_concurrent_finalizes_take_consecutive_numbers(world: World) -> None:
                 with schema_context(fresh.schema_name):
                     invoice = Invoice.objects.get(pk=invoice_id)
                     barrier.wait(timeout=30)
-                    numbers.append(invoice_finalize(principal=Principal.system("tests", tenant=fresh),
-                                                    invoice=invoice).number or 0)
+                    numbers.append(
+                        invoice_finalize(principal=Principal.system("tests", tenant=fresh), invoice=invoice).number or 0
+                    )
             except BaseException as exc:  # noqa: BLE001 (handed back to the test)
                 errors.append(exc)
             finally:
@@ -184,8 +190,14 @@ def test_the_csv_the_api_and_the_pdf_carry_the_same_total(world: World, api_a: C
     schema = world.tenant_a.schema_name
     plan_set(world.tenant_a, fee="1234.50")
     for n in range(1, 6):
-        event_at(schema, MARCH, quantity=1_234_567 * n, unit_price=Decimal("0.000001234567"), agent_id=n,
-                 metadata={"endpoint": f"ep-{n % 2}"})
+        event_at(
+            schema,
+            MARCH,
+            quantity=1_234_567 * n,
+            unit_price=Decimal("0.000001234567"),
+            agent_id=n,
+            metadata={"endpoint": f"ep-{n % 2}"},
+        )
     event_at(schema, MARCH, kind=UsageEvent.Kind.TOOL_CALL, quantity=3, unit_price=Decimal("0.015"), model="")
     invoice = drafted(world.tenant_a, "2025-03")
     _finalize(api_a, invoice.pk)
@@ -219,8 +231,9 @@ def test_a_draft_pdf_says_draft(world: World, api_a: Client) -> None:
 # --- invoice_verify ----------------------------------------------------------------------------
 
 
-def test_invoice_verify_exits_0_when_clean_and_1_naming_a_mismatch(world: World, api_a: Client,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_invoice_verify_exits_0_when_clean_and_1_naming_a_mismatch(
+    world: World, api_a: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
     schema = world.tenant_a.schema_name
     event_at(schema, MARCH, quantity=4000, agent_id=5, metadata={"endpoint": "standard"})
     invoice = drafted(world.tenant_a, "2025-03")
@@ -254,8 +267,9 @@ def test_the_beat_task_drafts_last_month_in_the_tenants_timezone_and_skips_final
         assert Invoice.objects.get(period=last).status == "draft"
         assert invoice_draft_last_month_task() == "redrafted"
         invoice = Invoice.objects.get(period=last)
-        invoice_finalize(principal=Principal.system("tests", tenant=Tenant.objects.get(pk=world.tenant_a.pk)),
-                         invoice=invoice)
+        invoice_finalize(
+            principal=Principal.system("tests", tenant=Tenant.objects.get(pk=world.tenant_a.pk)), invoice=invoice
+        )
         assert invoice_draft_last_month_task() == "skipped_finalized"
     entry = celery_app.conf.beat_schedule["billing-invoice-draft"]
     assert entry["task"] == "billing.invoice_draft_last_month" and "tenant_schemas" not in entry

@@ -42,8 +42,10 @@ class Command(BaseCommand):
                     mismatches = invoice_mismatches(tenant=tenant, invoice=invoice)
                     failed += bool(mismatches)
                     for m in mismatches:
-                        self.stderr.write(f"MISMATCH tenant={tenant.slug} invoice={m.number} period={m.period} "
-                                          f"line: {m.line}: stored {m.stored}, recomputed {m.recomputed}")
+                        self.stderr.write(
+                            f"MISMATCH tenant={tenant.slug} invoice={m.number} period={m.period} "
+                            f"line: {m.line}: stored {m.stored}, recomputed {m.recomputed}"
+                        )
         summary = f"{checked} finalized invoice(s) checked, {failed} mismatched."
         if failed:
             self.stderr.write(summary)

@@ -232,6 +232,7 @@ class Command(BaseCommand):
         it_summary = self._it_helpdesk(tenant, tickets_url)
         approver_password = saved.get("approver_password") or secrets.token_urlsafe(12)
         self._approver(tenant, approver_password)
+        invoice_summary = self._previous_month_usage(tenant)
 
         api_key = key_path.read_text(encoding="utf-8").strip() if key_path.exists() else ""
         key_principal = Principal.system("demo_seed", tenant=tenant)
@@ -295,6 +296,90 @@ class Command(BaseCommand):
         )
         out(f"    approver  {creds['approvals_url']}  {APPROVER_EMAIL} / {approver_password}")
         out(f"    tickets   curl {creds['tickets_url']}  (the Procfile's tickets process)")
+        out(f"  Invoices    http://{tenant.primary_host}{port}/invoices/  ({invoice_summary})")
+
+    @staticmethod
+    def _previous_month_usage(tenant: Tenant) -> str:
+        """A few usage events dated in the previous month (tenant's timezone), so that last month's
+        invoice can be drafted and finalized from a fresh clone. Only when that month has none:
+        usage events are append-only, so a second run must not add more."""
+        import datetime as dt
+
+        from django.utils import timezone
+
+        from agents.models import Agent
+        from billing.models import UsageEvent
+        from billing.services import usage_event_values
+        from billing.services.invoices import period_bounds, period_previous
+
+        period = period_previous(timezone.now(), tenant.time_zone)
+        start, end = period_bounds(period, tenant.time_zone)
+        with schema_context(tenant.schema_name), transaction.atomic():
+            if UsageEvent.objects.filter(created_at__gte=start, created_at__lt=end).exists():
+                return f"{period} already has usage events"
+            agents = dict(Agent.objects.filter(slug__in=[HELPDESK_SLUG, IT_HELPDESK_SLUG]).values_list("slug", "id"))
+            endpoint = {"endpoint": f"{LOCAL_ENDPOINT_PREFIX}-standard"}
+            rows = []
+            for day in range(3, 28, 4):
+                at = start + dt.timedelta(days=day, hours=10)
+                for slug in (HELPDESK_SLUG, IT_HELPDESK_SLUG):
+                    common: dict[str, Any] = {
+                        "model": LOCAL_MODEL,
+                        "agent_id": agents.get(slug),
+                        "user_id": None,
+                        "api_key_id": "",
+                        "metadata": endpoint,
+                    }
+                    rows.append(
+                        {
+                            **usage_event_values(
+                                kind="llm.input_tokens",
+                                quantity=1800 + 37 * day,
+                                unit_price=Decimal("0.000000150000"),
+                                **common,
+                            ),
+                            "created_at": at,
+                        }
+                    )
+                    rows.append(
+                        {
+                            **usage_event_values(
+                                kind="llm.output_tokens",
+                                quantity=240 + 11 * day,
+                                unit_price=Decimal("0.000000600000"),
+                                **common,
+                            ),
+                            "created_at": at + dt.timedelta(seconds=4),
+                        }
+                    )
+                rows.append(
+                    {
+                        **usage_event_values(
+                            kind="kb.query",
+                            quantity=1,
+                            agent_id=agents.get(HELPDESK_SLUG),
+                            unit_price=Decimal("0.000100000000"),
+                            user_id=None,
+                            api_key_id="",
+                        ),
+                        "created_at": at + dt.timedelta(seconds=1),
+                    }
+                )
+                rows.append(
+                    {
+                        **usage_event_values(
+                            kind="tool.call",
+                            quantity=1,
+                            agent_id=agents.get(IT_HELPDESK_SLUG),
+                            unit_price=Decimal("0.001000000000"),
+                            user_id=None,
+                            api_key_id="",
+                        ),
+                        "created_at": at + dt.timedelta(seconds=2),
+                    }
+                )
+            UsageEvent.objects.bulk_create([UsageEvent(**row) for row in rows])
+        return f"{len(rows)} usage events in {period}: draft and finalize {period}'s invoice"
 
     @staticmethod
     def _local_api_base() -> str:
