@@ -37,7 +37,7 @@ INSERT INTO billing_usageevent (kind, quantity, unit, model, agent_id, unit_pric
                                 api_key_id, request_id, metadata, created_at)
 SELECT k.kind, q.quantity, k.unit, 'model-' || (n %% 3), (n %% 20) + 1, p.price, p.price * q.quantity, 'USD', NULL,
        '', '', jsonb_build_object('endpoint', 'endpoint-' || (n %% 3)),
-       %s::timestamptz + ((n * 2851) %% (%s * 1000))::bigint * interval '1 millisecond'
+       %s::timestamptz + ((n * 2654435761) %% (%s::bigint * 1000)) * interval '1 millisecond'
 FROM generate_series(%s::bigint, %s::bigint) AS n
 CROSS JOIN LATERAL (SELECT (ARRAY['llm.input_tokens', 'llm.output_tokens', 'embedding.tokens', 'kb.query',
                                   'tool.call'])[(n %% 5) + 1] AS kind,
