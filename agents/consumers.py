@@ -196,6 +196,8 @@ def _rate_limit_check(principal: Any) -> dict[str, Any] | None:
     to sockets opened after it."""
     from config.ratelimit import rate_limit_hit
 
+    if principal is None:  # not connected (receive only runs after connect sets it)
+        return None
     try:
         rate_limit_hit(tenant=principal.tenant, principal=principal, limit="chat_turns_per_minute")
     except TooManyRequests as exc:

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import redis
 import structlog
@@ -33,7 +33,7 @@ from config.errors import TooManyRequests
 from config.redis import redis_client
 
 if TYPE_CHECKING:
-    from tenants.models import Tenant
+    from tenants.models import Plan, Tenant
     from tenants.principal import Principal
 
 logger = structlog.get_logger(__name__)
@@ -131,7 +131,7 @@ def rate_limit_hit(*, tenant: Tenant | None, principal: Principal, limit: str) -
     state = RateLimitState(limit=limit, allowed=allowed, remaining=max(0, stats.remaining), reset_seconds=reset)
     if accepted:
         return state
-    plan = tenant.plan
+    plan = cast("Plan", tenant.plan)  # plan_rate found the limit on it
     raise TooManyRequests(
         f"Rate limit reached: the {plan.name} plan allows {allowed} {LIMITS[limit]} per minute "
         f"({limit}). Retry in {reset} s.",
