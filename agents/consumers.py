@@ -12,7 +12,9 @@ Client -> server, JSON (htmx's ws extension sends the form's fields)::
     {"content": "question"}            send a message (starts a turn)
     {"action": "cancel", "turn_id": 7}  stop a running turn
 
-A message is handed to a Celery worker of the agent's tier (``agents.chat_message_accept``),
+A message first counts against the plan's ``chat_turns_per_minute`` (Redis only); over it, the
+socket gets an ``error`` event with code ``rate_limited`` and ``retry_after`` (seconds) and stays
+open. A message is handed to a Celery worker of the agent's tier (``agents.chat_message_accept``),
 which saves it and runs the turn; ``message.accepted`` or ``error`` comes back through the
 session's group, so this process does no database work per message and only relays.
 
@@ -37,7 +39,7 @@ from django_tenants.utils import schema_context
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from agents.runtime import events
-from config.errors import DomainError
+from config.errors import DomainError, TooManyRequests
 
 logger = structlog.get_logger(__name__)
 
@@ -119,7 +121,9 @@ def _authorize(scope: dict[str, Any], session_id: int) -> tuple[str, Any, int, s
         return refuse("not_signed_in")
     if tenant.schema_name == settings.PUBLIC_SCHEMA_NAME or not tenant.is_active:
         return refuse("tenant_inactive")
-    membership = Membership.objects.select_related("user", "tenant").filter(user=user, tenant=tenant).first()
+    # With the plan: each message's rate-limit check then reads no row (``_rate_limit_check``).
+    membership = (Membership.objects.select_related("user", "tenant", "tenant__plan")
+                  .filter(user=user, tenant=tenant).first())
     if membership is None:
         return refuse("not_a_member")
     verified = bool(scope.get("session", {}).get(DEVICE_ID_SESSION_KEY))
@@ -183,6 +187,23 @@ def _snapshot(schema: str, principal: Any, session_id: int, *, as_json: bool = F
             out.append({"event": "turn.cancelled", "turn_id": turn.pk,
                         "message_id": turn.assistant_message_id})
         return out
+
+
+def _rate_limit_check(principal: Any) -> dict[str, Any] | None:
+    """Count a message against the plan's ``chat_turns_per_minute`` for this member; an
+    ``error`` event (code ``rate_limited``, ``retry_after`` in seconds) when it is over. Redis
+    only: the plan came with the membership when the socket connected, so a plan change applies
+    to sockets opened after it."""
+    from config.ratelimit import rate_limit_hit
+
+    if principal is None:  # not connected (receive only runs after connect sets it)
+        return None
+    try:
+        rate_limit_hit(tenant=principal.tenant, principal=principal, limit="chat_turns_per_minute")
+    except TooManyRequests as exc:
+        return {"event": "error", "error": {"code": exc.code, "message": exc.message,
+                                            "retry_after": exc.retry_after, "details": exc.details}}
+    return None
 
 
 def _hand_off(schema: str, queue: str, membership_id: int, session_id: int, content: str) -> None:
@@ -260,6 +281,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
         if not isinstance(text, str):
             await self._relay({"event": "error", "error": {"code": "bad_request",
                                                             "message": "Send {\"content\": \"your message\"}."}})
+            return
+        # Counted here, before the hand-off, so a client flooding the socket costs a Redis call per
+        # message and never fills the tier's queue; the socket stays open for later messages.
+        refused = await sync_to_async(_rate_limit_check, thread_sensitive=False)(self.principal)
+        if refused is not None:
+            await self._relay(refused)
             return
         # A publish to Redis, on a pool thread: never the sync thread, never a database statement.
         try:

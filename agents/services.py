@@ -23,6 +23,7 @@ from agents.models import Agent, AgentVersion, ChatSession, Message, Tool, Turn
 from agents.runtime import events
 from compliance.services import audit_event_create
 from config.errors import Conflict, ValidationFailed
+from config.ratelimit import rate_limit_hit
 from config.redis import redis_client
 from config.text import require_storable
 from tenants.models import ModelEndpoint
@@ -376,7 +377,7 @@ def turn_enqueue(turn: Turn) -> None:
 @transaction.atomic
 def chat_message_send(*, principal: Principal, session: ChatSession, content: str,
                       history: list[dict[str, str]] | None = None, announce: bool = False,
-                      enqueue: bool = True) -> Turn:
+                      enqueue: bool = True, rate_limited: bool = True) -> Turn:
     """Save the user's message and a queued turn; after commit, enqueue the turn on its tier's
     queue and tell the session's group (``turn.queued``).
 
@@ -386,7 +387,10 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
     running the turn to the caller (a worker already on the turn's queue). Raises ``ValidationFailed``
     for empty or overlong content or content with a NUL or an unpaired surrogate
     (``invalid_characters``: the chat socket sends text straight here), ``Conflict`` when the agent
-    is not active or a turn of this session is unfinished (queued, running or awaiting approval).
+    is not active or a turn of this session is unfinished (queued, running or awaiting approval),
+    ``TooManyRequests`` (``rate_limited``) past the plan's ``chat_turns_per_minute`` for the
+    principal's key or member; ``rate_limited=False`` skips that count for a caller that made it
+    already (the chat socket counts before it hands a message to a worker).
     """
     principal.require("chat")
     require_storable(content, field="content")
@@ -407,6 +411,9 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
     if unfinished is not None:
         raise Conflict("The previous answer is still being written; wait for it or stop it.",
                        code="turn_in_progress")
+    if rate_limited:
+        # Last of the checks: only a message that would start a turn is counted.
+        rate_limit_hit(tenant=principal.tenant, principal=principal, limit="chat_turns_per_minute")
     for item in history or []:
         Message.objects.create(session=session, role=item["role"],
                                content=item["content"][: settings.CHAT_MAX_MESSAGE_CHARS])

@@ -76,7 +76,7 @@ def chat_message_accept_task(self: Task, membership_id: int, session_id: int, co
     try:
         session = session_get(principal=principal, session_id=session_id)
         turn = chat_message_send(principal=principal, session=session, content=content, announce=True,
-                                 enqueue=False)
+                                 enqueue=False, rate_limited=False)  # the socket counted it (agents.consumers)
     except DomainError as exc:
         events.publish(group, {"event": "error", "error": {"code": exc.code, "message": exc.message}})
         return

@@ -14,6 +14,11 @@ Request bodies: JSON endpoints take ``Content-Type: application/json`` (or ``app
 and answer 415 ``unsupported_media_type`` to anything else; uploads take ``multipart/form-data``.
 A NUL character or an unpaired surrogate (``"\\ud800"``) anywhere in a JSON body or a query string
 is refused with 422 ``invalid_characters``: PostgreSQL cannot store either.
+
+Rate limits: each authenticated request counts against the plan's ``api_requests_per_minute``
+for its API key or member (``config.ratelimit``). Answers carry ``RateLimit-Limit``,
+``RateLimit-Remaining`` and ``RateLimit-Reset`` (seconds); over the limit the answer is 429
+``rate_limited`` with ``Retry-After`` (seconds) and ``details.limit`` naming the limit.
 """
 
 from __future__ import annotations
@@ -42,7 +47,15 @@ from ninja.security import APIKeyCookie, HttpBearer
 from pydantic import AfterValidator, BeforeValidator
 
 from config.db import database_unavailable, database_unavailable_response
-from config.errors import DomainError, Forbidden, NotAuthenticated, UnsupportedMediaType, ValidationFailed
+from config.errors import (
+    DomainError,
+    Forbidden,
+    NotAuthenticated,
+    TooManyRequests,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from config.ratelimit import rate_limit_hit
 from config.text import require_storable
 from tenants.middleware import otp_verified, two_factor_required
 from tenants.models import Membership
@@ -141,7 +154,7 @@ _ERRORS_ALWAYS = {
     403: "The key or member lacks the permission this operation needs",
     404: "No such object in this tenant (other tenants' ids look the same)",
     422: "The request's fields are not valid (``details`` names them)",
-    429: "Too many requests; retry later",
+    429: "A rate limit of the plan is reached (``details.limit``); retry after ``Retry-After`` seconds",
     503: "The service is momentarily unavailable; retry after ``Retry-After`` seconds",
 }
 _ERRORS_JSON_BODY = {
@@ -216,7 +229,7 @@ class ApiKeyAuth(HttpBearer):
     def authenticate(self, request: HttpRequest, token: str) -> Principal:
         key = api_key_authenticate(raw_key=token, tenant=request.tenant)  # type: ignore[attr-defined]
         structlog.contextvars.bind_contextvars(api_key=key.key_id)
-        return Principal.for_api_key(key)
+        return api_request_counted(request, Principal.for_api_key(key))
 
 
 class MemberSessionAuth(APIKeyCookie):
@@ -247,7 +260,23 @@ class MemberSessionAuth(APIKeyCookie):
         ):
             raise Forbidden("Complete two-factor verification in the console first.", code="two_factor_required")
         structlog.contextvars.bind_contextvars(user_id=user.pk)
-        return Principal.for_member(membership)
+        return api_request_counted(request, Principal.for_member(membership))
+
+
+def api_request_counted(request: HttpRequest, principal: Principal) -> Principal:
+    """Count an authenticated API request against the plan's ``api_requests_per_minute`` for
+    its key or member (``config.ratelimit``) and return ``principal``.
+
+    The ``RateLimit-*`` headers of the count are kept on ``request.rate_limit_headers`` for
+    ``config.middleware.RateLimitHeadersMiddleware`` to put on whatever response follows (JSON,
+    streams and files alike). Raises ``TooManyRequests`` (429) over the limit; ninja hands an
+    error raised in authentication to ``_domain_error``, so the operation never runs.
+    """
+    state = rate_limit_hit(tenant=request.tenant, principal=principal,  # type: ignore[attr-defined]
+                           limit="api_requests_per_minute")
+    if state is not None:
+        request.rate_limit_headers = state.headers()  # type: ignore[attr-defined]
+    return principal
 
 
 api = ApiNinja(
@@ -264,7 +293,14 @@ api = ApiNinja(
 
 @api.exception_handler(DomainError)
 def _domain_error(request: HttpRequest, exc: DomainError) -> HttpResponse:
-    return error_response(request, status=exc.status, message=exc.message, code=exc.code, details=exc.details)
+    response = error_response(request, status=exc.status, message=exc.message, code=exc.code, details=exc.details)
+    if isinstance(exc, TooManyRequests):
+        # The refusing limit's RateLimit-* headers; they take precedence over the request's count.
+        for name, value in exc.headers.items():
+            response[name] = value
+        if exc.retry_after is not None:
+            response["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 @api.exception_handler(NinjaValidationError)

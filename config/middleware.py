@@ -179,6 +179,23 @@ def body_limit_for(path: str) -> int:
     return int(settings.API_MAX_BODY_BYTES)
 
 
+class RateLimitHeadersMiddleware:
+    """Put the ``RateLimit-*`` headers of the request's rate-limit count
+    (``request.rate_limit_headers``, set by ``config.api.api_request_counted``) on its response,
+    whatever made it (JSON, a stream, a file, an error). Headers the response already has win:
+    a 429 carries those of the limit that refused it."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        for name, value in getattr(request, "rate_limit_headers", {}).items():
+            if not response.has_header(name):
+                response[name] = value
+        return response
+
+
 class ApiErrorShapeMiddleware:
     """Give every 4xx/5xx answer under ``/api/`` the API's error body.
 

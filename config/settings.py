@@ -119,6 +119,8 @@ INSTALLED_APPS = SHARED_APPS + [app for app in TENANT_APPS if app not in SHARED_
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "config.middleware.RequestIdMiddleware",
+    # Outside ApiErrorShapeMiddleware, so a response it reshapes keeps the RateLimit-* headers.
+    "config.middleware.RateLimitHeadersMiddleware",
     "config.middleware.ApiErrorShapeMiddleware",
     "config.middleware.ProbeMiddleware",
     # Takes the request's database connection before anything needs it: 503 when none is free.

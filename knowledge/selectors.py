@@ -7,6 +7,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 
 from config.errors import NotFound, ValidationFailed
+from config.ratelimit import rate_limit_hit
 from knowledge.models import Chunk, Collection, Document
 from tenants.principal import Principal
 
@@ -27,7 +28,14 @@ def collection_get(*, principal: Principal, collection_id: int) -> Collection:
 
 
 def collections_for_search(*, principal: Principal, collection_ids: list[int]) -> list[Collection]:
-    """The collections a search names; ``NotFound`` naming the ids that are not this tenant's."""
+    """The collections a search names, in the order given; the search is counted against the
+    plan's ``kb_searches_per_minute`` for the principal's key or member (``config.ratelimit``),
+    so both the API and the console page call this once per search.
+
+    Raises ``Forbidden`` without ``kb:read``, ``ValidationFailed`` for no ids, ``NotFound``
+    naming the ids that are not this tenant's, ``TooManyRequests`` (``rate_limited``) past the
+    limit. Only a search that would run is counted.
+    """
     principal.require("kb:read")
     if not collection_ids:
         raise ValidationFailed("Choose at least one collection.", code="no_collections")
@@ -36,6 +44,7 @@ def collections_for_search(*, principal: Principal, collection_ids: list[int]) -
     missing = [i for i in wanted if i not in found]
     if missing:
         raise NotFound(f"No such collection: {', '.join(map(str, missing))}.", details={"collection_ids": missing})
+    rate_limit_hit(tenant=principal.tenant, principal=principal, limit="kb_searches_per_minute")
     return [found[i] for i in wanted]
 
 

@@ -12,7 +12,7 @@ from django.shortcuts import redirect
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from config.errors import DomainError
+from config.errors import DomainError, TooManyRequests
 from config.htmx import after_write, domain_errors_as_pages, is_fragment, render_page, toast
 from config.middleware import body_limit_for
 from knowledge import selectors, services
@@ -196,8 +196,11 @@ def search_playground(request: HttpRequest) -> HttpResponse:
     form = SearchForm(data, collections=collections)
     context: dict[str, Any] = {"form": form, "collections": collections, "hits": None}
     if data is not None and form.is_valid():
-        chosen = selectors.collections_for_search(principal=principal,
-                                                  collection_ids=[int(i) for i in form.cleaned_data["collections"]])
+        try:
+            chosen = selectors.collections_for_search(
+                principal=principal, collection_ids=[int(i) for i in form.cleaned_data["collections"]])
+        except TooManyRequests as exc:
+            return _search_refused(request, form, context, exc)
         timings = SearchTimings()
         try:
             context["hits"] = chunk_search(query=form.cleaned_data["query"], collections=chosen,
@@ -210,3 +213,14 @@ def search_playground(request: HttpRequest) -> HttpResponse:
         context["timings"] = timings
         context["mode"] = form.cleaned_data["mode"]
     return render_page(request, "knowledge/search.html", context, partial="search-results")
+
+
+def _search_refused(request: HttpRequest, form: SearchForm, context: dict[str, Any],
+                    exc: TooManyRequests) -> HttpResponse:
+    """The search page with the rate limit's message in place of results: status 429 with
+    ``Retry-After``; an htmx request (which does not swap a 4xx answer) also gets it as a toast."""
+    form.add_error(None, exc.message)
+    response = render_page(request, "knowledge/search.html", context, partial="search-results", status=429)
+    for name, value in exc.headers.items():
+        response[name] = value
+    return toast(response, exc.message, "danger") if is_fragment(request) else response

@@ -262,7 +262,18 @@ class DomainAdmin(AuditedAdmin):
 @admin.register(Plan)
 class PlanAdmin(AuditedAdmin):
     audit_target = "plan"
-    list_display = ("code", "name", "monthly_fee", "currency", "max_members", "max_agents", "is_active")
+    list_display = ("code", "name", "monthly_fee", "currency", "max_members", "max_agents",
+                    "api_requests_per_minute", "chat_turns_per_minute", "kb_searches_per_minute",
+                    "monthly_token_quota", "is_active")
+    # An empty limit is unlimited; the rate limits apply per API key and per member (config.ratelimit).
+    fieldsets = (
+        (None, {"fields": ("code", "name", "description", "is_active")}),
+        ("Price", {"fields": ("monthly_fee", "currency")}),
+        ("Seats and storage (empty = unlimited)", {"fields": ("max_members", "max_agents", "max_storage_mb")}),
+        ("Rate limits per minute, per API key or member (empty = unlimited)",
+         {"fields": ("api_requests_per_minute", "chat_turns_per_minute", "kb_searches_per_minute")}),
+        ("Quota (empty = unlimited)", {"fields": ("monthly_token_quota",)}),
+    )
 
 
 class MembershipInline(admin.TabularInline):  # type: ignore[type-arg]

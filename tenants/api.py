@@ -9,7 +9,7 @@ from ninja import Query, Router, Schema, Status
 
 from config.api import keyset_page, principal_of
 from tenants import selectors
-from tenants.models import ApiKey, Invitation, Membership
+from tenants.models import ApiKey, Invitation, Membership, Plan
 from tenants.schemas import (
     ApiKeyCreated,
     ApiKeyIn,
@@ -27,6 +27,10 @@ from tenants.services import keys as key_services
 from tenants.services import members as member_services
 
 router = Router(tags=["tenant"])
+
+# The Plan fields ``GET /me`` returns under ``plan.limits`` (None = unlimited).
+PLAN_LIMITS = ("api_requests_per_minute", "chat_turns_per_minute", "kb_searches_per_minute", "monthly_token_quota",
+               "max_members", "max_agents", "max_storage_mb")
 
 
 class PageParams(Schema):
@@ -53,7 +57,12 @@ def api_key_out(k: ApiKey) -> dict[str, Any]:
             "revoked_at": k.revoked_at}
 
 
-@router.get("/me", response=MeOut, summary="The tenant and the caller")
+def plan_out(plan: Plan) -> dict[str, Any]:
+    return {"code": plan.code, "name": plan.name, "monthly_fee": plan.monthly_fee, "currency": plan.currency,
+            "limits": {name: getattr(plan, name) for name in PLAN_LIMITS}}
+
+
+@router.get("/me", response=MeOut, summary="The tenant, its plan's limits and the caller")
 def me(request: HttpRequest) -> dict[str, Any]:
     principal = principal_of(request)
     principal.require("tenant:read")
@@ -62,6 +71,7 @@ def me(request: HttpRequest) -> dict[str, Any]:
         "tenant": {"slug": tenant.slug, "name": tenant.name, "status": tenant.status,
                    "plan": tenant.plan.code if tenant.plan_id else None, "region": tenant.region,
                    "require_2fa": tenant.require_2fa},
+        "plan": plan_out(tenant.plan) if tenant.plan_id else None,
         "principal": {"type": principal.kind, "id": principal.actor_id, "label": principal.label},
         "role": principal.role,
         "permissions": sorted(principal.permissions),

@@ -37,7 +37,8 @@ class TenantRoutingMiddleware(TenantMainMiddleware):
             if _public_tenant is None:
                 _public_tenant = Tenant.objects.get(schema_name=settings.PUBLIC_SCHEMA_NAME)
             return _public_tenant
-        return super().get_tenant(domain_model, hostname)
+        # With the plan: the API's rate limit reads it on every request (config.ratelimit).
+        return domain_model.objects.select_related("tenant", "tenant__plan").get(domain=hostname).tenant
 
 
 def _wants_json(request: HttpRequest) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 
 from ninja import Field, Schema
 
@@ -22,8 +23,29 @@ class PrincipalOut(Schema):
     label: str = Field(description="The user's e-mail or the key's prefix")
 
 
+class PlanLimitsOut(Schema):
+    """The plan's limits; null is unlimited."""
+
+    api_requests_per_minute: int | None = Field(description="REST API requests per minute, per API key or member")
+    chat_turns_per_minute: int | None = Field(description="Chat messages per minute, per API key or member")
+    kb_searches_per_minute: int | None = Field(description="Knowledge-base searches per minute, per API key or member")
+    monthly_token_quota: int | None = Field(description="Model tokens (input + output) per calendar month, tenant-wide")
+    max_members: int | None = Field(description="Members plus open invitations")
+    max_agents: int | None = Field(description="Agents that are not retired")
+    max_storage_mb: int | None = Field(description="MiB of stored documents")
+
+
+class PlanOut(Schema):
+    code: str
+    name: str
+    monthly_fee: Decimal = Field(description="In ``currency``, as a decimal string")
+    currency: str
+    limits: PlanLimitsOut
+
+
 class MeOut(Schema):
     tenant: TenantOut
+    plan: PlanOut | None = Field(description="The tenant's plan and its limits; null when it has none")
     principal: PrincipalOut
     role: str | None = Field(description="The member's role; null for API keys")
     permissions: list[str] = Field(
