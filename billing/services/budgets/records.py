@@ -75,6 +75,26 @@ def _clean(principal: Principal, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def budget_period_open(*, budget: Budget, tenant: Any) -> None:
+    """Create the budget's counter of the current period, seeded from the usage events already
+    in it, so that a new budget shows (and enforces) the period so far at once."""
+    from django.db import connection
+
+    from billing.services.budgets.enforcement import Counter, _periods_ensure, period_bounds
+
+    counter = Counter(
+        key=f"budget:{budget.pk}",
+        budget=budget,
+        period=budget.period,
+        limit_tokens=budget.limit_tokens,
+        limit_cost=budget.limit_cost,
+        blocks=False,
+    )
+    bounds = {counter.key: period_bounds(budget.period, timezone.now(), getattr(tenant, "time_zone", "") or "UTC")}
+    with connection.cursor() as cursor:
+        _periods_ensure(cursor, [counter], bounds)
+
+
 def _snapshot(budget: Budget) -> dict[str, Any]:
     return {
         f: (str(getattr(budget, f)) if f == "limit_cost" and budget.limit_cost is not None else getattr(budget, f))
@@ -92,6 +112,7 @@ def budget_create(*, principal: Principal, **values: Any) -> Budget:
     clean = _clean(principal, {f: values.get(f) for f in FIELDS})
     person = principal.person
     budget = Budget.objects.create(**clean, created_by_id=person.pk if person else None)
+    budget_period_open(budget=budget, tenant=principal.tenant)
     audit_event_create(
         actor=principal, action="budget.created", target_type="budget", target_id=budget.pk, payload=_snapshot(budget)
     )
@@ -112,6 +133,10 @@ def budget_update(*, principal: Principal, budget: Budget, **changes: Any) -> Bu
         setattr(budget, name, value)
     budget.updated_at = timezone.now()
     budget.save()
+    if any(before[f] != getattr(budget, f) for f in ("scope", "agent", "api_key", "period")):
+        # What the counters counted no longer matches: count the current period again.
+        budget.periods.all().delete()
+        budget_period_open(budget=budget, tenant=principal.tenant)
     after = _snapshot(budget)
     changed = {k: {"from": before[k], "to": after[k]} for k in FIELDS if before[k] != after[k]}
     # The counters' limit columns follow the budget (they are what the console shows per period).
