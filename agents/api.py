@@ -306,7 +306,8 @@ def turn_outcome_error(request: HttpRequest, *, final: dict[str, Any] | None, tu
     ``final`` is ``streaming.turn_wait``'s result: ``None`` (still running) gives 504
     ``turn_not_finished``; ``approval.requested`` (the turn parked) gives 409
     ``awaiting_approval`` with ``details.approval_id``; ``turn.failed`` gives 502 with the turn's
-    error code (429 for ``budget_exceeded`` / ``quota_exceeded``); ``turn.cancelled`` gives 409 ``turn_cancelled``. ``details`` carry ``turn_id`` and ``session_id``.
+    error code (429 for ``budget_exceeded`` / ``quota_exceeded``); ``turn.cancelled`` gives 409
+    ``turn_cancelled``. ``details`` carry ``turn_id`` and ``session_id``.
     """
     details: dict[str, Any] = {"turn_id": turn_id, "session_id": session_id}
     if final is not None and final["event"] in PAUSE_EVENTS:

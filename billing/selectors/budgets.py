@@ -46,6 +46,22 @@ class BudgetState:
         limit_cost, cost = self.budget.limit_cost, self.reserved_cost if reserved else self.spent_cost
         return min(100, round(float(100 * cost / limit_cost))) if limit_cost else 0
 
+    @property
+    def tokens_percent(self) -> int:
+        return self.percent("tokens")
+
+    @property
+    def tokens_reserved_percent(self) -> int:
+        return min(self.percent("tokens", reserved=True), 100 - self.tokens_percent)
+
+    @property
+    def cost_percent(self) -> int:
+        return self.percent("cost")
+
+    @property
+    def cost_reserved_percent(self) -> int:
+        return min(self.percent("cost", reserved=True), 100 - self.cost_percent)
+
 
 def _states(budgets: list[Budget], tenant: Any, now: dt.datetime) -> list[BudgetState]:
     tz = getattr(tenant, "time_zone", "") or "UTC"
