@@ -27,6 +27,31 @@ from tests.scripted_llm import ScriptedLLM
 
 pytestmark = pytest.mark.django_db
 
+
+@pytest.fixture(scope="module")
+def race_tenant(django_db_setup: World, django_db_blocker: Any) -> Any:
+    """A tenant of its own (committed): the rows these tests commit (usage and audit events are
+    append-only) must not show up in other tests' counts of tenant A."""
+    import uuid
+
+    from django.db import connection
+
+    from tenants.models import User
+    from tenants.principal import Principal
+    from tenants.roles import Role
+    from tenants.services.provisioning import tenant_create
+    from tests.factories import member_add
+
+    slug = f"race{uuid.uuid4().hex[:8]}"
+    with django_db_blocker.unblock():
+        tenant = tenant_create(actor=Principal.system("tests"), slug=slug, name="Race",
+                               owner_email=f"owner@{slug}.test").tenant
+        member_add(tenant=tenant, email=f"admin@{slug}.test", role=Role.ADMIN, password="x" * 12)
+        member_add(tenant=tenant, email=f"viewer@{slug}.test", role=Role.VIEWER, password="x" * 12)
+        owner = User.objects.get(email=f"owner@{slug}.test")
+        connection.set_schema_to_public()
+    return tenant, owner
+
 TURNS = 50
 ALLOWED_CALLS = 7
 
@@ -49,14 +74,14 @@ def in_threads(schema: str, count: int, work: Callable[[int], Any]) -> list[Any]
 
 
 def test_fifty_concurrent_turns_against_a_budget_of_n_calls_make_n_model_requests(
-    world: World, scripted_llm: ScriptedLLM
+    race_tenant: Any, scripted_llm: ScriptedLLM
 ) -> None:
-    tenant = world.tenant_a
+    tenant, owner = race_tenant
     schema = tenant.schema_name
 
     def prepare() -> tuple[Any, int, list[int]]:
         with schema_context(schema):
-            setup = agent_on_scripted_model(tenant, scripted_llm, world.user("operator"))
+            setup = agent_on_scripted_model(tenant, scripted_llm, owner)
             worst = setup.worst_case()
             # Calls overlap: each answer waits before its first token.
             scripted_llm.script(setup.model, tokens=["tok "] * 8, prompt_tokens=worst - 8, first_token_delay=0.3)
@@ -95,8 +120,8 @@ def _delete_budget(schema: str, budget_id: int) -> None:
         Budget.objects.filter(pk=budget_id).delete()
 
 
-def test_concurrent_settles_announce_each_threshold_once(world: World, mailoutbox: list[Any]) -> None:
-    tenant = world.tenant_a
+def test_concurrent_settles_announce_each_threshold_once(race_tenant: Any, mailoutbox: list[Any]) -> None:
+    tenant, _ = race_tenant
     schema = tenant.schema_name
     settles = 20
 
@@ -130,7 +155,7 @@ def test_concurrent_settles_announce_each_threshold_once(world: World, mailoutbo
         assert len(subjects) == 2
         assert any("80%" in s for s in subjects) and any("100%" in s for s in subjects)
         recipients = set(mail.outbox[0].to)
-        assert {"owner@acme.test", "admin@acme.test"} <= recipients
-        assert "viewer@acme.test" not in recipients
+        assert {f"owner@{tenant.slug}.test", f"admin@{tenant.slug}.test"} <= recipients
+        assert f"viewer@{tenant.slug}.test" not in recipients
     finally:
         committed(lambda: _delete_budget(schema, budget_id))
