@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import dataclasses
 import datetime as dt
+import functools
 import json
 from collections.abc import Iterator
 from decimal import Decimal
@@ -393,8 +394,14 @@ def budget_settle(*, hold: BudgetHold | None, tokens: int, cost: Decimal) -> Non
             spent = {"tokens": int(row[1]), "cost": str(row[2])}
             for threshold in crossed:
                 transaction.on_commit(
-                    lambda t=threshold, b=budget_id, s=period_start, sp=spent: budget_alert_send(
-                        schema=hold.schema, tenant_id=hold.tenant_id, budget_id=b, threshold=t, period_start=s, spent=sp
+                    functools.partial(
+                        budget_alert_send,
+                        schema=hold.schema,
+                        tenant_id=hold.tenant_id,
+                        budget_id=budget_id,
+                        threshold=threshold,
+                        period_start=period_start,
+                        spent=spent,
                     )
                 )
         transaction.on_commit(lambda: _forget(hold))
