@@ -60,6 +60,7 @@ bench: install ## Benchmarks: print figures, assert nothing (about 40 minutes)
 	$(PY) tests/bench/bench_hnsw.py
 	$(PY) tests/bench/bench_chat.py
 	$(PY) tests/bench/bench_tools.py
+	$(PY) tests/bench/bench_budget.py
 	$(PY) tests/bench/bench_load.py --baseline
 	$(PY) tests/bench/bench_invoice.py
 

@@ -296,6 +296,9 @@ def message_send(request: HttpRequest, session_id: int, payload: MessageIn) -> A
     return _final_answer(request, principal=principal, session=session, turn_id=turn.pk, final=final)
 
 
+BUDGET_CODES = frozenset({"budget_exceeded", "quota_exceeded"})
+
+
 def turn_outcome_error(request: HttpRequest, *, final: dict[str, Any] | None, turn_id: int,
                        session_id: int) -> JsonResponse | None:
     """The API's error body for a turn that did not complete, else ``None``.
@@ -303,7 +306,8 @@ def turn_outcome_error(request: HttpRequest, *, final: dict[str, Any] | None, tu
     ``final`` is ``streaming.turn_wait``'s result: ``None`` (still running) gives 504
     ``turn_not_finished``; ``approval.requested`` (the turn parked) gives 409
     ``awaiting_approval`` with ``details.approval_id``; ``turn.failed`` gives 502 with the turn's
-    error code; ``turn.cancelled`` gives 409 ``turn_cancelled``. ``details`` carry ``turn_id`` and ``session_id``.
+    error code (429 for ``budget_exceeded`` / ``quota_exceeded``); ``turn.cancelled`` gives 409
+    ``turn_cancelled``. ``details`` carry ``turn_id`` and ``session_id``.
     """
     details: dict[str, Any] = {"turn_id": turn_id, "session_id": session_id}
     if final is not None and final["event"] in PAUSE_EVENTS:
@@ -318,7 +322,9 @@ def turn_outcome_error(request: HttpRequest, *, final: dict[str, Any] | None, tu
                                       "it continues: read the turn later or stream it.", details=details)
     if final["event"] == "turn.failed":
         error = final.get("error") or {}
-        return error_response(request, status=502, code=error.get("code") or "turn_failed",
+        # A budget or quota refused the model call: the client's spend, not the model, failed.
+        status = 429 if error.get("code") in BUDGET_CODES else 502
+        return error_response(request, status=status, code=error.get("code") or "turn_failed",
                               message=error.get("message") or "The turn failed.", details=details)
     if final["event"] == "turn.cancelled":
         return error_response(request, status=409, code="turn_cancelled", message="The turn was cancelled.",

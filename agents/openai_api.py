@@ -28,7 +28,9 @@ Errors use the project's one error body (``config.api``), ``{"error": {"code", "
 which OpenAI's SDKs read like their own: 401 -> ``AuthenticationError``, 403 ->
 ``PermissionDeniedError``, 404 (unknown model) -> ``NotFoundError``, 409 (agent not active) ->
 ``ConflictError``, 422 -> ``UnprocessableEntityError``, 502/504 (turn failed / not finished in
-``CHAT_SYNC_WAIT_SECONDS``) -> ``InternalServerError``. The SDKs retry 409 and 5xx by default;
+``CHAT_SYNC_WAIT_SECONDS``) -> ``InternalServerError``, 429 ``budget_exceeded`` /
+``quota_exceeded`` (a blocking budget or the plan's monthly token quota has no room: checked
+before the turn, and for a turn refused at its model call) -> ``RateLimitError``. The SDKs retry 409 and 5xx by default;
 each retry is a new turn, so set ``max_retries=0`` if that matters.
 """
 
@@ -46,10 +48,11 @@ from django.utils import timezone
 from ninja import Router
 
 from agents import selectors, services
-from agents.api import STREAM_GRACE_SECONDS, turn_outcome_error
+from agents.api import BUDGET_CODES, STREAM_GRACE_SECONDS, turn_outcome_error
 from agents.models import ChatSession, Message
 from agents.schemas import OpenAIChatCompletion, OpenAIChatIn, OpenAIChatMessage, OpenAIModelList
 from agents.streaming import KEEP_ALIVE, sse_response, turn_events_or_keepalives, turn_wait
+from billing.services.budgets import budget_room_check
 from config.api import principal_of
 from config.errors import ValidationFailed
 
@@ -107,6 +110,9 @@ def chat_completions(request: HttpRequest, payload: OpenAIChatIn) -> Any:
         raise ValidationFailed("Only n=1 is supported.", code="unsupported_n")
     question, history = conversation_split(payload.messages)
     agent = selectors.agent_for_chat(principal=principal, slug=payload.model)
+    # A blocking budget or the plan quota with no room left answers 429 before any turn exists.
+    budget_room_check(tenant=request.tenant, agent_slug=agent.slug,  # type: ignore[attr-defined]
+                      api_key_id=principal.api_key.key_id if principal.api_key is not None else "")
     # One transaction: a message the service refuses leaves no empty session behind.
     with transaction.atomic():
         session = services.chat_session_create(principal=principal, agent=agent, title=question.strip()[:80],
@@ -185,6 +191,7 @@ async def completion_chunks(*, schema: str, session_id: int, turn_id: int, wait_
                                        "param": str(event.get("approval_id"))}})
             elif name in ("turn.failed", "error"):
                 error = event.get("error") or {}
+                kind = "insufficient_quota" if error.get("code") in BUDGET_CODES else "server_error"
                 yield _data({"error": {"message": error.get("message") or "The turn failed.",
-                                       "type": "server_error", "code": error.get("code") or "turn_failed"}})
+                                       "type": kind, "code": error.get("code") or "turn_failed"}})
     yield "data: [DONE]\n\n"

@@ -4,9 +4,48 @@ the schedule's tasks once per tenant)."""
 from __future__ import annotations
 
 import structlog
-from celery import shared_task
+from celery import Task, shared_task
 
 logger = structlog.get_logger(__name__)
+
+# --- Budgets ----------------------------------------------------------------------------------
+
+# Webhook retries: 6 tries over about 4 minutes (exponential backoff 2**n seconds, jittered).
+WEBHOOK_MAX_RETRIES = 6
+WEBHOOK_BACKOFF_MAX_SECONDS = 120
+
+
+@shared_task(name="billing.budget_reservations_expire", ignore_result=True)
+def budget_reservations_expire_task() -> int:
+    """Beat entry point, sent once per tenant: release budget reservations past their
+    ``expires_at`` (a worker died between reserving and settling a model call)."""
+    from billing.services.budgets import budget_reservations_expire
+
+    released = budget_reservations_expire()
+    if released:
+        logger.warning("budget_reservations_expired", released=released)
+    return released
+
+
+@shared_task(name="billing.budget_alert_webhook", bind=True, ignore_result=True, max_retries=WEBHOOK_MAX_RETRIES)
+def budget_alert_webhook_task(self: Task, *, tenant_id: int, body: str) -> int:
+    """POST a threshold alert (``body``: the JSON text, signed as sent) to the tenant's webhook
+    (``billing.services.budgets.alerts.webhook_post``); retried with exponential backoff
+    (1, 2, 4, ... seconds, capped at ``WEBHOOK_BACKOFF_MAX_SECONDS``) on any failure, including a
+    URL the egress guard refuses (it may be allowed later); gives up after ``WEBHOOK_MAX_RETRIES``."""
+    from billing.services.budgets import webhook_post
+
+    try:
+        return webhook_post(tenant_id=tenant_id, body=body)
+    except Exception as exc:
+        countdown = min(2**self.request.retries, WEBHOOK_BACKOFF_MAX_SECONDS)
+        logger.warning(
+            "budget_webhook_failed", attempt=self.request.retries + 1, error=repr(exc)[:300], retry_in=countdown
+        )
+        raise self.retry(exc=exc, countdown=countdown) from exc
+
+
+# --- End of budgets ---------------------------------------------------------------------------
 
 # --- Invoices ---------------------------------------------------------------------------------
 

@@ -265,6 +265,8 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "chat-turn-sweep": {"task": "agents.turn_sweep", "schedule": CHAT_TURN_SWEEP_SECONDS},
     # Each tenant: approval requests past their expires_at expire and their turns fail.
     "approvals-expire": {"task": "agents.approvals_expire", "schedule": 60.0},
+    # Each tenant: budget reservations a dead worker never settled give their room back.
+    "budget-reservations-expire": {"task": "billing.budget_reservations_expire", "schedule": 60.0},
     # Sent once, to the public schema: the task checkpoints every chain itself.
     "audit-checkpoint": {"task": "compliance.audit_checkpoint", "schedule": float(AUDIT_CHECKPOINT_SECONDS),
                          "tenant_schemas": ["public"]},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -29,6 +30,20 @@ NAVIGATION: list[tuple[str, str, str]] = [
 ]
 
 
+def _budget_alerts(principal: Principal | None, tenant: Any) -> Callable[[], list[dict[str, Any]]]:
+    """The banner's budgets past a threshold in the current period, read (one query) only when
+    the page's layout renders the banner, and only for members with ``billing:read``."""
+
+    def read() -> list[dict[str, Any]]:
+        if principal is None or tenant is None or tenant.is_public or not principal.can("billing:read"):
+            return []
+        from billing.selectors.budgets import budget_banner
+
+        return budget_banner(principal=principal)
+
+    return read
+
+
 def console(request: HttpRequest) -> dict[str, Any]:
     tenant = getattr(request, "tenant", None)
     principal: Principal | None = getattr(request, "principal", None)
@@ -48,6 +63,7 @@ def console(request: HttpRequest) -> dict[str, Any]:
             # The requests waiting for a decision: one COUNT, only for members who read approvals.
             item["badge"] = approval_pending_count(principal=principal)
     return {
+        "budget_alerts": _budget_alerts(principal, tenant),
         "base_domain": settings.BASE_DOMAIN,
         "tenant": tenant,
         "is_public_host": tenant is None or tenant.is_public,

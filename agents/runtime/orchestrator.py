@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,11 +26,20 @@ from django.utils import timezone
 from agents.models import Agent, AgentVersion, ApprovalRequest, Message, Tool, Turn
 from agents.runtime import events, tool_loop
 from agents.runtime.heartbeat import turn_heartbeat
-from agents.runtime.llm import LLMError, StreamResult, endpoints_for, price_per_token, stream_chat
+from agents.runtime.llm import (
+    LLMError,
+    StreamResult,
+    endpoints_for,
+    estimate_tokens,
+    message_tokens,
+    price_per_token,
+    stream_chat,
+)
 from agents.runtime.prompt import build_prompt
 from agents.runtime.tools import openai_tools, tools_for_version
 from billing.models import UsageEvent
 from billing.services import usage_event_record
+from billing.services.budgets import BudgetHold, budget_holds_guard, budget_release, budget_reserve, budget_settle
 from compliance.services import audit_event_create
 from config.db import connection_release
 from config.errors import DomainError
@@ -175,6 +185,13 @@ def _drive(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, body: 
     # Usage events of the turn are attributed to whoever sent it (billing.services.usage).
     structlog.contextvars.bind_contextvars(turn_id=turn.pk, session_id=turn.session_id,
                                            user_id=turn.session.user_id, api_key=turn.session.api_key_id or None)
+    # Any reservation a path below leaves unsettled is released when the guard exits.
+    with budget_holds_guard() as holds:
+        return _drive_guarded(turn, schema=schema, group=group, batcher=batcher, body=body, holds=holds)
+
+
+def _drive_guarded(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, body: Callable[[], str],
+                   holds: list[BudgetHold]) -> str:
     try:
         with _streaming(), turn_heartbeat(schema, turn.pk):
             return body()
@@ -191,7 +208,8 @@ def _drive(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, body: 
         partial = exc.partial if isinstance(exc, LLMError) else None
         with transaction.atomic():
             if partial is not None:
-                _meter(turn, partial)
+                # The call that broke holds the last reservation: it settles to what was generated.
+                _meter(turn, partial, hold=holds[-1] if holds else None)
             _finish(turn, Turn.Status.FAILED, error_code=code, error_message=message,
                     **({"input_tokens": partial.input_tokens, "output_tokens": partial.output_tokens}
                        if partial is not None else {}))
@@ -200,19 +218,21 @@ def _drive(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, body: 
         return "failed"
 
 
-def _meter(turn: Turn, result: StreamResult) -> None:
+def _meter(turn: Turn, result: StreamResult, *, hold: BudgetHold | None) -> None:
     """Record the input and output token usage events of one model call of ``turn``, priced
     from the endpoint that served it (also for a call that broke after streaming some text: the
-    model generated those tokens)."""
+    model generated those tokens), and settle the call's budget reservation ``hold`` to them in
+    the same transaction (counters never drift from the events)."""
     endpoint = result.endpoint
     assert endpoint is not None
     common: dict[str, Any] = {"model": endpoint.model, "agent_id": turn.session.agent_id,
                               "session_id": turn.session_id, "turn_id": turn.pk, "currency": endpoint.currency,
                               "metadata": {"endpoint": endpoint.name, "estimated": result.usage_estimated}}
-    usage_event_record(kind=UsageEvent.Kind.LLM_INPUT_TOKENS, quantity=result.input_tokens,
+    input_ = usage_event_record(kind=UsageEvent.Kind.LLM_INPUT_TOKENS, quantity=result.input_tokens,
                        unit_price=price_per_token(endpoint.input_price_per_mtok), **common)
-    usage_event_record(kind=UsageEvent.Kind.LLM_OUTPUT_TOKENS, quantity=result.output_tokens,
-                       unit_price=price_per_token(endpoint.output_price_per_mtok), **common)
+    output = usage_event_record(kind=UsageEvent.Kind.LLM_OUTPUT_TOKENS, quantity=result.output_tokens,
+                                unit_price=price_per_token(endpoint.output_price_per_mtok), **common)
+    budget_settle(hold=hold, tokens=result.input_tokens + result.output_tokens, cost=input_.cost + output.cost)
 
 
 @dataclass
@@ -225,6 +245,7 @@ class TurnRun:
     schema: str
     group: str
     batcher: DeltaBatcher
+    tenant: Any
     agent: Agent
     version: AgentVersion
     endpoints: list[ModelEndpoint]
@@ -241,6 +262,7 @@ class TurnRun:
     usage_estimated: bool = False
     text: str = ""
     endpoint: ModelEndpoint | None = None  # the endpoint that served the last model call
+    hold: BudgetHold | None = None  # the budget reservation of the model call not yet metered
 
     def loop_state(self, pending_calls: list[dict[str, Any]]) -> dict[str, Any]:
         """What ``Turn.loop_state`` keeps while the turn waits for an approval."""
@@ -251,8 +273,8 @@ class TurnRun:
                 "first_token_at": self.first_token_at.isoformat() if self.first_token_at else None}
 
 
-def _runnable(turn: Turn, *, schema: str) -> tuple[Agent, list[ModelEndpoint]]:
-    """The turn's agent and the endpoints to try, after checking that the agent and the tenant
+def _runnable(turn: Turn, *, schema: str) -> tuple[Any, Agent, list[ModelEndpoint]]:
+    """The turn's tenant, agent and the endpoints to try, after checking that the agent and the tenant
     may run and that a model is configured. Raises ``TurnRefused``."""
     from tenants.models import Tenant
 
@@ -260,13 +282,13 @@ def _runnable(turn: Turn, *, schema: str) -> tuple[Agent, list[ModelEndpoint]]:
     agent = Agent.objects.get(pk=version.agent_id)
     if agent.status in (Agent.Status.PAUSED, Agent.Status.RETIRED):
         raise TurnRefused("agent_unavailable", f"The agent '{agent.name}' is {agent.status}; it does not answer now.")
-    tenant = Tenant.objects.get(schema_name=schema)
+    tenant = Tenant.objects.select_related("plan").get(schema_name=schema)
     if tenant.status != Tenant.Status.ACTIVE:
         raise TurnRefused("tenant_suspended", "This workspace is suspended.")
     endpoints = endpoints_for(tenant=tenant, tier=version.tier, endpoint_id=version.endpoint_id)
     if not endpoints:
         raise TurnRefused("no_model", f"No model endpoint is enabled for the '{version.tier}' tier.")
-    return agent, endpoints
+    return tenant, agent, endpoints
 
 
 def _response_format(version: AgentVersion) -> dict[str, Any] | None:
@@ -282,7 +304,7 @@ def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> T
     from knowledge.retrieval import chunk_search
 
     version = turn.agent_version
-    agent, endpoints = _runnable(turn, schema=schema)
+    tenant, agent, endpoints = _runnable(turn, schema=schema)
     # Saved first, so a client that joins later reads the same turn.started from the database
     # (the answer's save replaces them with the endpoint that answered, after any fallback).
     Turn.objects.filter(pk=turn.pk).update(model=endpoints[0].model, endpoint_name=endpoints[0].name)
@@ -317,7 +339,8 @@ def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> T
         events.publish(group, {"event": "citations", "turn_id": turn.pk, "citations": citations,
                                "retrieved": retrieved})
 
-    return TurnRun(turn=turn, schema=schema, group=group, batcher=batcher, agent=agent, version=version,
+    return TurnRun(turn=turn, schema=schema, group=group, batcher=batcher, tenant=tenant, agent=agent,
+                   version=version,
                    endpoints=endpoints, messages=list(prompt.messages), citations=citations,
                    response_format=_response_format(version), tools=tools_for_version(version) if version.tools else {})
 
@@ -357,12 +380,21 @@ def _stream(run: TurnRun) -> StreamResult:
         # auto / required, or one tool's name: OpenAI's named choice.
         tool_choice = (str(choice) if choice in AgentVersion.ToolChoice.values
                        else {"type": "function", "function": {"name": choice}})
+    # Raises BudgetExceeded (the turn fails before the model is called).
+    run.hold = _budget_reserve(run, offered)
     # The stream lasts seconds and needs no database: its connection serves other turns meanwhile
     # (a worker's pool is smaller than its thread count; README, "Database connections").
     connection_release()
-    result = stream_chat(endpoints=run.endpoints, messages=run.messages, temperature=run.version.temperature,
-                         max_tokens=run.version.max_output_tokens, response_format=run.response_format,
-                         on_delta=on_delta, should_stop=should_stop, tools=offered, tool_choice=tool_choice)
+    try:
+        result = stream_chat(endpoints=run.endpoints, messages=run.messages, temperature=run.version.temperature,
+                             max_tokens=run.version.max_output_tokens, response_format=run.response_format,
+                             on_delta=on_delta, should_stop=should_stop, tools=offered, tool_choice=tool_choice)
+    except LLMError as error:
+        if error.partial is None:
+            # No token was generated: the room goes back now (a partial result settles in _drive).
+            budget_release(hold=run.hold)
+            run.hold = None
+        raise
     run.batcher.flush()
     run.model_calls += 1
     run.input_tokens += result.input_tokens
@@ -370,6 +402,23 @@ def _stream(run: TurnRun) -> StreamResult:
     run.usage_estimated = run.usage_estimated or result.usage_estimated
     run.endpoint = result.endpoint
     return result
+
+
+def _budget_reserve(run: TurnRun, offered: list[dict[str, Any]] | None) -> BudgetHold | None:
+    """Reserve the next model call's worst case against the budgets in scope of the turn (the
+    tenant's, the agent's, the session's API key's, the plan's monthly token quota): the prompt
+    (``message_tokens`` of each message + 4 for its framing, as ``build_prompt`` counts, plus the
+    offered tool definitions) and ``max_output_tokens``, priced at the highest input and output
+    prices among the candidate endpoints. Raises ``BudgetExceeded``."""
+    prompt = sum(message_tokens(m) + 4 for m in run.messages)
+    if offered:
+        prompt += estimate_tokens(json.dumps(offered))
+    output = int(run.version.max_output_tokens)
+    input_price = max(price_per_token(e.input_price_per_mtok) for e in run.endpoints)
+    output_price = max(price_per_token(e.output_price_per_mtok) for e in run.endpoints)
+    return budget_reserve(tenant=run.tenant, tokens=prompt + output, cost=prompt * input_price + output * output_price,
+                          agent_slug=run.agent.slug, api_key_id=run.turn.session.api_key_id or "",
+                          turn_id=run.turn.pk)
 
 
 def _loop(run: TurnRun) -> str:
@@ -381,7 +430,8 @@ def _loop(run: TurnRun) -> str:
         if result.finish_reason == "cancelled" or not result.tool_calls:
             return _finish_turn(run, result)
         with transaction.atomic():
-            _meter(run.turn, result)
+            _meter(run.turn, result, hold=run.hold)
+        run.hold = None
         calls = []
         for n, call in enumerate(result.tool_calls, start=1):
             # The id pairs the call with its result message; a server that sends none gets one.
@@ -448,7 +498,8 @@ def _finish_turn(run: TurnRun, result: StreamResult | None, *, outcome: str = ""
         if turn.status in Turn.FINAL:  # the sweeper got there first
             return str(turn.status)
         if result is not None:
-            _meter(turn, result)
+            _meter(turn, result, hold=run.hold)
+            run.hold = None
         message = None
         if run.text:
             message = Message.objects.create(session_id=turn.session_id, role=Message.Role.ASSISTANT,
@@ -539,12 +590,13 @@ def _restore(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> T
     """The run state of a parked turn, from ``Turn.loop_state``; publishes ``turn.started`` again
     so that clients following the session resume. Raises ``TurnRefused`` as ``_prepare``."""
     version = turn.agent_version
-    agent, endpoints = _runnable(turn, schema=schema)
+    tenant, agent, endpoints = _runnable(turn, schema=schema)
     state = turn.loop_state or {}
     events.publish(group, {"event": "turn.started", "turn_id": turn.pk, "model": endpoints[0].model,
                            "endpoint": endpoints[0].name})
     first = state.get("first_token_at")
-    return TurnRun(turn=turn, schema=schema, group=group, batcher=batcher, agent=agent, version=version,
+    return TurnRun(turn=turn, schema=schema, group=group, batcher=batcher, tenant=tenant, agent=agent,
+                   version=version,
                    endpoints=endpoints, messages=list(state.get("messages") or []),
                    citations=list(state.get("citations") or []), response_format=_response_format(version),
                    first_token_at=dt.datetime.fromisoformat(first) if first else None,

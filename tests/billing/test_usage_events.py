@@ -12,8 +12,8 @@ from django.db import IntegrityError, connection, transaction
 from django.test import Client
 from django_tenants.utils import schema_context
 
-from billing.services import usage as usage_services
 from billing.models import UsageEvent
+from billing.services import usage as usage_services
 from billing.services import usage_event_record
 from tenants.principal import Principal
 from tenants.services.keys import api_key_create

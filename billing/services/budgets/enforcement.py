@@ -1,0 +1,476 @@
+"""Enforcing budgets and the plan's monthly token quota around each model call.
+
+One PostgreSQL row lock per counter (``BudgetPeriod``), never Redis: a call's reservation is
+taken in one short transaction (lock the counters in id order, check, add the reservation), and
+settled in the transaction that records the call's usage events, so the counters move together
+with the events invoices are computed from (docs/billing-budgets.md, "Why a row lock").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import datetime as dt
+import functools
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import structlog
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from billing.models import Budget, BudgetReservation, UsageEvent
+from config.errors import TooManyRequests
+
+logger = structlog.get_logger(__name__)
+
+QUOTA_KEY = "plan:monthly_token_quota"
+DEFAULT_THRESHOLDS = (0.8, 1.0)
+MODEL_KINDS = (UsageEvent.Kind.LLM_INPUT_TOKENS.value, UsageEvent.Kind.LLM_OUTPUT_TOKENS.value)
+# A reservation outlives its call only when the worker died: the call cannot run past the turn's
+# deadline, so a minute after that nobody will settle it.
+RESERVATION_GRACE_SECONDS = 60
+
+
+class BudgetExceeded(TooManyRequests):
+    """A blocking budget (``budget_exceeded``) or the plan's monthly token quota
+    (``quota_exceeded``) has no room for a model call: HTTP 429 on the API, ``turn.failed`` in a
+    turn. ``message`` names the budget, its period and limit."""
+
+    code = "budget_exceeded"
+
+
+@dataclasses.dataclass(frozen=True)
+class Counter:
+    """One counter a call is checked against: a budget (``budget`` set) or the plan quota."""
+
+    key: str
+    budget: Budget | None
+    period: str
+    limit_tokens: int | None
+    limit_cost: Decimal | None
+    blocks: bool
+
+    @property
+    def label(self) -> str:
+        if self.budget is None:
+            return "The plan's monthly token quota"
+        return f"Budget '{self.budget.name or self.budget}'"
+
+    @property
+    def thresholds(self) -> list[float]:
+        if self.budget is None:
+            return []
+        return sorted(float(t) for t in (self.budget.alert_thresholds or DEFAULT_THRESHOLDS))
+
+
+@dataclasses.dataclass
+class BudgetHold:
+    """What one model call holds: the reservation row (``reservation_id``), the counters'
+    ``BudgetPeriod`` ids with their ``Counter``, and the reserved ``tokens`` and ``cost``."""
+
+    reservation_id: int
+    periods: dict[int, Counter]
+    tokens: int
+    cost: Decimal
+    schema: str
+    tenant_id: int
+
+
+def period_bounds(period: str, now: dt.datetime, time_zone: str) -> tuple[dt.datetime, dt.datetime]:
+    """The ``[start, end)`` of the ``day`` or calendar ``month`` holding ``now`` in ``time_zone``
+    (an IANA name), as aware datetimes; the end is the next period's start (wall-clock midnight,
+    so a day across a DST change is 23 or 25 hours)."""
+    tz = ZoneInfo(time_zone or "UTC")
+    local = now.astimezone(tz)
+    if period == Budget.Period.DAY:
+        start_date = local.date()
+        end_date = start_date + dt.timedelta(days=1)
+    else:
+        start_date = local.date().replace(day=1)
+        end_date = (start_date + dt.timedelta(days=32)).replace(day=1)
+    start = dt.datetime(start_date.year, start_date.month, start_date.day, tzinfo=tz)
+    end = dt.datetime(end_date.year, end_date.month, end_date.day, tzinfo=tz)
+    return start, end
+
+
+def budgets_in_scope(*, agent_slug: str, api_key_id: str) -> list[Budget]:
+    """The budgets of the current tenant that apply to a call of agent ``agent_slug`` made for
+    API key ``api_key_id`` ('' when a member made it): tenant-wide, that agent's, that key's."""
+    from django.db.models import Q
+
+    where = Q(scope=Budget.Scope.TENANT)
+    if agent_slug:
+        where |= Q(scope=Budget.Scope.AGENT, agent=agent_slug)
+    if api_key_id:
+        where |= Q(scope=Budget.Scope.API_KEY, api_key=api_key_id)
+    return list(Budget.objects.filter(where).order_by("id"))
+
+
+def counters_for(*, tenant: Any, agent_slug: str, api_key_id: str) -> list[Counter]:
+    """The counters a model call of ``tenant`` is checked against: its budgets in scope, and the
+    plan's ``monthly_token_quota`` (tenant-wide, calendar month) when the plan sets one."""
+    counters = [
+        Counter(
+            key=f"budget:{b.pk}",
+            budget=b,
+            period=b.period,
+            limit_tokens=b.limit_tokens,
+            limit_cost=b.limit_cost,
+            blocks=b.action == Budget.Action.BLOCK,
+        )
+        for b in budgets_in_scope(agent_slug=agent_slug, api_key_id=api_key_id)
+    ]
+    plan = tenant.plan if tenant.plan_id else None
+    if plan is not None and plan.monthly_token_quota:
+        counters.append(
+            Counter(
+                key=QUOTA_KEY,
+                budget=None,
+                period=Budget.Period.MONTH,
+                limit_tokens=int(plan.monthly_token_quota),
+                limit_cost=None,
+                blocks=True,
+            )
+        )
+    return counters
+
+
+def _scope_sql(budget: Budget | None) -> tuple[str, list[Any]]:
+    """The WHERE clause (on usage events) of what a counter counts."""
+    if budget is not None and budget.scope == Budget.Scope.AGENT:
+        return "agent_id IN (SELECT id FROM agents_agent WHERE slug = %s)", [budget.agent]
+    if budget is not None and budget.scope == Budget.Scope.API_KEY:
+        return "api_key_id = %s", [budget.api_key]
+    return "TRUE", []
+
+
+# A new counter's row, seeded with the spend so far; ``{where}`` is one of _scope_sql's constant
+# clauses (every value is a parameter).
+_SEED_SQL = (
+    "INSERT INTO billing_budgetperiod (key, budget_id, period_start, period_end, limit_tokens, limit_cost,"
+    " spent_tokens, spent_cost, reserved_tokens, reserved_cost, alerted, created_at)"
+    " SELECT %s, %s, %s, %s, %s, %s, COALESCE(SUM(quantity), 0), COALESCE(SUM(cost), 0), 0, 0, '[]', now()"
+    " FROM billing_usageevent WHERE kind = ANY(%s) AND created_at >= %s AND created_at < %s AND {where}"
+    " ON CONFLICT (key, period_start) DO NOTHING"
+)
+
+
+def _periods_ensure(cursor: Any, counters: list[Counter], bounds: dict[str, tuple[dt.datetime, dt.datetime]]) -> None:
+    """Create the missing counters of these periods, seeded from the model usage events already
+    recorded in the period for the counter's scope (a budget created mid-month counts the month
+    so far). ``ON CONFLICT DO NOTHING``: two calls creating one counter agree on one row."""
+    for counter in counters:
+        start, end = bounds[counter.key]
+        where, params = _scope_sql(counter.budget)
+        cursor.execute(
+            _SEED_SQL.replace("{where}", where),
+            [
+                counter.key,
+                counter.budget.pk if counter.budget else None,
+                start,
+                end,
+                counter.limit_tokens,
+                counter.limit_cost,
+                list(MODEL_KINDS),
+                start,
+                end,
+                *params,
+            ],
+        )
+
+
+def _lock(
+    cursor: Any, counters: list[Counter], bounds: dict[str, tuple[dt.datetime, dt.datetime]]
+) -> dict[str, tuple[Any, ...]]:
+    """Lock the counters' rows of these periods in id order (one order for every caller, so two
+    calls never deadlock); returns key -> (id, spent_tokens, spent_cost, reserved_tokens,
+    reserved_cost, period_start, period_end)."""
+    keys = [c.key for c in counters]
+    starts = [bounds[c.key][0] for c in counters]
+    cursor.execute(
+        "SELECT p.key, p.id, p.spent_tokens, p.spent_cost, p.reserved_tokens, p.reserved_cost, p.period_start,"
+        " p.period_end FROM billing_budgetperiod p JOIN unnest(%s::varchar[], %s::timestamptz[]) AS w(key, start)"
+        " ON p.key = w.key AND p.period_start = w.start ORDER BY p.id FOR UPDATE OF p",
+        [keys, starts],
+    )
+    return {row[0]: row[1:] for row in cursor.fetchall()}
+
+
+def _refusal(counter: Counter, row: tuple[Any, ...], tokens: int, cost: Decimal, time_zone: str) -> str | None:
+    """The message refusing a call of ``tokens`` / ``cost`` against a counter's row, or None."""
+    _, spent_tokens, spent_cost, reserved_tokens, reserved_cost, start, _ = row
+    local = start.astimezone(ZoneInfo(time_zone or "UTC"))
+    period = f"the day of {local:%Y-%m-%d}" if counter.period == Budget.Period.DAY else f"the month {local:%Y-%m}"
+    if counter.limit_tokens is not None and spent_tokens + reserved_tokens + tokens > counter.limit_tokens:
+        return (
+            f"{counter.label} has no room for this call in {period}: limit {counter.limit_tokens} tokens, "
+            f"{spent_tokens} spent, {reserved_tokens} reserved by calls in flight, this call may use "
+            f"up to {tokens}."
+        )
+    if counter.limit_cost is not None and spent_cost + reserved_cost + cost > counter.limit_cost:
+        return (
+            f"{counter.label} has no room for this call in {period}: limit {counter.limit_cost} in cost, "
+            f"{spent_cost:.6f} spent, {reserved_cost:.6f} reserved by calls in flight, this call may cost "
+            f"up to {cost:.6f}."
+        )
+    return None
+
+
+# The holds of the running turn that are not settled or released yet: ``budget_holds_guard``
+# releases them when the turn's code exits, whatever the path.
+_holds: contextvars.ContextVar[list[BudgetHold] | None] = contextvars.ContextVar("budget_holds", default=None)
+
+
+@contextlib.contextmanager
+def budget_holds_guard() -> Iterator[list[BudgetHold]]:
+    """Release, on exit, every reservation taken inside the block and neither settled nor
+    released (an exception between the call and its metering, a turn swept meanwhile)."""
+    holds: list[BudgetHold] = []
+    token = _holds.set(holds)
+    try:
+        yield holds
+    finally:
+        _holds.reset(token)
+        for hold in holds:
+            try:
+                budget_release(hold=hold)
+            except Exception:
+                logger.exception("budget_release_failed", reservation_id=hold.reservation_id)
+
+
+def _forget(hold: BudgetHold) -> None:
+    holds = _holds.get()
+    if holds is not None and hold in holds:
+        holds.remove(hold)
+
+
+def budget_reserve(
+    *,
+    tenant: Any,
+    tokens: int,
+    cost: Decimal,
+    agent_slug: str = "",
+    api_key_id: str = "",
+    turn_id: int | None = None,
+    now: dt.datetime | None = None,
+) -> BudgetHold | None:
+    """Reserve ``tokens`` (a model call's worst case: prompt estimate + max output tokens) and
+    ``cost`` (priced at the highest prices among the candidate endpoints, tenant currency)
+    against every counter in scope of the call (``counters_for``), in the current tenant schema.
+
+    One transaction: create missing counters of the current periods (``_periods_ensure``), lock
+    them in id order, refuse if a blocking counter would pass a limit with spent + reserved +
+    this call, else add the call to ``reserved_*`` and write a ``BudgetReservation``. Returns the
+    ``BudgetHold`` to settle or release, ``None`` when no counter applies. Raises
+    ``BudgetExceeded`` (code ``budget_exceeded``, or ``quota_exceeded`` for the plan quota).
+    """
+    counters = counters_for(tenant=tenant, agent_slug=agent_slug, api_key_id=api_key_id)
+    if not counters:
+        return None
+    now = now or timezone.now()
+    tz = getattr(tenant, "time_zone", "") or "UTC"
+    bounds = {c.key: period_bounds(c.period, now, tz) for c in counters}
+    schema: str = connection.schema_name  # type: ignore[attr-defined]
+    with transaction.atomic(), connection.cursor() as cursor:
+        rows = _lock(cursor, counters, bounds)
+        if len(rows) < len(counters):
+            _periods_ensure(cursor, [c for c in counters if c.key not in rows], bounds)
+            rows = _lock(cursor, counters, bounds)
+        for counter in counters:
+            refusal = _refusal(counter, rows[counter.key], tokens, cost, tz) if counter.blocks else None
+            if refusal:
+                code = "quota_exceeded" if counter.budget is None else "budget_exceeded"
+                end = rows[counter.key][6]
+                raise BudgetExceeded(
+                    refusal,
+                    code=code,
+                    retry_after=max(1, int((end - now).total_seconds())),
+                    details={
+                        "budget": counter.budget.pk if counter.budget else None,
+                        "key": counter.key,
+                        "period": counter.period,
+                        "limit_tokens": counter.limit_tokens,
+                        "limit_cost": str(counter.limit_cost) if counter.limit_cost is not None else None,
+                    },
+                )
+        ids = [rows[c.key][0] for c in counters]
+        cursor.execute(
+            "UPDATE billing_budgetperiod SET reserved_tokens = reserved_tokens + %s,"
+            " reserved_cost = reserved_cost + %s WHERE id = ANY(%s)",
+            [tokens, cost, ids],
+        )
+        expires = now + dt.timedelta(seconds=settings.CHAT_TURN_DEADLINE_SECONDS + RESERVATION_GRACE_SECONDS)
+        reservation = BudgetReservation.objects.create(
+            turn_id=turn_id, periods=ids, tokens=tokens, cost=cost, created_at=now, expires_at=expires
+        )
+    hold = BudgetHold(
+        reservation_id=reservation.pk,
+        periods={rows[c.key][0]: c for c in counters},
+        tokens=tokens,
+        cost=cost,
+        schema=schema,
+        tenant_id=int(tenant.pk),
+    )
+    holds = _holds.get()
+    if holds is not None:
+        holds.append(hold)
+    return hold
+
+
+def _unreserve(
+    cursor: Any, reservation_id: int, period_ids: list[int], *, spent_tokens: int, spent_cost: Decimal
+) -> list[tuple[Any, ...]]:
+    """Delete the reservation and move the counters: ``reserved -= held`` (when the reservation
+    was still there: not released by the expiry sweep meanwhile), ``spent += spent_*``. Locks
+    in id order; returns the rows (id, spent_tokens, spent_cost, limit_tokens, limit_cost,
+    alerted, period_start) after the change."""
+    cursor.execute("DELETE FROM billing_budgetreservation WHERE id = %s RETURNING tokens, cost", [reservation_id])
+    held = cursor.fetchone()
+    held_tokens, held_cost = (held[0], held[1]) if held else (0, Decimal(0))
+    if not held and not spent_tokens and not spent_cost:
+        return []
+    cursor.execute("SELECT id FROM billing_budgetperiod WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [period_ids])
+    cursor.execute(
+        "UPDATE billing_budgetperiod SET spent_tokens = spent_tokens + %s, spent_cost = spent_cost + %s,"
+        " reserved_tokens = GREATEST(reserved_tokens - %s, 0), reserved_cost = GREATEST(reserved_cost - %s, 0)"
+        " WHERE id = ANY(%s) RETURNING id, spent_tokens, spent_cost, limit_tokens, limit_cost, alerted, period_start",
+        [spent_tokens, spent_cost, held_tokens, held_cost, period_ids],
+    )
+    return list(cursor.fetchall())
+
+
+def _json_list(value: Any) -> list[Any]:
+    # Django's connection hands jsonb to raw cursors as text.
+    if isinstance(value, str):
+        value = json.loads(value)
+    return list(value or [])
+
+
+def _crossed(counter: Counter, row: tuple[Any, ...]) -> list[float]:
+    """The thresholds of ``counter`` that its row's spend reached and that were not announced."""
+    _, spent_tokens, spent_cost, limit_tokens, limit_cost, alerted, _ = row
+    fractions = []
+    if counter.limit_tokens:
+        fractions.append(spent_tokens / counter.limit_tokens)
+    if counter.limit_cost:
+        fractions.append(float(spent_cost / counter.limit_cost))
+    if not fractions:
+        return []
+    reached = max(fractions)
+    done = {float(a) for a in _json_list(alerted)}
+    return [t for t in counter.thresholds if reached >= t and t not in done]
+
+
+def budget_settle(*, hold: BudgetHold | None, tokens: int, cost: Decimal) -> None:
+    """Replace a call's reservation by its real usage (``tokens`` input + output, ``cost`` in
+    the tenant's currency), in the caller's transaction: the one that records the call's usage
+    events. Thresholds crossed for the first time in the period are recorded in
+    ``BudgetPeriod.alerted`` under the row lock (concurrent settles announce once) and announced
+    after commit (``billing.services.budgets.alerts.budget_alert_send``). ``None``: no-op."""
+    if hold is None:
+        return
+    from billing.services.budgets.alerts import budget_alert_send
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        rows = _unreserve(cursor, hold.reservation_id, list(hold.periods), spent_tokens=tokens, spent_cost=cost)
+        for row in rows:
+            counter = hold.periods.get(row[0])
+            if counter is None or counter.budget is None:
+                continue
+            crossed = _crossed(counter, row)
+            if not crossed:
+                continue
+            alerted = sorted({*(float(a) for a in _json_list(row[5])), *crossed})
+            cursor.execute(
+                "UPDATE billing_budgetperiod SET alerted = %s::jsonb WHERE id = %s", [json.dumps(alerted), row[0]]
+            )
+            budget_id, period_start = counter.budget.pk, row[6]
+            spent = {"tokens": int(row[1]), "cost": str(row[2])}
+            for threshold in crossed:
+                transaction.on_commit(
+                    functools.partial(
+                        budget_alert_send,
+                        schema=hold.schema,
+                        tenant_id=hold.tenant_id,
+                        budget_id=budget_id,
+                        threshold=threshold,
+                        period_start=period_start,
+                        spent=spent,
+                    )
+                )
+        transaction.on_commit(lambda: _forget(hold))
+
+
+def budget_release(*, hold: BudgetHold | None) -> None:
+    """Give back a call's reservation unused (the call failed before any token). ``None``, or a
+    reservation already settled or released: no-op."""
+    if hold is None:
+        return
+    with transaction.atomic(), connection.cursor() as cursor:
+        _unreserve(cursor, hold.reservation_id, list(hold.periods), spent_tokens=0, spent_cost=Decimal(0))
+    _forget(hold)
+
+
+def budget_reservations_expire(*, now: dt.datetime | None = None) -> int:
+    """Release the reservations of the current schema past their ``expires_at`` (a worker died
+    between reserving and settling); returns how many. Each in its own short transaction."""
+    now = now or timezone.now()
+    released = 0
+    for reservation in BudgetReservation.objects.filter(expires_at__lt=now).order_by("id")[:1000]:
+        with transaction.atomic(), connection.cursor() as cursor:
+            rows = _unreserve(
+                cursor, reservation.pk, [int(p) for p in reservation.periods], spent_tokens=0, spent_cost=Decimal(0)
+            )
+        released += 1 if rows else 0
+    return released
+
+
+def budget_room_check(
+    *, tenant: Any, agent_slug: str = "", api_key_id: str = "", now: dt.datetime | None = None
+) -> None:
+    """Refuse up front (no lock, no write) when a blocking counter in scope has no room left at
+    all: spent + reserved at or past a limit. For the OpenAI-compatible endpoint, which answers
+    429 before creating a turn. Raises ``BudgetExceeded``."""
+    from billing.models import BudgetPeriod
+
+    counters = [c for c in counters_for(tenant=tenant, agent_slug=agent_slug, api_key_id=api_key_id) if c.blocks]
+    if not counters:
+        return
+    now = now or timezone.now()
+    tz = getattr(tenant, "time_zone", "") or "UTC"
+    bounds = {c.key: period_bounds(c.period, now, tz) for c in counters}
+    from django.db.models import Q
+
+    where = Q()
+    for c in counters:
+        where |= Q(key=c.key, period_start=bounds[c.key][0])
+    rows = {p.key: p for p in BudgetPeriod.objects.filter(where)}
+    for counter in counters:
+        row = rows.get(counter.key)
+        if row is None:
+            continue
+        values = (
+            row.pk,
+            row.spent_tokens,
+            row.spent_cost,
+            row.reserved_tokens,
+            row.reserved_cost,
+            row.period_start,
+            row.period_end,
+        )
+        refusal = _refusal(
+            counter,
+            values,
+            1 if counter.limit_tokens is not None else 0,
+            Decimal("0.000001") if counter.limit_cost is not None else Decimal(0),
+            tz,
+        )
+        if refusal:
+            code = "quota_exceeded" if counter.budget is None else "budget_exceeded"
+            raise BudgetExceeded(refusal, code=code, retry_after=max(1, int((row.period_end - now).total_seconds())))
