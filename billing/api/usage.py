@@ -28,8 +28,11 @@ class UsageFilters(Schema):
 @router.get("/usage/events", response=UsageEventPage, summary="Usage events, newest first")
 def usage_event_list(request: HttpRequest, filters: Query[UsageFilters]) -> dict[str, Any]:
     events = selectors.usage_event_list(
-        principal=principal_of(request), kind=filters.kind, agent_id=filters.agent,
-        since=filters.from_, until=filters.to,
+        principal=principal_of(request),
+        kind=filters.kind,
+        agent_id=filters.agent,
+        since=filters.from_,
+        until=filters.to,
     )
     rows, cursor = keyset_page(events, cursor=filters.cursor, limit=filters.limit)
     return {"items": rows, "next_cursor": cursor}
@@ -49,5 +52,8 @@ def usage_summary(request: HttpRequest, params: Query[UsageSummaryQuery]) -> dic
     principal.require("usage:read")
     period = usage_selectors.usage_period(principal=principal, start=params.start, end=params.end)
     summary = usage_selectors.usage_summary(principal=principal, period=period, group_by=params.group_by)
-    return {**summary, "groups": [_cost_as_text(g) for g in summary["groups"]],
-            "totals": _cost_as_text(summary["totals"])}
+    return {
+        **summary,
+        "groups": [_cost_as_text(g) for g in summary["groups"]],
+        "totals": _cost_as_text(summary["totals"]),
+    }

@@ -22,8 +22,7 @@ GROUP_BYS: tuple[str, ...] = get_args(GroupBy)
 UNATTRIBUTED = "unattributed"
 
 # The column each grouping aggregates on (``day`` is the date of created_at in the tenant's zone).
-_GROUP_COLUMNS: dict[str, str] = {"agent": "agent_id", "model": "model", "member": "user_id",
-                                  "api_key": "api_key_id"}
+_GROUP_COLUMNS: dict[str, str] = {"agent": "agent_id", "model": "model", "member": "user_id", "api_key": "api_key_id"}
 _ZERO_COST = Decimal("0")
 
 
@@ -87,8 +86,9 @@ def tenant_currency(principal: Principal) -> str:
     return str(getattr(plan, "currency", "") or "USD")
 
 
-def usage_period(*, principal: Principal, start: dt.date | None = None, end: dt.date | None = None,
-                 now: dt.datetime | None = None) -> UsagePeriod:
+def usage_period(
+    *, principal: Principal, start: dt.date | None = None, end: dt.date | None = None, now: dt.datetime | None = None
+) -> UsagePeriod:
     """The period ``[start, end)`` in the tenant's timezone; a missing bound defaults to the
     current month's (first of this month, first of next month) in that zone.
 
@@ -101,23 +101,36 @@ def usage_period(*, principal: Principal, start: dt.date | None = None, end: dt.
     next_month = (month_start + dt.timedelta(days=32)).replace(day=1)
     period = UsagePeriod(start=start or month_start, end=end or next_month, zone=zone)
     if period.end <= period.start:
-        raise ValidationFailed("end must be after start (start is inclusive, end exclusive).",
-                               code="invalid_period", details={"start": str(period.start), "end": str(period.end)})
+        raise ValidationFailed(
+            "end must be after start (start is inclusive, end exclusive).",
+            code="invalid_period",
+            details={"start": str(period.start), "end": str(period.end)},
+        )
     try:
         period.since.astimezone(dt.UTC)
         period.until.astimezone(dt.UTC)
     except OverflowError:
-        raise ValidationFailed("The period is outside the dates the portal can store.",
-                               code="invalid_period") from None
+        raise ValidationFailed("The period is outside the dates the portal can store.", code="invalid_period") from None
     return period
 
 
-PERIOD_NAMES: dict[str, str] = {"this_month": "This month", "last_month": "Last month",
-                                "last_7_days": "Last 7 days", "last_30_days": "Last 30 days", "custom": "Custom"}
+PERIOD_NAMES: dict[str, str] = {
+    "this_month": "This month",
+    "last_month": "Last month",
+    "last_7_days": "Last 7 days",
+    "last_30_days": "Last 30 days",
+    "custom": "Custom",
+}
 
 
-def usage_period_named(*, principal: Principal, name: str, start: dt.date | None = None,
-                       end: dt.date | None = None, now: dt.datetime | None = None) -> UsagePeriod:
+def usage_period_named(
+    *,
+    principal: Principal,
+    name: str,
+    start: dt.date | None = None,
+    end: dt.date | None = None,
+    now: dt.datetime | None = None,
+) -> UsagePeriod:
     """The period a console filter names (``PERIOD_NAMES``), in the tenant's timezone:
     ``this_month`` and ``last_month`` are calendar months, ``last_7_days`` and ``last_30_days``
     end with today (included), ``custom`` is ``[start, end)`` as ``usage_period`` reads them.
@@ -165,13 +178,17 @@ def _labels(principal: Principal, group_by: str, keys: list[Any]) -> dict[Any, d
     if group_by == "agent":
         from agents.models import Agent  # billing reads agents' names; agents import billing services
 
-        return {a["id"]: {"agent": a, "label": a["name"] or a["slug"]}
-                for a in Agent.objects.filter(pk__in=present).values("id", "slug", "name")}
+        return {
+            a["id"]: {"agent": a, "label": a["name"] or a["slug"]}
+            for a in Agent.objects.filter(pk__in=present).values("id", "slug", "name")
+        }
     if group_by == "member":
         from tenants.models import User
 
-        return {u["id"]: {"member": u, "label": u["email"]}
-                for u in User.objects.filter(pk__in=present).values("id", "email")}
+        return {
+            u["id"]: {"member": u, "label": u["email"]}
+            for u in User.objects.filter(pk__in=present).values("id", "email")
+        }
     if group_by == "api_key":
         from tenants.models import ApiKey
 
@@ -191,9 +208,11 @@ def _group(group_by: str, key: Any, known: dict[Any, dict[str, Any]]) -> dict[st
     if key in known:
         return {"key": str(key), **known[key]}
     # A deleted agent, member or key: its id still groups the events.
-    gone: dict[str, dict[str, Any]] = {"agent": {"id": key, "slug": "", "name": ""},
-                                       "member": {"id": key, "email": ""},
-                                       "api_key": {"id": key, "name": ""}}
+    gone: dict[str, dict[str, Any]] = {
+        "agent": {"id": key, "slug": "", "name": ""},
+        "member": {"id": key, "email": ""},
+        "api_key": {"id": key, "name": ""},
+    }
     return {"key": str(key), "label": f"{group_by.replace('_', ' ')} {key} (deleted)", group_by: gone[group_by]}
 
 
@@ -221,14 +240,15 @@ def usage_summary(*, principal: Principal, period: UsagePeriod, group_by: str) -
         events = events.annotate(group=TruncDate("created_at", tzinfo=period.zone))
     else:
         events = events.annotate(group=F(_GROUP_COLUMNS[group_by]))
-    rows = list(events.order_by().values("group").annotate(**_measures()))
+    rows: list[dict[str, Any]] = [dict(row) for row in events.order_by().values("group").annotate(**_measures())]
     known = _labels(principal, group_by, [row["group"] for row in rows])
     merged: dict[str, dict[str, Any]] = {}
     for row in rows:
         group = _group(group_by, row["group"], known)
         # NULL and '' (api_key_id is blank, not null, when unknown) are both unattributed.
-        into = merged.setdefault(group["key"], {**group, "input_tokens": 0, "output_tokens": 0,
-                                                 "cost": _ZERO_COST, "events": 0})
+        into = merged.setdefault(
+            group["key"], {**group, "input_tokens": 0, "output_tokens": 0, "cost": _ZERO_COST, "events": 0}
+        )
         for name in ("input_tokens", "output_tokens", "cost", "events"):
             into[name] += row[name]
     groups = list(merged.values())
@@ -238,9 +258,15 @@ def usage_summary(*, principal: Principal, period: UsagePeriod, group_by: str) -
         groups.sort(key=lambda g: g["date"])
     else:
         groups.sort(key=lambda g: (-g["cost"], -g["tokens"], g["label"]))
-    return {"start": period.start, "end": period.end, "time_zone": period.zone.key,
-            "currency": tenant_currency(principal), "group_by": group_by,
-            "groups": groups, "totals": _totals(groups)}
+    return {
+        "start": period.start,
+        "end": period.end,
+        "time_zone": period.zone.key,
+        "currency": tenant_currency(principal),
+        "group_by": group_by,
+        "groups": groups,
+        "totals": _totals(groups),
+    }
 
 
 def turn_cost_map(*, turn_ids: Iterable[int], session_id: int | None = None) -> dict[int, dict[str, Any]]:
@@ -255,9 +281,13 @@ def turn_cost_map(*, turn_ids: Iterable[int], session_id: int | None = None) -> 
     events = UsageEvent.objects.filter(turn_id__in=ids)
     if session_id is not None:
         events = events.filter(session_id=session_id)
-    rows = (events.order_by().values("turn_id")
-            .annotate(total=Sum("cost"), currency=Max("currency")).values_list("turn_id", "total", "currency"))
-    return {turn_id: {"cost": total, "currency": currency} for turn_id, total, currency in rows}
+    rows = (
+        events.order_by()
+        .values("turn_id")
+        .annotate(total=Sum("cost"), currency=Max("currency"))
+        .values_list("turn_id", "total", "currency")
+    )
+    return {int(turn_id): {"cost": total, "currency": currency} for turn_id, total, currency in rows if turn_id}
 
 
 def turn_cost_fields(turn_id: int, *, currency: str = "USD") -> dict[str, str]:

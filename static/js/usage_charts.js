@@ -51,7 +51,7 @@
       type: "bar",
       data: {
         labels: series.labels,
-        datasets: [{ label: "Cost (" + currency + ")", data: series.cost, backgroundColor: colors.cost }]
+        datasets: [{ label: "Cost (" + currency + ")", data: series.cost, backgroundColor: colors.cost, maxBarThickness: 28 }]
       },
       options: {
         responsive: true,

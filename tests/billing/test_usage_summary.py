@@ -30,8 +30,8 @@ MARCH = {"start": "2024-03-01", "end": "2024-04-01"}
 UTC = dt.UTC
 
 
-def _at(*args: int) -> dt.datetime:
-    return dt.datetime(*args, tzinfo=UTC)
+def _at(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> dt.datetime:
+    return dt.datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
 class FakeClock:
@@ -77,28 +77,92 @@ def scenario(world: World, clock: FakeClock) -> dict[str, Any]:
     price_in, price_out = Decimal("0.000002"), Decimal("0.00001")
     made = {
         # 23:00 EST on 29 February: February in New York, though 1 March in UTC.
-        "before": _record(a, clock, _at(2024, 3, 1, 4), kind="llm.input_tokens", quantity=7, unit_price=price_in,
-                          model="gpt-a", agent_id=helpdesk.pk, user_id=owner.pk),
-        "in_1": _record(a, clock, _at(2024, 3, 10, 12), kind="llm.input_tokens", quantity=1000, unit_price=price_in,
-                        model="gpt-a", agent_id=helpdesk.pk, user_id=owner.pk),
-        "out_1": _record(a, clock, _at(2024, 3, 10, 12), kind="llm.output_tokens", quantity=200,
-                         unit_price=price_out, model="gpt-a", agent_id=helpdesk.pk, user_id=owner.pk),
+        "before": _record(
+            a,
+            clock,
+            _at(2024, 3, 1, 4),
+            kind="llm.input_tokens",
+            quantity=7,
+            unit_price=price_in,
+            model="gpt-a",
+            agent_id=helpdesk.pk,
+            user_id=owner.pk,
+        ),
+        "in_1": _record(
+            a,
+            clock,
+            _at(2024, 3, 10, 12),
+            kind="llm.input_tokens",
+            quantity=1000,
+            unit_price=price_in,
+            model="gpt-a",
+            agent_id=helpdesk.pk,
+            user_id=owner.pk,
+        ),
+        "out_1": _record(
+            a,
+            clock,
+            _at(2024, 3, 10, 12),
+            kind="llm.output_tokens",
+            quantity=200,
+            unit_price=price_out,
+            model="gpt-a",
+            agent_id=helpdesk.pk,
+            user_id=owner.pk,
+        ),
         # 23:30 EDT on 10 March in New York, 11 March in UTC.
-        "in_key": _record(a, clock, _at(2024, 3, 11, 3, 30), kind="llm.input_tokens", quantity=500,
-                          unit_price=Decimal("0.000001"), model="gpt-b", agent_id=research.pk, api_key_id=key),
+        "in_key": _record(
+            a,
+            clock,
+            _at(2024, 3, 11, 3, 30),
+            kind="llm.input_tokens",
+            quantity=500,
+            unit_price=Decimal("0.000001"),
+            model="gpt-b",
+            agent_id=research.pk,
+            api_key_id=key,
+        ),
         "search": _record(a, clock, _at(2024, 3, 11, 15), kind="kb.query", quantity=1, unit_price=Decimal("0.01")),
-        "tool": _record(a, clock, _at(2024, 3, 11, 15), kind="tool.call", quantity=1, agent_id=helpdesk.pk,
-                        user_id=operator.pk),
-        "embed": _record(a, clock, _at(2024, 3, 11, 16), kind="embedding.tokens", quantity=300,
-                         unit_price=Decimal("0.0000001")),
+        "tool": _record(
+            a, clock, _at(2024, 3, 11, 15), kind="tool.call", quantity=1, agent_id=helpdesk.pk, user_id=operator.pk
+        ),
+        "embed": _record(
+            a, clock, _at(2024, 3, 11, 16), kind="embedding.tokens", quantity=300, unit_price=Decimal("0.0000001")
+        ),
         # 22:00 EDT on 31 March: still March in New York.
-        "late": _record(a, clock, _at(2024, 4, 1, 2), kind="llm.output_tokens", quantity=50, unit_price=price_out,
-                        model="gpt-b", agent_id=research.pk, user_id=operator.pk),
+        "late": _record(
+            a,
+            clock,
+            _at(2024, 4, 1, 2),
+            kind="llm.output_tokens",
+            quantity=50,
+            unit_price=price_out,
+            model="gpt-b",
+            agent_id=research.pk,
+            user_id=operator.pk,
+        ),
         # 01:00 EDT on 1 April.
-        "after": _record(a, clock, _at(2024, 4, 1, 5), kind="llm.input_tokens", quantity=9, unit_price=price_in,
-                         model="gpt-a", agent_id=helpdesk.pk, user_id=owner.pk),
-        "b": _record(b, clock, _at(2024, 3, 10, 12), kind="llm.input_tokens", quantity=999,
-                     unit_price=Decimal("1"), model="globex-secret-model", agent_id=helpdesk.pk),
+        "after": _record(
+            a,
+            clock,
+            _at(2024, 4, 1, 5),
+            kind="llm.input_tokens",
+            quantity=9,
+            unit_price=price_in,
+            model="gpt-a",
+            agent_id=helpdesk.pk,
+            user_id=owner.pk,
+        ),
+        "b": _record(
+            b,
+            clock,
+            _at(2024, 3, 10, 12),
+            kind="llm.input_tokens",
+            quantity=999,
+            unit_price=Decimal("1"),
+            model="globex-secret-model",
+            agent_id=helpdesk.pk,
+        ),
     }
     return {"events": made, "helpdesk": helpdesk, "research": research, "key": key}
 
@@ -116,7 +180,9 @@ def _march_events(world: World) -> dict[str, Any]:
         return events.aggregate(
             input_tokens=Sum("quantity", filter=Q(kind="llm.input_tokens")),
             output_tokens=Sum("quantity", filter=Q(kind="llm.output_tokens")),
-            cost=Sum("cost"), events=Count("id"))
+            cost=Sum("cost"),
+            events=Count("id"),
+        )
 
 
 def _measures(row: dict[str, Any]) -> tuple[int, int, int, Decimal, int]:
@@ -127,14 +193,19 @@ def _measures(row: dict[str, Any]) -> tuple[int, int, int, Decimal, int]:
 
 
 @pytest.mark.parametrize("group_by", ["day", "agent", "model", "member", "api_key"])
-def test_each_groupings_sums_equal_the_events(world: World, api_a: Client, scenario: dict[str, Any],
-                                              group_by: str) -> None:
+def test_each_groupings_sums_equal_the_events(
+    world: World, api_a: Client, scenario: dict[str, Any], group_by: str
+) -> None:
     body = _summary(api_a, group_by=group_by, **MARCH)
     expected = _march_events(world)
     totals = body["totals"]
-    assert _measures(totals) == (expected["input_tokens"], expected["output_tokens"],
-                                 expected["input_tokens"] + expected["output_tokens"], expected["cost"],
-                                 expected["events"])
+    assert _measures(totals) == (
+        expected["input_tokens"],
+        expected["output_tokens"],
+        expected["input_tokens"] + expected["output_tokens"],
+        expected["cost"],
+        expected["events"],
+    )
     assert totals["tokens"] == 1000 + 200 + 500 + 50  # model tokens only: embeddings are not in "tokens"
     for name in ("input_tokens", "output_tokens", "tokens", "events"):
         assert sum(g[name] for g in body["groups"]) == totals[name]
@@ -158,7 +229,10 @@ def test_in_utc_the_same_events_fall_on_other_days(world: World, api_a: Client, 
     body = _summary(api_a, group_by="day", **MARCH)
     assert body["time_zone"] == "UTC"
     assert [(g["date"], g["events"]) for g in body["groups"]] == [
-        ("2024-03-01", 1), ("2024-03-10", 2), ("2024-03-11", 4)]
+        ("2024-03-01", 1),
+        ("2024-03-10", 2),
+        ("2024-03-11", 4),
+    ]
 
 
 def test_agent_groups_carry_id_slug_and_name(world: World, api_a: Client, scenario: dict[str, Any]) -> None:
@@ -173,8 +247,9 @@ def test_agent_groups_carry_id_slug_and_name(world: World, api_a: Client, scenar
     assert [g["key"] for g in _summary(api_a, group_by="agent", **MARCH)["groups"]][0] == "unattributed"
 
 
-def test_model_groups_put_events_without_a_model_together(world: World, api_a: Client,
-                                                          scenario: dict[str, Any]) -> None:
+def test_model_groups_put_events_without_a_model_together(
+    world: World, api_a: Client, scenario: dict[str, Any]
+) -> None:
     groups = {g["key"]: g for g in _summary(api_a, group_by="model", **MARCH)["groups"]}
     assert set(groups) == {"gpt-a", "gpt-b", "unattributed"}
     assert groups["gpt-a"]["model"] == "gpt-a" and groups["gpt-a"]["tokens"] == 1200
@@ -191,8 +266,7 @@ def test_member_groups_carry_user_id_and_email(world: World, api_a: Client, scen
     assert groups["unattributed"]["member"] is None and groups["unattributed"]["events"] == 3
 
 
-def test_api_key_groups_carry_the_public_id_and_name(world: World, api_a: Client,
-                                                     scenario: dict[str, Any]) -> None:
+def test_api_key_groups_carry_the_public_id_and_name(world: World, api_a: Client, scenario: dict[str, Any]) -> None:
     groups = {g["key"]: g for g in _summary(api_a, group_by="api_key", **MARCH)["groups"]}
     key = scenario["key"]
     assert set(groups) == {key, "unattributed"}  # blank api_key_id (older events) is unattributed
@@ -211,12 +285,21 @@ def test_the_default_period_is_the_current_month(world: World, api_a: Client) ->
     assert body["group_by"] == "day" and body["totals"]["input_tokens"] == 11
 
 
-@pytest.mark.parametrize("params", [
-    {"start": "2024-13-01"}, {"start": "yesterday"}, {"start": "0"}, {"end": "1711929600"},
-    {"start": "2024-03-01T00:00:00"}, {"group_by": "week"}, {"group_by": ""},
-    {"start": "2024-04-01", "end": "2024-03-01"}, {"start": "2024-03-01", "end": "2024-03-01"},
-    {"start": "9999-12-31", "end": "9999-12-31"},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"start": "2024-13-01"},
+        {"start": "yesterday"},
+        {"start": "0"},
+        {"end": "1711929600"},
+        {"start": "2024-03-01T00:00:00"},
+        {"group_by": "week"},
+        {"group_by": ""},
+        {"start": "2024-04-01", "end": "2024-03-01"},
+        {"start": "2024-03-01", "end": "2024-03-01"},
+        {"start": "9999-12-31", "end": "9999-12-31"},
+    ],
+)
 def test_bad_parameters_get_422(world: World, api_a: Client, params: dict[str, str]) -> None:
     response = api_a.get("/api/v1/usage/summary", params)
     assert response.status_code == 422, response.content
@@ -237,8 +320,9 @@ def test_the_summary_is_in_the_openapi_schema(world: World, api_a: Client) -> No
 # --- Permissions and isolation ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("persona", "status"), [("viewer", 403), ("outsider", 403), ("auditor", 200),
-                                                 ("operator", 200), ("owner", 200)])
+@pytest.mark.parametrize(
+    ("persona", "status"), [("viewer", 403), ("outsider", 403), ("auditor", 200), ("operator", 200), ("owner", 200)]
+)
 def test_sessions_need_usage_read(world: World, scenario: dict[str, Any], persona: str, status: int) -> None:
     response = host_client(HOST_A, world.user(persona)).get("/api/v1/usage/summary", MARCH)
     assert response.status_code == status, response.content
@@ -250,15 +334,20 @@ def test_sessions_need_usage_read(world: World, scenario: dict[str, Any], person
 
 
 def test_a_key_without_usage_read_is_forbidden(world: World) -> None:
-    key = api_key_create(principal=Principal.system("tests", tenant=world.tenant_a), tenant=world.tenant_a,
-                         name="no usage", scopes=["tenant:read", "billing:read"]).secret
+    key = api_key_create(
+        principal=Principal.system("tests", tenant=world.tenant_a),
+        tenant=world.tenant_a,
+        name="no usage",
+        scopes=["tenant:read", "billing:read"],
+    ).secret
     response = api_client(HOST_A, key).get("/api/v1/usage/summary")
     assert response.status_code == 403 and response.json()["error"]["code"] == "permission_denied"
 
 
 @pytest.mark.parametrize("group_by", ["day", "agent", "model", "member", "api_key"])
-def test_another_tenants_usage_never_appears(world: World, api_a: Client, scenario: dict[str, Any],
-                                             group_by: str) -> None:
+def test_another_tenants_usage_never_appears(
+    world: World, api_a: Client, scenario: dict[str, Any], group_by: str
+) -> None:
     body = _summary(api_a, group_by=group_by, **MARCH)
     assert b"globex-secret-model" not in api_a.get("/api/v1/usage/summary", {"group_by": group_by, **MARCH}).content
     assert body["totals"]["input_tokens"] == 1500 and Decimal(body["totals"]["cost"]) < 1
@@ -268,14 +357,23 @@ def test_another_tenants_usage_never_appears(world: World, api_a: Client, scenar
     assert own["totals"]["input_tokens"] == 999 and own["totals"]["events"] == 1
 
 
-def test_the_endpoints_query_count_does_not_grow_with_groups(world: World, api_a: Client, clock: FakeClock,
-                                                            django_assert_max_num_queries: Any) -> None:
+def test_the_endpoints_query_count_does_not_grow_with_groups(
+    world: World, api_a: Client, clock: FakeClock, django_assert_max_num_queries: Any
+) -> None:
     a = world.tenant_a.schema_name
     with schema_context(a):
         agents = [Agent.objects.create(slug=f"agent-{n}", name=f"Agent {n}") for n in range(6)]
     # The first event names an agent, member and key, so each grouping's naming query is counted.
-    _record(a, clock, _at(2024, 3, 2, 12), kind="llm.input_tokens", quantity=1, agent_id=agents[0].pk,
-            user_id=world.user("owner").pk, api_key_id=_key_id(world.tenant_a, "acme all"))
+    _record(
+        a,
+        clock,
+        _at(2024, 3, 2, 12),
+        kind="llm.input_tokens",
+        quantity=1,
+        agent_id=agents[0].pk,
+        user_id=world.user("owner").pk,
+        api_key_id=_key_id(world.tenant_a, "acme all"),
+    )
     api_a.get("/api/v1/usage/summary", MARCH)  # first use of the key may touch last_used_at
     baselines: dict[str, int] = {}
     for group_by in ("day", "agent", "member", "api_key"):
@@ -283,8 +381,16 @@ def test_the_endpoints_query_count_does_not_grow_with_groups(world: World, api_a
             _summary(api_a, group_by=group_by, **MARCH)
         baselines[group_by] = len(few.captured_queries)
     for n, agent in enumerate(agents):
-        _record(a, clock, _at(2024, 3, 3 + n, 12), kind="llm.input_tokens", quantity=1, agent_id=agent.pk,
-                user_id=world.user("operator").pk, api_key_id=_key_id(world.tenant_a, "acme all"))
+        _record(
+            a,
+            clock,
+            _at(2024, 3, 3 + n, 12),
+            kind="llm.input_tokens",
+            quantity=1,
+            agent_id=agent.pk,
+            user_id=world.user("operator").pk,
+            api_key_id=_key_id(world.tenant_a, "acme all"),
+        )
     for group_by, baseline in baselines.items():
         with django_assert_max_num_queries(baseline):
             body = _summary(api_a, group_by=group_by, **MARCH)
@@ -300,8 +406,9 @@ def _page(client: Client, **params: Any) -> str:
     return response.content.decode()
 
 
-def test_the_page_shows_each_grouping_as_a_table_with_the_numbers(world: World, client_a: Any,
-                                                                  scenario: dict[str, Any]) -> None:
+def test_the_page_shows_each_grouping_as_a_table_with_the_numbers(
+    world: World, client_a: Any, scenario: dict[str, Any]
+) -> None:
     html = _page(client_a("owner"), period="custom", **MARCH)
     assert 'data-testid="total-tokens">1,750<' in html and 'data-testid="total-cost">0.015030<' in html
     assert 'data-testid="total-events">7<' in html
@@ -326,16 +433,19 @@ def test_the_period_filter_picks_the_days(world: World, client_a: Any, scenario:
     assert last_7.count('<tr data-key="') == 7
 
 
-@pytest.mark.parametrize("params", [{"period": "fortnight"}, {"start": "soon"},
-                                    {"period": "custom", "start": "2024-03-05", "end": "2024-03-01"}])
+@pytest.mark.parametrize(
+    "params",
+    [{"period": "fortnight"}, {"start": "soon"}, {"period": "custom", "start": "2024-03-05", "end": "2024-03-01"}],
+)
 def test_a_bad_filter_gets_a_422_page(world: World, client_a: Any, params: dict[str, str]) -> None:
     response = client_a("owner").get("/usage/", params)
     assert response.status_code == 422
 
 
 @pytest.mark.parametrize(("persona", "status"), [("viewer", 403), ("auditor", 200), ("operator", 200)])
-def test_the_page_and_export_need_usage_read(world: World, client_a: Any, scenario: dict[str, Any], persona: str,
-                                             status: int) -> None:
+def test_the_page_and_export_need_usage_read(
+    world: World, client_a: Any, scenario: dict[str, Any], persona: str, status: int
+) -> None:
     client = client_a(persona)
     page = client.get("/usage/", {"period": "custom", **MARCH})
     export = client.get("/usage/export.csv", {"period": "custom", **MARCH})
@@ -355,14 +465,24 @@ def test_an_outsider_gets_neither_page_nor_export(world: World, scenario: dict[s
     assert "globex-secret-model" in html and "gpt-a" not in html
 
 
-def test_the_page_query_count_does_not_grow_with_groups(world: World, client_a: Any, clock: FakeClock,
-                                                       django_assert_max_num_queries: Any) -> None:
+def test_the_page_query_count_does_not_grow_with_groups(
+    world: World, client_a: Any, clock: FakeClock, django_assert_max_num_queries: Any
+) -> None:
     a = world.tenant_a.schema_name
     client = client_a("owner")
     with schema_context(a):
         first = Agent.objects.create(slug="first", name="First")
-    _record(a, clock, _at(2024, 3, 2, 12), kind="llm.input_tokens", quantity=1, agent_id=first.pk, model="m",
-            user_id=world.user("owner").pk, api_key_id=_key_id(world.tenant_a, "acme all"))
+    _record(
+        a,
+        clock,
+        _at(2024, 3, 2, 12),
+        kind="llm.input_tokens",
+        quantity=1,
+        agent_id=first.pk,
+        model="m",
+        user_id=world.user("owner").pk,
+        api_key_id=_key_id(world.tenant_a, "acme all"),
+    )
     with django_assert_max_num_queries(20) as few:
         _page(client, period="custom", **MARCH)
     baseline = len(few.captured_queries)
@@ -370,8 +490,17 @@ def test_the_page_query_count_does_not_grow_with_groups(world: World, client_a: 
         agents = [Agent.objects.create(slug=f"agent-{n}", name=f"Agent {n}") for n in range(6)]
     users = [world.user(p) for p in ("owner", "admin", "operator", "auditor")]
     for n, agent in enumerate(agents):
-        _record(a, clock, _at(2024, 3, 3 + n, 12), kind="llm.input_tokens", quantity=1, agent_id=agent.pk,
-                model=f"model-{n}", user_id=users[n % 4].pk, api_key_id=_key_id(world.tenant_a, "acme all"))
+        _record(
+            a,
+            clock,
+            _at(2024, 3, 3 + n, 12),
+            kind="llm.input_tokens",
+            quantity=1,
+            agent_id=agent.pk,
+            model=f"model-{n}",
+            user_id=users[n % 4].pk,
+            api_key_id=_key_id(world.tenant_a, "acme all"),
+        )
     with django_assert_max_num_queries(baseline):
         html = _page(client, period="custom", **MARCH)
     assert 'data-testid="total-events">7<' in html
@@ -400,14 +529,15 @@ def test_the_csv_holds_the_views_numbers(world: World, client_a: Any, scenario: 
     assert "globex-secret-model" not in str(rows)
 
 
-def test_the_csv_can_hold_one_grouping_and_defuses_formulas(world: World, client_a: Any,
-                                                            scenario: dict[str, Any]) -> None:
+def test_the_csv_can_hold_one_grouping_and_defuses_formulas(
+    world: World, client_a: Any, scenario: dict[str, Any]
+) -> None:
     with schema_context(world.tenant_a.schema_name):
         Agent.objects.filter(pk=scenario["helpdesk"].pk).update(name='=HYPERLINK("http://evil.test")')
     rows = _csv(client_a("owner"), period="custom", group_by="agent", **MARCH)
     assert {r["group_by"] for r in rows} == {"agent"}
     labels = {r["key"]: r["label"] for r in rows}
-    assert labels[str(scenario["helpdesk"].pk)] == "'=HYPERLINK(\"http://evil.test\")"
+    assert labels[str(scenario["helpdesk"].pk)] == '\'=HYPERLINK("http://evil.test")'
 
 
 # --- Chat messages and dashboard ----------------------------------------------------------
@@ -423,17 +553,34 @@ def _chat_turn(world: World, clock: FakeClock, costs: list[Decimal]) -> tuple[Ch
         session = ChatSession.objects.create(agent=agent, user_id=operator.pk, title="Costs")
         question = Message.objects.create(session=session, role=Message.Role.USER, content="How much?")
         answer = Message.objects.create(session=session, role=Message.Role.ASSISTANT, content="Little.")
-        turn = Turn.objects.create(session=session, agent_version=version, user_message=question,
-                                   assistant_message=answer, status=Turn.Status.COMPLETED,
-                                   deadline=question.created_at, input_tokens=40, output_tokens=5)
+        turn = Turn.objects.create(
+            session=session,
+            agent_version=version,
+            user_message=question,
+            assistant_message=answer,
+            status=Turn.Status.COMPLETED,
+            deadline=question.created_at,
+            input_tokens=40,
+            output_tokens=5,
+        )
     for cost in costs:
-        _record(a, clock, _at(2024, 3, 10, 12), kind="llm.input_tokens", quantity=1, unit_price=cost,
-                session_id=session.pk, turn_id=turn.pk, agent_id=agent.pk)
+        _record(
+            a,
+            clock,
+            _at(2024, 3, 10, 12),
+            kind="llm.input_tokens",
+            quantity=1,
+            unit_price=cost,
+            session_id=session.pk,
+            turn_id=turn.pk,
+            agent_id=agent.pk,
+        )
     return session, turn
 
 
-def test_each_answer_shows_its_turns_cost_beside_the_tokens(world: World, client_a: Any, clock: FakeClock,
-                                                            django_assert_max_num_queries: Any) -> None:
+def test_each_answer_shows_its_turns_cost_beside_the_tokens(
+    world: World, client_a: Any, clock: FakeClock, django_assert_max_num_queries: Any
+) -> None:
     session, turn = _chat_turn(world, clock, [Decimal("0.0012"), Decimal("0.0003")])
     client = client_a("operator")
     with django_assert_max_num_queries(30) as few:
@@ -448,22 +595,49 @@ def test_each_answer_shows_its_turns_cost_beside_the_tokens(world: World, client
         for n in range(3):
             q = Message.objects.create(session=session, role=Message.Role.USER, content=f"And {n}?")
             r = Message.objects.create(session=session, role=Message.Role.ASSISTANT, content=f"Answer {n}.")
-            more = Turn.objects.create(session=session, agent_version=turn.agent_version, user_message=q,
-                                       assistant_message=r, status=Turn.Status.COMPLETED, deadline=q.created_at)
-            _record(world.tenant_a.schema_name, clock, _at(2024, 3, 10, 12), kind="tool.call", quantity=1,
-                    unit_price=Decimal("0.5"), session_id=session.pk, turn_id=more.pk)
+            more = Turn.objects.create(
+                session=session,
+                agent_version=turn.agent_version,
+                user_message=q,
+                assistant_message=r,
+                status=Turn.Status.COMPLETED,
+                deadline=q.created_at,
+            )
+            _record(
+                world.tenant_a.schema_name,
+                clock,
+                _at(2024, 3, 10, 12),
+                kind="tool.call",
+                quantity=1,
+                unit_price=Decimal("0.5"),
+                session_id=session.pk,
+                turn_id=more.pk,
+            )
     with django_assert_max_num_queries(baseline):
         html = client.get(f"/chat/{session.pk}/").content.decode()
     assert html.count('data-testid="turn-cost"') == 4 and html.count(">0.500000 USD<") == 3
 
 
 def test_the_live_completed_fragment_shows_the_cost(world: World) -> None:
-    fragment = event_fragment({"event": "turn.completed", "turn_id": 5, "content": "Done.", "citations": [],
-                               "usage": {"input_tokens": 12, "output_tokens": 3, "cost": "0.000420000000",
-                                         "currency": "EUR"}})
+    fragment = event_fragment(
+        {
+            "event": "turn.completed",
+            "turn_id": 5,
+            "content": "Done.",
+            "citations": [],
+            "usage": {"input_tokens": 12, "output_tokens": 3, "cost": "0.000420000000", "currency": "EUR"},
+        }
+    )
     assert "12 in · 3 out tokens" in fragment and ">0.000420 EUR<" in fragment
-    without = event_fragment({"event": "turn.completed", "turn_id": 5, "content": "Done.", "citations": [],
-                              "usage": {"input_tokens": 12, "output_tokens": 3}})
+    without = event_fragment(
+        {
+            "event": "turn.completed",
+            "turn_id": 5,
+            "content": "Done.",
+            "citations": [],
+            "usage": {"input_tokens": 12, "output_tokens": 3},
+        }
+    )
     assert "turn-cost" not in without
 
 
