@@ -13,6 +13,7 @@ import hashlib
 import html
 import json
 import re
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import nh3
@@ -81,6 +82,18 @@ def _when(value: Any) -> dt.datetime | None:
         return dt.datetime.fromisoformat(str(value))
     except ValueError:
         return None
+
+
+def _cost(usage: Any) -> dict[str, Any] | None:
+    """The turn's cost as the status block shows it, from ``usage.cost`` (a decimal string) and
+    ``usage.currency`` of a ``turn.completed`` event; ``None`` when the event has none."""
+    if not isinstance(usage, dict) or usage.get("cost") in (None, ""):
+        return None
+    try:
+        amount = Decimal(str(usage["cost"]))
+    except InvalidOperation:
+        return None
+    return {"cost": amount, "currency": str(usage.get("currency") or "")}
 
 
 def tool_card(*, turn_id: Any, call_id: Any, tool: Any, arguments: Any, status: str = "running",
@@ -178,7 +191,7 @@ def event_fragment(event: dict[str, Any], *, can_review: bool = False) -> str:
         "question": event.get("content", "") if name == "message.accepted" else "",
         "user_message_id": event.get("user_message_id"),
         "citations": event.get("citations") or [], "retrieved": event.get("retrieved") or [],
-        "usage": event.get("usage"),
+        "usage": event.get("usage"), "cost": _cost(event.get("usage")),
     }
     if name == "tool.call":
         context["card"] = tool_card(turn_id=event.get("turn_id") or 0, call_id=event.get("call_id"),

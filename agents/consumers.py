@@ -149,6 +149,7 @@ def _snapshot(schema: str, principal: Any, session_id: int, *, as_json: bool = F
     from agents.chat_html import tool_cards_from_rows, tool_events_from_rows
     from agents.models import ToolCall, Turn
     from agents.selectors import session_get, turn_latest
+    from billing.selectors.usage import turn_cost_fields
 
     with schema_context(schema):
         session = session_get(principal=principal, session_id=session_id)
@@ -179,7 +180,8 @@ def _snapshot(schema: str, principal: Any, session_id: int, *, as_json: bool = F
             message = turn.assistant_message
             out.append({"event": "turn.completed", "turn_id": turn.pk, "message_id": message.pk,
                         "content": message.content, "citations": message.citations,
-                        "usage": {"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens}})
+                        "usage": {"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens,
+                                  **turn_cost_fields(turn.pk)}})
         elif turn.status == Turn.Status.FAILED:
             out.append({"event": "turn.failed", "turn_id": turn.pk,
                         "error": {"code": turn.error_code, "message": turn.error_message}})

@@ -6,6 +6,8 @@ else, in this tenant or another, gets "not found" rather than a hint that the se
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db.models import Q, QuerySet
 
 from agents.models import Agent, AgentVersion, ChatSession, Message, ToolCall, Turn
@@ -110,6 +112,16 @@ def agent_chat_list(*, principal: Principal) -> QuerySet[Agent]:
 def message_page_list(*, principal: Principal, session: ChatSession) -> QuerySet[Message]:
     """The session's messages with the turn each started or answered (no extra query per row)."""
     return message_list(principal=principal, session=session).select_related("turn", "answered_turn")
+
+
+def turn_cost_map(*, principal: Principal, session: ChatSession, turn_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """What each of the session's turns ``turn_ids`` cost: ``turn_id -> {"cost": Decimal,
+    "currency": str}`` (SUM(cost) of the turn's usage events, ``billing.selectors.usage``), in
+    one aggregate query for the whole chat page. Raises ``Forbidden`` without ``chat``."""
+    from billing.selectors.usage import turn_cost_map as costs  # billing's reads; agents' writes import billing
+
+    principal.require("chat")
+    return costs(turn_ids=turn_ids, session_id=session.pk)
 
 
 def tool_call_list(*, principal: Principal, session: ChatSession) -> QuerySet[ToolCall]:

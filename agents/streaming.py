@@ -30,6 +30,7 @@ from django_tenants.utils import schema_context
 
 from agents.models import Turn
 from agents.runtime import events
+from billing.selectors.usage import turn_cost_fields
 from config.db import connection_release
 
 logger = structlog.get_logger(__name__)
@@ -81,7 +82,7 @@ def _snapshot_read(schema: str, turn_id: int) -> list[dict[str, Any]]:
                         "citations": message.citations if message else [],
                         # Whether the counts were estimated is not kept on the turn.
                         "usage": {"input_tokens": turn.input_tokens, "output_tokens": turn.output_tokens,
-                                  "estimated": False}})
+                                  "estimated": False, **turn_cost_fields(turn.pk)}})
         elif turn.status == Turn.Status.FAILED:
             out.append({"event": "turn.failed", "turn_id": turn.pk,
                         "error": {"code": turn.error_code, "message": turn.error_message}})

@@ -320,6 +320,7 @@ class ChatEntry:
     answer: Message | None = None
     answer_html: str = ""
     calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # chat_html.tool_card dicts
+    cost: dict[str, Any] | None = None  # {"cost": Decimal, "currency": str} of the turn's usage events
 
     @property
     def citations(self) -> list[dict[str, Any]]:
@@ -355,9 +356,13 @@ def _chat_context(principal: Principal, session: ChatSession) -> dict[str, Any]:
     calls: dict[int, list[ToolCall]] = {}
     for call in selectors.tool_call_list(principal=principal, session=session):
         calls.setdefault(call.turn_id, []).append(call)
+    costs = selectors.turn_cost_map(principal=principal, session=session,
+                                    turn_ids=[e.turn.pk for e in entries if e.turn is not None])
     for entry in entries:
         if entry.turn is not None and entry.turn.pk in calls:
             entry.calls = tool_cards_from_rows(calls[entry.turn.pk])
+        if entry.turn is not None:
+            entry.cost = costs.get(entry.turn.pk)
     return {"session": session, "entries": entries, "form": ChatMessageForm(),
             "can_review": principal.can("approvals:read"),
             "ws_url": f"/ws/chat/{session.pk}/",

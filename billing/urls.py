@@ -6,6 +6,7 @@ from billing.views import budgets, invoices, usage
 
 urlpatterns = [
     path("usage/", usage.usage_dashboard, name="usage_dashboard"),
+    path("usage/export.csv", usage.usage_export_csv, name="usage_export_csv"),
     path("budgets/", budgets.budget_list, name="budget_list"),
     path("budgets/<int:budget_id>/edit/", budgets.budget_edit, name="budget_edit"),
     path("budgets/<int:budget_id>/delete/", budgets.budget_delete, name="budget_delete"),

@@ -38,6 +38,7 @@ from agents.runtime.llm import (
 from agents.runtime.prompt import build_prompt
 from agents.runtime.tools import openai_tools, tools_for_version
 from billing.models import UsageEvent
+from billing.selectors.usage import turn_cost_fields
 from billing.services import usage_event_record
 from billing.services.budgets import BudgetHold, budget_holds_guard, budget_release, budget_reserve, budget_settle
 from compliance.services import audit_event_create
@@ -529,7 +530,7 @@ def _finish_turn(run: TurnRun, result: StreamResult | None, *, outcome: str = ""
     logger.info("turn_finished", status=str(turn.status), model_calls=run.model_calls, tool_calls=run.tool_calls,
                 invalid_tool_calls=run.invalid_calls)
     usage = {"input_tokens": run.input_tokens, "output_tokens": run.output_tokens,
-             "estimated": run.usage_estimated}
+             "estimated": run.usage_estimated, **turn_cost_fields(turn.pk, currency=endpoint.currency)}
     if turn.status == Turn.Status.COMPLETED:
         events.publish(run.group, {"event": "turn.completed", "turn_id": turn.pk,
                                    "message_id": message.pk if message else None, "content": run.text,

@@ -15,10 +15,9 @@ from django.db.models import Count, Q
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from billing.models import UsageEvent
+from billing.selectors import usage as usage_selectors
 from compliance.models import AuditEvent
 from config.errors import DomainError
 from config.htmx import after_write, domain_errors_as_pages, is_htmx, render_page
@@ -34,19 +33,18 @@ from tenants.services.provisioning import tenant_settings_update
 @require_GET
 @domain_errors_as_pages
 def dashboard(request: HttpRequest) -> HttpResponse:
-    """Overview: plan, member and key counts, usage of the last 30 days, recent audit events."""
+    """Overview: plan, member and key counts, this month's tokens and cost (in the tenant's
+    timezone), recent audit events."""
     principal = request_principal(request)
     tenant = request.tenant  # type: ignore[attr-defined]
     principal.require("tenant:read")
-    since = timezone.now() - dt.timedelta(days=30)
     counts = tenant.memberships.aggregate(members=Count("id"))
     keys = tenant.api_keys.aggregate(active=Count("id", filter=Q(revoked_at__isnull=True)))
-    usage = []
+    usage = None
     if principal.can("usage:read"):
-        usage = list(
-            UsageEvent.objects.filter(created_at__gte=since).values("kind", "unit")
-            .annotate(events=Count("id")).order_by("kind")
-        )
+        period = usage_selectors.usage_period(principal=principal)
+        usage = {"period": period, "last_day": period.end - dt.timedelta(days=1),
+                 **usage_selectors.usage_summary(principal=principal, period=period, group_by="model")}
     recent = list(AuditEvent.objects.order_by("-seq")[:8]) if principal.can("audit:read") else []
     return render(request, "tenants/dashboard.html", {
         "member_count": counts["members"], "active_key_count": keys["active"], "usage": usage,

@@ -45,7 +45,9 @@ def test_tokens_stream_over_the_socket_and_the_answer_is_saved(
     final = events[-1]
     assert final["event"] == "turn.completed"
     assert final["content"] == text
-    assert final["usage"] == {"input_tokens": 42, "output_tokens": 6, "estimated": False}
+    # The turn's cost is the sum of its usage events: 42 x 1 + 6 x 2 per million tokens.
+    assert final["usage"] == {"input_tokens": 42, "output_tokens": 6, "estimated": False,
+                              "cost": "0.000054000000", "currency": "USD"}
 
 
 def test_the_consumer_sends_each_character_once_and_fills_a_lost_delta_from_the_snapshot(

@@ -294,7 +294,9 @@ def test_streamed_answers_arrive_as_server_sent_events(live: httpx.Client, chat_
     assert [d["offset"] for d in deltas] == [len("".join(texts[:i])) for i in range(len(texts))]
     final = events[-1]
     assert final["content"] == "".join(tokens)
-    assert final["usage"] == {"input_tokens": 42, "output_tokens": 6, "estimated": False}
+    # The turn's cost is the sum of its usage events: 42 x 1 + 6 x 2 per million tokens.
+    assert final["usage"] == {"input_tokens": 42, "output_tokens": 6, "estimated": False,
+                              "cost": "0.000054000000", "currency": "USD"}
     assert {e["turn_id"] for e in events} == {final["turn_id"]}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from tests.conftest import HOST_A, World, api_client, host_client
 def test_the_dashboard_shows_the_tenant_and_its_counts(world: World, django_assert_max_num_queries) -> None:  # type: ignore[no-untyped-def]
     with schema_context(world.tenant_a.schema_name):
         usage_event_record(kind="kb.query", quantity=1)
+        usage_event_record(kind="llm.input_tokens", quantity=1200, unit_price=Decimal("0.000002"), model="m-test")
     client = host_client(HOST_A, world.user("owner"))
     with django_assert_max_num_queries(14):
         response = client.get("/")
@@ -28,12 +30,13 @@ def test_the_dashboard_shows_the_tenant_and_its_counts(world: World, django_asse
     assert response.status_code == 200
     assert "Acme Corp" in html
     assert 'data-testid="member-count">5<' in html
-    assert "kb.query" in html
+    # This month's tokens and cost, not event counts (tests/billing/test_usage_summary.py has more).
+    assert 'data-testid="usage-tokens">1,200<' in html and 'data-testid="usage-cost">0.002400<' in html
 
 
 def test_a_viewer_sees_no_usage_or_activity_on_the_dashboard(world: World) -> None:
     html = host_client(HOST_A, world.user("viewer")).get("/").content.decode()
-    assert "Usage, last 30 days" not in html and "Recent activity" not in html
+    assert "Usage this month" not in html and "Recent activity" not in html
 
 
 def test_an_owner_turns_on_required_2fa_and_it_is_audited(world: World) -> None:
