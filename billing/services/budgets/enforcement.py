@@ -367,7 +367,7 @@ def budget_reserve(
     bounds = {c.key: period_bounds(c.period, now, tz) for c in counters}
     expires = now + dt.timedelta(seconds=settings.CHAT_TURN_DEADLINE_SECONDS + RESERVATION_GRACE_SECONDS)
     schema: str = connection.schema_name  # type: ignore[attr-defined]
-    args = {"tokens": tokens, "cost": cost, "turn_id": turn_id, "now": now, "expires": expires}
+    args: dict[str, Any] = {"tokens": tokens, "cost": cost, "turn_id": turn_id, "now": now, "expires": expires}
     with connection.cursor() as cursor:
         reservation_id, rows = _reserve_statement(cursor, counters, bounds, **args)
         if len(rows) < len(counters):
