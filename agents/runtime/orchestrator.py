@@ -223,7 +223,8 @@ def _meter(turn: Turn, result: StreamResult, *, hold: BudgetHold | None) -> None
     """Record the input and output token usage events of one model call of ``turn``, priced
     from the endpoint that served it (also for a call that broke after streaming some text: the
     model generated those tokens), and settle the call's budget reservation ``hold`` to them in
-    the same transaction (counters never drift from the events)."""
+    the same transaction (counters never drift from the events). Call it last in that
+    transaction: the settle locks the budget counters until the commit."""
     endpoint = result.endpoint
     assert endpoint is not None
     common: dict[str, Any] = {"model": endpoint.model, "agent_id": turn.session.agent_id,
