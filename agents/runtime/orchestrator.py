@@ -208,12 +208,13 @@ def _drive_guarded(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher
             return str(turn.status)
         partial = exc.partial if isinstance(exc, LLMError) else None
         with transaction.atomic():
-            if partial is not None:
-                # The call that broke holds the last reservation: it settles to what was generated.
-                _meter(turn, partial, hold=holds[-1] if holds else None)
             _finish(turn, Turn.Status.FAILED, error_code=code, error_message=message,
                     **({"input_tokens": partial.input_tokens, "output_tokens": partial.output_tokens}
                        if partial is not None else {}))
+            if partial is not None:
+                # The call that broke holds the last reservation: it settles to what was generated
+                # (last, so the budget counters stay locked only until the commit).
+                _meter(turn, partial, hold=holds[-1] if holds else None)
         events.publish(group, {"event": "turn.failed", "turn_id": turn.pk,
                                "error": {"code": code, "message": message}})
         return "failed"
@@ -223,7 +224,8 @@ def _meter(turn: Turn, result: StreamResult, *, hold: BudgetHold | None) -> None
     """Record the input and output token usage events of one model call of ``turn``, priced
     from the endpoint that served it (also for a call that broke after streaming some text: the
     model generated those tokens), and settle the call's budget reservation ``hold`` to them in
-    the same transaction (counters never drift from the events)."""
+    the same transaction (counters never drift from the events). Call it last in that
+    transaction: the settle locks the budget counters until the commit."""
     endpoint = result.endpoint
     assert endpoint is not None
     common: dict[str, Any] = {"model": endpoint.model, "agent_id": turn.session.agent_id,
@@ -498,9 +500,6 @@ def _finish_turn(run: TurnRun, result: StreamResult | None, *, outcome: str = ""
         turn.refresh_from_db(fields=["status"])
         if turn.status in Turn.FINAL:  # the sweeper got there first
             return str(turn.status)
-        if result is not None:
-            _meter(turn, result, hold=run.hold)
-            run.hold = None
         message = None
         if run.text:
             message = Message.objects.create(session_id=turn.session_id, role=Message.Role.ASSISTANT,
@@ -527,6 +526,10 @@ def _finish_turn(run: TurnRun, result: StreamResult | None, *, outcome: str = ""
                                                        "output_tokens": run.output_tokens,
                                                        "model_calls": run.model_calls, "tool_calls": run.tool_calls,
                                                        "invalid_tool_calls": run.invalid_calls})
+        if result is not None:
+            # Last in the transaction: the budget counters it locks are held only until the commit.
+            _meter(turn, result, hold=run.hold)
+            run.hold = None
     logger.info("turn_finished", status=str(turn.status), model_calls=run.model_calls, tool_calls=run.tool_calls,
                 invalid_tool_calls=run.invalid_calls)
     usage = {"input_tokens": run.input_tokens, "output_tokens": run.output_tokens,

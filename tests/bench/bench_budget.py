@@ -5,14 +5,23 @@ PostgreSQL (or ``BENCH_DATABASE_URL``). One tenant with the counters a call usua
 tenant budget, an agent budget and the plan's monthly token quota (three ``BudgetPeriod`` rows
 locked per call, all calls contending for the same three rows).
 
-``TURNS`` threads (default 50), each with its own database connection, run ``--rounds`` model
-calls each, all released together per round by a barrier: ``budget_reserve`` (timed), a pause
-standing in for the model's stream (``--stream-ms``, so that reservations overlap), then the
-call's two usage events and ``budget_settle`` in one transaction (the settle and the commit
-timed: the commit is where the row locks are held until). Reported per call: reserve, settle
-and their sum, p50/p95 in milliseconds. Target: p95 of the sum <= 3 ms.
+Two scenarios, ``--turns`` threads (default 50) each with its own database connection:
 
-Usage: ``.venv/bin/python tests/bench/bench_budget.py [--turns N] [--rounds N] [--stream-ms MS]``.
+- ``spaced`` (the issue's scenario): each thread starts at a random instant of the first second
+  and makes ``--rounds`` model calls as a turn does: ``budget_reserve``, a model stream of a
+  random 0.3-1.5 s (``--stream-min``/``--stream-max``), then the meter transaction (the call's
+  two usage events, ``budget_settle`` last, commit). ``--calls-per-turn`` calls share one
+  ``budget_holds_guard`` (one turn: its first call loads the budgets in scope).
+- ``burst`` (stress row): ``--burst-rounds`` rounds, every thread's reservation released at the
+  same instant by a barrier, a 20 ms stream, then the meter transaction.
+
+Reported per scenario, p50/p95 in milliseconds: ``reserve``; ``settle`` (the settle statement
+inside the meter transaction: how much longer budgets make that transaction, lock waits
+included); ``commit`` (the meter transaction's commit, which happens without budgets too);
+``settle_with_commit``; ``reserve_plus_settle`` (the overhead per model call, target p95 <= 3 ms)
+and ``reserve_plus_settle_with_commit``.
+
+Usage: ``.venv/bin/python tests/bench/bench_budget.py [--turns N] [--rounds N] [--burst-rounds N]``.
 The last line is ``SUMMARY {json}``.
 """
 
@@ -21,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -42,8 +53,11 @@ from tests.bench.live import percentiles  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--turns", type=int, default=50, help="concurrent turns (threads)")
-    parser.add_argument("--rounds", type=int, default=20, help="model calls per turn")
-    parser.add_argument("--stream-ms", type=float, default=20.0, help="pause between reserve and settle")
+    parser.add_argument("--rounds", type=int, default=20, help="model calls per thread (spaced scenario)")
+    parser.add_argument("--calls-per-turn", type=int, default=2, help="model calls per turn (spaced scenario)")
+    parser.add_argument("--stream-min", type=float, default=0.3, help="shortest model stream, seconds")
+    parser.add_argument("--stream-max", type=float, default=1.5, help="longest model stream, seconds")
+    parser.add_argument("--burst-rounds", type=int, default=10, help="barrier rounds (burst scenario; 0: none)")
     args = parser.parse_args()
 
     prepare_database("bench_budget", reuse=False)
@@ -55,8 +69,8 @@ def main() -> None:
     from django_tenants.utils import schema_context
 
     from agents.services import agent_create
-    from billing.models import Budget, BudgetPeriod
-    from billing.services.budgets import budget_reserve, budget_settle
+    from billing.models import Budget, BudgetPeriod, BudgetReservation
+    from billing.services.budgets import budget_holds_guard, budget_reserve, budget_settle
     from billing.services.usage import usage_event_record
     from tenants.models import Plan, Tenant
     from tenants.principal import Principal
@@ -78,52 +92,95 @@ def main() -> None:
     connection.set_schema_to_public()
     tenant = Tenant.objects.select_related("plan").get(pk=tenant.pk)
 
-    reserve_ms: list[float] = []
-    settle_ms: list[float] = []
-    lock = threading.Lock()
+    def meter(hold: object) -> tuple[float, float]:
+        """The call's meter transaction: (settle ms, commit ms)."""
+        with transaction.atomic():
+            usage_event_record(kind="llm.input_tokens", quantity=90, unit_price=Decimal("0.000001"))
+            usage_event_record(kind="llm.output_tokens", quantity=40, unit_price=Decimal("0.000002"))
+            settle_started = time.perf_counter()
+            budget_settle(hold=hold, tokens=130, cost=Decimal("0.00017"))  # type: ignore[arg-type]
+            settled = time.perf_counter()
+        return (settled - settle_started) * 1000, (time.perf_counter() - settled) * 1000
+
+    def reserve() -> tuple[object, float]:
+        started = time.perf_counter()
+        hold = budget_reserve(tenant=tenant, tokens=600, cost=Decimal("0.0012"), agent_slug="bench-agent")
+        return hold, (time.perf_counter() - started) * 1000
+
+    def scenario(name: str, turn: Callable[[int, list[tuple[float, float, float]]], None]) -> dict[str, float]:
+        samples: list[tuple[float, float, float]] = []
+
+        def thread(n: int) -> None:
+            try:
+                with schema_context(tenant.schema_name):
+                    turn(n, samples)
+            finally:
+                connections.close_all()
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=args.turns) as pool:
+            list(pool.map(thread, range(args.turns)))
+        wall = time.perf_counter() - started
+        reserve_ms = [r for r, _, _ in samples]
+        settle_ms = [s for _, s, _ in samples]
+        commit_ms = [c for _, _, c in samples]
+        series = {
+            "reserve": reserve_ms,
+            "settle": settle_ms,
+            "commit": commit_ms,
+            "settle_with_commit": [s + c for _, s, c in samples],
+            "reserve_plus_settle": [r + s for r, s, _ in samples],
+            "reserve_plus_settle_with_commit": [r + s + c for r, s, c in samples],
+        }
+        result: dict[str, float] = {"calls": len(samples), "wall_s": round(wall, 2)}
+        print(f"--- {name}: {args.turns} turns, {len(samples)} calls, {wall:.1f} s", flush=True)
+        for label, values in series.items():
+            p50, p95 = percentiles(values)
+            result[f"{label}_p50_ms"] = round(p50, 3)
+            result[f"{label}_p95_ms"] = round(p95, 3)
+            print(f"{label:>32}: p50 {p50:7.3f} ms   p95 {p95:7.3f} ms   max {max(values):7.3f} ms", flush=True)
+        return result
+
+    def spaced(n: int, samples: list[tuple[float, float, float]]) -> None:
+        rng = random.Random(n)
+        time.sleep(rng.uniform(0, 1))
+        done = 0
+        while done < args.rounds:
+            with budget_holds_guard():  # one turn
+                for _call in range(min(args.calls_per_turn, args.rounds - done)):
+                    hold, reserve_ms = reserve()
+                    time.sleep(rng.uniform(args.stream_min, args.stream_max))
+                    settle_ms, commit_ms = meter(hold)
+                    with lock:
+                        samples.append((reserve_ms, settle_ms, commit_ms))
+                    done += 1
+
     barrier = threading.Barrier(args.turns)
 
-    def turn(_: int) -> None:
-        try:
-            with schema_context(tenant.schema_name):
-                for _round in range(args.rounds):
-                    barrier.wait()
-                    started = time.perf_counter()
-                    hold = budget_reserve(tenant=tenant, tokens=600, cost=Decimal("0.0012"),
-                                          agent_slug="bench-agent")
-                    reserved = time.perf_counter()
-                    time.sleep(args.stream_ms / 1000)
-                    with transaction.atomic():
-                        usage_event_record(kind="llm.input_tokens", quantity=90, unit_price=Decimal("0.000001"))
-                        usage_event_record(kind="llm.output_tokens", quantity=40, unit_price=Decimal("0.000002"))
-                        settle_started = time.perf_counter()
-                        budget_settle(hold=hold, tokens=130, cost=Decimal("0.00017"))
-                    settled = time.perf_counter()
-                    with lock:
-                        reserve_ms.append((reserved - started) * 1000)
-                        settle_ms.append((settled - settle_started) * 1000)
-        finally:
-            connections.close_all()
+    def burst(_: int, samples: list[tuple[float, float, float]]) -> None:
+        with budget_holds_guard():
+            for _round in range(args.burst_rounds):
+                barrier.wait()
+                hold, reserve_ms = reserve()
+                time.sleep(0.02)
+                settle_ms, commit_ms = meter(hold)
+                with lock:
+                    samples.append((reserve_ms, settle_ms, commit_ms))
 
+    lock = threading.Lock()
     # One warm-up call creates the counters (a period's first call also seeds them).
     with schema_context(tenant.schema_name):
         budget_settle(hold=budget_reserve(tenant=tenant, tokens=1, cost=Decimal(0), agent_slug="bench-agent"),
                       tokens=1, cost=Decimal(0))
     connection.close()
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.turns) as pool:
-        list(pool.map(turn, range(args.turns)))
-    wall = time.perf_counter() - started
-    totals = [r + s for r, s in zip(reserve_ms, settle_ms, strict=True)]
+    summary: dict[str, object] = {"turns": args.turns}
+    summary["spaced"] = scenario("spaced", spaced)
+    if args.burst_rounds:
+        summary["burst"] = scenario("burst", burst)
     with schema_context(tenant.schema_name):
         rows = list(BudgetPeriod.objects.values_list("key", "spent_tokens", "reserved_tokens"))
-    summary: dict[str, float | int] = {"turns": args.turns, "calls": len(totals), "wall_s": round(wall, 2)}
-    for label, samples in (("reserve", reserve_ms), ("settle", settle_ms), ("reserve_plus_settle", totals)):
-        p50, p95 = percentiles(samples)
-        summary[f"{label}_p50_ms"] = round(p50, 3)
-        summary[f"{label}_p95_ms"] = round(p95, 3)
-        print(f"{label:>22}: p50 {p50:7.3f} ms   p95 {p95:7.3f} ms   max {max(samples):7.3f} ms", flush=True)
-    print(f"counters after the run (key, spent, reserved): {rows}")
+        open_reservations = BudgetReservation.objects.count()
+    print(f"counters after the run (key, spent, reserved): {rows}; open reservations: {open_reservations}")
     print("target: reserve + settle p95 <= 3 ms")
     print("SUMMARY " + json.dumps(summary))
 

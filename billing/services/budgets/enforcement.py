@@ -185,21 +185,104 @@ def _periods_ensure(cursor: Any, counters: list[Counter], bounds: dict[str, tupl
         )
 
 
-def _lock(
-    cursor: Any, counters: list[Counter], bounds: dict[str, tuple[dt.datetime, dt.datetime]]
-) -> dict[str, tuple[Any, ...]]:
-    """Lock the counters' rows of these periods in id order (one order for every caller, so two
-    calls never deadlock); returns key -> (id, spent_tokens, spent_cost, reserved_tokens,
-    reserved_cost, period_start, period_end)."""
-    keys = [c.key for c in counters]
-    starts = [bounds[c.key][0] for c in counters]
+# One round trip reserves a call: lock the counters of the periods in id order (one order for
+# every caller, so two calls never deadlock), check every blocking limit, add the call to
+# ``reserved_*`` and insert the reservation, both only when every check passes and every counter
+# exists. Each row is returned (with the reservation id, or NULL) so a refusal can be worded.
+# ``{sync}`` is ``_ASYNC_COMMIT`` when the statement is its own transaction, else ``TRUE``.
+_RESERVE_SQL = """
+WITH w AS (
+  SELECT * FROM unnest(%(keys)s::varchar[], %(starts)s::timestamptz[], %(blocks)s::boolean[],
+                       %(limit_tokens)s::bigint[], %(limit_cost)s::numeric[])
+    AS w(key, start, blocks, limit_tokens, limit_cost)
+), l AS (
+  SELECT p.id, p.key, p.spent_tokens, p.spent_cost, p.reserved_tokens, p.reserved_cost, p.period_start,
+         p.period_end, w.blocks, w.limit_tokens, w.limit_cost
+  FROM billing_budgetperiod p JOIN w ON p.key = w.key AND p.period_start = w.start
+  ORDER BY p.id FOR UPDATE OF p
+), v AS (
+  SELECT {sync} AND count(*) = %(n)s AND COALESCE(bool_and(NOT blocks OR (
+           (limit_tokens IS NULL OR spent_tokens + reserved_tokens + %(tokens)s <= limit_tokens)
+           AND (limit_cost IS NULL OR spent_cost + reserved_cost + %(cost)s <= limit_cost))), TRUE) AS ok,
+         jsonb_agg(id ORDER BY id) AS ids
+  FROM l
+), u AS (
+  UPDATE billing_budgetperiod p SET reserved_tokens = p.reserved_tokens + %(tokens)s,
+                                    reserved_cost = p.reserved_cost + %(cost)s
+  FROM l WHERE p.id = l.id AND (SELECT ok FROM v)
+  RETURNING p.id
+), r AS (
+  INSERT INTO billing_budgetreservation (turn_id, periods, tokens, cost, created_at, expires_at)
+  SELECT %(turn_id)s, v.ids, %(tokens)s, %(cost)s, %(now)s, %(expires)s FROM v WHERE v.ok
+  RETURNING id
+)
+SELECT (SELECT id FROM r), (SELECT count(*) FROM u), l.key, l.id, l.spent_tokens, l.spent_cost, l.reserved_tokens,
+       l.reserved_cost, l.period_start, l.period_end
+FROM l ORDER BY l.id
+"""
+# In a statement that is its own transaction (autocommit), its commit need not wait for the WAL
+# flush: a reservation lost to a server crash only frees room held by calls in flight.
+_ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true) = 'off'"
+
+
+def _own_transaction() -> bool:
+    """True when a statement run now commits by itself (no atomic block around it)."""
+    return connection.get_autocommit() and not connection.in_atomic_block
+
+
+def _reserve_statement(
+    cursor: Any,
+    counters: list[Counter],
+    bounds: dict[str, tuple[dt.datetime, dt.datetime]],
+    *,
+    tokens: int,
+    cost: Decimal,
+    turn_id: int | None,
+    now: dt.datetime,
+    expires: dt.datetime,
+) -> tuple[int | None, dict[str, tuple[Any, ...]]]:
+    """Run ``_RESERVE_SQL``: (the reservation id, or None when refused or a counter is missing;
+    key -> (id, spent_tokens, spent_cost, reserved_tokens, reserved_cost, period_start,
+    period_end) as locked, before this call's reservation)."""
+    sql = _RESERVE_SQL.replace("{sync}", _ASYNC_COMMIT if _own_transaction() else "TRUE")
     cursor.execute(
-        "SELECT p.key, p.id, p.spent_tokens, p.spent_cost, p.reserved_tokens, p.reserved_cost, p.period_start,"
-        " p.period_end FROM billing_budgetperiod p JOIN unnest(%s::varchar[], %s::timestamptz[]) AS w(key, start)"
-        " ON p.key = w.key AND p.period_start = w.start ORDER BY p.id FOR UPDATE OF p",
-        [keys, starts],
+        sql,
+        {
+            "keys": [c.key for c in counters],
+            "starts": [bounds[c.key][0] for c in counters],
+            "blocks": [c.blocks for c in counters],
+            "limit_tokens": [c.limit_tokens for c in counters],
+            "limit_cost": [c.limit_cost for c in counters],
+            "n": len(counters),
+            "tokens": tokens,
+            "cost": cost,
+            "turn_id": turn_id,
+            "now": now,
+            "expires": expires,
+        },
     )
-    return {row[0]: row[1:] for row in cursor.fetchall()}
+    rows = cursor.fetchall()
+    reservation_id = rows[0][0] if rows else None
+    return reservation_id, {row[2]: row[3:] for row in rows}
+
+
+# Counters in scope per (schema, tenant, agent, key), kept for the running turn by
+# ``budget_holds_guard``: a turn's later model calls skip the budgets query, and a budget's
+# change applies from the next turn (a missing counter row refreshes them at once).
+_counters_cache: contextvars.ContextVar[dict[tuple[Any, ...], list[Counter]] | None] = contextvars.ContextVar(
+    "budget_counters", default=None
+)
+
+
+def _counters(*, tenant: Any, agent_slug: str, api_key_id: str, fresh: bool = False) -> list[Counter]:
+    """``counters_for``, from the running turn's cache unless ``fresh`` (or outside a turn)."""
+    cache = _counters_cache.get()
+    if cache is None:
+        return counters_for(tenant=tenant, agent_slug=agent_slug, api_key_id=api_key_id)
+    key = (connection.schema_name, tenant.pk, agent_slug, api_key_id)  # type: ignore[attr-defined]
+    if fresh or key not in cache:
+        cache[key] = counters_for(tenant=tenant, agent_slug=agent_slug, api_key_id=api_key_id)
+    return cache[key]
 
 
 def _refusal(counter: Counter, row: tuple[Any, ...], tokens: int, cost: Decimal, time_zone: str) -> str | None:
@@ -233,10 +316,12 @@ def budget_holds_guard() -> Iterator[list[BudgetHold]]:
     released (an exception between the call and its metering, a turn swept meanwhile)."""
     holds: list[BudgetHold] = []
     token = _holds.set(holds)
+    cache_token = _counters_cache.set({})
     try:
         yield holds
     finally:
         _holds.reset(token)
+        _counters_cache.reset(cache_token)
         for hold in holds:
             try:
                 budget_release(hold=hold)
@@ -262,35 +347,47 @@ def budget_reserve(
 ) -> BudgetHold | None:
     """Reserve ``tokens`` (a model call's worst case: prompt estimate + max output tokens) and
     ``cost`` (priced at the highest prices among the candidate endpoints, tenant currency)
-    against every counter in scope of the call (``counters_for``), in the current tenant schema.
+    against every counter in scope of the call (``counters_for``; within a turn, as found by its
+    first call), in the current tenant schema.
 
-    One transaction: create missing counters of the current periods (``_periods_ensure``), lock
-    them in id order, refuse if a blocking counter would pass a limit with spent + reserved +
-    this call, else add the call to ``reserved_*`` and write a ``BudgetReservation``. Returns the
-    ``BudgetHold`` to settle or release, ``None`` when no counter applies. Raises
-    ``BudgetExceeded`` (code ``budget_exceeded``, or ``quota_exceeded`` for the plan quota).
+    One statement (``_RESERVE_SQL``): lock the counters of the current periods in id order,
+    refuse if a blocking counter would pass a limit with spent + reserved + this call, else add
+    the call to ``reserved_*`` and write a ``BudgetReservation``. Run outside a transaction, it
+    is its own transaction and commits without waiting for the WAL flush. A missing counter (a
+    period's first call, a budget created or changed meanwhile) reloads the counters, creates the
+    missing rows (``_periods_ensure``) and runs it again. Returns the ``BudgetHold`` to settle
+    or release, ``None`` when no counter applies. Raises ``BudgetExceeded`` (code
+    ``budget_exceeded``, or ``quota_exceeded`` for the plan quota).
     """
-    counters = counters_for(tenant=tenant, agent_slug=agent_slug, api_key_id=api_key_id)
+    counters = _counters(tenant=tenant, agent_slug=agent_slug, api_key_id=api_key_id)
     if not counters:
         return None
     now = now or timezone.now()
     tz = getattr(tenant, "time_zone", "") or "UTC"
     bounds = {c.key: period_bounds(c.period, now, tz) for c in counters}
+    expires = now + dt.timedelta(seconds=settings.CHAT_TURN_DEADLINE_SECONDS + RESERVATION_GRACE_SECONDS)
     schema: str = connection.schema_name  # type: ignore[attr-defined]
-    with transaction.atomic(), connection.cursor() as cursor:
-        rows = _lock(cursor, counters, bounds)
+    args: dict[str, Any] = {"tokens": tokens, "cost": cost, "turn_id": turn_id, "now": now, "expires": expires}
+    with connection.cursor() as cursor:
+        reservation_id, rows = _reserve_statement(cursor, counters, bounds, **args)
         if len(rows) < len(counters):
+            counters = _counters(tenant=tenant, agent_slug=agent_slug, api_key_id=api_key_id, fresh=True)
+            if not counters:
+                return None
+            bounds = {c.key: period_bounds(c.period, now, tz) for c in counters}
             _periods_ensure(cursor, [c for c in counters if c.key not in rows], bounds)
-            rows = _lock(cursor, counters, bounds)
+            reservation_id, rows = _reserve_statement(cursor, counters, bounds, **args)
+    if reservation_id is None:
         for counter in counters:
-            refusal = _refusal(counter, rows[counter.key], tokens, cost, tz) if counter.blocks else None
+            row = rows.get(counter.key)
+            refusal = _refusal(counter, row, tokens, cost, tz) if counter.blocks and row else None
             if refusal:
                 code = "quota_exceeded" if counter.budget is None else "budget_exceeded"
-                end = rows[counter.key][6]
+                assert row is not None
                 raise BudgetExceeded(
                     refusal,
                     code=code,
-                    retry_after=max(1, int((end - now).total_seconds())),
+                    retry_after=max(1, int((row[6] - now).total_seconds())),
                     details={
                         "budget": counter.budget.pk if counter.budget else None,
                         "key": counter.key,
@@ -299,18 +396,10 @@ def budget_reserve(
                         "limit_cost": str(counter.limit_cost) if counter.limit_cost is not None else None,
                     },
                 )
-        ids = [rows[c.key][0] for c in counters]
-        cursor.execute(
-            "UPDATE billing_budgetperiod SET reserved_tokens = reserved_tokens + %s,"
-            " reserved_cost = reserved_cost + %s WHERE id = ANY(%s)",
-            [tokens, cost, ids],
-        )
-        expires = now + dt.timedelta(seconds=settings.CHAT_TURN_DEADLINE_SECONDS + RESERVATION_GRACE_SECONDS)
-        reservation = BudgetReservation.objects.create(
-            turn_id=turn_id, periods=ids, tokens=tokens, cost=cost, created_at=now, expires_at=expires
-        )
+        # Every counter has room but one is still missing (deleted meanwhile by a budget's change).
+        raise RuntimeError("budget counters changed during the reservation; retry the call")
     hold = BudgetHold(
-        reservation_id=reservation.pk,
+        reservation_id=int(reservation_id),
         periods={rows[c.key][0]: c for c in counters},
         tokens=tokens,
         cost=cost,
@@ -323,24 +412,43 @@ def budget_reserve(
     return hold
 
 
+# One round trip settles or releases a call: delete its reservation, lock its counters in id
+# order, ``reserved -= held`` (nothing when the reservation is gone: released by the expiry
+# sweep, or lost with an asynchronous commit) and ``spent += spent_*``. Nothing is locked or
+# changed when there is neither a reservation nor any spend. ``{sync}``: as in _RESERVE_SQL.
+_UNRESERVE_SQL = """
+WITH d AS (
+  DELETE FROM billing_budgetreservation WHERE id = %(reservation_id)s RETURNING tokens, cost
+), h AS (
+  SELECT {sync} AND (EXISTS (SELECT 1 FROM d) OR %(spent_tokens)s <> 0 OR %(spent_cost)s <> 0) AS go,
+         COALESCE((SELECT tokens FROM d), 0) AS tokens, COALESCE((SELECT cost FROM d), 0) AS cost
+), l AS (
+  SELECT id FROM billing_budgetperiod WHERE id = ANY(%(ids)s) AND (SELECT go FROM h) ORDER BY id FOR UPDATE
+)
+UPDATE billing_budgetperiod p SET spent_tokens = p.spent_tokens + %(spent_tokens)s,
+       spent_cost = p.spent_cost + %(spent_cost)s,
+       reserved_tokens = GREATEST(p.reserved_tokens - h.tokens, 0),
+       reserved_cost = GREATEST(p.reserved_cost - h.cost, 0)
+FROM l, h WHERE p.id = l.id
+RETURNING p.id, p.spent_tokens, p.spent_cost, p.limit_tokens, p.limit_cost, p.alerted, p.period_start
+"""
+
+
 def _unreserve(
     cursor: Any, reservation_id: int, period_ids: list[int], *, spent_tokens: int, spent_cost: Decimal
 ) -> list[tuple[Any, ...]]:
-    """Delete the reservation and move the counters: ``reserved -= held`` (when the reservation
-    was still there: not released by the expiry sweep meanwhile), ``spent += spent_*``. Locks
-    in id order; returns the rows (id, spent_tokens, spent_cost, limit_tokens, limit_cost,
-    alerted, period_start) after the change."""
-    cursor.execute("DELETE FROM billing_budgetreservation WHERE id = %s RETURNING tokens, cost", [reservation_id])
-    held = cursor.fetchone()
-    held_tokens, held_cost = (held[0], held[1]) if held else (0, Decimal(0))
-    if not held and not spent_tokens and not spent_cost:
-        return []
-    cursor.execute("SELECT id FROM billing_budgetperiod WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [period_ids])
+    """Run ``_UNRESERVE_SQL`` (asynchronous commit when it is its own transaction); returns the
+    counters' rows (id, spent_tokens, spent_cost, limit_tokens, limit_cost, alerted,
+    period_start) after the change, ``[]`` when nothing was held or spent."""
+    sql = _UNRESERVE_SQL.replace("{sync}", _ASYNC_COMMIT if _own_transaction() else "TRUE")
     cursor.execute(
-        "UPDATE billing_budgetperiod SET spent_tokens = spent_tokens + %s, spent_cost = spent_cost + %s,"
-        " reserved_tokens = GREATEST(reserved_tokens - %s, 0), reserved_cost = GREATEST(reserved_cost - %s, 0)"
-        " WHERE id = ANY(%s) RETURNING id, spent_tokens, spent_cost, limit_tokens, limit_cost, alerted, period_start",
-        [spent_tokens, spent_cost, held_tokens, held_cost, period_ids],
+        sql,
+        {
+            "reservation_id": reservation_id,
+            "ids": period_ids,
+            "spent_tokens": spent_tokens,
+            "spent_cost": spent_cost,
+        },
     )
     return list(cursor.fetchall())
 
@@ -370,14 +478,17 @@ def _crossed(counter: Counter, row: tuple[Any, ...]) -> list[float]:
 def budget_settle(*, hold: BudgetHold | None, tokens: int, cost: Decimal) -> None:
     """Replace a call's reservation by its real usage (``tokens`` input + output, ``cost`` in
     the tenant's currency), in the caller's transaction: the one that records the call's usage
-    events. Thresholds crossed for the first time in the period are recorded in
+    events (call it last there: the counters stay locked until that transaction commits). One
+    statement (``_UNRESERVE_SQL``); a reservation already gone still counts the spend.
+    Thresholds crossed for the first time in the period are recorded in
     ``BudgetPeriod.alerted`` under the row lock (concurrent settles announce once) and announced
     after commit (``billing.services.budgets.alerts.budget_alert_send``). ``None``: no-op."""
     if hold is None:
         return
     from billing.services.budgets.alerts import budget_alert_send
 
-    with transaction.atomic(), connection.cursor() as cursor:
+    # No savepoint: the statement is one unit, and the caller's transaction is the one to undo.
+    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
         rows = _unreserve(cursor, hold.reservation_id, list(hold.periods), spent_tokens=tokens, spent_cost=cost)
         for row in rows:
             counter = hold.periods.get(row[0])
@@ -409,21 +520,23 @@ def budget_settle(*, hold: BudgetHold | None, tokens: int, cost: Decimal) -> Non
 
 def budget_release(*, hold: BudgetHold | None) -> None:
     """Give back a call's reservation unused (the call failed before any token). ``None``, or a
-    reservation already settled or released: no-op."""
+    reservation already settled or released: no-op. Outside a transaction, one statement that
+    commits without waiting for the WAL flush (``_UNRESERVE_SQL``)."""
     if hold is None:
         return
-    with transaction.atomic(), connection.cursor() as cursor:
+    with connection.cursor() as cursor:
         _unreserve(cursor, hold.reservation_id, list(hold.periods), spent_tokens=0, spent_cost=Decimal(0))
     _forget(hold)
 
 
 def budget_reservations_expire(*, now: dt.datetime | None = None) -> int:
     """Release the reservations of the current schema past their ``expires_at`` (a worker died
-    between reserving and settling); returns how many. Each in its own short transaction."""
+    between reserving and settling); returns how many. Each in its own statement; one settled
+    or released meanwhile is skipped."""
     now = now or timezone.now()
     released = 0
     for reservation in BudgetReservation.objects.filter(expires_at__lt=now).order_by("id")[:1000]:
-        with transaction.atomic(), connection.cursor() as cursor:
+        with connection.cursor() as cursor:
             rows = _unreserve(
                 cursor, reservation.pk, [int(p) for p in reservation.periods], spent_tokens=0, spent_cost=Decimal(0)
             )
