@@ -11,7 +11,8 @@ otherwise. One tenant, its owner's all-scopes API key, a small indexed collectio
 1. Load (locust as a library, in a child process of its own: locust patches the standard library
    with gevent on import). For ``--duration`` seconds:
    - ``--api-clients`` API clients, each repeating GET /api/v1/me, GET /api/v1/agents, GET /api/v1/tools,
-     GET /api/v1/approvals?status=pending,
+     GET /api/v1/approvals?status=pending, GET /api/v1/budgets, GET /api/v1/usage/summary,
+     GET /api/v1/invoices,
      POST /api/v1/knowledge/search (hybrid, the collection) and GET /api/v1/sessions with a
      think time of ``--think`` seconds on average;
    - ``--streams`` SSE clients, each sending a message with ``"stream": true`` to a session of its
@@ -126,6 +127,18 @@ def locust_phase(config_path: str) -> None:
         @task
         def approvals(self) -> None:
             self.client.get("/api/v1/approvals?status=pending", headers=headers, name="GET /approvals")
+
+        @task
+        def budgets(self) -> None:
+            self.client.get("/api/v1/budgets", headers=headers, name="GET /budgets")
+
+        @task
+        def usage_summary(self) -> None:
+            self.client.get("/api/v1/usage/summary?group_by=agent", headers=headers, name="GET /usage/summary")
+
+        @task
+        def invoices(self) -> None:
+            self.client.get("/api/v1/invoices", headers=headers, name="GET /invoices")
 
     class Streamer(HttpUser):
         host = base
@@ -371,6 +384,7 @@ def main() -> None:
     from django.core.management import call_command
     from django_tenants.utils import schema_context
 
+    from billing.models import Budget
     from knowledge.models import Collection
     from tenants.principal import Principal
     from tenants.roles import PERMISSIONS
@@ -390,6 +404,11 @@ def main() -> None:
                              name="bench load", scopes=list(PERMISSIONS)).secret
         with schema_context(setup.schema):
             collection_id = Collection.objects.get().pk
+            # Every streamed turn reserves and settles against a tenant budget (alert-only: the
+            # load must not be refused), so the load includes budget enforcement.
+            Budget.objects.get_or_create(name="bench load", defaults={
+                "scope": Budget.Scope.TENANT, "period": Budget.Period.MONTH, "limit_tokens": 10**12,
+                "action": Budget.Action.ALERT, "alert_thresholds": [0.8, 1.0]})
         from django.db import connection
 
         connection.close()  # the bench's own connection is not part of what is measured
