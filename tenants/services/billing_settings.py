@@ -73,8 +73,9 @@ def _invalid(field: str, message: str, *, code: str | None = None) -> Validation
 
 @lru_cache(maxsize=1)
 def _time_zones() -> frozenset[str]:
-    # The system's tz database, read once; ZoneInfo() alone would also load e.g. "localtime".
-    return frozenset(zoneinfo.available_timezones())
+    # The tz database, read once. ZoneInfo() alone would also load "localtime" (the host's own
+    # zone, a symlink on Debian) or "Factory", which name no place.
+    return frozenset(zoneinfo.available_timezones()) - {"localtime", "Factory", "posixrules"}
 
 
 def time_zone_clean(value: str) -> str:
@@ -152,7 +153,8 @@ def tenant_billing_settings_update(
 
     Saving the current values changes nothing and writes no audit event (a repeated PUT is a
     no-op). Otherwise one audit event ``tenant.billing_settings_changed`` in the tenant's chain
-    names the changed fields; the secret appears only as ``alert_webhook_secret: set|generated|cleared``.
+    names the changed fields; the secret appears only as ``alert_webhook_signing: set|generated|cleared`` (a key named
+    ``*secret*`` would be redacted whole by ``compliance.redaction``).
 
     Raises ``Forbidden`` (403), ``ValidationFailed`` (422: ``invalid_time_zone``,
     ``validation_failed`` with ``details[0].field``) or ``EgressDenied`` (422 ``egress_denied``).
@@ -184,13 +186,13 @@ def tenant_billing_settings_update(
             raise _invalid("alert_webhook_secret", "Set a webhook URL before its secret.")
         if row.alert_webhook_secret_encrypted:
             row.alert_webhook_secret_encrypted = ""
-            changed["alert_webhook_secret"] = "cleared"  # noqa: S105 (a state word, not a secret)
+            changed["alert_webhook_signing"] = "cleared"
     else:
         if generate_secret:
             generated = secret = secrets.token_urlsafe(32)
         if secret:
             row.alert_webhook_secret_encrypted = secret_encrypt(secret)
-            changed["alert_webhook_secret"] = "generated" if generated else "set"
+            changed["alert_webhook_signing"] = "generated" if generated else "set"
         elif not row.alert_webhook_secret_encrypted:
             raise _invalid(
                 "alert_webhook_secret", "A webhook needs a signing secret: give one or ask for one to be generated."
