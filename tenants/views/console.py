@@ -275,10 +275,10 @@ def billing_settings(request: HttpRequest) -> HttpResponse:
     principal.require("billing:write")
     page = "tenants/tenant_billing_settings.html"
     if request.method == "POST" and request.POST.get("action") == "test":
-        outcome = tenant_alert_webhook_test(principal=principal, tenant=tenant)
+        tested = tenant_alert_webhook_test(principal=principal, tenant=tenant)
         return after_write(
-            request, message=outcome.message, level="success" if outcome.delivered else "danger",
-            fragment=lambda: render_page(request, page, _billing_settings_context(request, test_outcome=outcome),
+            request, message=tested.message, level="success" if tested.delivered else "danger",
+            fragment=lambda: render_page(request, page, _billing_settings_context(request, test_outcome=tested),
                                          partial="billing-settings"),
             redirect_to=reverse("billing_settings"),
         )
