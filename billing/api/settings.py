@@ -12,6 +12,7 @@ from typing import Any
 
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
+from pydantic import model_validator
 
 from config.api import principal_of
 from tenants.services.billing_settings import (
@@ -38,6 +39,15 @@ class BillingSettingsIn(Schema):
         "", description="Write-only HMAC-SHA256 signing secret (24-256 characters); '' keeps the current one"
     )
     alert_webhook_secret_generate: bool = Field(False, description="Generate a random secret, returned once")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, value: Any) -> Any:
+        # ninja's Schema reads attributes of any input (wrapped in its DjangoGetter), so with every
+        # field optional a JSON array or a number would pass as "change nothing".
+        if not isinstance(getattr(value, "_obj", value), dict):
+            raise ValueError("the body must be a JSON object")
+        return value
 
 
 class BillingSettingsOut(Schema):

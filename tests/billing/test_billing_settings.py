@@ -380,3 +380,10 @@ def test_the_budgets_page_links_the_settings_for_writers_only(world: World) -> N
         'data-testid="billing-settings-link"'
         not in host_client(HOST_A, world.user("operator")).get("/budgets/").content.decode()
     )
+
+
+@pytest.mark.parametrize("body", [[None, None], 5, "x", None])
+def test_a_body_that_is_not_an_object_is_422(world: World, api_a: Client, body: Any) -> None:
+    response = api_a.put(PATH, data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 422, response.content
+    assert response.json()["error"]["code"] == "validation_failed"
