@@ -12,7 +12,7 @@ from typing import Any
 
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
-from pydantic import model_validator
+from pydantic import StrictBool, StrictStr, model_validator
 
 from config.api import principal_of
 from tenants.services.billing_settings import (
@@ -26,23 +26,24 @@ router = Router(tags=["billing settings"])
 
 
 class BillingSettingsIn(Schema):
-    time_zone: str | None = Field(
+    time_zone: StrictStr | None = Field(
         None, description="IANA time zone of budget periods and invoice months; omitted: unchanged"
     )
-    alert_webhook_url: str | None = Field(
+    alert_webhook_url: StrictStr | None = Field(
         None,
         description="http(s) URL budget alerts are POSTed to, checked by "
         "the egress guard; '' removes the webhook and its "
         "secret; omitted: unchanged",
     )
-    alert_webhook_secret: str = Field(
+    alert_webhook_secret: StrictStr = Field(
         "", description="Write-only HMAC-SHA256 signing secret (24-256 characters); '' keeps the current one"
     )
-    alert_webhook_secret_generate: bool = Field(False, description="Generate a random secret, returned once")
+    alert_webhook_secret_generate: StrictBool = Field(False, description="Generate a random secret, returned once")
 
     @model_validator(mode="before")
     @classmethod
     def _an_object(cls, value: Any) -> Any:
+        # Strict types and this check: the documented schema is what is accepted (schemathesis).
         # ninja's Schema reads attributes of any input (wrapped in its DjangoGetter), so with every
         # field optional a JSON array or a number would pass as "change nothing".
         if not isinstance(getattr(value, "_obj", value), dict):

@@ -387,3 +387,10 @@ def test_a_body_that_is_not_an_object_is_422(world: World, api_a: Client, body: 
     response = api_a.put(PATH, data=json.dumps(body), content_type="application/json")
     assert response.status_code == 422, response.content
     assert response.json()["error"]["code"] == "validation_failed"
+
+
+@pytest.mark.parametrize(
+    "body", [{"alert_webhook_secret_generate": "yes"}, {"time_zone": 5}, {"alert_webhook_url": ["x"]}]
+)
+def test_fields_of_the_wrong_type_are_422_not_coerced(world: World, api_a: Client, body: dict[str, Any]) -> None:
+    assert _put(api_a, body).status_code == 422
