@@ -60,6 +60,23 @@ class TenantSettingsForm(forms.Form):
     )
 
 
+class BillingSettingsForm(forms.Form):
+    """The tenant's billing settings (``tenants.services.billing_settings`` checks the values:
+    the IANA name, the egress guard on the URL, the secret's length)."""
+
+    time_zone = forms.CharField(max_length=64, label="Time zone",
+                                help_text="IANA name, e.g. Europe/Berlin: budget periods and invoice months follow it.")
+    # A CharField, not a URLField: the egress guard's reason is the message a person needs.
+    alert_webhook_url = forms.CharField(max_length=500, required=False, label="Alert webhook URL",
+                                        help_text="Budget alerts are POSTed here, signed. Empty removes the webhook.")
+    alert_webhook_secret = forms.CharField(
+        max_length=256, required=False, strip=True, label="Webhook secret",
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only. Leave empty to keep the current secret.",
+    )
+    generate_secret = forms.BooleanField(required=False, label="Generate a new random secret (shown once)")
+
+
 class AcceptInvitationForm(forms.Form):
     name = forms.CharField(max_length=200, required=False)
     password1 = forms.CharField(widget=forms.PasswordInput, label="Password")

@@ -11,6 +11,8 @@ urlpatterns = [
     path("keys/", console.api_key_list, name="api_key_list"),
     path("keys/<str:key_id>/revoke/", console.api_key_revoke, name="api_key_revoke"),
     path("settings/", console.tenant_settings, name="tenant_settings"),
+    # Under /budgets/ (the Budgets section), for owners and admins; /settings/ is owners' only.
+    path("budgets/settings/", console.billing_settings, name="billing_settings"),
     path("invitations/<str:token>/", console.invitation_accept, name="invitation_accept"),
 ]
 

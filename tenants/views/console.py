@@ -22,11 +22,23 @@ from compliance.models import AuditEvent
 from config.errors import DomainError
 from config.htmx import after_write, domain_errors_as_pages, is_htmx, render_page
 from tenants import selectors
-from tenants.forms import AcceptInvitationForm, ApiKeyForm, InviteForm, RoleForm, TenantSettingsForm
+from tenants.forms import (
+    AcceptInvitationForm,
+    ApiKeyForm,
+    BillingSettingsForm,
+    InviteForm,
+    RoleForm,
+    TenantSettingsForm,
+)
 from tenants.principal import request_principal
 from tenants.roles import DEFAULT_KEY_SCOPES, Role, roles_assignable_by
 from tenants.services import keys as key_services
 from tenants.services import members as member_services
+from tenants.services.billing_settings import (
+    tenant_alert_webhook_test,
+    tenant_billing_settings_get,
+    tenant_billing_settings_update,
+)
 from tenants.services.provisioning import tenant_settings_update
 
 
@@ -237,6 +249,65 @@ def tenant_settings(request: HttpRequest) -> HttpResponse:
             redirect_to=reverse("tenant_settings"),
         )
     return render_page(request, "tenants/tenant_settings.html", {"form": form}, partial="settings-form")
+
+
+def _billing_settings_context(request: HttpRequest, form: BillingSettingsForm | None = None,
+                              **extra: Any) -> dict[str, Any]:
+    principal = request_principal(request)
+    current = tenant_billing_settings_get(principal=principal, tenant=request.tenant)  # type: ignore[attr-defined]
+    if form is None:
+        form = BillingSettingsForm(initial={"time_zone": current.time_zone,
+                                            "alert_webhook_url": current.alert_webhook_url})
+    return {"form": form, "current": current, **extra}
+
+
+@require_http_methods(["GET", "POST"])
+@domain_errors_as_pages
+def billing_settings(request: HttpRequest) -> HttpResponse:
+    """Billing settings of the tenant (``billing:write``: owners and admins): time zone and the
+    budget-alert webhook. At /budgets/settings/ rather than on /settings/, which is for owners
+    only (``tenant:admin``) while admins manage budgets too. A generated secret is shown in this
+    response only (no redirect, so it is never stored for a later page)."""
+    principal = request_principal(request)
+    tenant = request.tenant  # type: ignore[attr-defined]
+    principal.require("billing:write")
+    page = "tenants/tenant_billing_settings.html"
+    if request.method == "POST" and request.POST.get("action") == "test":
+        tested = tenant_alert_webhook_test(principal=principal, tenant=tenant)
+        return after_write(
+            request, message=tested.message, level="success" if tested.delivered else "danger",
+            fragment=lambda: render_page(request, page, _billing_settings_context(request, test_outcome=tested),
+                                         partial="billing-settings"),
+            redirect_to=reverse("billing_settings"),
+        )
+    if request.method == "POST":
+        form = BillingSettingsForm(request.POST)
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                outcome = tenant_billing_settings_update(
+                    principal=principal, tenant=tenant, time_zone=data["time_zone"],
+                    alert_webhook_url=data["alert_webhook_url"], alert_webhook_secret=data["alert_webhook_secret"],
+                    generate_secret=data["generate_secret"],
+                )
+            except DomainError as exc:
+                field = (exc.details or [{}])[0].get("field") if isinstance(exc.details, list) else None
+                form.add_error(field if field in form.fields else None, exc.message)
+            else:
+                if outcome.generated_secret:
+                    response = render_page(request, page, _billing_settings_context(
+                        request, generated_secret=outcome.generated_secret), partial="billing-settings")
+                    response["Cache-Control"] = "no-store"
+                    return response
+                return after_write(
+                    request, message="Billing settings saved.",
+                    fragment=lambda: render_page(request, page, _billing_settings_context(request),
+                                                 partial="billing-settings"),
+                    redirect_to=reverse("billing_settings"),
+                )
+        return render_page(request, page, _billing_settings_context(request, form), partial="billing-settings",
+                           status=422 if not is_htmx(request) else 200)
+    return render_page(request, page, _billing_settings_context(request), partial="billing-settings")
 
 
 @login_not_required

@@ -63,6 +63,17 @@ def budget_alert_payload(
     }
 
 
+def webhook_test_payload(*, tenant: Any, sent_at: dt.datetime) -> dict[str, Any]:
+    """The JSON body of a test alert sent from the settings (``event: budget.test``), signed and
+    sent like a real one so that the receiver's verification is what gets tested."""
+    return {
+        "event": "budget.test",
+        "tenant": tenant.slug,
+        "sent_at": sent_at.isoformat(),
+        "message": "A test of the budget-alert webhook: no budget crossed a threshold.",
+    }
+
+
 def budget_alert_send(
     *, schema: str, tenant_id: int, budget_id: int, threshold: float, period_start: dt.datetime, spent: dict[str, Any]
 ) -> None:
