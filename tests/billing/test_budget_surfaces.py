@@ -111,7 +111,7 @@ def test_the_console_lists_budgets_with_progress_and_creates_one(world: World) -
     connection.set_schema_to_public()
     page = owner.get("/budgets/").content.decode()
     assert "Console made" in page and "600 spent, 0 reserved / 1000" in page
-    assert 'style="width: 60%"' in page
+    assert 'class="budget-bar-spent" x="0" y="0" width="60"' in page
     assert 'data-testid="budget-banner"' in page and "50%" in page
     invalid = owner.post("/budgets/", {"scope": "tenant", "period": "day", "action": "block"})
     assert invalid.status_code == 422 and "at least one limit" in invalid.content.decode()
