@@ -47,6 +47,8 @@ class UsageEvent(models.Model):
             models.Index(fields=["kind", "-id"], name="usage_kind_id"),
             models.Index(fields=["agent_id", "-id"], name="usage_agent_id"),
             models.Index(fields=["created_at"], name="usage_created_at"),
+            # The chat page's per-turn cost query.
+            models.Index(fields=["turn_id"], name="usage_turn_id"),
         ]
 
     def __str__(self) -> str:
@@ -130,9 +132,12 @@ class BudgetPeriod(models.Model):
 
 
 class BudgetReservation(models.Model):
-    """What one model call in flight holds against budget periods until it settles or is
-    released: ``periods`` are ``BudgetPeriod`` ids, each reserved ``tokens`` and ``cost``.
-    A reservation left by a crashed worker is released after ``expires_at``."""
+    """What one model call in flight holds against budget periods until it is folded into
+    them or released: ``periods`` are ``BudgetPeriod`` ids, each reserved ``tokens`` and
+    ``cost``. The call's meter transaction records its real usage here (``settled_tokens``,
+    ``settled_cost`` in the tenant's currency, ``settled_at``); the fold, after that commit,
+    moves it into the counters and deletes the row. The sweep folds a settled row whose fold
+    was lost, and releases an unsettled one after ``expires_at`` (a crashed worker)."""
 
     turn_id = models.BigIntegerField(null=True, blank=True)
     periods = models.JSONField(default=list)
@@ -140,6 +145,9 @@ class BudgetReservation(models.Model):
     cost = models.DecimalField(max_digits=24, decimal_places=12, default=0)
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()
+    settled_tokens = models.BigIntegerField(null=True, blank=True)
+    settled_cost = models.DecimalField(max_digits=24, decimal_places=12, null=True, blank=True)
+    settled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering: ClassVar = ["id"]

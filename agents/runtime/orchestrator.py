@@ -40,7 +40,14 @@ from agents.runtime.tools import openai_tools, tools_for_version
 from billing.models import UsageEvent
 from billing.selectors.usage import turn_cost_fields
 from billing.services import usage_event_record
-from billing.services.budgets import BudgetHold, budget_holds_guard, budget_release, budget_reserve, budget_settle
+from billing.services.budgets import (
+    BudgetHold,
+    budget_fold,
+    budget_holds_guard,
+    budget_release,
+    budget_reserve,
+    budget_settle,
+)
 from compliance.services import audit_event_create
 from config.db import connection_release
 from config.errors import DomainError
@@ -207,14 +214,15 @@ def _drive_guarded(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher
         if turn.status in Turn.FINAL:
             return str(turn.status)
         partial = exc.partial if isinstance(exc, LLMError) else None
+        # The call that broke holds the last reservation: it settles to what was generated.
+        hold = holds[-1] if holds and partial is not None else None
         with transaction.atomic():
             _finish(turn, Turn.Status.FAILED, error_code=code, error_message=message,
                     **({"input_tokens": partial.input_tokens, "output_tokens": partial.output_tokens}
                        if partial is not None else {}))
             if partial is not None:
-                # The call that broke holds the last reservation: it settles to what was generated
-                # (last, so the budget counters stay locked only until the commit).
-                _meter(turn, partial, hold=holds[-1] if holds else None)
+                _meter(turn, partial, hold=hold)
+        budget_fold(hold=hold)
         events.publish(group, {"event": "turn.failed", "turn_id": turn.pk,
                                "error": {"code": code, "message": message}})
         return "failed"
@@ -224,8 +232,9 @@ def _meter(turn: Turn, result: StreamResult, *, hold: BudgetHold | None) -> None
     """Record the input and output token usage events of one model call of ``turn``, priced
     from the endpoint that served it (also for a call that broke after streaming some text: the
     model generated those tokens), and settle the call's budget reservation ``hold`` to them in
-    the same transaction (counters never drift from the events). Call it last in that
-    transaction: the settle locks the budget counters until the commit."""
+    the same transaction (the reservation row keeps the usage durable with the events; no
+    budget counter is locked). The caller runs ``budget_fold(hold=...)`` right after that
+    transaction commits, to move it into the counters."""
     endpoint = result.endpoint
     assert endpoint is not None
     common: dict[str, Any] = {"model": endpoint.model, "agent_id": turn.session.agent_id,
@@ -434,6 +443,7 @@ def _loop(run: TurnRun) -> str:
             return _finish_turn(run, result)
         with transaction.atomic():
             _meter(run.turn, result, hold=run.hold)
+        budget_fold(hold=run.hold)
         run.hold = None
         calls = []
         for n, call in enumerate(result.tool_calls, start=1):
@@ -527,9 +537,11 @@ def _finish_turn(run: TurnRun, result: StreamResult | None, *, outcome: str = ""
                                                        "model_calls": run.model_calls, "tool_calls": run.tool_calls,
                                                        "invalid_tool_calls": run.invalid_calls})
         if result is not None:
-            # Last in the transaction: the budget counters it locks are held only until the commit.
             _meter(turn, result, hold=run.hold)
-            run.hold = None
+    if result is not None:
+        # After the commit: the fold locks the budget counters for its one statement only.
+        budget_fold(hold=run.hold)
+        run.hold = None
     logger.info("turn_finished", status=str(turn.status), model_calls=run.model_calls, tool_calls=run.tool_calls,
                 invalid_tool_calls=run.invalid_calls)
     usage = {"input_tokens": run.input_tokens, "output_tokens": run.output_tokens,

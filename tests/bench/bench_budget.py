@@ -1,4 +1,4 @@
-"""Benchmark: what budget enforcement adds to one model call (reserve + settle).
+"""Benchmark: what budget enforcement adds to one model call (reserve + settle + fold).
 
 Prints figures; asserts nothing. Runs against a fresh database ``bench_budget`` on the embedded
 PostgreSQL (or ``BENCH_DATABASE_URL``). One tenant with the counters a call usually meets: a
@@ -10,16 +10,17 @@ Two scenarios, ``--turns`` threads (default 50) each with its own database conne
 - ``spaced`` (the issue's scenario): each thread starts at a random instant of the first second
   and makes ``--rounds`` model calls as a turn does: ``budget_reserve``, a model stream of a
   random 0.3-1.5 s (``--stream-min``/``--stream-max``), then the meter transaction (the call's
-  two usage events, ``budget_settle`` last, commit). ``--calls-per-turn`` calls share one
+  two usage events, ``budget_settle``, commit), then ``budget_fold``. ``--calls-per-turn`` calls share one
   ``budget_holds_guard`` (one turn: its first call loads the budgets in scope).
 - ``burst`` (stress row): ``--burst-rounds`` rounds, every thread's reservation released at the
-  same instant by a barrier, a 20 ms stream, then the meter transaction.
+  same instant by a barrier, a 20 ms stream, then the meter transaction and the fold.
 
 Reported per scenario, p50/p95 in milliseconds: ``reserve``; ``settle`` (the settle statement
 inside the meter transaction: how much longer budgets make that transaction, lock waits
 included); ``commit`` (the meter transaction's commit, which happens without budgets too);
-``settle_with_commit``; ``reserve_plus_settle`` (the overhead per model call, target p95 <= 3 ms)
-and ``reserve_plus_settle_with_commit``.
+``fold`` (the fold statement after that commit, its own transaction); ``settle_with_commit``;
+``reserve_plus_settle`` (reserve + settle + fold: the overhead per model call, target p95 <= 3
+ms) and ``reserve_plus_settle_with_commit``.
 
 Usage: ``.venv/bin/python tests/bench/bench_budget.py [--turns N] [--rounds N] [--burst-rounds N]``.
 The last line is ``SUMMARY {json}``.
@@ -70,7 +71,7 @@ def main() -> None:
 
     from agents.services import agent_create
     from billing.models import Budget, BudgetPeriod, BudgetReservation
-    from billing.services.budgets import budget_holds_guard, budget_reserve, budget_settle
+    from billing.services.budgets import budget_fold, budget_holds_guard, budget_reserve, budget_settle
     from billing.services.usage import usage_event_record
     from tenants.models import Plan, Tenant
     from tenants.principal import Principal
@@ -92,23 +93,28 @@ def main() -> None:
     connection.set_schema_to_public()
     tenant = Tenant.objects.select_related("plan").get(pk=tenant.pk)
 
-    def meter(hold: object) -> tuple[float, float]:
-        """The call's meter transaction: (settle ms, commit ms)."""
+    def meter(hold: object) -> tuple[float, float, float]:
+        """The call's meter transaction and the fold after it: (settle ms, commit ms, fold ms)."""
         with transaction.atomic():
             usage_event_record(kind="llm.input_tokens", quantity=90, unit_price=Decimal("0.000001"))
             usage_event_record(kind="llm.output_tokens", quantity=40, unit_price=Decimal("0.000002"))
             settle_started = time.perf_counter()
             budget_settle(hold=hold, tokens=130, cost=Decimal("0.00017"))  # type: ignore[arg-type]
             settled = time.perf_counter()
-        return (settled - settle_started) * 1000, (time.perf_counter() - settled) * 1000
+        committed = time.perf_counter()
+        budget_fold(hold=hold)  # type: ignore[arg-type]
+        folded = time.perf_counter()
+        return (settled - settle_started) * 1000, (committed - settled) * 1000, (folded - committed) * 1000
 
     def reserve() -> tuple[object, float]:
         started = time.perf_counter()
         hold = budget_reserve(tenant=tenant, tokens=600, cost=Decimal("0.0012"), agent_slug="bench-agent")
         return hold, (time.perf_counter() - started) * 1000
 
-    def scenario(name: str, turn: Callable[[int, list[tuple[float, float, float]]], None]) -> dict[str, float]:
-        samples: list[tuple[float, float, float]] = []
+    Sample = tuple[float, float, float, float]  # reserve, settle, commit, fold (ms)
+
+    def scenario(name: str, turn: Callable[[int, list[Sample]], None]) -> dict[str, float]:
+        samples: list[Sample] = []
 
         def thread(n: int) -> None:
             try:
@@ -121,16 +127,14 @@ def main() -> None:
         with ThreadPoolExecutor(max_workers=args.turns) as pool:
             list(pool.map(thread, range(args.turns)))
         wall = time.perf_counter() - started
-        reserve_ms = [r for r, _, _ in samples]
-        settle_ms = [s for _, s, _ in samples]
-        commit_ms = [c for _, _, c in samples]
         series = {
-            "reserve": reserve_ms,
-            "settle": settle_ms,
-            "commit": commit_ms,
-            "settle_with_commit": [s + c for _, s, c in samples],
-            "reserve_plus_settle": [r + s for r, s, _ in samples],
-            "reserve_plus_settle_with_commit": [r + s + c for r, s, c in samples],
+            "reserve": [r for r, _, _, _ in samples],
+            "settle": [s for _, s, _, _ in samples],
+            "commit": [c for _, _, c, _ in samples],
+            "fold": [f for _, _, _, f in samples],
+            "settle_with_commit": [s + c for _, s, c, _ in samples],
+            "reserve_plus_settle": [r + s + f for r, s, _, f in samples],
+            "reserve_plus_settle_with_commit": [r + s + c + f for r, s, c, f in samples],
         }
         result: dict[str, float] = {"calls": len(samples), "wall_s": round(wall, 2)}
         print(f"--- {name}: {args.turns} turns, {len(samples)} calls, {wall:.1f} s", flush=True)
@@ -141,7 +145,7 @@ def main() -> None:
             print(f"{label:>32}: p50 {p50:7.3f} ms   p95 {p95:7.3f} ms   max {max(values):7.3f} ms", flush=True)
         return result
 
-    def spaced(n: int, samples: list[tuple[float, float, float]]) -> None:
+    def spaced(n: int, samples: list[Sample]) -> None:
         rng = random.Random(n)
         time.sleep(rng.uniform(0, 1))
         done = 0
@@ -150,28 +154,29 @@ def main() -> None:
                 for _call in range(min(args.calls_per_turn, args.rounds - done)):
                     hold, reserve_ms = reserve()
                     time.sleep(rng.uniform(args.stream_min, args.stream_max))
-                    settle_ms, commit_ms = meter(hold)
+                    settle_ms, commit_ms, fold_ms = meter(hold)
                     with lock:
-                        samples.append((reserve_ms, settle_ms, commit_ms))
+                        samples.append((reserve_ms, settle_ms, commit_ms, fold_ms))
                     done += 1
 
     barrier = threading.Barrier(args.turns)
 
-    def burst(_: int, samples: list[tuple[float, float, float]]) -> None:
+    def burst(_: int, samples: list[Sample]) -> None:
         with budget_holds_guard():
             for _round in range(args.burst_rounds):
                 barrier.wait()
                 hold, reserve_ms = reserve()
                 time.sleep(0.02)
-                settle_ms, commit_ms = meter(hold)
+                settle_ms, commit_ms, fold_ms = meter(hold)
                 with lock:
-                    samples.append((reserve_ms, settle_ms, commit_ms))
+                    samples.append((reserve_ms, settle_ms, commit_ms, fold_ms))
 
     lock = threading.Lock()
     # One warm-up call creates the counters (a period's first call also seeds them).
     with schema_context(tenant.schema_name):
-        budget_settle(hold=budget_reserve(tenant=tenant, tokens=1, cost=Decimal(0), agent_slug="bench-agent"),
-                      tokens=1, cost=Decimal(0))
+        warm = budget_reserve(tenant=tenant, tokens=1, cost=Decimal(0), agent_slug="bench-agent")
+        budget_settle(hold=warm, tokens=1, cost=Decimal(0))
+        budget_fold(hold=warm)
     connection.close()
     summary: dict[str, object] = {"turns": args.turns}
     summary["spaced"] = scenario("spaced", spaced)
@@ -181,7 +186,7 @@ def main() -> None:
         rows = list(BudgetPeriod.objects.values_list("key", "spent_tokens", "reserved_tokens"))
         open_reservations = BudgetReservation.objects.count()
     print(f"counters after the run (key, spent, reserved): {rows}; open reservations: {open_reservations}")
-    print("target: reserve + settle p95 <= 3 ms")
+    print("target: reserve + settle (+ fold) p95 <= 3 ms")
     print("SUMMARY " + json.dumps(summary))
 
 

@@ -16,6 +16,7 @@ from billing.models import BudgetPeriod, BudgetReservation
 from billing.services.budgets import (
     QUOTA_KEY,
     BudgetExceeded,
+    budget_fold,
     budget_release,
     budget_reservations_expire,
     budget_reserve,
@@ -170,6 +171,7 @@ def test_periods_follow_the_tenants_timezone_and_a_new_day_starts_a_new_counter(
     after = before + dt.timedelta(hours=1)
     hold = budget_reserve(tenant=tenant, tokens=100, cost=Decimal(0), now=before)
     budget_settle(hold=hold, tokens=100, cost=Decimal(0))
+    budget_fold(hold=hold)
     with pytest.raises(BudgetExceeded):
         budget_reserve(tenant=tenant, tokens=1, cost=Decimal(0), now=before + dt.timedelta(minutes=20))
     hold = budget_reserve(tenant=tenant, tokens=60, cost=Decimal(0), now=after)

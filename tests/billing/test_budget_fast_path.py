@@ -16,6 +16,7 @@ from django_tenants.utils import schema_context
 from billing.models import Budget, BudgetPeriod, BudgetReservation
 from billing.services.budgets import (
     BudgetExceeded,
+    budget_fold,
     budget_holds_guard,
     budget_release,
     budget_reservations_expire,
@@ -51,11 +52,12 @@ def test_a_settle_whose_reservation_row_is_gone_still_counts_the_spend(world: Wo
 
 
 @pytest.mark.usefixtures("_tenant_a")
-def test_the_sweep_and_a_release_skip_a_reservation_already_settled(world: World) -> None:
+def test_the_sweep_and_a_release_skip_a_reservation_already_folded(world: World) -> None:
     budget = budget_add(limit_tokens=1000)
     hold = budget_reserve(tenant=world.tenant_a, tokens=300, cost=Decimal(0))
     other = budget_reserve(tenant=world.tenant_a, tokens=200, cost=Decimal(0))
     budget_settle(hold=hold, tokens=100, cost=Decimal(0))
+    budget_fold(hold=hold)
     budget_release(hold=hold)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
     assert budget_reservations_expire(now=later) == 1  # only ``other`` was still held
@@ -93,14 +95,15 @@ def test_a_budget_deleted_during_a_turn_stops_counting_at_once(world: World) -> 
     kept = budget_add(name="kept", limit_tokens=1000)
     gone = budget_add(name="gone", limit_tokens=1000)
     with budget_holds_guard():
-        budget_settle(
-            hold=budget_reserve(tenant=world.tenant_a, tokens=10, cost=Decimal(0)), tokens=10, cost=Decimal(0)
-        )
+        first = budget_reserve(tenant=world.tenant_a, tokens=10, cost=Decimal(0))
+        budget_settle(hold=first, tokens=10, cost=Decimal(0))
+        budget_fold(hold=first)
         gone.delete()  # its counter rows go with it
         hold = budget_reserve(tenant=world.tenant_a, tokens=20, cost=Decimal(0))
         assert hold is not None
         assert [c.key for c in hold.periods.values()] == [f"budget:{kept.pk}"]
         budget_settle(hold=hold, tokens=20, cost=Decimal(0))
+        budget_fold(hold=hold)
     assert period_of(kept).spent_tokens == 30
 
 

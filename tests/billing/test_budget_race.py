@@ -18,7 +18,7 @@ from django_tenants.utils import schema_context
 from agents.models import Turn
 from agents.runtime.orchestrator import turn_run
 from billing.models import Budget, BudgetPeriod, BudgetReservation, UsageEvent
-from billing.services.budgets import budget_reserve, budget_settle
+from billing.services.budgets import budget_fold, budget_reserve, budget_settle
 from compliance.models import AuditEvent
 from tests.agents.conftest import committed
 from tests.billing.budget_rows import agent_on_scripted_model, budget_add
@@ -120,7 +120,7 @@ def _delete_budget(schema: str, budget_id: int) -> None:
         Budget.objects.filter(pk=budget_id).delete()
 
 
-def test_concurrent_settles_announce_each_threshold_once(race_tenant: Any, mailoutbox: list[Any]) -> None:
+def test_concurrent_folds_announce_each_threshold_once(race_tenant: Any, mailoutbox: list[Any]) -> None:
     tenant, _ = race_tenant
     schema = tenant.schema_name
     settles = 20
@@ -139,6 +139,7 @@ def test_concurrent_settles_announce_each_threshold_once(race_tenant: Any, mailo
 
             with transaction.atomic():
                 budget_settle(hold=hold, tokens=10, cost=Decimal(0))
+            budget_fold(hold=hold)
 
         in_threads(schema, settles, call)
 

@@ -24,7 +24,7 @@ from agents import openai_api
 from agents.api import turn_outcome_error
 from agents.runtime import orchestrator
 from billing.models import Budget, BudgetPeriod
-from billing.services.budgets import budget_reserve, budget_settle, webhook_post
+from billing.services.budgets import budget_fold, budget_reserve, budget_settle, webhook_post
 from billing.services.budgets.alerts import SIGNATURE_HEADER, TIMESTAMP_HEADER
 from config.crypto import secret_encrypt
 from tests.billing.budget_rows import agent_on_scripted_model, budget_add
@@ -56,6 +56,7 @@ def test_the_openai_endpoint_answers_429_when_a_blocking_budget_has_no_room(worl
         budget = budget_add(name="Spent", scope="agent", agent=setup.agent.slug, limit_tokens=10)
         hold = budget_reserve(tenant=world.tenant_a, tokens=10, cost=Decimal(0), agent_slug=setup.agent.slug)
         budget_settle(hold=hold, tokens=10, cost=Decimal(0))
+        budget_fold(hold=hold)
         turns_before = setup.agent.sessions.count() if hasattr(setup.agent, "sessions") else None
     connection.set_schema_to_public()
     response = api_client(HOST_A, world.key_a).post(

@@ -1,4 +1,4 @@
-"""Budgets: enforcement around model calls (``enforcement``: reserve, settle, release, the
+"""Budgets: enforcement around model calls (``enforcement``: reserve, settle, fold, release, the
 plan's monthly token quota), threshold alerts (``alerts``), and the budgets' own records
 (``records``: create, change, delete). How it works: docs/billing-budgets.md."""
 
@@ -7,6 +7,7 @@ from billing.services.budgets.enforcement import (
     QUOTA_KEY,
     BudgetExceeded,
     BudgetHold,
+    budget_fold,
     budget_holds_guard,
     budget_release,
     budget_reservations_expire,
@@ -25,6 +26,7 @@ __all__ = [
     "budget_alert_send",
     "budget_create",
     "budget_delete",
+    "budget_fold",
     "budget_holds_guard",
     "budget_release",
     "budget_reservations_expire",

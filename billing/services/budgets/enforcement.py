@@ -1,9 +1,11 @@
 """Enforcing budgets and the plan's monthly token quota around each model call.
 
 One PostgreSQL row lock per counter (``BudgetPeriod``), never Redis: a call's reservation is
-taken in one short transaction (lock the counters in id order, check, add the reservation), and
-settled in the transaction that records the call's usage events, so the counters move together
-with the events invoices are computed from (docs/billing-budgets.md, "Why a row lock").
+taken in one short transaction (lock the counters in id order, check, add the reservation); its
+real usage is recorded on the reservation row in the transaction that records the call's usage
+events (no counter lock there), and folded into the counters right after that commit (or by the
+sweep), so the counters move with the events invoices are computed from
+(docs/billing-budgets.md, "Settle and fold").
 """
 
 from __future__ import annotations
@@ -412,44 +414,57 @@ def budget_reserve(
     return hold
 
 
-# One round trip settles or releases a call: delete its reservation, lock its counters in id
-# order, ``reserved -= held`` (nothing when the reservation is gone: released by the expiry
-# sweep, or lost with an asynchronous commit) and ``spent += spent_*``. Nothing is locked or
-# changed when there is neither a reservation nor any spend. ``{sync}``: as in _RESERVE_SQL.
-_UNRESERVE_SQL = """
+# One round trip folds or releases a call: delete its reservation (``{settled}``: a fold takes
+# only a settled one), lock its counters in id order, move what it settled into ``spent_*`` and
+# its worst case out of ``reserved_*``. A reservation already gone locks and changes nothing, so
+# a second fold (or the sweep after the fold) counts nothing twice. ``{sync}``: as in _RESERVE_SQL.
+_FOLD_SQL = """
 WITH d AS (
-  DELETE FROM billing_budgetreservation WHERE id = %(reservation_id)s RETURNING tokens, cost
+  DELETE FROM billing_budgetreservation WHERE id = %(reservation_id)s {settled}
+  RETURNING tokens, cost, settled_tokens, settled_cost
 ), h AS (
-  SELECT {sync} AND (EXISTS (SELECT 1 FROM d) OR %(spent_tokens)s <> 0 OR %(spent_cost)s <> 0) AS go,
-         COALESCE((SELECT tokens FROM d), 0) AS tokens, COALESCE((SELECT cost FROM d), 0) AS cost
+  SELECT {sync} AS go, tokens, cost, COALESCE(settled_tokens, 0) AS spent_tokens,
+         COALESCE(settled_cost, 0) AS spent_cost
+  FROM d
 ), l AS (
-  SELECT id FROM billing_budgetperiod WHERE id = ANY(%(ids)s) AND (SELECT go FROM h) ORDER BY id FOR UPDATE
+  SELECT id FROM billing_budgetperiod WHERE id = ANY(%(ids)s) AND EXISTS (SELECT 1 FROM h WHERE go)
+  ORDER BY id FOR UPDATE
 )
-UPDATE billing_budgetperiod p SET spent_tokens = p.spent_tokens + %(spent_tokens)s,
-       spent_cost = p.spent_cost + %(spent_cost)s,
+UPDATE billing_budgetperiod p SET spent_tokens = p.spent_tokens + h.spent_tokens,
+       spent_cost = p.spent_cost + h.spent_cost,
        reserved_tokens = GREATEST(p.reserved_tokens - h.tokens, 0),
        reserved_cost = GREATEST(p.reserved_cost - h.cost, 0)
 FROM l, h WHERE p.id = l.id
-RETURNING p.id, p.spent_tokens, p.spent_cost, p.limit_tokens, p.limit_cost, p.alerted, p.period_start
+RETURNING p.id, p.spent_tokens, p.spent_cost, p.limit_tokens, p.limit_cost, p.alerted, p.period_start, p.budget_id
 """
 
+# A settle whose reservation is gone (released by the sweep, or lost with an asynchronous
+# commit) counts the spend directly, in the meter transaction: rare, so the lock is acceptable.
+_SPEND_SQL = """
+WITH l AS (SELECT id FROM billing_budgetperiod WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE)
+UPDATE billing_budgetperiod p SET spent_tokens = p.spent_tokens + %(spent_tokens)s,
+       spent_cost = p.spent_cost + %(spent_cost)s
+FROM l WHERE p.id = l.id
+RETURNING p.id, p.spent_tokens, p.spent_cost, p.limit_tokens, p.limit_cost, p.alerted, p.period_start, p.budget_id
+"""
 
-def _unreserve(
-    cursor: Any, reservation_id: int, period_ids: list[int], *, spent_tokens: int, spent_cost: Decimal
-) -> list[tuple[Any, ...]]:
-    """Run ``_UNRESERVE_SQL`` (asynchronous commit when it is its own transaction); returns the
+# Records a threshold only if no concurrent fold recorded it first: the UPDATE rechecks its
+# WHERE on the row it waited for, so exactly one caller gets the row back and announces.
+_ALERTED_SQL = (
+    "UPDATE billing_budgetperiod SET alerted = alerted || %(t)s::jsonb"
+    " WHERE id = %(id)s AND NOT alerted @> %(t)s::jsonb RETURNING id"
+)
+
+
+def _fold(cursor: Any, reservation_id: int, period_ids: list[int], *, settled_only: bool) -> list[tuple[Any, ...]]:
+    """Run ``_FOLD_SQL`` (asynchronous commit when it is its own transaction); returns the
     counters' rows (id, spent_tokens, spent_cost, limit_tokens, limit_cost, alerted,
-    period_start) after the change, ``[]`` when nothing was held or spent."""
-    sql = _UNRESERVE_SQL.replace("{sync}", _ASYNC_COMMIT if _own_transaction() else "TRUE")
-    cursor.execute(
-        sql,
-        {
-            "reservation_id": reservation_id,
-            "ids": period_ids,
-            "spent_tokens": spent_tokens,
-            "spent_cost": spent_cost,
-        },
+    period_start, budget_id) after the change, ``[]`` when the reservation was gone (or, with
+    ``settled_only``, not settled)."""
+    sql = _FOLD_SQL.replace("{sync}", _ASYNC_COMMIT if _own_transaction() else "TRUE").replace(
+        "{settled}", "AND settled_at IS NOT NULL" if settled_only else ""
     )
+    cursor.execute(sql, {"reservation_id": reservation_id, "ids": period_ids})
     return list(cursor.fetchall())
 
 
@@ -462,7 +477,7 @@ def _json_list(value: Any) -> list[Any]:
 
 def _crossed(counter: Counter, row: tuple[Any, ...]) -> list[float]:
     """The thresholds of ``counter`` that its row's spend reached and that were not announced."""
-    _, spent_tokens, spent_cost, limit_tokens, limit_cost, alerted, _ = row
+    spent_tokens, spent_cost, alerted = row[1], row[2], row[5]
     fractions = []
     if counter.limit_tokens:
         fractions.append(spent_tokens / counter.limit_tokens)
@@ -475,73 +490,141 @@ def _crossed(counter: Counter, row: tuple[Any, ...]) -> list[float]:
     return [t for t in counter.thresholds if reached >= t and t not in done]
 
 
-def budget_settle(*, hold: BudgetHold | None, tokens: int, cost: Decimal) -> None:
-    """Replace a call's reservation by its real usage (``tokens`` input + output, ``cost`` in
-    the tenant's currency), in the caller's transaction: the one that records the call's usage
-    events (call it last there: the counters stay locked until that transaction commits). One
-    statement (``_UNRESERVE_SQL``); a reservation already gone still counts the spend.
-    Thresholds crossed for the first time in the period are recorded in
-    ``BudgetPeriod.alerted`` under the row lock (concurrent settles announce once) and announced
-    after commit (``billing.services.budgets.alerts.budget_alert_send``). ``None``: no-op."""
-    if hold is None:
-        return
+def _announce(
+    cursor: Any, rows: list[tuple[Any, ...]], counters: dict[int, Counter], *, schema: str, tenant_id: int
+) -> None:
+    """For each counter row (as ``_FOLD_SQL`` returns it) whose spend passed a threshold of its
+    budget not in ``alerted`` yet: record it there (``_ALERTED_SQL``: one caller wins) and
+    announce it after commit (``budget_alert_send``; at once outside a transaction)."""
     from billing.services.budgets.alerts import budget_alert_send
 
-    # No savepoint: the statement is one unit, and the caller's transaction is the one to undo.
-    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
-        rows = _unreserve(cursor, hold.reservation_id, list(hold.periods), spent_tokens=tokens, spent_cost=cost)
-        for row in rows:
-            counter = hold.periods.get(row[0])
-            if counter is None or counter.budget is None:
+    for row in rows:
+        counter = counters.get(row[0])
+        if counter is None or counter.budget is None:
+            continue
+        spent = {"tokens": int(row[1]), "cost": str(row[2])}
+        for threshold in _crossed(counter, row):
+            cursor.execute(_ALERTED_SQL, {"t": json.dumps([threshold]), "id": row[0]})
+            if cursor.fetchone() is None:
                 continue
-            crossed = _crossed(counter, row)
-            if not crossed:
-                continue
-            alerted = sorted({*(float(a) for a in _json_list(row[5])), *crossed})
-            cursor.execute(
-                "UPDATE billing_budgetperiod SET alerted = %s::jsonb WHERE id = %s", [json.dumps(alerted), row[0]]
-            )
-            budget_id, period_start = counter.budget.pk, row[6]
-            spent = {"tokens": int(row[1]), "cost": str(row[2])}
-            for threshold in crossed:
-                transaction.on_commit(
-                    functools.partial(
-                        budget_alert_send,
-                        schema=hold.schema,
-                        tenant_id=hold.tenant_id,
-                        budget_id=budget_id,
-                        threshold=threshold,
-                        period_start=period_start,
-                        spent=spent,
-                    )
+            transaction.on_commit(
+                functools.partial(
+                    budget_alert_send,
+                    schema=schema,
+                    tenant_id=tenant_id,
+                    budget_id=counter.budget.pk,
+                    threshold=threshold,
+                    period_start=row[6],
+                    spent=spent,
                 )
-        transaction.on_commit(lambda: _forget(hold))
+            )
 
 
-def budget_release(*, hold: BudgetHold | None) -> None:
-    """Give back a call's reservation unused (the call failed before any token). ``None``, or a
-    reservation already settled or released: no-op. Outside a transaction, one statement that
-    commits without waiting for the WAL flush (``_UNRESERVE_SQL``)."""
+def budget_settle(*, hold: BudgetHold | None, tokens: int, cost: Decimal) -> None:
+    """Record a call's real usage (``tokens`` input + output, ``cost`` in the tenant's currency)
+    on its reservation row, in the caller's transaction: the one that records the call's usage
+    events, so the usage is durable with them. Touches only that row (no counter lock); the
+    counters move when the caller runs ``budget_fold`` after the commit (or the sweep does).
+    A reservation already gone (released by the sweep, lost with an asynchronous commit) counts
+    the spend into the counters here instead, with the threshold alerts. ``None``: no-op."""
     if hold is None:
         return
     with connection.cursor() as cursor:
-        _unreserve(cursor, hold.reservation_id, list(hold.periods), spent_tokens=0, spent_cost=Decimal(0))
+        cursor.execute(
+            "UPDATE billing_budgetreservation SET settled_tokens = %s, settled_cost = %s, settled_at = now()"
+            " WHERE id = %s",
+            [tokens, cost, hold.reservation_id],
+        )
+        if cursor.rowcount:
+            return
+        if not tokens and not cost:
+            _forget(hold)
+            return
+        # No savepoint: the statements are one unit, and the caller's transaction is the one to undo.
+        with transaction.atomic(savepoint=False):
+            cursor.execute(_SPEND_SQL, {"ids": list(hold.periods), "spent_tokens": tokens, "spent_cost": cost})
+            _announce(cursor, list(cursor.fetchall()), hold.periods, schema=hold.schema, tenant_id=hold.tenant_id)
+            transaction.on_commit(lambda: _forget(hold))
+
+
+def budget_fold(*, hold: BudgetHold | None) -> None:
+    """Fold a settled call into its counters once its meter transaction has committed (call it
+    right after that transaction): ``spent += settled``, ``reserved -= worst case``, the
+    reservation deleted, in one statement that commits without waiting for the WAL flush
+    (``_FOLD_SQL``); thresholds crossed for the first time in the period are recorded in
+    ``BudgetPeriod.alerted`` and announced (``billing.services.budgets.alerts.budget_alert_send``).
+    Idempotent: a folded reservation is gone. An unsettled one is left alone (the guard releases
+    it). ``None``: no-op. A lost fold is made by ``budget_reservations_expire``."""
+    if hold is None:
+        return
+    with connection.cursor() as cursor:
+        rows = _fold(cursor, hold.reservation_id, list(hold.periods), settled_only=True)
+        if rows:
+            _announce(cursor, rows, hold.periods, schema=hold.schema, tenant_id=hold.tenant_id)
     _forget(hold)
 
 
+def budget_release(*, hold: BudgetHold | None) -> None:
+    """Give back a call's reservation (the call failed before any token, or the turn's code
+    exited without folding it). ``None``, or a reservation already folded or released: no-op.
+    A reservation settled but not folded is folded (its usage counts). Outside a transaction,
+    one statement that commits without waiting for the WAL flush (``_FOLD_SQL``)."""
+    if hold is None:
+        return
+    with connection.cursor() as cursor:
+        rows = _fold(cursor, hold.reservation_id, list(hold.periods), settled_only=False)
+        if rows:
+            _announce(cursor, rows, hold.periods, schema=hold.schema, tenant_id=hold.tenant_id)
+    _forget(hold)
+
+
+def _counters_of(budget_ids: set[int]) -> dict[int, Counter]:
+    """Budget id -> its ``Counter`` (for the thresholds of a fold made by the sweep)."""
+    return {
+        b.pk: Counter(
+            key=f"budget:{b.pk}",
+            budget=b,
+            period=b.period,
+            limit_tokens=b.limit_tokens,
+            limit_cost=b.limit_cost,
+            blocks=b.action == Budget.Action.BLOCK,
+        )
+        for b in Budget.objects.filter(pk__in=budget_ids)
+    }
+
+
 def budget_reservations_expire(*, now: dt.datetime | None = None) -> int:
-    """Release the reservations of the current schema past their ``expires_at`` (a worker died
-    between reserving and settling); returns how many. Each in its own statement; one settled
-    or released meanwhile is skipped."""
+    """The sweep of the current schema's reservations (beat, every 60 s): fold the settled ones
+    of any age (a fold lost to a worker or database crash) and release the unsettled ones past
+    their ``expires_at`` (a worker died between reserving and metering). Returns how many were
+    folded or released. One statement each (``_FOLD_SQL``); one folded or released meanwhile is
+    skipped. Counter figures thus lag a lost fold by at most one sweep."""
+    from django.db.models import Q
+
     now = now or timezone.now()
-    released = 0
-    for reservation in BudgetReservation.objects.filter(expires_at__lt=now).order_by("id")[:1000]:
+    handled = 0
+    reservations = list(
+        BudgetReservation.objects.filter(Q(settled_at__isnull=False) | Q(expires_at__lt=now)).order_by("id")[:1000]
+    )
+    if not reservations:
+        return 0
+    from billing.models import BudgetPeriod
+    from tenants.models import Tenant
+
+    # The thresholds of the budgets concerned, for the alerts a fold made here may owe.
+    period_ids = {int(p) for r in reservations for p in r.periods}
+    budget_of = dict(BudgetPeriod.objects.filter(pk__in=period_ids).values_list("id", "budget_id"))
+    by_budget = _counters_of({b for b in budget_of.values() if b is not None})
+    counters = {pid: by_budget[bid] for pid, bid in budget_of.items() if bid in by_budget}
+    schema: str = connection.schema_name  # type: ignore[attr-defined]
+    tenant_id = int(Tenant.objects.filter(schema_name=schema).values_list("pk", flat=True).first() or 0)
+    for reservation in reservations:
         with connection.cursor() as cursor:
-            rows = _unreserve(
-                cursor, reservation.pk, [int(p) for p in reservation.periods], spent_tokens=0, spent_cost=Decimal(0)
-            )
-        released += 1 if rows else 0
-    return released
+            rows = _fold(cursor, reservation.pk, [int(p) for p in reservation.periods], settled_only=False)
+            if rows:
+                _announce(cursor, rows, counters, schema=schema, tenant_id=tenant_id)
+        handled += 1 if rows else 0
+    return handled
 
 
 def budget_room_check(
