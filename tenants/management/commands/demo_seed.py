@@ -190,10 +190,20 @@ class Command(BaseCommand):
         actor = Principal.system("manage.py demo_seed")
         public_tenant_ensure()
 
-        for code, name, fee, members in (("free", "Free", "0", 5), ("team", "Team", "99", 50)):
-            Plan.objects.get_or_create(
+        # Demo plans with rate limits (per key or member, per minute) and a monthly token quota,
+        # so the headers and the limits show; generous enough for a person clicking around.
+        for code, name, fee, members, api, turns, searches, quota in (
+            ("free", "Free", "0", 5, 120, 10, 30, 1_000_000),
+            ("team", "Team", "99", 50, 600, 30, 120, 50_000_000),
+        ):
+            plan, _ = Plan.objects.get_or_create(
                 code=code, defaults={"name": name, "monthly_fee": Decimal(fee), "max_members": members}
             )
+            if plan.api_requests_per_minute is None and plan.monthly_token_quota is None:
+                plan.api_requests_per_minute, plan.chat_turns_per_minute = api, turns
+                plan.kb_searches_per_minute, plan.monthly_token_quota = searches, quota
+                plan.save(update_fields=["api_requests_per_minute", "chat_turns_per_minute",
+                                         "kb_searches_per_minute", "monthly_token_quota"])
 
         staff_password = saved.get("staff_password") or secrets.token_urlsafe(12)
         staff, _ = User.objects.get_or_create(email=STAFF_EMAIL, defaults={"name": "Staff"})
