@@ -61,7 +61,8 @@ def invoice_draft_last_month_task() -> str:
     from django.utils import timezone
 
     from billing.models import Invoice
-    from billing.services.invoices import invoice_draft, period_previous
+    from billing.periods import month_before
+    from billing.services.invoices import invoice_draft
     from config.errors import DomainError
     from tenants.models import Tenant
     from tenants.principal import Principal
@@ -70,7 +71,7 @@ def invoice_draft_last_month_task() -> str:
     tenant = Tenant.objects.select_related("plan").get(schema_name=connection.schema_name)  # type: ignore[attr-defined]
     if not tenant.is_active:
         return "skipped_inactive"
-    period = period_previous(timezone.now(), tenant.time_zone)
+    period = month_before(timezone.now(), tenant.time_zone)
     if Invoice.objects.filter(period=period, status=Invoice.Status.FINALIZED).exists():
         return "skipped_finalized"
     try:

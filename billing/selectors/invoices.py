@@ -15,7 +15,7 @@ from django.utils import timezone
 from django_tenants.utils import schema_context
 
 from billing.models import Invoice, InvoiceLine, UsageEvent
-from billing.services.invoices import period_bounds, period_of
+from billing.periods import month_bounds, month_of
 from config.errors import NotFound
 from tenants.models import Tenant
 from tenants.principal import Principal
@@ -170,8 +170,8 @@ def staff_spend_month_to_date(*, principal: Principal, now: dt.datetime | None =
     now = now or timezone.now()
     spend: list[TenantSpend] = []
     for tenant in Tenant.objects.exclude(schema_name="public").order_by("slug"):
-        period = period_of(now, tenant.time_zone)
-        start, _ = period_bounds(period, tenant.time_zone)
+        period = month_of(now, tenant.time_zone)
+        start, _ = month_bounds(period, tenant.time_zone)
         with schema_context(tenant.schema_name), connection.cursor() as cursor:
             cursor.execute(
                 f"SELECT currency, COUNT(*), COALESCE(SUM(cost), 0) FROM {UsageEvent._meta.db_table} "  # noqa: S608 (a model's table name)

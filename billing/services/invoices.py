@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import NamedTuple
-from zoneinfo import ZoneInfo
 
 from django.db import connection, transaction
 from django.utils import timezone
 
 from billing.models import Invoice, InvoiceLine, UsageEvent
+from billing.periods import month_bounds
 from compliance.services import audit_event_create
 from config.errors import Conflict, ValidationFailed
 from tenants.models import Tenant
@@ -49,7 +48,6 @@ from tenants.principal import Principal
 PLAN_FEE_KIND = "plan.fee"
 DEFAULT_CURRENCY = "USD"
 CENTS = Decimal("0.01")
-_PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 
 # Grouped in PostgreSQL: the result has one row per line, however many events the month holds.
 # ``currency`` is grouped too, only to detect events in another currency than the invoice's.
@@ -66,38 +64,6 @@ ORDER BY kind, model, endpoint, agent_id NULLS FIRST, unit_price, unit, currency
 def round_cents(value: Decimal) -> Decimal:
     """``value`` rounded to cents, half up (the invoices' one rounding rule)."""
     return value.quantize(CENTS, rounding=ROUND_HALF_UP)
-
-
-def period_parse(period: str) -> tuple[int, int]:
-    """``(year, month)`` of a ``YYYY-MM`` period; ``ValidationFailed`` (``invalid_period``) else."""
-    match = _PERIOD_RE.match(period or "")
-    if not match:
-        raise ValidationFailed(
-            "period must be a month written YYYY-MM, e.g. 2026-11.", code="invalid_period", details={"field": "period"}
-        )
-    return int(match.group(1)), int(match.group(2))
-
-
-def period_bounds(period: str, time_zone: str) -> tuple[dt.datetime, dt.datetime]:
-    """``(start, end)`` of the month ``period`` (``YYYY-MM``) in ``time_zone`` (an IANA name):
-    aware datetimes at local midnight of the month's 1st and of the next month's 1st."""
-    year, month = period_parse(period)
-    tz = ZoneInfo(time_zone)
-    start = dt.datetime(year, month, 1, tzinfo=tz)
-    end = dt.datetime(year + month // 12, month % 12 + 1, 1, tzinfo=tz)
-    return start, end
-
-
-def period_of(moment: dt.datetime, time_zone: str) -> str:
-    """The ``YYYY-MM`` month that holds ``moment`` in ``time_zone``."""
-    return f"{moment.astimezone(ZoneInfo(time_zone)):%Y-%m}"
-
-
-def period_previous(moment: dt.datetime, time_zone: str) -> str:
-    """The ``YYYY-MM`` month before the one that holds ``moment`` in ``time_zone``."""
-    local = moment.astimezone(ZoneInfo(time_zone))
-    year, month = (local.year, local.month - 1) if local.month > 1 else (local.year - 1, 12)
-    return f"{year:04d}-{month:02d}"
 
 
 @dataclass(frozen=True)
@@ -156,7 +122,7 @@ def invoice_compute(
     a finalized invoice's snapshot instead. Raises ``ValidationFailed``: ``invalid_period``, or
     ``currency_mismatch`` when the period holds events in another currency."""
     _require_schema(tenant)
-    start, end = period_bounds(period, tenant.time_zone)
+    start, end = month_bounds(period, tenant.time_zone)
     plan = tenant.plan
     currency = currency or (plan.currency if plan else DEFAULT_CURRENCY)
     plan_fee = round_cents(plan_fee if plan_fee is not None else (plan.monthly_fee if plan else Decimal(0)))
@@ -221,7 +187,7 @@ def invoice_draft(*, principal: Principal, period: str) -> DraftOutcome:
     """
     principal.require("billing:write")
     tenant = _tenant_of(principal)
-    start, _ = period_bounds(period, tenant.time_zone)
+    start, _ = month_bounds(period, tenant.time_zone)
     if start > timezone.now():
         raise ValidationFailed(
             f"{period} has not begun: there is nothing to invoice yet.",

@@ -16,6 +16,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from billing.pdf import invoice_pdf
+from billing.periods import month_before
 from billing.selectors import invoices as selectors
 from billing.services import invoices as services
 from config.errors import DomainError
@@ -37,7 +38,7 @@ def _list_context(request: HttpRequest, form: InvoiceDraftForm | None = None) ->
     principal = request_principal(request)
     invoices = list(selectors.invoice_list(principal=principal)[:200])
     tenant = connection.tenant  # type: ignore[attr-defined]
-    last_month = services.period_previous(timezone.now(), tenant.time_zone)
+    last_month = month_before(timezone.now(), tenant.time_zone)
     return {
         "invoices": invoices,
         "can_write": principal.can("billing:write"),

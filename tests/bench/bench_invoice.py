@@ -64,7 +64,8 @@ def main() -> None:
     from django.db import connection
     from django_tenants.utils import schema_context
 
-    from billing.services.invoices import invoice_draft, period_bounds
+    from billing.periods import month_bounds
+    from billing.services.invoices import invoice_draft
     from tenants.models import Plan, Tenant
     from tenants.principal import Principal
     from tenants.services.provisioning import tenant_create
@@ -78,7 +79,7 @@ def main() -> None:
     ).tenant
     Tenant.objects.filter(pk=tenant.pk).update(time_zone="Europe/Berlin")
     tenant = Tenant.objects.select_related("plan").get(pk=tenant.pk)
-    start, end = period_bounds("2025-03", tenant.time_zone)
+    start, end = month_bounds("2025-03", tenant.time_zone)
     first = start - dt.timedelta(days=3)
     span_s = int((end - start).total_seconds()) + 6 * 86400
 

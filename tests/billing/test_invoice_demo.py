@@ -12,7 +12,7 @@ from django.utils import timezone
 from django_tenants.utils import schema_context
 
 from billing.models import UsageEvent
-from billing.services.invoices import period_bounds, period_previous
+from billing.periods import month_before, month_bounds
 from tenants.models import Tenant
 from tests.conftest import World, api_client
 
@@ -22,8 +22,8 @@ def test_demo_seed_adds_last_months_usage_once_and_its_invoice_finalizes(world: 
         call_command("demo_seed", stdout=io.StringIO())
         call_command("demo_seed", stdout=io.StringIO())
     tenant = Tenant.objects.get(slug="demo")
-    period = period_previous(timezone.now(), tenant.time_zone)
-    start, end = period_bounds(period, tenant.time_zone)
+    period = month_before(timezone.now(), tenant.time_zone)
+    start, end = month_bounds(period, tenant.time_zone)
     with schema_context(tenant.schema_name):
         events = UsageEvent.objects.filter(created_at__gte=start, created_at__lt=end)
         assert events.count() == 7 * 6  # seven days, six events a day, added by the first run only

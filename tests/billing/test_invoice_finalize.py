@@ -259,9 +259,9 @@ def test_the_beat_task_drafts_last_month_in_the_tenants_timezone_and_skips_final
     Tenant.objects.filter(pk=world.tenant_a.pk).update(time_zone="Pacific/Auckland")
     schema = world.tenant_a.schema_name
     now = dt.datetime.now(tz=dt.UTC)
-    from billing.services.invoices import period_previous
+    from billing.periods import month_before
 
-    last = period_previous(now, "Pacific/Auckland")
+    last = month_before(now, "Pacific/Auckland")
     with schema_context(schema):
         assert invoice_draft_last_month_task() == "drafted"
         assert Invoice.objects.get(period=last).status == "draft"

@@ -27,6 +27,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from billing.models import Budget, BudgetReservation, UsageEvent
+from billing.periods import period_bounds
 from config.errors import TooManyRequests
 
 logger = structlog.get_logger(__name__)
@@ -82,23 +83,6 @@ class BudgetHold:
     cost: Decimal
     schema: str
     tenant_id: int
-
-
-def period_bounds(period: str, now: dt.datetime, time_zone: str) -> tuple[dt.datetime, dt.datetime]:
-    """The ``[start, end)`` of the ``day`` or calendar ``month`` holding ``now`` in ``time_zone``
-    (an IANA name), as aware datetimes; the end is the next period's start (wall-clock midnight,
-    so a day across a DST change is 23 or 25 hours)."""
-    tz = ZoneInfo(time_zone or "UTC")
-    local = now.astimezone(tz)
-    if period == Budget.Period.DAY:
-        start_date = local.date()
-        end_date = start_date + dt.timedelta(days=1)
-    else:
-        start_date = local.date().replace(day=1)
-        end_date = (start_date + dt.timedelta(days=32)).replace(day=1)
-    start = dt.datetime(start_date.year, start_date.month, start_date.day, tzinfo=tz)
-    end = dt.datetime(end_date.year, end_date.month, end_date.day, tzinfo=tz)
-    return start, end
 
 
 def budgets_in_scope(*, agent_slug: str, api_key_id: str) -> list[Budget]:

@@ -319,11 +319,11 @@ class Command(BaseCommand):
 
         from agents.models import Agent
         from billing.models import UsageEvent
+        from billing.periods import month_before, month_bounds
         from billing.services import usage_event_values
-        from billing.services.invoices import period_bounds, period_previous
 
-        period = period_previous(timezone.now(), tenant.time_zone)
-        start, end = period_bounds(period, tenant.time_zone)
+        period = month_before(timezone.now(), tenant.time_zone)
+        start, end = month_bounds(period, tenant.time_zone)
         with schema_context(tenant.schema_name), transaction.atomic():
             if UsageEvent.objects.filter(created_at__gte=start, created_at__lt=end).exists():
                 return f"{period} already has usage events"
