@@ -31,6 +31,7 @@ approval answers 202 with the turn (``TurnOut``, status ``awaiting_approval``).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from django.conf import settings
@@ -282,9 +283,11 @@ def message_send(request: HttpRequest, session_id: int, payload: MessageIn) -> A
     ``approval_id``) when it parked, 502 (turn failed, its error code), 409 ``turn_cancelled`` or
     504 ``turn_not_finished`` (``details.turn_id``). Before any turn: 422 empty or overlong
     content, 409 agent not active or a turn unfinished (also one awaiting approval)."""
+    received = time.time()
     principal = principal_of(request)
     session = selectors.session_get(principal=principal, session_id=session_id)
-    turn = services.chat_message_send(principal=principal, session=session, content=payload.content)
+    turn = services.chat_message_send(principal=principal, session=session, content=payload.content,
+                                      marks={"received": received})
     schema: str = request.tenant.schema_name  # type: ignore[attr-defined]
     if payload.stream:
         wait = max((turn.deadline - timezone.now()).total_seconds(), 0.0) + STREAM_GRACE_SECONDS

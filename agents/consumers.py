@@ -25,6 +25,7 @@ client first gets the state of the session's latest turn (and the text streamed 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -208,13 +209,17 @@ def _rate_limit_check(principal: Any) -> dict[str, Any] | None:
     return None
 
 
-def _hand_off(schema: str, queue: str, membership_id: int, session_id: int, content: str) -> None:
+def _hand_off(schema: str, queue: str, membership_id: int, session_id: int, content: str,
+              received: float) -> None:
     """Queue the message for a worker of the agent's tier, in the tenant's schema
-    (tenant-schemas-celery sends the schema of the current connection with the task)."""
+    (tenant-schemas-celery sends the schema of the current connection with the task), with the
+    turn's first step marks (``agents.runtime.timings``)."""
     from agents.tasks import chat_message_accept_task
 
+    marks = {"received": received, "enqueued": time.time()}
     with schema_context(schema):
-        chat_message_accept_task.apply_async(args=[membership_id, session_id, content], queue=queue)
+        chat_message_accept_task.apply_async(args=[membership_id, session_id, content], kwargs={"marks": marks},
+                                             queue=queue)
 
 
 @database_sync_to_async
@@ -266,6 +271,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        received = time.time()
         if not isinstance(content, dict):
             await self._relay({"event": "error", "error": {"code": "bad_request", "message": "Send a JSON object."}})
             return
@@ -293,7 +299,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
         # A publish to Redis, on a pool thread: never the sync thread, never a database statement.
         try:
             await sync_to_async(_hand_off, thread_sensitive=False)(self.schema, self.queue, self.membership_id,
-                                                                   self.session_id, text)
+                                                                   self.session_id, text, received)
         except KombuOperationalError:
             # The broker is down: nothing was saved, so the user can simply send it again.
             logger.warning("chat_hand_off_failed", session_id=self.session_id, exc_info=True)

@@ -202,6 +202,9 @@ class Turn(models.Model):
     # resume it: {"messages": [...the model's messages so far...], "model_calls": n,
     # "citations": [...]} ({} for a turn that never parked).
     loop_state = models.JSONField(default=dict, blank=True)
+    # When each step before the first token happened ({"received": epoch seconds, "accepted": ...};
+    # agents.runtime.timings.STEPS), saved with the turn's final state: what a slow start spent.
+    timings = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering: ClassVar = ["id"]

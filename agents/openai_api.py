@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -105,6 +106,7 @@ def chat_completions(request: HttpRequest, payload: OpenAIChatIn) -> Any:
     """One turn of the agent named by ``model`` in a new ``openai`` session: a
     ``chat.completion`` (with ``usage``), or ``chat.completion.chunk`` events with ``stream``.
     Client system messages are ignored (the agent's version owns the system prompt)."""
+    received = time.time()
     principal = principal_of(request)
     if payload.n != 1:
         raise ValidationFailed("Only n=1 is supported.", code="unsupported_n")
@@ -117,7 +119,8 @@ def chat_completions(request: HttpRequest, payload: OpenAIChatIn) -> Any:
     with transaction.atomic():
         session = services.chat_session_create(principal=principal, agent=agent, title=question.strip()[:80],
                                                channel=ChatSession.Channel.OPENAI)
-        turn = services.chat_message_send(principal=principal, session=session, content=question, history=history)
+        turn = services.chat_message_send(principal=principal, session=session, content=question, history=history,
+                                          marks={"received": received})
     schema: str = request.tenant.schema_name  # type: ignore[attr-defined]
     completion_id = f"chatcmpl-{turn.pk}"
     created = int(turn.queued_at.timestamp())

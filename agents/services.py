@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from agents.models import Agent, AgentVersion, ChatSession, Message, Tool, Turn
 from agents.runtime import events
+from agents.runtime.timings import Marks, mark
 from compliance.services import audit_event_create
 from config.errors import Conflict, ValidationFailed
 from config.ratelimit import rate_limit_hit
@@ -367,17 +368,20 @@ def queue_for(version: AgentVersion) -> str:
     return f"llm.{tier}"
 
 
-def turn_enqueue(turn: Turn) -> None:
-    """Send the turn's task to its queue (after the commit that saved it)."""
+def turn_enqueue(turn: Turn, marks: Marks | None = None) -> None:
+    """Send the turn's task to its queue (after the commit that saved it), with its step marks
+    (``agents.runtime.timings``; ``enqueued`` is set here)."""
     from agents.tasks import turn_run_task
 
-    turn_run_task.apply_async(args=[turn.pk], queue=turn.queue)
+    marks = dict(marks or {})
+    mark(marks, "enqueued")
+    turn_run_task.apply_async(args=[turn.pk], kwargs={"marks": marks}, queue=turn.queue)
 
 
 @transaction.atomic
 def chat_message_send(*, principal: Principal, session: ChatSession, content: str,
                       history: list[dict[str, str]] | None = None, announce: bool = False,
-                      enqueue: bool = True, rate_limited: bool = True) -> Turn:
+                      enqueue: bool = True, rate_limited: bool = True, marks: Marks | None = None) -> Turn:
     """Save the user's message and a queued turn; after commit, enqueue the turn on its tier's
     queue and tell the session's group (``turn.queued``).
 
@@ -390,7 +394,8 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
     is not active or a turn of this session is unfinished (queued, running or awaiting approval),
     ``TooManyRequests`` (``rate_limited``) past the plan's ``chat_turns_per_minute`` for the
     principal's key or member; ``rate_limited=False`` skips that count for a caller that made it
-    already (the chat socket counts before it hands a message to a worker).
+    already (the chat socket counts before it hands a message to a worker). ``marks``: the turn's
+    step marks (``agents.runtime.timings``), sent with its task.
     """
     principal.require("chat")
     require_storable(content, field="content")
@@ -431,7 +436,12 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
         transaction.on_commit(lambda: events.publish(group, {
             "event": "message.accepted", "turn_id": turn.pk, "user_message_id": message.pk, "content": content}))
     if enqueue:
-        transaction.on_commit(lambda: turn_enqueue(turn))
+        def send() -> None:
+            steps = dict(marks or {})
+            mark(steps, "accepted")
+            turn_enqueue(turn, steps)
+
+        transaction.on_commit(send)
     transaction.on_commit(lambda: events.publish(group, {"event": "turn.queued", "turn_id": turn.pk,
                                                          "session_id": session.pk, "user_message_id": message.pk}))
     return turn

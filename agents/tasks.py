@@ -9,6 +9,7 @@ from django.db import connection
 
 from agents.runtime import events
 from agents.runtime.orchestrator import turn_resume, turn_run
+from agents.runtime.timings import mark, marks_clean
 from agents.selectors import session_get
 from agents.services import chat_message_send, turn_enqueue, turns_sweep
 from config.errors import DomainError
@@ -19,9 +20,12 @@ logger = structlog.get_logger(__name__)
 
 
 @shared_task(name="agents.turn_run", ignore_result=True, acks_late=False)
-def turn_run_task(turn_id: int) -> str:
-    """Run one turn to a final state (see ``agents.runtime.orchestrator.turn_run``)."""
-    return turn_run(turn_id)
+def turn_run_task(turn_id: int, marks: dict[str, float] | None = None) -> str:
+    """Run one turn to a final state (see ``agents.runtime.orchestrator.turn_run``); ``marks``: its
+    step marks so far (``agents.runtime.timings``)."""
+    steps = marks_clean(marks)
+    mark(steps, "dispatched")
+    return turn_run(turn_id, steps)
 
 
 @shared_task(name="agents.turn_resume", ignore_result=True, acks_late=False)
@@ -54,7 +58,8 @@ def approvals_expire_task() -> int:
 
 
 @shared_task(name="agents.chat_message_accept", ignore_result=True, acks_late=False, bind=True)
-def chat_message_accept_task(self: Task, membership_id: int, session_id: int, content: str) -> None:
+def chat_message_accept_task(self: Task, membership_id: int, session_id: int, content: str,
+                             marks: dict[str, float] | None = None) -> None:
     """Save a message sent over the chat socket and run its turn, in the worker rather than in
     the socket's process: that process relays every session's tokens, and the send's database
     work (about ten statements) held its GIL while first tokens waited (``tests/bench/bench_chat.py``,
@@ -62,8 +67,11 @@ def chat_message_accept_task(self: Task, membership_id: int, session_id: int, co
     here). The socket sends this task to the queue of the agent's tier, so the turn runs right
     here; if the tier changed since, the turn is queued where it belongs. The outcome reaches the
     session's sockets through its group: ``message.accepted`` (then the turn's events) or
-    ``error``, with the REST API's codes.
+    ``error``, with the REST API's codes. ``marks``: the socket's step marks
+    (``agents.runtime.timings``).
     """
+    steps = marks_clean(marks)
+    mark(steps, "dispatched")
     schema: str = connection.schema_name  # type: ignore[attr-defined]
     group = events.session_group(schema, session_id)
     membership = (Membership.objects.select_related("user", "tenant")
@@ -80,7 +88,8 @@ def chat_message_accept_task(self: Task, membership_id: int, session_id: int, co
     except DomainError as exc:
         events.publish(group, {"event": "error", "error": {"code": exc.code, "message": exc.message}})
         return
+    mark(steps, "accepted")
     if turn.queue == (self.request.delivery_info or {}).get("routing_key"):
-        turn_run(turn.pk)
+        turn_run(turn.pk, steps)
     else:
-        turn_enqueue(turn)
+        turn_enqueue(turn, steps)

@@ -36,6 +36,7 @@ from agents.runtime.llm import (
     stream_chat,
 )
 from agents.runtime.prompt import build_prompt
+from agents.runtime.timings import Marks, mark
 from agents.runtime.tools import openai_tools, tools_for_version
 from billing.models import UsageEvent
 from billing.selectors.usage import turn_cost_fields
@@ -107,6 +108,7 @@ class DeltaBatcher:
     sent_chars: int = 0
     last_flush: float = 0.0
     flushes: int = 0
+    marks: Marks | None = None  # the turn's step marks: the first flush is ``first_published``
 
     def add(self, text: str) -> None:
         self.pending += text
@@ -124,6 +126,7 @@ class DeltaBatcher:
         self.sent_chars += len(text)
         self.last_flush = now if now is not None else time.monotonic()
         self.flushes += 1
+        mark(self.marks, "first_published")
 
 
 def _citations(hits: list[Any]) -> list[dict[str, Any]]:
@@ -149,8 +152,9 @@ def _finish(turn: Turn, status: str, **fields: Any) -> None:
     turn.save(update_fields=["status", "finished_at", *fields])
 
 
-def _claim(turn_id: int) -> Turn | None:
-    """Move a queued turn to running; None if it is gone, already final or being run."""
+def _claim(turn_id: int, marks: Marks) -> Turn | None:
+    """Move a queued turn to running (``claimed`` in ``marks``); None if it is gone, already final
+    or being run."""
     with transaction.atomic():
         turn = (Turn.objects.select_for_update().select_related("session", "agent_version", "user_message")
                 .filter(pk=turn_id).first())
@@ -162,12 +166,14 @@ def _claim(turn_id: int) -> Turn | None:
         turn.status = Turn.Status.RUNNING
         turn.started_at = turn.heartbeat_at = timezone.now()
         turn.save(update_fields=["status", "started_at", "heartbeat_at"])
-        return turn
+    mark(marks, "claimed")
+    return turn
 
 
-def turn_run(turn_id: int) -> str:
+def turn_run(turn_id: int, marks: Marks | None = None) -> str:
     """Run turn ``turn_id`` of the current schema to a final state (or to ``awaiting_approval``);
-    returns that state, or ``skipped`` when the turn was not queued.
+    returns that state, or ``skipped`` when the turn was not queued. ``marks``: the step marks
+    the turn collected before this worker (``agents.runtime.timings``), saved with it.
 
     Steps: claim (queued -> running), check the agent may run, retrieve from the version's
     collections, build the prompt, then the tool loop: stream from the tier's endpoints (fallback
@@ -177,12 +183,13 @@ def turn_run(turn_id: int) -> str:
     the assistant message with its citations. Never raises for a turn's own failure.
     """
     schema: str = connection.schema_name  # type: ignore[attr-defined]
-    turn = _claim(turn_id)
+    marks = dict(marks or {})
+    turn = _claim(turn_id, marks)
     if turn is None:
         return "skipped"
     group = events.session_group(schema, turn.session_id)
     batcher = DeltaBatcher(schema=schema, group=group, turn_id=turn.pk,
-                           interval=settings.CHAT_DELTA_INTERVAL_MS / 1000)
+                           interval=settings.CHAT_DELTA_INTERVAL_MS / 1000, marks=marks)
     return _drive(turn, schema=schema, group=group, batcher=batcher,
                   body=lambda: _loop(_prepare(turn, schema=schema, group=group, batcher=batcher)))
 
@@ -217,7 +224,7 @@ def _drive_guarded(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher
         # The call that broke holds the last reservation: it settles to what was generated.
         hold = holds[-1] if holds and partial is not None else None
         with transaction.atomic():
-            _finish(turn, Turn.Status.FAILED, error_code=code, error_message=message,
+            _finish(turn, Turn.Status.FAILED, error_code=code, error_message=message, timings=batcher.marks or {},
                     **({"input_tokens": partial.input_tokens, "output_tokens": partial.output_tokens}
                        if partial is not None else {}))
             if partial is not None:
@@ -275,6 +282,7 @@ class TurnRun:
     text: str = ""
     endpoint: ModelEndpoint | None = None  # the endpoint that served the last model call
     hold: BudgetHold | None = None  # the budget reservation of the model call not yet metered
+    marks: Marks = field(default_factory=dict)  # agents.runtime.timings; the batcher's dict
 
     def loop_state(self, pending_calls: list[dict[str, Any]]) -> dict[str, Any]:
         """What ``Turn.loop_state`` keeps while the turn waits for an approval."""
@@ -332,6 +340,7 @@ def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> T
                             max_chunks_per_document=version.retrieval_max_chunks_per_document,
                             agent_id=agent.pk, session_id=turn.session_id,
                             turn_id=turn.pk)
+        mark(batcher.marks, "retrieved")
     history = list(Message.objects.filter(session_id=turn.session_id, pk__lt=turn.user_message_id)
                    .exclude(role=Message.Role.SYSTEM).order_by("-pk")[: max(version.history_window, 1)])
     history.reverse()
@@ -354,7 +363,8 @@ def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> T
     return TurnRun(turn=turn, schema=schema, group=group, batcher=batcher, tenant=tenant, agent=agent,
                    version=version,
                    endpoints=endpoints, messages=list(prompt.messages), citations=citations,
-                   response_format=_response_format(version), tools=tools_for_version(version) if version.tools else {})
+                   response_format=_response_format(version), tools=tools_for_version(version) if version.tools else {},
+                   marks=batcher.marks if batcher.marks is not None else {})
 
 
 def _stream(run: TurnRun) -> StreamResult:
@@ -378,6 +388,7 @@ def _stream(run: TurnRun) -> StreamResult:
     def on_delta(text: str) -> None:
         if run.first_token_at is None:
             run.first_token_at = timezone.now()
+            mark(run.marks, "first_token")
         if separate["pending"]:
             # A later model call's text starts a new paragraph of the one answer the user reads.
             separate["pending"] = False
@@ -394,9 +405,11 @@ def _stream(run: TurnRun) -> StreamResult:
                        else {"type": "function", "function": {"name": choice}})
     # Raises BudgetExceeded (the turn fails before the model is called).
     run.hold = _budget_reserve(run, offered)
+    mark(run.marks, "prompted")
     # The stream lasts seconds and needs no database: its connection serves other turns meanwhile
     # (a worker's pool is smaller than its thread count; README, "Database connections").
     connection_release()
+    mark(run.marks, "model_called")
     try:
         result = stream_chat(endpoints=run.endpoints, messages=run.messages, temperature=run.version.temperature,
                              max_tokens=run.version.max_output_tokens, response_format=run.response_format,
@@ -517,7 +530,8 @@ def _finish_turn(run: TurnRun, result: StreamResult | None, *, outcome: str = ""
                                              input_tokens=run.input_tokens, output_tokens=run.output_tokens)
         fields: dict[str, Any] = {"assistant_message": message, "endpoint_name": endpoint.name,
                                   "model": endpoint.model, "input_tokens": run.input_tokens,
-                                  "output_tokens": run.output_tokens, "first_token_at": run.first_token_at}
+                                  "output_tokens": run.output_tokens, "first_token_at": run.first_token_at,
+                                  "timings": run.marks}
         if run.tool_calls:
             # The loop's counts stay with the turn (its messages are needed only while parked).
             fields["loop_state"] = {"model_calls": run.model_calls, "tool_calls": run.tool_calls,
@@ -597,7 +611,8 @@ def turn_resume(turn_id: int) -> str:
     group = events.session_group(schema, turn.session_id)
     text = str((turn.loop_state or {}).get("text") or "")
     batcher = DeltaBatcher(schema=schema, group=group, turn_id=turn.pk,
-                           interval=settings.CHAT_DELTA_INTERVAL_MS / 1000, sent_chars=len(text))
+                           interval=settings.CHAT_DELTA_INTERVAL_MS / 1000, sent_chars=len(text),
+                           marks=dict(turn.timings or {}))
     return _drive(turn, schema=schema, group=group, batcher=batcher,
                   body=lambda: _resume(turn, approval, schema=schema, group=group, batcher=batcher))
 
@@ -621,7 +636,8 @@ def _restore(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> T
                    invalid_calls=int(state.get("invalid_calls") or 0),
                    input_tokens=int(state.get("input_tokens") or 0),
                    output_tokens=int(state.get("output_tokens") or 0),
-                   usage_estimated=bool(state.get("usage_estimated")), text=str(state.get("text") or ""))
+                   usage_estimated=bool(state.get("usage_estimated")), text=str(state.get("text") or ""),
+                   marks=batcher.marks if batcher.marks is not None else {})
 
 
 def _resume(turn: Turn, approval: ApprovalRequest, *, schema: str, group: str, batcher: DeltaBatcher) -> str:

@@ -152,3 +152,43 @@ class ServerProcess:
     def stop(self) -> None:
         stop(self.process)
         self._log.close()
+
+
+class CpuMeter:
+    """CPU seconds (user + system) spent by groups of processes between ``start()`` and
+    ``stop()``: the given processes with their children, and every process named like a group
+    (``postgres``, ``redis-server``). Processes that exit in between lose their share."""
+
+    def __init__(self, groups: dict[str, list[int]], names: dict[str, str]) -> None:
+        self.groups = groups
+        self.names = names
+        self._before: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
+        import psutil
+
+        def cpu(process: Any) -> float:
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                return float(times.user + times.system)
+            return 0.0
+
+        out: dict[str, float] = {}
+        for group, pids in self.groups.items():
+            total = 0.0
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    process = psutil.Process(pid)
+                    total += cpu(process) + sum(cpu(child) for child in process.children(recursive=True))
+            out[group] = total
+        for group, name in self.names.items():
+            out[group] = sum(cpu(p) for p in psutil.process_iter(["name"]) if p.info["name"] == name)
+        return out
+
+    def start(self) -> None:
+        self._before = self._read()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per group since ``start()``."""
+        after = self._read()
+        return {group: after[group] - self._before.get(group, 0.0) for group in after}
