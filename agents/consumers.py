@@ -312,6 +312,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
         except ValueError:
             return None
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections before every handler, by a hop to the sync
+        # thread that the socket's database work also waits on. Relaying a turn event touches no
+        # database, and one such hop per token batch was a large part of this process's CPU.
+        if message.get("type") == events.EVENT_TYPE:
+            await self.chat_event(message)
+            return
+        await super().dispatch(message)
+
     async def chat_event(self, message: dict[str, Any]) -> None:
         """Channel-layer handler for ``events.EVENT_TYPE``."""
         await self._relay(message["event"])

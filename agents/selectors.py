@@ -45,7 +45,9 @@ def agent_version_get(*, principal: Principal, agent: Agent, number: int) -> Age
     return version
 
 
-def _owned(principal: Principal) -> Q:
+def session_owner_q(principal: Principal) -> Q:
+    """The filter on ``ChatSession`` that keeps the sessions ``principal`` opened (none for a
+    principal that is neither a key nor a member)."""
     if principal.api_key is not None:
         return Q(api_key_id=principal.api_key.key_id)
     if principal.user is not None:
@@ -56,7 +58,8 @@ def _owned(principal: Principal) -> Q:
 def session_list(*, principal: Principal, agent: Agent | None = None) -> QuerySet[ChatSession]:
     """The caller's own sessions, most recently active first. Raises ``Forbidden`` without ``chat``."""
     principal.require("chat")
-    queryset = ChatSession.objects.filter(_owned(principal)).select_related("agent").order_by("-updated_at", "-pk")
+    queryset = (ChatSession.objects.filter(session_owner_q(principal)).select_related("agent")
+                .order_by("-updated_at", "-pk"))
     if agent is not None:
         queryset = queryset.filter(agent=agent)
     return queryset

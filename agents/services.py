@@ -23,7 +23,7 @@ from agents.models import Agent, AgentVersion, ChatSession, Message, Tool, Turn
 from agents.runtime import events
 from agents.runtime.timings import Marks, mark
 from compliance.services import audit_event_create
-from config.errors import Conflict, ValidationFailed
+from config.errors import Conflict, NotFound, ValidationFailed
 from config.ratelimit import rate_limit_hit
 from config.redis import redis_client
 from config.text import require_storable
@@ -378,25 +378,15 @@ def turn_enqueue(turn: Turn, marks: Marks | None = None) -> None:
     turn_run_task.apply_async(args=[turn.pk], kwargs={"marks": marks}, queue=turn.queue)
 
 
-@transaction.atomic
-def chat_message_send(*, principal: Principal, session: ChatSession, content: str,
-                      history: list[dict[str, str]] | None = None, announce: bool = False,
-                      enqueue: bool = True, rate_limited: bool = True, marks: Marks | None = None) -> Turn:
-    """Save the user's message and a queued turn; after commit, enqueue the turn on its tier's
-    queue and tell the session's group (``turn.queued``).
+# The session row locked (not the agent's or version's rows: every session of an agent shares
+# them), with the agent and its active version read in the same statement.
+_LOCKED_SESSIONS = ChatSession.objects.select_for_update(of=("self",)).select_related("agent__active_version")
 
-    ``history`` (OpenAI-compatible calls only) are earlier messages the client sends along;
-    they are stored before the question. ``announce`` (the chat socket's path) first publishes
-    ``message.accepted`` with the question to the session's group; ``enqueue=False`` leaves
-    running the turn to the caller (a worker already on the turn's queue). Raises ``ValidationFailed``
-    for empty or overlong content or content with a NUL or an unpaired surrogate
-    (``invalid_characters``: the chat socket sends text straight here), ``Conflict`` when the agent
-    is not active or a turn of this session is unfinished (queued, running or awaiting approval),
-    ``TooManyRequests`` (``rate_limited``) past the plan's ``chat_turns_per_minute`` for the
-    principal's key or member; ``rate_limited=False`` skips that count for a caller that made it
-    already (the chat socket counts before it hands a message to a worker). ``marks``: the turn's
-    step marks (``agents.runtime.timings``), sent with its task.
-    """
+
+def _message_checked(*, principal: Principal, session: ChatSession, content: str,
+                     history: list[dict[str, str]] | None) -> tuple[AgentVersion, str]:
+    """The checks of a message before it starts a turn, on ``session`` locked by the caller's
+    transaction (``_LOCKED_SESSIONS``): the agent's active version and the content stripped."""
     principal.require("chat")
     require_storable(content, field="content")
     require_storable([item.get("content") for item in history or []], field="history")
@@ -406,7 +396,6 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
     if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
         raise ValidationFailed(f"The message is longer than {settings.CHAT_MAX_MESSAGE_CHARS} characters.",
                                code="message_too_long")
-    session = ChatSession.objects.select_for_update().select_related("agent").get(pk=session.pk)
     version = _require_runnable(session.agent)
     unfinished = (Turn.objects.filter(session=session, status__in=Turn.UNFINISHED)
                   .values_list("status", flat=True).first())
@@ -416,25 +405,51 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
     if unfinished is not None:
         raise Conflict("The previous answer is still being written; wait for it or stop it.",
                        code="turn_in_progress")
-    if rate_limited:
-        # Last of the checks: only a message that would start a turn is counted.
-        rate_limit_hit(tenant=principal.tenant, principal=principal, limit="chat_turns_per_minute")
+    return version, content
+
+
+def _message_save(*, session: ChatSession, version: AgentVersion, content: str,
+                  history: list[dict[str, str]] | None, queue: str, running: bool) -> tuple[Turn, Message]:
+    """Save the history, the user's message and its turn on ``queue`` (``queued``, or ``running``
+    for a caller that runs it at once), and touch the session."""
     for item in history or []:
         Message.objects.create(session=session, role=item["role"],
                                content=item["content"][: settings.CHAT_MAX_MESSAGE_CHARS])
     message = Message.objects.create(session=session, role=Message.Role.USER, content=content)
     now = timezone.now()
-    turn = Turn.objects.create(session=session, agent_version=version, user_message=message, queue=queue_for(version),
-                               queued_at=now, deadline=now + dt.timedelta(seconds=settings.CHAT_TURN_DEADLINE_SECONDS))
+    started = {"status": Turn.Status.RUNNING, "started_at": now, "heartbeat_at": now} if running else {}
+    turn = Turn.objects.create(session=session, agent_version=version, user_message=message, queue=queue,
+                               queued_at=now, deadline=now + dt.timedelta(seconds=settings.CHAT_TURN_DEADLINE_SECONDS),
+                               **started)
     session.updated_at = now
     if not session.title:
         session.title = content[:80]
     session.save(update_fields=["updated_at", "title"])
-    schema: str = connection.schema_name  # type: ignore[attr-defined]
-    group = events.session_group(schema, session.pk)
-    if announce:
-        transaction.on_commit(lambda: events.publish(group, {
-            "event": "message.accepted", "turn_id": turn.pk, "user_message_id": message.pk, "content": content}))
+    return turn, message
+
+
+@transaction.atomic
+def chat_message_send(*, principal: Principal, session: ChatSession, content: str,
+                      history: list[dict[str, str]] | None = None, enqueue: bool = True,
+                      marks: Marks | None = None) -> Turn:
+    """Save the user's message and a queued turn; after commit, enqueue the turn on its tier's
+    queue and tell the session's group (``turn.queued``).
+
+    ``history`` (OpenAI-compatible calls only) are earlier messages the client sends along;
+    they are stored before the question. ``enqueue=False`` leaves running the turn to the caller.
+    ``marks``: the turn's step marks (``agents.runtime.timings``), sent with its task. Raises
+    ``ValidationFailed`` for empty or overlong content or content with a NUL or an unpaired
+    surrogate (``invalid_characters``), ``Conflict`` when the agent is not active or a turn of
+    this session is unfinished (queued, running or awaiting approval), ``TooManyRequests``
+    (``rate_limited``) past the plan's ``chat_turns_per_minute`` for the principal's key or member.
+    """
+    session = _LOCKED_SESSIONS.get(pk=session.pk)
+    version, content = _message_checked(principal=principal, session=session, content=content, history=history)
+    # Last of the checks: only a message that would start a turn is counted.
+    rate_limit_hit(tenant=principal.tenant, principal=principal, limit="chat_turns_per_minute")
+    turn, message = _message_save(session=session, version=version, content=content, history=history,
+                                  queue=queue_for(version), running=False)
+    group = events.session_group(connection.schema_name, session.pk)  # type: ignore[attr-defined]
     if enqueue:
         def send() -> None:
             steps = dict(marks or {})
@@ -444,6 +459,32 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
         transaction.on_commit(send)
     transaction.on_commit(lambda: events.publish(group, {"event": "turn.queued", "turn_id": turn.pk,
                                                          "session_id": session.pk, "user_message_id": message.pk}))
+    return turn
+
+
+@transaction.atomic
+def chat_message_accept(*, principal: Principal, session_id: int, content: str, queue: str) -> Turn:
+    """The chat socket's message, in the worker of ``queue`` that will run its turn: save the
+    message and a turn on that queue that is already ``running`` (this worker holds it: no claim,
+    no second task), then after commit publish ``message.accepted`` (with the question) and
+    ``turn.queued`` to the session's group in one round trip. The socket counted the rate limit
+    before it handed the message over. Raises ``NotFound`` for a session that is not the
+    principal's, else as ``chat_message_send`` (but never ``TooManyRequests``). The returned turn
+    comes with its session, the session's agent, its version and its user message loaded."""
+    from agents.selectors import session_owner_q
+
+    principal.require("chat")
+    session = _LOCKED_SESSIONS.filter(session_owner_q(principal), pk=session_id).first()
+    if session is None:
+        raise NotFound("No such chat session.")
+    version, content = _message_checked(principal=principal, session=session, content=content, history=None)
+    turn, message = _message_save(session=session, version=version, content=content, history=None, queue=queue,
+                                  running=True)
+    turn.session, turn.agent_version, turn.user_message = session, version, message
+    group = events.session_group(connection.schema_name, session.pk)  # type: ignore[attr-defined]
+    transaction.on_commit(lambda: events.publish_many(group, [
+        {"event": "message.accepted", "turn_id": turn.pk, "user_message_id": message.pk, "content": content},
+        {"event": "turn.queued", "turn_id": turn.pk, "session_id": session.pk, "user_message_id": message.pk}]))
     return turn
 
 

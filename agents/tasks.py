@@ -8,10 +8,9 @@ from celery import Task, shared_task
 from django.db import connection
 
 from agents.runtime import events
-from agents.runtime.orchestrator import turn_resume, turn_run
+from agents.runtime.orchestrator import turn_resume, turn_run, turn_run_started
 from agents.runtime.timings import mark, marks_clean
-from agents.selectors import session_get
-from agents.services import chat_message_send, turn_enqueue, turns_sweep
+from agents.services import chat_message_accept, turns_sweep
 from config.errors import DomainError
 from tenants.models import Membership
 from tenants.principal import Principal
@@ -61,12 +60,11 @@ def approvals_expire_task() -> int:
 def chat_message_accept_task(self: Task, membership_id: int, session_id: int, content: str,
                              marks: dict[str, float] | None = None) -> None:
     """Save a message sent over the chat socket and run its turn, in the worker rather than in
-    the socket's process: that process relays every session's tokens, and the send's database
-    work (about ten statements) held its GIL while first tokens waited (``tests/bench/bench_chat.py``,
-    50 sessions: first-token overhead p95 924 ms with the save in the socket's process, 150-185 ms
-    here). The socket sends this task to the queue of the agent's tier, so the turn runs right
-    here; if the tier changed since, the turn is queued where it belongs. The outcome reaches the
-    session's sockets through its group: ``message.accepted`` (then the turn's events) or
+    the socket's process, which relays every session's tokens and so must not spend its time on
+    a send's database work (``tests/bench/bench_chat.py``). The socket sends this task to the
+    queue of the agent's tier as it was when the socket connected; the turn runs right here
+    (``chat_message_accept`` saves it running: no claim and no second task). The outcome reaches
+    the session's sockets through its group: ``message.accepted`` (then the turn's events) or
     ``error``, with the REST API's codes. ``marks``: the socket's step marks
     (``agents.runtime.timings``).
     """
@@ -74,22 +72,20 @@ def chat_message_accept_task(self: Task, membership_id: int, session_id: int, co
     mark(steps, "dispatched")
     schema: str = connection.schema_name  # type: ignore[attr-defined]
     group = events.session_group(schema, session_id)
-    membership = (Membership.objects.select_related("user", "tenant")
+    membership = (Membership.objects.select_related("user", "tenant", "tenant__plan")
                   .filter(pk=membership_id, tenant__schema_name=schema).first())
     if membership is None:  # removed from the tenant since the socket opened
         events.publish(group, {"event": "error", "error": {"code": "forbidden",
                                                            "message": "You are no longer a member of this workspace."}})
         return
     principal = Principal.for_member(membership)
+    queue = str((self.request.delivery_info or {}).get("routing_key") or "")
     try:
-        session = session_get(principal=principal, session_id=session_id)
-        turn = chat_message_send(principal=principal, session=session, content=content, announce=True,
-                                 enqueue=False, rate_limited=False)  # the socket counted it (agents.consumers)
+        turn = chat_message_accept(principal=principal, session_id=session_id, content=content,
+                                   queue=queue if queue.startswith("llm.") else "llm.standard")
     except DomainError as exc:
         events.publish(group, {"event": "error", "error": {"code": exc.code, "message": exc.message}})
         return
     mark(steps, "accepted")
-    if turn.queue == (self.request.delivery_info or {}).get("routing_key"):
-        turn_run(turn.pk, steps)
-    else:
-        turn_enqueue(turn, steps)
+    mark(steps, "claimed")
+    turn_run_started(turn, steps, tenant=membership.tenant)

@@ -43,3 +43,4 @@ def _embedder_preload(**kwargs: object) -> None:
     from knowledge.embeddings import embedder_warm
 
     embedder_warm()
+

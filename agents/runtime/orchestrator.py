@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from agents.models import Agent, AgentVersion, ApprovalRequest, Message, Tool, Turn
 from agents.runtime import events, tool_loop
+from agents.runtime.cancel import cancel_requested, cancel_watch
 from agents.runtime.heartbeat import turn_heartbeat
 from agents.runtime.llm import (
     LLMError,
@@ -52,7 +53,6 @@ from billing.services.budgets import (
 from compliance.services import audit_event_create
 from config.db import connection_release
 from config.errors import DomainError
-from config.redis import redis_client
 from tenants.models import ModelEndpoint
 from tenants.principal import Principal
 
@@ -156,7 +156,8 @@ def _claim(turn_id: int, marks: Marks) -> Turn | None:
     """Move a queued turn to running (``claimed`` in ``marks``); None if it is gone, already final
     or being run."""
     with transaction.atomic():
-        turn = (Turn.objects.select_for_update().select_related("session", "agent_version", "user_message")
+        turn = (Turn.objects.select_for_update(of=("self",))
+                .select_related("session", "session__agent", "agent_version", "user_message")
                 .filter(pk=turn_id).first())
         if turn is None or turn.status != Turn.Status.QUEUED:
             return None
@@ -182,16 +183,24 @@ def turn_run(turn_id: int, marks: Marks | None = None) -> str:
     (tokens of every model call, priced from the endpoint; one per executed tool call) and saves
     the assistant message with its citations. Never raises for a turn's own failure.
     """
-    schema: str = connection.schema_name  # type: ignore[attr-defined]
     marks = dict(marks or {})
     turn = _claim(turn_id, marks)
     if turn is None:
         return "skipped"
+    return turn_run_started(turn, marks)
+
+
+def turn_run_started(turn: Turn, marks: Marks, *, tenant: Any = None) -> str:
+    """Run a turn this worker holds as ``running`` (claimed by ``turn_run``, or saved running by
+    ``agents.services.chat_message_accept``) to a final state; as ``turn_run``. ``turn`` comes with
+    its session, the session's agent, its version and its user message loaded; ``tenant`` (with
+    its plan), when the caller has it, saves reading it again."""
+    schema: str = connection.schema_name  # type: ignore[attr-defined]
     group = events.session_group(schema, turn.session_id)
     batcher = DeltaBatcher(schema=schema, group=group, turn_id=turn.pk,
                            interval=settings.CHAT_DELTA_INTERVAL_MS / 1000, marks=marks)
     return _drive(turn, schema=schema, group=group, batcher=batcher,
-                  body=lambda: _loop(_prepare(turn, schema=schema, group=group, batcher=batcher)))
+                  body=lambda: _loop(_prepare(turn, schema=schema, group=group, batcher=batcher, tenant=tenant)))
 
 
 def _drive(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, body: Callable[[], str]) -> str:
@@ -208,7 +217,7 @@ def _drive(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, body: 
 def _drive_guarded(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, body: Callable[[], str],
                    holds: list[BudgetHold]) -> str:
     try:
-        with _streaming(), turn_heartbeat(schema, turn.pk):
+        with _streaming(), turn_heartbeat(schema, turn.pk), cancel_watch(schema, turn.pk):
             return body()
     except Exception as exc:
         if isinstance(exc, LLMError | TurnRefused | DomainError):
@@ -293,16 +302,18 @@ class TurnRun:
                 "first_token_at": self.first_token_at.isoformat() if self.first_token_at else None}
 
 
-def _runnable(turn: Turn, *, schema: str) -> tuple[Any, Agent, list[ModelEndpoint]]:
+def _runnable(turn: Turn, *, schema: str, tenant: Any = None) -> tuple[Any, Agent, list[ModelEndpoint]]:
     """The turn's tenant, agent and the endpoints to try, after checking that the agent and the tenant
-    may run and that a model is configured. Raises ``TurnRefused``."""
+    may run and that a model is configured. The agent is the one loaded with the turn's session (read
+    when the turn was claimed or accepted); ``tenant`` is read unless given. Raises ``TurnRefused``."""
     from tenants.models import Tenant
 
     version = turn.agent_version
-    agent = Agent.objects.get(pk=version.agent_id)
+    agent = turn.session.agent
     if agent.status in (Agent.Status.PAUSED, Agent.Status.RETIRED):
         raise TurnRefused("agent_unavailable", f"The agent '{agent.name}' is {agent.status}; it does not answer now.")
-    tenant = Tenant.objects.select_related("plan").get(schema_name=schema)
+    if tenant is None:
+        tenant = Tenant.objects.select_related("plan").get(schema_name=schema)
     if tenant.status != Tenant.Status.ACTIVE:
         raise TurnRefused("tenant_suspended", "This workspace is suspended.")
     endpoints = endpoints_for(tenant=tenant, tier=version.tier, endpoint_id=version.endpoint_id)
@@ -317,17 +328,14 @@ def _response_format(version: AgentVersion) -> dict[str, Any] | None:
     return None
 
 
-def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> TurnRun:
+def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, tenant: Any = None) -> TurnRun:
     """Check the agent and tenant may run, pick the endpoints (``turn.started``), retrieve from
     the version's collections (``citations``) and build the prompt. Raises ``TurnRefused``."""
     from knowledge.models import Collection
     from knowledge.retrieval import chunk_search
 
     version = turn.agent_version
-    tenant, agent, endpoints = _runnable(turn, schema=schema)
-    # Saved first, so a client that joins later reads the same turn.started from the database
-    # (the answer's save replaces them with the endpoint that answered, after any fallback).
-    Turn.objects.filter(pk=turn.pk).update(model=endpoints[0].model, endpoint_name=endpoints[0].name)
+    tenant, agent, endpoints = _runnable(turn, schema=schema, tenant=tenant)
     events.publish(group, {"event": "turn.started", "turn_id": turn.pk, "model": endpoints[0].model,
                            "endpoint": endpoints[0].name})
 
@@ -355,7 +363,10 @@ def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> T
         raise TurnRefused("context_too_long", "The message is too long for this agent's model.")
     citations = _citations(hits)
     retrieved = _retrieved(hits)
-    Turn.objects.filter(pk=turn.pk).update(retrieved=retrieved)
+    # One statement: a client that joins later reads the same turn.started and citations from the
+    # database (the answer's save replaces the endpoint with the one that answered, after any fallback).
+    Turn.objects.filter(pk=turn.pk).update(model=endpoints[0].model, endpoint_name=endpoints[0].name,
+                                           **({"retrieved": retrieved} if hits else {}))
     if hits:
         events.publish(group, {"event": "citations", "turn_id": turn.pk, "citations": citations,
                                "retrieved": retrieved})
@@ -372,16 +383,11 @@ def _stream(run: TurnRun) -> StreamResult:
     cancellation and the deadline every 0.1 s. The version's tools are offered with its
     ``tool_choice`` on the turn's first model call, with ``auto`` on later ones (``none``: no
     tools). Adds the call's tokens to the run's totals. Raises ``LLMError``."""
-    cancel = events.cancel_key(run.schema, run.turn.pk)
     deadline = run.turn.deadline.timestamp()
-    checks = {"next": 0.0, "stop": False}
 
     def should_stop() -> bool:
-        now = time.monotonic()
-        if now >= checks["next"]:
-            checks["next"] = now + 0.1
-            checks["stop"] = bool(redis_client().exists(cancel)) or time.time() > deadline
-        return bool(checks["stop"])
+        # Memory only: the process's watcher reads every running turn's cancel key (runtime.cancel).
+        return cancel_requested(run.schema, run.turn.pk) or time.time() > deadline
 
     separate = {"pending": bool(run.text) and not run.text[-1].isspace()}
 
@@ -471,7 +477,7 @@ def _loop(run: TurnRun) -> str:
 
 def _stop_reason(run: TurnRun) -> str:
     """``cancelled`` or ``timeout`` when the turn must stop before its next step, else ''."""
-    if redis_client().exists(events.cancel_key(run.schema, run.turn.pk)):
+    if cancel_requested(run.schema, run.turn.pk):
         return "cancelled"
     if time.time() > run.turn.deadline.timestamp():
         return "timeout"
@@ -517,8 +523,7 @@ def _finish_turn(run: TurnRun, result: StreamResult | None, *, outcome: str = ""
     endpoint = run.endpoint or run.endpoints[0]
     if result is not None and result.finish_reason == "cancelled":
         deadline = turn.deadline.timestamp()
-        outcome = "timeout" if time.time() > deadline and not redis_client().exists(
-            events.cancel_key(run.schema, turn.pk)) else "cancelled"
+        outcome = "timeout" if time.time() > deadline and not cancel_requested(run.schema, turn.pk) else "cancelled"
     with transaction.atomic():
         turn.refresh_from_db(fields=["status"])
         if turn.status in Turn.FINAL:  # the sweeper got there first
@@ -580,7 +585,8 @@ def _claim_resume(turn_id: int) -> tuple[Turn, ApprovalRequest] | None:
     when it is not (still pending, already resumed by another task, cancelled, expired, gone).
     The row lock makes two resume tasks of one turn take turns: the second finds it running."""
     with transaction.atomic():
-        turn = (Turn.objects.select_for_update().select_related("session", "agent_version", "user_message")
+        turn = (Turn.objects.select_for_update(of=("self",))
+                .select_related("session", "session__agent", "agent_version", "user_message")
                 .filter(pk=turn_id).first())
         if turn is None or turn.status != Turn.Status.AWAITING_APPROVAL:
             return None

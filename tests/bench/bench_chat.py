@@ -76,6 +76,7 @@ from tests.bench.live import (  # noqa: E402
     free_port,
     percentiles,
     start_daphne,
+    start_uvicorn,
     start_workers,
     stop,
 )
@@ -686,6 +687,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds at the other levels")
     parser.add_argument("--spread-ms", type=float, default=1000.0,
                         help="the users of a round send within this window (0: all at once)")
+    parser.add_argument("--web", default="daphne", help="daphne or uvicorn")
+    parser.add_argument("--web-processes", type=int, default=1)
     parser.add_argument("--worker-processes", type=int, default=1, help="Celery worker processes")
     parser.add_argument("--worker-concurrency", type=int, default=0, help="Celery threads (default: the Procfile's)")
     parser.add_argument("--local-runs", type=int, default=3)
@@ -725,7 +728,8 @@ def main() -> None:
     setup = build_world(server.api_base, model)
 
     port = free_port()
-    web = start_daphne(port, log_dir / "web.log")
+    web = (start_uvicorn(port, log_dir / "web.log", args.web_processes) if args.web == "uvicorn"
+           else start_daphne(port, log_dir / "web.log"))
     workers = start_workers(args.worker_processes, concurrency, log_dir / "celery.log")
     config = {"first_token_ms": args.first_token_ms, "rate": args.rate, "tokens": args.tokens,
               "spread_ms": args.spread_ms, "worker_processes": args.worker_processes,
@@ -734,8 +738,8 @@ def main() -> None:
     print(f"web :{port}; {args.worker_processes} x celery --pool threads --concurrency {concurrency}; scripted "
           f"model: first token after {args.first_token_ms:.0f} ms, {args.rate:.0f} tokens/s, {args.tokens} tokens. "
           f"Logs in {log_dir}", flush=True)
-    meter = CpuMeter({"web": [web.pid], "worker": [w.pid for w in workers], "model": [server.process.pid],
-                      "clients": [os.getpid()]}, {"postgres": "postgres", "redis": "redis-server"})
+    meter = CpuMeter({"web": [web.pid], "worker": [w.pid for w in workers], "model": [server.process.pid]},
+                     {"postgres": "postgres", "redis": "redis-server"}, alone={"clients": [os.getpid()]})
     results: list[LevelResult] = []
     try:
         # Warm-up: the worker loads the embedding model on its first retrieval, each of its threads

@@ -76,6 +76,33 @@ def start_daphne(port: int, log: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"daphne did not start:\n{log.read_text(errors='replace')[-3000:]}")
 
 
+def start_uvicorn(port: int, log: Path, workers: int = 1) -> subprocess.Popen[bytes]:
+    """uvicorn (uvloop, httptools, websockets) on 127.0.0.1:``port`` with ``workers`` processes
+    serving ``config.asgi``; returns once ``/healthz`` answers 200."""
+    uvicorn = Path(sys.executable).with_name("uvicorn")
+    env = {**os.environ, "PUBLIC_PORT": str(port)}
+    with log.open("wb") as out:
+        process = subprocess.Popen(  # noqa: S603 (fixed argument list)
+            [str(uvicorn), "config.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", str(workers), "--loop", "uvloop", "--http", "httptools", "--ws", "websockets",
+             "--no-access-log", "--log-level", "warning"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"uvicorn exited:\n{log.read_text(errors='replace')[-3000:]}")
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response,
+        ):  # noqa: S310
+            if response.status == 200:
+                return process
+        time.sleep(0.2)
+    stop(process)
+    raise RuntimeError(f"uvicorn did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
 def start_workers(processes: int, concurrency: int, log: Path) -> list[subprocess.Popen[bytes]]:
     """The Procfile's workers: ``processes`` Celery workers (thread pool on the llm.* queues),
     each with ``concurrency`` threads; returns once every one answers a ping."""
@@ -156,12 +183,14 @@ class ServerProcess:
 
 class CpuMeter:
     """CPU seconds (user + system) spent by groups of processes between ``start()`` and
-    ``stop()``: the given processes with their children, and every process named like a group
-    (``postgres``, ``redis-server``). Processes that exit in between lose their share."""
+    ``stop()``: the given processes with their children (``alone``: without), and every process
+    named like a group (``postgres``, ``redis-server``). Processes that exit in between lose
+    their share."""
 
-    def __init__(self, groups: dict[str, list[int]], names: dict[str, str]) -> None:
+    def __init__(self, groups: dict[str, list[int]], names: dict[str, str], alone: dict[str, list[int]]) -> None:
         self.groups = groups
         self.names = names
+        self.alone = alone
         self._before: dict[str, float] = {}
 
     def _read(self) -> dict[str, float]:
@@ -180,6 +209,12 @@ class CpuMeter:
                 with contextlib.suppress(psutil.Error):
                     process = psutil.Process(pid)
                     total += cpu(process) + sum(cpu(child) for child in process.children(recursive=True))
+            out[group] = total
+        for group, pids in self.alone.items():
+            total = 0.0
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    total += cpu(psutil.Process(pid))
             out[group] = total
         for group, name in self.names.items():
             out[group] = sum(cpu(p) for p in psutil.process_iter(["name"]) if p.info["name"] == name)

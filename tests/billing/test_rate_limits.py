@@ -24,8 +24,14 @@ from django.db import connection
 from django.test import Client
 from django_tenants.utils import schema_context
 
-from agents.models import Agent, Message
-from agents.services import agent_create, agent_version_publish, chat_message_send, chat_session_create
+from agents.models import Agent, Message, Turn
+from agents.services import (
+    agent_create,
+    agent_version_publish,
+    chat_message_accept,
+    chat_message_send,
+    chat_session_create,
+)
 from config import ratelimit
 from config.errors import TooManyRequests
 from config.redis import redis_client
@@ -214,7 +220,8 @@ def test_chat_messages_past_the_limit_are_refused_and_leave_no_turn(world: World
         assert refused.value.retry_after is not None and refused.value.headers["RateLimit-Remaining"] == "0"
         assert not Message.objects.filter(session=sessions[2]).exists()
         # The socket's worker path does not count again (the socket counted the message).
-        chat_message_send(principal=operator, session=sessions[2], content="Hello", enqueue=False, rate_limited=False)
+        turn = chat_message_accept(principal=operator, session_id=sessions[2].pk, content="Hello", queue="llm.standard")
+        assert turn.status == Turn.Status.RUNNING
         # Another member has an allowance of their own.
         admin = _member_principal(world.tenant_a, world.user("admin"))
         chat_message_send(
@@ -264,7 +271,7 @@ def test_the_chat_socket_sends_an_error_event_and_stays_open(world: World, monke
 
     monkeypatch.setattr(consumers, "_authorize", authorize)
     monkeypatch.setattr(consumers, "_snapshot", snapshot)
-    monkeypatch.setattr(consumers, "_hand_off", lambda schema, queue, mid, sid, text: handed.append(text))
+    monkeypatch.setattr(consumers, "_hand_off", lambda schema, queue, mid, sid, text, received: handed.append(text))
     clock = {"now": 1_000_000.0}
     monkeypatch.setattr("time.time", lambda: clock["now"])  # the limiter's and config.ratelimit's clock
 
