@@ -7,7 +7,7 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 .PHONY: run test install browsers migrate seed bench lint typecheck lock pg-stop totp clean
 
 run: install migrate seed ## Install, migrate, seed and start every Procfile process
-	@echo "Starting web, celery, beat, rq, llm and tickets (Ctrl-C stops them all). Credentials: var/demo-credentials"
+	@echo "Starting web (uvicorn, 2 processes), celery and celery2, beat, rq, llm and tickets (Ctrl-C stops them all). Credentials: var/demo-credentials"
 	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/honcho start -f Procfile
 
 test: install browsers ## Lint, types, Django checks, migration check and the pytest suite

@@ -59,7 +59,7 @@ from agents.schemas import (
     VersionOut,
     VersionPage,
 )
-from agents.streaming import PAUSE_EVENTS, sse_response, turn_sse, turn_wait
+from agents.streaming import PAUSE_EVENTS, new_turn_options, sse_response, turn_sse, turn_wait
 from config.api import error_response, keyset_page, principal_of
 from config.errors import ValidationFailed
 from tenants.principal import Principal
@@ -286,12 +286,15 @@ def message_send(request: HttpRequest, session_id: int, payload: MessageIn) -> A
     received = time.time()
     principal = principal_of(request)
     session = selectors.session_get(principal=principal, session_id=session_id)
+    # A stream sends the turn's task itself once it listens (``new_turn_options``).
     turn = services.chat_message_send(principal=principal, session=session, content=payload.content,
-                                      marks={"received": received})
+                                      marks={"received": received}, enqueue=not payload.stream)
     schema: str = request.tenant.schema_name  # type: ignore[attr-defined]
     if payload.stream:
         wait = max((turn.deadline - timezone.now()).total_seconds(), 0.0) + STREAM_GRACE_SECONDS
-        return sse_response(turn_sse(schema=schema, session_id=session.pk, turn_id=turn.pk, wait_seconds=wait))
+        marks = {"received": received, "accepted": time.time()}
+        return sse_response(turn_sse(schema=schema, session_id=session.pk, turn_id=turn.pk, wait_seconds=wait,
+                                     **new_turn_options(turn, marks, schema=schema)))
     final = turn_wait(schema=schema, session_id=session.pk, turn_id=turn.pk,
                       wait_seconds=settings.CHAT_SYNC_WAIT_SECONDS)
     if final is not None and final["event"] in PAUSE_EVENTS:

@@ -52,7 +52,7 @@ from agents import selectors, services
 from agents.api import BUDGET_CODES, STREAM_GRACE_SECONDS, turn_outcome_error
 from agents.models import ChatSession, Message
 from agents.schemas import OpenAIChatCompletion, OpenAIChatIn, OpenAIChatMessage, OpenAIModelList
-from agents.streaming import KEEP_ALIVE, sse_response, turn_events_or_keepalives, turn_wait
+from agents.streaming import KEEP_ALIVE, new_turn_options, sse_response, turn_events_or_keepalives, turn_wait
 from billing.services.budgets import budget_room_check
 from config.api import principal_of
 from config.errors import ValidationFailed
@@ -119,8 +119,9 @@ def chat_completions(request: HttpRequest, payload: OpenAIChatIn) -> Any:
     with transaction.atomic():
         session = services.chat_session_create(principal=principal, agent=agent, title=question.strip()[:80],
                                                channel=ChatSession.Channel.OPENAI)
+        # A stream sends the turn's task itself once it listens (``new_turn_options``).
         turn = services.chat_message_send(principal=principal, session=session, content=question, history=history,
-                                          marks={"received": received})
+                                          marks={"received": received}, enqueue=not payload.stream)
     schema: str = request.tenant.schema_name  # type: ignore[attr-defined]
     completion_id = f"chatcmpl-{turn.pk}"
     created = int(turn.queued_at.timestamp())
@@ -129,7 +130,10 @@ def chat_completions(request: HttpRequest, payload: OpenAIChatIn) -> Any:
         wait = max((turn.deadline - timezone.now()).total_seconds(), 0.0) + STREAM_GRACE_SECONDS
         return sse_response(completion_chunks(schema=schema, session_id=session.pk, turn_id=turn.pk,
                                               wait_seconds=wait, completion_id=completion_id, created=created,
-                                              model=agent.slug, include_usage=include_usage))
+                                              model=agent.slug, include_usage=include_usage,
+                                              options=new_turn_options(turn, {"received": received,
+                                                                              "accepted": time.time()},
+                                                                       schema=schema)))
     final = turn_wait(schema=schema, session_id=session.pk, turn_id=turn.pk,
                       wait_seconds=settings.CHAT_SYNC_WAIT_SECONDS)
     failure = turn_outcome_error(request, final=final, turn_id=turn.pk, session_id=session.pk)
@@ -150,12 +154,13 @@ def _data(payload: dict[str, Any]) -> str:
 
 async def completion_chunks(*, schema: str, session_id: int, turn_id: int, wait_seconds: float,
                             completion_id: str, created: int, model: str,
-                            include_usage: bool) -> AsyncIterator[str]:
+                            include_usage: bool, options: dict[str, Any] | None = None) -> AsyncIterator[str]:
     """The turn's events as OpenAI ``chat.completion.chunk`` SSE lines, then ``data: [DONE]``.
 
     First chunk: ``delta: {"role": "assistant", "content": ""}``; one chunk per ``token.delta``;
     a ``finish_reason: "stop"`` chunk on completion or cancellation; with ``include_usage`` a
-    last chunk with ``choices: []`` and ``usage``. A failed or timed-out turn gives
+    last chunk with ``choices: []`` and ``usage``. ``options``: ``streaming.turn_events``' ``start``
+    and ``after_subscribe`` (``streaming.new_turn_options``). A failed or timed-out turn gives
     ``data: {"error": {"message", "type", "code"}}`` instead of the stop chunk, as does a turn
     that parks for an approval (code ``awaiting_approval``, ``param`` the approval id).
     """
@@ -169,7 +174,7 @@ async def completion_chunks(*, schema: str, session_id: int, turn_id: int, wait_
 
     yield chunk({"role": "assistant", "content": ""})
     stream = turn_events_or_keepalives(schema=schema, session_id=session_id, turn_id=turn_id,
-                                       wait_seconds=wait_seconds)
+                                       wait_seconds=wait_seconds, **(options or {}))
     async with contextlib.aclosing(stream):
         async for event in stream:
             if event is None:

@@ -4,8 +4,11 @@ Same scheme as the chat socket (``agents.consumers``): join the session's channe
 first, then read the turn's state from the database and the text streamed so far from Redis
 (the snapshot), then relay the group's events for that turn, dropping the part of each
 ``token.delta`` already sent (by ``offset``). Whatever arrives in between is therefore neither
-lost nor sent twice. As a safety net against lost events the database is read again every
-``POLL_SECONDS``; a turn found final there ends the stream with its final event.
+lost nor sent twice. A stream of a turn its own request just saved starts instead from that
+state and sends the turn's task only once it has joined the group (``start``, ``after_subscribe``):
+nothing can be published before it listens, so it reads nothing. As a safety net against lost
+events the database is read again after ``POLL_SECONDS`` without any event (never while events
+flow); a turn found final there ends the stream with its final event.
 
 Invariant for clients: the ``token.delta`` texts of a turn concatenate to the final answer
 (a ``turn.completed`` whose ``content`` is longer than what was streamed is preceded by a delta
@@ -18,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -40,7 +43,7 @@ FINAL_EVENTS = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 # take hours. Follow it with GET /sessions/{id}/turns/{turn_id} (or the session's socket).
 PAUSE_EVENTS = frozenset({"approval.requested"})
 END_EVENTS = FINAL_EVENTS | PAUSE_EVENTS
-POLL_SECONDS = 2.0  # how often the database is re-read while no final event has arrived
+POLL_SECONDS = 2.0  # silence after which the database is read again (no final event yet)
 HEARTBEAT_SECONDS = 15.0  # an SSE comment after this much silence keeps proxies from closing the stream
 _ONCE = frozenset({"turn.queued", "turn.started", "citations"})
 
@@ -148,8 +151,10 @@ class TurnRelay:
         return [event]
 
 
-async def turn_events(*, schema: str, session_id: int, turn_id: int,
-                      wait_seconds: float) -> AsyncGenerator[dict[str, Any] | None, None]:
+async def turn_events(*, schema: str, session_id: int, turn_id: int, wait_seconds: float,
+                      start: list[dict[str, Any]] | None = None,
+                      after_subscribe: Callable[[], Awaitable[None]] | None = None,
+                      ) -> AsyncGenerator[dict[str, Any] | None, None]:
     """The events of turn ``turn_id`` (dicts as in ``agents.runtime.events``), ending after its
     final event (``turn.completed``, ``turn.failed`` or ``turn.cancelled``) or after
     ``approval.requested`` when the turn parks for an approval.
@@ -160,6 +165,9 @@ async def turn_events(*, schema: str, session_id: int, turn_id: int,
     ``{"event": "error", "turn_id": ..., "error": {"code": "stream_timeout", "message": ...}}``
     (the turn itself may still finish: ``GET /sessions/{id}/turns/{turn_id}`` tells).
     The channel-layer subscription is always removed, also when the consumer stops early.
+
+    ``start``: the turn's state when the caller knows it (a turn its request just saved, whose
+    task ``after_subscribe`` sends once the group is joined), instead of reading the snapshot.
     """
     layer = get_channel_layer()
     loop = asyncio.get_running_loop()
@@ -176,7 +184,9 @@ async def turn_events(*, schema: str, session_id: int, turn_id: int,
             # Join before reading the snapshot, so nothing published in between is missed.
             await layer.group_add(group, channel)
             listening = True
-        for event in await snapshot(schema, turn_id):
+        if after_subscribe is not None:
+            await after_subscribe()
+        for event in start if start is not None and listening else await snapshot(schema, turn_id):
             for out in relay.accept(event):
                 yield out
         next_poll = loop.time() + POLL_SECONDS
@@ -208,7 +218,9 @@ async def turn_events(*, schema: str, session_id: int, turn_id: int,
                             received.append(message["event"])
             else:
                 await asyncio.sleep(timeout)
-            if loop.time() >= next_poll:
+            if received:
+                next_poll = loop.time() + POLL_SECONDS  # events flow: no database read
+            elif loop.time() >= next_poll:
                 received.extend(await snapshot(schema, turn_id))
                 next_poll = loop.time() + POLL_SECONDS
             emitted = False
@@ -226,6 +238,27 @@ async def turn_events(*, schema: str, session_id: int, turn_id: int,
                 await layer.group_discard(group, channel)
 
 
+def new_turn_options(turn: Turn, marks: dict[str, float], *, schema: str) -> dict[str, Any]:
+    """``turn_events``' ``start`` and ``after_subscribe`` for ``turn`` of ``schema``, which the
+    request just saved with ``chat_message_send(enqueue=False)``: the stream starts at
+    ``turn.queued`` and sends the turn's task (with ``marks``, ``agents.runtime.timings``) once it
+    listens."""
+    from agents.services import turn_enqueue
+
+    queued = {"event": "turn.queued", "turn_id": turn.pk, "session_id": turn.session_id,
+              "user_message_id": turn.user_message_id}
+
+    def send() -> None:
+        # tenant-schemas-celery sends the schema of this thread's connection with the task.
+        with schema_context(schema):
+            turn_enqueue(turn, marks)
+
+    async def enqueue() -> None:
+        await sync_to_async(send, thread_sensitive=False)()
+
+    return {"start": [queued], "after_subscribe": enqueue}
+
+
 def sse_format(event: dict[str, Any]) -> str:
     """One Server-Sent Event: ``event: <name>`` and ``data: <json>`` lines and a blank line."""
     return f"event: {event['event']}\ndata: {json.dumps(event, cls=DjangoJSONEncoder)}\n\n"
@@ -234,13 +267,15 @@ def sse_format(event: dict[str, Any]) -> str:
 KEEP_ALIVE = ": keep-alive\n\n"
 
 
-async def turn_events_or_keepalives(*, schema: str, session_id: int, turn_id: int,
-                                    wait_seconds: float) -> AsyncGenerator[dict[str, Any] | None, None]:
+async def turn_events_or_keepalives(*, schema: str, session_id: int, turn_id: int, wait_seconds: float,
+                                    **options: Any) -> AsyncGenerator[dict[str, Any] | None, None]:
     """``turn_events`` with its heartbeats thinned out: ``None`` now means "write a keep-alive"
     and comes only after ``HEARTBEAT_SECONDS`` without an event. Closes ``turn_events`` (and its
-    channel-layer subscription) when closed itself."""
+    channel-layer subscription) when closed itself. ``options``: ``turn_events``' ``start`` and
+    ``after_subscribe``."""
     last_write = time.monotonic()
-    stream = turn_events(schema=schema, session_id=session_id, turn_id=turn_id, wait_seconds=wait_seconds)
+    stream = turn_events(schema=schema, session_id=session_id, turn_id=turn_id, wait_seconds=wait_seconds,
+                         **options)
     async with contextlib.aclosing(stream):
         async for event in stream:
             if event is None and time.monotonic() - last_write < HEARTBEAT_SECONDS:
@@ -249,11 +284,13 @@ async def turn_events_or_keepalives(*, schema: str, session_id: int, turn_id: in
             yield event
 
 
-async def turn_sse(*, schema: str, session_id: int, turn_id: int, wait_seconds: float) -> AsyncIterator[str]:
+async def turn_sse(*, schema: str, session_id: int, turn_id: int, wait_seconds: float,
+                   **options: Any) -> AsyncIterator[str]:
     """``turn_events`` as Server-Sent Events text, with a ``: keep-alive`` comment after
-    ``HEARTBEAT_SECONDS`` of silence; ends after the final (or ``error``) event."""
+    ``HEARTBEAT_SECONDS`` of silence; ends after the final (or ``error``) event. ``options``:
+    ``turn_events``' ``start`` and ``after_subscribe``."""
     stream = turn_events_or_keepalives(schema=schema, session_id=session_id, turn_id=turn_id,
-                                       wait_seconds=wait_seconds)
+                                       wait_seconds=wait_seconds, **options)
     async with contextlib.aclosing(stream):
         async for event in stream:
             yield KEEP_ALIVE if event is None else sse_format(event)

@@ -155,6 +155,9 @@ class LocalEmbedder:
         # One model, many threads (web requests): torch modules are not re-entrant for
         # inference with shared buffers, and two concurrent encodes would only fight for cores.
         self._lock = threading.Lock()
+        # Queries waiting for the model (``embed_query``); guarded by their own short-held lock.
+        self._queries: list[_QueryWaiting] = []
+        self._queries_lock = threading.Lock()
         logger.info("embedder_loaded", backend="local", model=self.name, dim=self.dim, query_dtype=self.query_dtype)
 
     def tokenizer(self) -> Any:
@@ -228,26 +231,63 @@ class LocalEmbedder:
         return torch.nn.functional.normalize(pooled, dim=1).numpy().astype(np.float32, copy=False)
 
     def embed_query(self, text: str) -> np.ndarray:
-        """One text's vector (384 float32, unit length) with no batching overhead: the same
-        arithmetic as ``embed``, with bfloat16 weights when ``query_dtype`` says so, and in
-        float32 through the traced graph of ``_query_graph`` when it could be built.
-
-        One short text reads every weight once per layer, so much of the time is that read
-        (measured on this project's 2-vCPU machines, one thread: 9.9 ms for a one-word query,
-        14 ms for twenty words, in float32); on an AVX2-only CPU the matrix products themselves
-        dominate (``aten::mm`` 83 % of a 33-token query, about 54 GFLOP/s on one core). bfloat16
-        weights halve the bytes read where the CPU has bfloat16 instructions:
-        query time 15.1 -> 10.0 ms on SciFact's test queries, vectors within cosine 0.9999 of the
-        float32 ones (``tests/knowledge/test_embeddings.py`` checks the bound).
+        """One text's vector (384 float32, unit length): the arithmetic of ``embed``, with bfloat16
+        weights when ``query_dtype`` says so, and for a text embedded alone in float32 through the
+        traced graph of ``_query_graph`` when it could be built. Concurrent calls are embedded
+        together: the queries that arrive while a pass runs wait, and the next pass embeds all of
+        them as one padded batch, so N turns retrieving at once wait for about one batch instead
+        of N passes in a row (figures in ``docs/perf/2026-12-07-time-to-first-token.md``; the
+        bfloat16 bound is checked in ``tests/knowledge/test_embeddings.py``). Raises what the
+        model raised, in every caller whose query was in the failed pass.
         """
+        waiting = _QueryWaiting(text)
+        with self._queries_lock:
+            self._queries.append(waiting)
+        # Queries that arrive while a pass runs wait here; whoever gets the model next embeds all
+        # of them in one padded batch (a turn's retrieval under load waited for every query ahead
+        # of it, one pass each). Those already embedded by another thread's pass just return.
+        with self._lock:
+            if not waiting.done:
+                with self._queries_lock:
+                    batch, self._queries = self._queries, []
+                self._queries_embed(batch)
+        if waiting.error is not None:
+            raise waiting.error
+        assert waiting.vector is not None
+        return waiting.vector
+
+    def _queries_embed(self, batch: list[_QueryWaiting]) -> None:
+        """Embed the waiting queries of ``batch`` (the caller holds ``_lock``): one text through the
+        graph (or the query weights), several as one padded batch through the query weights;
+        every one is marked done, with its vector or the error."""
         import torch
 
-        encoded = self._model.tokenizer([text], return_tensors="pt", truncation=True, max_length=self.max_tokens,
-                                        return_token_type_ids=False)
-        with self._lock, torch.inference_mode():
-            if self._query_graph is not None:
-                return self._query_graph(encoded["input_ids"])[0].numpy()
-            return self._forward(encoded["input_ids"], encoded["attention_mask"], self._query_transformer)[0]
+        try:
+            encoded = self._model.tokenizer([w.text for w in batch], return_tensors="pt", truncation=True,
+                                            max_length=self.max_tokens, padding=True, return_token_type_ids=False)
+            with torch.inference_mode():
+                if len(batch) == 1 and self._query_graph is not None:
+                    vectors = self._query_graph(encoded["input_ids"]).numpy()
+                else:
+                    vectors = self._forward(encoded["input_ids"], encoded["attention_mask"], self._query_transformer)
+            for waiting, vector in zip(batch, vectors, strict=True):
+                waiting.vector = np.asarray(vector, dtype=np.float32)
+        except Exception as exc:  # every waiter gets the error, none waits for ever
+            for waiting in batch:
+                waiting.error = exc
+        finally:
+            for waiting in batch:
+                waiting.done = True
+
+
+@dataclass
+class _QueryWaiting:
+    """One ``embed_query`` call waiting for the model: its text, then its vector or error."""
+
+    text: str
+    vector: np.ndarray | None = None
+    error: Exception | None = None
+    done: bool = False
 
 
 # Texts the query graph is checked on (two lengths: the graph must not have kept the traced one).

@@ -96,6 +96,7 @@ def _hydrate(hits: list[SearchHit]) -> list[SearchHit]:
 
 
 _encoders: dict[int, ThreadPoolExecutor] = {}
+QUERY_ENCODER_THREADS = 32
 
 
 def _one_torch_thread() -> None:
@@ -110,12 +111,14 @@ def _one_torch_thread() -> None:
 
 def _query_encoder() -> ThreadPoolExecutor:
     """This process's pool for query embeddings (made after a fork: a pool inherited from the
-    parent has no threads in the child)."""
+    parent has no threads in the child). Wide enough that the queries of concurrent turns all
+    reach the embedder, which embeds the ones waiting together (``LocalEmbedder.embed_query``);
+    the threads mostly wait."""
     pid = os.getpid()
     pool = _encoders.get(pid)
     if pool is None:
         _encoders.clear()
-        pool = _encoders[pid] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="query-embed",
+        pool = _encoders[pid] = ThreadPoolExecutor(max_workers=QUERY_ENCODER_THREADS, thread_name_prefix="query-embed",
                                                    initializer=_one_torch_thread)
     return pool
 

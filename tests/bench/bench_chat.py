@@ -75,10 +75,13 @@ from tests.bench.live import (  # noqa: E402
     ServerProcess,
     free_port,
     percentiles,
-    start_daphne,
-    start_uvicorn,
+    procfile_names,
+    procfile_process,
+    start_procfile,
     start_workers,
     stop,
+    wait_http,
+    wait_workers,
 )
 from tests.scripted_llm import ScriptedLLM  # noqa: E402
 
@@ -668,13 +671,6 @@ def local_model_part(port: int, setup: Setup, runs: int, log_dir: Path) -> None:
 
 # --- Main -------------------------------------------------------------------------------------
 
-def procfile_concurrency() -> int:
-    """The Celery worker's ``--concurrency`` in the Procfile (what production runs)."""
-    line = next(x for x in (ROOT / "Procfile").read_text().splitlines() if x.startswith("celery:"))
-    found = re.search(r"--concurrency[= ](\d+)", line)
-    return int(found.group(1)) if found else 64
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--first-token-ms", type=float, default=200.0)
@@ -687,10 +683,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds at the other levels")
     parser.add_argument("--spread-ms", type=float, default=1000.0,
                         help="the users of a round send within this window (0: all at once)")
-    parser.add_argument("--web", default="daphne", help="daphne or uvicorn")
-    parser.add_argument("--web-processes", type=int, default=1)
-    parser.add_argument("--worker-processes", type=int, default=1, help="Celery worker processes")
-    parser.add_argument("--worker-concurrency", type=int, default=0, help="Celery threads (default: the Procfile's)")
+    parser.add_argument("--worker-processes", type=int, default=0,
+                        help="Celery workers of the Procfile's to start (default: all of them)")
+    parser.add_argument("--worker-concurrency", type=int, default=0,
+                        help="Celery threads per worker instead of the Procfile's")
     parser.add_argument("--local-runs", type=int, default=3)
     parser.add_argument("--skip-local-model", action="store_true")
     parser.add_argument("--serve-scripted", action="store_true", help=argparse.SUPPRESS)
@@ -702,7 +698,6 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     agents = [a.strip() for a in args.agents.split(",") if a.strip()]
-    concurrency = args.worker_concurrency or procfile_concurrency()
     # SIGTERM (timeout, CI) unwinds like Ctrl-C, so the subprocesses are stopped in ``finally``.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -727,17 +722,22 @@ def main() -> None:
                        log=log_dir / "scripted.log")
     setup = build_world(server.api_base, model)
 
+    # The web server and the Celery workers exactly as the Procfile runs them (its port replaced).
     port = free_port()
-    web = (start_uvicorn(port, log_dir / "web.log", args.web_processes) if args.web == "uvicorn"
-           else start_daphne(port, log_dir / "web.log"))
-    workers = start_workers(args.worker_processes, concurrency, log_dir / "celery.log")
+    web = wait_http(start_procfile("web", log_dir / "web.log", port=port, extra_env={"PUBLIC_PORT": str(port)}),
+                    port, log_dir / "web.log")
+    names = procfile_names("celery -A config worker")[: args.worker_processes or None]
+    if args.worker_concurrency:
+        workers = start_workers(len(names), args.worker_concurrency, log_dir / "celery.log")
+    else:
+        workers = wait_workers([start_procfile(n, log_dir / f"{n}.log") for n in names], log_dir)
     config = {"first_token_ms": args.first_token_ms, "rate": args.rate, "tokens": args.tokens,
-              "spread_ms": args.spread_ms, "worker_processes": args.worker_processes,
-              "worker_concurrency": concurrency, "delta_interval_ms": settings.CHAT_DELTA_INTERVAL_MS,
-              "cpus": os.cpu_count()}
-    print(f"web :{port}; {args.worker_processes} x celery --pool threads --concurrency {concurrency}; scripted "
-          f"model: first token after {args.first_token_ms:.0f} ms, {args.rate:.0f} tokens/s, {args.tokens} tokens. "
-          f"Logs in {log_dir}", flush=True)
+              "spread_ms": args.spread_ms, "web": " ".join(procfile_process("web")[1][:1]),
+              "workers": len(workers), "worker_concurrency": args.worker_concurrency or "Procfile",
+              "delta_interval_ms": settings.CHAT_DELTA_INTERVAL_MS, "cpus": os.cpu_count()}
+    print(f"web :{port} ({(ROOT / 'Procfile').read_text().splitlines()[0][:100]}); {len(workers)} Celery "
+          f"worker(s) of the Procfile; scripted model: first token after {args.first_token_ms:.0f} ms, "
+          f"{args.rate:.0f} tokens/s, {args.tokens} tokens. Logs in {log_dir}", flush=True)
     meter = CpuMeter({"web": [web.pid], "worker": [w.pid for w in workers], "model": [server.process.pid]},
                      {"postgres": "postgres", "redis": "redis-server"}, alone={"clients": [os.getpid()]})
     results: list[LevelResult] = []
@@ -746,7 +746,7 @@ def main() -> None:
         # opens its database connection on its first turn, the web process its pools.
         for path in paths:
             for agent in agents:
-                run_level(port, setup, server, path=path, agent=agent, users=max(levels), rounds=1,
+                run_level(port, setup, server, path=path, agent=agent, users=min(max(levels), 20), rounds=1,
                           spread=args.spread_ms / 1000, token_chars=token_chars, model=model)
         print("\n1. Scripted model", flush=True)
         for users in levels:

@@ -242,7 +242,7 @@ class BackendSampler:
 def start_servers(args: argparse.Namespace, env: dict[str, str], log_dir: Path,
                   label: str) -> tuple[Any, list[Any], int]:
     """daphne and one Celery worker with ``env`` on top of the bench's; returns them and the port."""
-    from tests.bench.bench_chat import free_port, start_daphne, start_workers
+    from tests.bench.live import free_port, start_daphne, start_workers
 
     saved = dict(os.environ)
     try:

@@ -76,33 +76,6 @@ def start_daphne(port: int, log: Path) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"daphne did not start:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def start_uvicorn(port: int, log: Path, workers: int = 1) -> subprocess.Popen[bytes]:
-    """uvicorn (uvloop, httptools, websockets) on 127.0.0.1:``port`` with ``workers`` processes
-    serving ``config.asgi``; returns once ``/healthz`` answers 200."""
-    uvicorn = Path(sys.executable).with_name("uvicorn")
-    env = {**os.environ, "PUBLIC_PORT": str(port)}
-    with log.open("wb") as out:
-        process = subprocess.Popen(  # noqa: S603 (fixed argument list)
-            [str(uvicorn), "config.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", str(workers), "--loop", "uvloop", "--http", "httptools", "--ws", "websockets",
-             "--no-access-log", "--log-level", "warning"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"uvicorn exited:\n{log.read_text(errors='replace')[-3000:]}")
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response,
-        ):  # noqa: S310
-            if response.status == 200:
-                return process
-        time.sleep(0.2)
-    stop(process)
-    raise RuntimeError(f"uvicorn did not start:\n{log.read_text(errors='replace')[-3000:]}")
-
-
 def start_workers(processes: int, concurrency: int, log: Path) -> list[subprocess.Popen[bytes]]:
     """The Procfile's workers: ``processes`` Celery workers (thread pool on the llm.* queues),
     each with ``concurrency`` threads; returns once every one answers a ping."""
@@ -227,3 +200,78 @@ class CpuMeter:
         """CPU seconds per group since ``start()``."""
         after = self._read()
         return {group: after[group] - self._before.get(group, 0.0) for group in after}
+
+
+def procfile_process(name: str) -> tuple[dict[str, str], list[str]]:
+    """The environment assignments and the argument list of the Procfile's ``name`` process
+    (``NAME=value ... command args``), as honcho runs it."""
+    import shlex
+
+    line = next(x for x in (ROOT / "Procfile").read_text().splitlines() if x.startswith(f"{name}:"))
+    words = shlex.split(line.split(":", 1)[1])
+    env: dict[str, str] = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    return env, words
+
+
+def procfile_names(command: str) -> list[str]:
+    """The Procfile's process names whose command runs ``command`` (e.g. ``celery -A config worker``)."""
+    out = []
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name and command in rest:
+            out.append(name.strip())
+    return out
+
+
+def start_procfile(name: str, log: Path, *, port: int | None = None,
+                   extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """The Procfile's ``name`` process as honcho would start it (its ``--port``/``-p`` replaced
+    by ``port``), from this interpreter's virtualenv."""
+    env_add, argv = procfile_process(name)
+    if port is not None:
+        for flag in ("--port", "-p"):
+            if flag in argv:
+                argv[argv.index(flag) + 1] = str(port)
+    argv[0] = str(Path(sys.executable).with_name(argv[0])) if Path(sys.executable).with_name(argv[0]).exists() \
+        else argv[0]
+    env = {**os.environ, **env_add, **(extra_env or {})}
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)  # noqa: S603
+
+
+def wait_http(process: subprocess.Popen[bytes], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Return ``process`` once ``/healthz`` on ``port`` answers 200 (raise if it exits or never does)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the web process exited:\n{log.read_text(errors='replace')[-3000:]}")
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response,
+        ):  # noqa: S310
+            if response.status == 200:
+                return process
+        time.sleep(0.2)
+    stop(process)
+    raise RuntimeError(f"the web process did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def wait_workers(started: list[subprocess.Popen[bytes]], log_dir: Path) -> list[subprocess.Popen[bytes]]:
+    """Return ``started`` once as many Celery workers answer a ping."""
+    from config.celery import app
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for process in started:
+            if process.poll() is not None:
+                raise RuntimeError(f"celery exited; see {log_dir}")
+        with contextlib.suppress(Exception):
+            if len(app.control.ping(timeout=1.0)) >= len(started):
+                return started
+        time.sleep(0.5)
+    for process in started:
+        stop(process)
+    raise RuntimeError(f"celery did not start; see {log_dir}")

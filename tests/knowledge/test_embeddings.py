@@ -189,3 +189,70 @@ def test_embed_takes_given_input_ids_instead_of_tokenizing_and_checks_them() -> 
         model.embed(TEXTS, input_ids=[None])
     with pytest.raises(ValueError, match="longer than the model"):
         model.embed(["x"], input_ids=[[101] + [1000] * model.max_tokens + [102]])
+
+
+def test_concurrent_queries_are_embedded_together_and_each_gets_its_own_vector(monkeypatch: object) -> None:
+    import threading
+
+    model = _local()
+    alone = {text: model.embed_query(text) for text in TEXTS}
+    passes: list[int] = []
+    real = model._queries_embed
+
+    def counted(batch: list) -> None:  # type: ignore[type-arg]
+        passes.append(len(batch))
+        real(batch)
+
+    monkeypatch.setattr(model, "_queries_embed", counted)  # type: ignore[attr-defined]
+    texts = TEXTS * 6
+    got: dict[int, np.ndarray] = {}
+    start = threading.Barrier(len(texts))
+
+    def ask(i: int) -> None:
+        start.wait()
+        got[i] = model.embed_query(texts[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
+    with model._lock:  # one pass "runs" while every query arrives: they must wait and batch
+        for thread in threads:
+            thread.start()
+        while len(model._queries) < len(texts):
+            threading.Event().wait(0.005)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert passes == [len(texts)]  # one padded pass for all of them, not one each
+    for i, text in enumerate(texts):  # each caller its own text's vector, padded or not
+        # Within the bound queries already keep (bfloat16 weights, where the CPU has them).
+        assert float(np.dot(got[i], alone[text])) >= 0.9999, (text, model.query_dtype)
+        others = [t for t in TEXTS if t != text]
+        assert all(float(np.dot(got[i], alone[t])) < 0.999 for t in others)
+
+
+def test_a_failed_pass_raises_in_every_query_it_held(monkeypatch: object) -> None:
+    import threading
+
+    import pytest
+
+    model = _local()
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("the model broke")
+
+    monkeypatch.setattr(model, "_forward", broken)  # type: ignore[attr-defined]
+    monkeypatch.setattr(model, "_query_graph", None)  # type: ignore[attr-defined]
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        with pytest.raises(RuntimeError, match="the model broke") as raised:
+            model.embed_query("refunds")
+        errors.append(raised.value)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    with model._lock:
+        for thread in threads:
+            thread.start()
+        while len(model._queries) < 4:
+            threading.Event().wait(0.005)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(errors) == 4 and not model._queries
