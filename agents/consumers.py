@@ -40,6 +40,7 @@ from django_tenants.utils import schema_context
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from agents.runtime import events
+from agents.streaming import handoff_executor
 from config.errors import DomainError, TooManyRequests
 
 logger = structlog.get_logger(__name__)
@@ -292,14 +293,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channel
             return
         # Counted here, before the hand-off, so a client flooding the socket costs a Redis call per
         # message and never fills the tier's queue; the socket stays open for later messages.
-        refused = await sync_to_async(_rate_limit_check, thread_sensitive=False)(self.principal)
+        refused = await sync_to_async(_rate_limit_check, thread_sensitive=False,
+                                      executor=handoff_executor())(self.principal)
         if refused is not None:
             await self._relay(refused)
             return
         # A publish to Redis, on a pool thread: never the sync thread, never a database statement.
         try:
-            await sync_to_async(_hand_off, thread_sensitive=False)(self.schema, self.queue, self.membership_id,
-                                                                   self.session_id, text, received)
+            await sync_to_async(_hand_off, thread_sensitive=False, executor=handoff_executor())(
+                self.schema, self.queue, self.membership_id, self.session_id, text, received)
         except KombuOperationalError:
             # The broker is down: nothing was saved, so the user can simply send it again.
             logger.warning("chat_hand_off_failed", session_id=self.session_id, exc_info=True)
