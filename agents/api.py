@@ -32,16 +32,12 @@ approval answers 202 with the turn (``TurnOut``, status ``awaiting_approval``).
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
-import structlog
-from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.core.exceptions import ObjectDoesNotExist
 from django.http import HttpRequest, JsonResponse
-from django_tenants.utils import schema_context
-from kombu.exceptions import OperationalError as KombuOperationalError
+from django.utils import timezone
 from ninja import Query, Router, Schema, Status
 
 from agents import selectors, services
@@ -63,18 +59,15 @@ from agents.schemas import (
     VersionOut,
     VersionPage,
 )
-from agents.streaming import PAUSE_EVENTS, Handoff, message_handoff, sse_response, turn_sse, turn_wait
+from agents.streaming import PAUSE_EVENTS, new_turn_options, sse_response, turn_sse, turn_wait
 from config.api import error_response, keyset_page, principal_of
 from config.errors import ValidationFailed
 from tenants.principal import Principal
 
-logger = structlog.get_logger(__name__)
 router = Router(tags=["agents"])
 
 # Time an SSE stream waits past the turn's deadline for the sweeper to fail a lost turn.
 STREAM_GRACE_SECONDS = 15.0
-# How long a streamed message waits for a worker to accept it (its task then expires unread).
-HANDOFF_WAIT_SECONDS = 30.0
 
 
 class PageParams(Schema):
@@ -292,58 +285,21 @@ def message_send(request: HttpRequest, session_id: int, payload: MessageIn) -> A
     content, 409 agent not active or a turn unfinished (also one awaiting approval)."""
     received = time.time()
     principal = principal_of(request)
+    session = selectors.session_get(principal=principal, session_id=session_id)
+    # A stream sends the turn's task itself once it listens (``new_turn_options``).
+    turn = services.chat_message_send(principal=principal, session=session, content=payload.content,
+                                      marks={"received": received}, enqueue=not payload.stream)
     schema: str = request.tenant.schema_name  # type: ignore[attr-defined]
     if payload.stream:
-        return _message_stream(request, principal=principal, schema=schema, session_id=session_id,
-                               content=payload.content, received=received)
-    session = selectors.session_get(principal=principal, session_id=session_id)
-    turn = services.chat_message_send(principal=principal, session=session, content=payload.content,
-                                      marks={"received": received})
+        wait = max((turn.deadline - timezone.now()).total_seconds(), 0.0) + STREAM_GRACE_SECONDS
+        marks = {"received": received, "accepted": time.time()}
+        return sse_response(turn_sse(schema=schema, session_id=session.pk, turn_id=turn.pk, wait_seconds=wait,
+                                     **new_turn_options(turn, marks, schema=schema)))
     final = turn_wait(schema=schema, session_id=session.pk, turn_id=turn.pk,
                       wait_seconds=settings.CHAT_SYNC_WAIT_SECONDS)
     if final is not None and final["event"] in PAUSE_EVENTS:
         return Status(202, turn_out(selectors.turn_get(principal=principal, session=session, turn_id=turn.pk)))
     return _final_answer(request, principal=principal, session=session, turn_id=turn.pk, final=final)
-
-
-def _message_stream(request: HttpRequest, *, principal: Principal, schema: str, session_id: int, content: str,
-                    received: float) -> Any:
-    """``message_send`` with ``stream: true``: the web process checks what needs no lock
-    (``chat_message_handoff_check``), listens to the session's group, hands the message to a
-    worker of the agent's tier (which saves it and runs the turn, as for the chat socket) and
-    waits for its answer: the worker's refusal becomes this response's error (409
-    ``turn_in_progress``, ...), an acceptance the event stream, started on the same channel."""
-    from agents.tasks import chat_message_accept_task
-
-    session, queue = services.chat_message_handoff_check(principal=principal, session_id=session_id, content=content)
-    ref = uuid.uuid4().hex
-    sender = ({"api_key_id": principal.api_key.key_id} if principal.api_key is not None
-              else {"user_id": principal.user.pk if principal.user is not None else None})
-
-    def send() -> None:
-        # tenant-schemas-celery sends the schema of this thread's connection with the task.
-        with schema_context(schema):
-            chat_message_accept_task.apply_async(
-                args=[None, session.pk, content],
-                kwargs={"marks": {"received": received, "enqueued": time.time()}, "ref": ref, **sender},
-                queue=queue, expires=HANDOFF_WAIT_SECONDS)
-
-    try:
-        handoff = async_to_sync(message_handoff)(schema=schema, session_id=session.pk, ref=ref, send=send,
-                                                 wait_seconds=HANDOFF_WAIT_SECONDS)
-    except KombuOperationalError:
-        logger.warning("chat_hand_off_failed", session_id=session.pk, exc_info=True)
-        handoff = Handoff(channel="", error={"code": "unavailable", "status": 503,
-                                             "message": "The chat service is unavailable; send the message again."})
-    if handoff.error is not None:
-        return error_response(request, status=int(handoff.error.get("status") or 502),
-                              code=str(handoff.error.get("code") or "bad_gateway"),
-                              message=str(handoff.error.get("message") or "The message was not accepted."))
-    queued = {"event": "turn.queued", "turn_id": handoff.turn_id, "session_id": session.pk,
-              "user_message_id": handoff.user_message_id}
-    return sse_response(turn_sse(schema=schema, session_id=session.pk, turn_id=handoff.turn_id,
-                                 wait_seconds=settings.CHAT_TURN_DEADLINE_SECONDS + STREAM_GRACE_SECONDS,
-                                 channel=handoff.channel, start=[queued, *handoff.early]))
 
 
 BUDGET_CODES = frozenset({"budget_exceeded", "quota_exceeded"})

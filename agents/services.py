@@ -462,41 +462,15 @@ def chat_message_send(*, principal: Principal, session: ChatSession, content: st
     return turn
 
 
-def chat_message_handoff_check(*, principal: Principal, session_id: int, content: str) -> tuple[ChatSession, str]:
-    """The checks a web process makes before it hands a message to a worker
-    (``chat_message_accept`` runs the rest there): the session is the principal's (``NotFound``),
-    the content storable, not empty and not too long (``ValidationFailed``), the agent active
-    (``Conflict``), and the message counts against ``chat_turns_per_minute`` (``TooManyRequests``).
-    Returns the session (with its agent and active version) and the queue of the version's tier.
-    One read, two with a pinned endpoint; no write."""
-    from agents.selectors import session_owner_q
-
-    principal.require("chat")
-    require_storable(content, field="content")
-    if not (content or "").strip():
-        raise ValidationFailed("The message is empty.", code="empty_message")
-    if len(content.strip()) > settings.CHAT_MAX_MESSAGE_CHARS:
-        raise ValidationFailed(f"The message is longer than {settings.CHAT_MAX_MESSAGE_CHARS} characters.",
-                               code="message_too_long")
-    session = (ChatSession.objects.select_related("agent__active_version")
-               .filter(session_owner_q(principal), pk=session_id).first())
-    if session is None:
-        raise NotFound("No such chat session.")
-    version = _require_runnable(session.agent)
-    rate_limit_hit(tenant=principal.tenant, principal=principal, limit="chat_turns_per_minute")
-    return session, queue_for(version)
-
-
 @transaction.atomic
-def chat_message_accept(*, principal: Principal, session_id: int, content: str, queue: str, ref: str = "") -> Turn:
+def chat_message_accept(*, principal: Principal, session_id: int, content: str, queue: str) -> Turn:
     """The chat socket's message, in the worker of ``queue`` that will run its turn: save the
     message and a turn on that queue that is already ``running`` (this worker holds it: no claim,
     no second task), then after commit publish ``message.accepted`` (with the question) and
     ``turn.queued`` to the session's group in one round trip. The socket counted the rate limit
     before it handed the message over. Raises ``NotFound`` for a session that is not the
     principal's, else as ``chat_message_send`` (but never ``TooManyRequests``). The returned turn
-    comes with its session, the session's agent, its version and its user message loaded.
-    ``ref``: the sender's reference for this message, repeated in ``message.accepted``."""
+    comes with its session, the session's agent, its version and its user message loaded."""
     from agents.selectors import session_owner_q
 
     principal.require("chat")
@@ -509,8 +483,7 @@ def chat_message_accept(*, principal: Principal, session_id: int, content: str, 
     turn.session, turn.agent_version, turn.user_message = session, version, message
     group = events.session_group(connection.schema_name, session.pk)  # type: ignore[attr-defined]
     transaction.on_commit(lambda: events.publish_many(group, [
-        {"event": "message.accepted", "turn_id": turn.pk, "user_message_id": message.pk, "content": content,
-         **({"ref": ref} if ref else {})},
+        {"event": "message.accepted", "turn_id": turn.pk, "user_message_id": message.pk, "content": content},
         {"event": "turn.queued", "turn_id": turn.pk, "session_id": session.pk, "user_message_id": message.pk}]))
     return turn
 

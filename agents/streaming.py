@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -157,7 +156,7 @@ class TurnRelay:
 async def turn_events(*, schema: str, session_id: int, turn_id: int, wait_seconds: float,
                       start: list[dict[str, Any]] | None = None,
                       after_subscribe: Callable[[], Awaitable[None]] | None = None,
-                      channel: str = "") -> AsyncGenerator[dict[str, Any] | None, None]:
+                      ) -> AsyncGenerator[dict[str, Any] | None, None]:
     """The events of turn ``turn_id`` (dicts as in ``agents.runtime.events``), ending after its
     final event (``turn.completed``, ``turn.failed`` or ``turn.cancelled``) or after
     ``approval.requested`` when the turn parks for an approval.
@@ -170,20 +169,19 @@ async def turn_events(*, schema: str, session_id: int, turn_id: int, wait_second
     The channel-layer subscription is always removed, also when the consumer stops early.
 
     ``start``: the turn's state when the caller knows it (a turn its request just saved, whose
-    task ``after_subscribe`` sends once the group is joined; or a turn a worker just accepted on
-    ``channel``, a channel already in the session's group: ``message_handoff``), instead of
-    reading the snapshot.
+    task ``after_subscribe`` sends once the group is joined), instead of reading the snapshot.
     """
     layer = get_channel_layer()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
     relay = TurnRelay(turn_id)
     snapshot = sync_to_async(_snapshot_sync)
-    listening = bool(channel) and layer is not None
+    channel = ""
+    listening = False
     group = events.session_group(schema, session_id)
     pending: asyncio.Future[Any] | None = None
     try:
-        if layer is not None and not listening:
+        if layer is not None:
             channel = await layer.new_channel()
             # Join before reading the snapshot, so nothing published in between is missed.
             await layer.group_add(group, channel)
@@ -279,61 +277,6 @@ def new_turn_options(turn: Turn, marks: dict[str, float], *, schema: str) -> dic
         await sync_to_async(send, thread_sensitive=False, executor=handoff_executor())()
 
     return {"start": [queued], "after_subscribe": enqueue}
-
-
-@dataclass
-class Handoff:
-    """What became of a message handed to a worker (``message_handoff``): the turn it started and
-    the channel listening to the session (with the events of the turn that came meanwhile), or
-    the worker's ``error`` (``code``, ``message``, HTTP ``status``)."""
-
-    channel: str
-    turn_id: int = 0
-    user_message_id: int = 0
-    error: dict[str, Any] | None = None
-    early: list[dict[str, Any]] = field(default_factory=list)
-
-
-async def message_handoff(*, schema: str, session_id: int, ref: str, send: Callable[[], None],
-                          wait_seconds: float) -> Handoff:
-    """Join the session's group, then ``send()`` the message to a worker (a blocking Celery
-    publish, on ``handoff_executor``), and wait for the worker's answer carrying ``ref``:
-    ``message.accepted`` or ``error``. After ``wait_seconds`` without one, the error is
-    ``unavailable`` (503): the task expires unread. Only an accepted hand-off keeps the channel
-    in the group (the caller's ``turn_events(channel=...)`` leaves it); the channel layer must
-    be configured."""
-    layer = get_channel_layer()
-    loop = asyncio.get_running_loop()
-    channel = await layer.new_channel()
-    group = events.session_group(schema, session_id)
-    await layer.group_add(group, channel)
-    early: list[dict[str, Any]] = []
-    try:
-        await sync_to_async(send, thread_sensitive=False, executor=handoff_executor())()
-        deadline = loop.time() + wait_seconds
-        while (remaining := deadline - loop.time()) > 0:
-            try:
-                message = await asyncio.wait_for(layer.receive(channel), remaining)
-            except TimeoutError:
-                break
-            event = message.get("event") if message.get("type") == events.EVENT_TYPE else None
-            if not isinstance(event, dict):
-                continue
-            if event.get("ref") == ref and event.get("event") == "message.accepted":
-                turn_id = int(event["turn_id"])
-                return Handoff(channel=channel, turn_id=turn_id, user_message_id=int(event["user_message_id"]),
-                               early=[e for e in early if e.get("turn_id") == turn_id])
-            if event.get("ref") == ref and event.get("event") == "error":
-                await layer.group_discard(group, channel)
-                return Handoff(channel="", error=dict(event.get("error") or {}))
-            early.append(event)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await layer.group_discard(group, channel)
-        raise
-    await layer.group_discard(group, channel)
-    return Handoff(channel="", error={"code": "unavailable", "status": 503,
-                                      "message": "No worker took the message in time; send it again shortly."})
 
 
 def sse_format(event: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from agents.runtime import events
 from agents.runtime.orchestrator import turn_resume, turn_run, turn_run_started
 from agents.runtime.timings import mark, marks_clean
 from agents.services import chat_message_accept, turns_sweep
-from config.errors import DomainError, Forbidden
+from config.errors import DomainError
 from tenants.models import Membership
 from tenants.principal import Principal
 
@@ -57,50 +57,35 @@ def approvals_expire_task() -> int:
 
 
 @shared_task(name="agents.chat_message_accept", ignore_result=True, acks_late=False, bind=True)
-def chat_message_accept_task(self: Task, membership_id: int | None, session_id: int, content: str,
-                             marks: dict[str, float] | None = None, api_key_id: str = "", user_id: int | None = None,
-                             ref: str = "") -> None:
-    """Save a message handed over by the chat socket or a REST stream and run its turn, in the
-    worker rather than in the web process, which relays every session's tokens and so must not
-    spend its time on a send's database work (``tests/bench/bench_chat.py``). The sender puts
-    this task on the queue of the agent's tier; the turn runs right here (``chat_message_accept``
-    saves it running: no claim and no second task). The sender is the member ``membership_id``
-    (or the member who is ``user_id``) or the API key ``api_key_id`` (checked again: it may have
-    been revoked since). The outcome
-    reaches the session's group: ``message.accepted`` (then the turn's events) or ``error`` (the
-    REST API's code and HTTP ``status``), both carrying the sender's ``ref``. ``marks``: the
-    sender's step marks (``agents.runtime.timings``).
+def chat_message_accept_task(self: Task, membership_id: int, session_id: int, content: str,
+                             marks: dict[str, float] | None = None) -> None:
+    """Save a message sent over the chat socket and run its turn, in the worker rather than in
+    the socket's process, which relays every session's tokens and so must not spend its time on
+    a send's database work (``tests/bench/bench_chat.py``). The socket sends this task to the
+    queue of the agent's tier as it was when the socket connected; the turn runs right here
+    (``chat_message_accept`` saves it running: no claim and no second task). The outcome reaches
+    the session's sockets through its group: ``message.accepted`` (then the turn's events) or
+    ``error``, with the REST API's codes. ``marks``: the socket's step marks
+    (``agents.runtime.timings``).
     """
     steps = marks_clean(marks)
     mark(steps, "dispatched")
     schema: str = connection.schema_name  # type: ignore[attr-defined]
     group = events.session_group(schema, session_id)
+    membership = (Membership.objects.select_related("user", "tenant", "tenant__plan")
+                  .filter(pk=membership_id, tenant__schema_name=schema).first())
+    if membership is None:  # removed from the tenant since the socket opened
+        events.publish(group, {"event": "error", "error": {"code": "forbidden",
+                                                           "message": "You are no longer a member of this workspace."}})
+        return
+    principal = Principal.for_member(membership)
+    queue = str((self.request.delivery_info or {}).get("routing_key") or "")
     try:
-        principal = _sender(schema, membership_id, api_key_id, user_id)
-        queue = str((self.request.delivery_info or {}).get("routing_key") or "")
         turn = chat_message_accept(principal=principal, session_id=session_id, content=content,
-                                   queue=queue if queue.startswith("llm.") else "llm.standard", ref=ref)
+                                   queue=queue if queue.startswith("llm.") else "llm.standard")
     except DomainError as exc:
-        events.publish(group, {"event": "error", "ref": ref, "error": {
-            "code": exc.code, "message": exc.message, "status": exc.status}})
+        events.publish(group, {"event": "error", "error": {"code": exc.code, "message": exc.message}})
         return
     mark(steps, "accepted")
     mark(steps, "claimed")
-    turn_run_started(turn, steps, tenant=principal.tenant)
-
-
-def _sender(schema: str, membership_id: int | None, api_key_id: str, user_id: int | None) -> Principal:
-    """The principal that sent a handed-over message; ``Forbidden`` or ``NotAuthenticated`` when
-    it no longer may."""
-    from tenants.models import Tenant
-    from tenants.services.keys import api_key_active_get
-
-    if api_key_id:
-        tenant = Tenant.objects.select_related("plan").get(schema_name=schema)
-        return Principal.for_api_key(api_key_active_get(key_id=api_key_id, tenant=tenant))
-    members = Membership.objects.select_related("user", "tenant", "tenant__plan").filter(tenant__schema_name=schema)
-    membership = (members.filter(user_id=user_id) if user_id is not None
-                  else members.filter(pk=membership_id or 0)).first()
-    if membership is None:  # removed from the tenant since the message was sent
-        raise Forbidden("You are no longer a member of this workspace.")
-    return Principal.for_member(membership)
+    turn_run_started(turn, steps, tenant=membership.tenant)

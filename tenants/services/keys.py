@@ -204,25 +204,6 @@ def api_keys_fit_to_role(*, actor: Principal, user: User, tenant: Tenant | None,
     return KeysFitted(clipped=clipped, revoked=revoked)
 
 
-def api_key_active_get(*, key_id: str, tenant: Tenant) -> ApiKey:
-    """The active key ``key_id`` of ``tenant`` with ``acting_role``, as ``api_key_authenticate``
-    returns it, for work a request authenticated earlier handed to a worker (the key may have
-    been revoked, or its person removed, since). Raises ``NotAuthenticated`` with the same codes."""
-    role = Membership.objects.filter(user=OuterRef("acting_user"), tenant=OuterRef("tenant")).values("role")[:1]
-    key = (ApiKey.objects.select_related("tenant", "tenant__plan", "acting_user").annotate(acting_role=Subquery(role))
-           .filter(key_id=key_id, tenant=tenant).first())
-    if key is None:
-        raise NotAuthenticated("Invalid API key.", code="invalid_api_key")
-    if key.revoked_at is not None:
-        raise NotAuthenticated("This API key has been revoked.", code="revoked_api_key")
-    if key.expires_at is not None and key.expires_at <= timezone.now():
-        raise NotAuthenticated("This API key has expired.", code="expired_api_key")
-    if key.acting_role is None or not key.acting_user.is_active:  # type: ignore[attr-defined]  # annotated above
-        raise NotAuthenticated("The person this API key acts for is no longer a member of this workspace.",
-                               code="orphaned_api_key")
-    return key
-
-
 def api_key_authenticate(*, raw_key: str, tenant: Tenant) -> ApiKey:
     """Return the active key ``raw_key`` of ``tenant``; raise ``NotAuthenticated`` otherwise.
 

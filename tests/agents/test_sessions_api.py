@@ -300,29 +300,6 @@ def test_streamed_answers_arrive_as_server_sent_events(live: httpx.Client, chat_
     assert {e["turn_id"] for e in events} == {final["turn_id"]}
 
 
-def test_a_streamed_message_the_worker_refuses_gets_its_error_and_saves_nothing(
-        live: httpx.Client, chat_world: ChatWorld, scripted_llm: ScriptedLLM) -> None:
-    # The web process hands a streamed message to a worker, which finds the session busy: the
-    # worker's refusal is this request's answer (409), not an event inside a 200 stream.
-    scripted_llm.script(chat_world.model, tokens=[" slow"] * 40, token_interval=0.1)
-    session_id = _live_session(live, chat_world)
-    with live.stream("POST", f"/api/v1/sessions/{session_id}/messages",
-                     json={"content": "First, slowly", "stream": True}) as first:
-        assert first.status_code == 200
-        lines = first.iter_lines()
-        assert next(line for line in lines if line.startswith("event:")) == "event: turn.queued"
-        second = live.post(f"/api/v1/sessions/{session_id}/messages", json={"content": "Second", "stream": True})
-        assert second.status_code == 409, second.text
-        assert second.json()["error"]["code"] == "turn_in_progress"
-        assert second.json()["error"]["request_id"]
-    messages = live.get(f"/api/v1/sessions/{session_id}/messages").json()["items"]
-    assert [m["content"] for m in messages if m["role"] == "user"] == ["First, slowly"]
-    # Checks that need no lock answer before any hand-off: a foreign session, an empty message.
-    assert live.post("/api/v1/sessions/999999/messages", json={"content": "x", "stream": True}).status_code == 404
-    empty = live.post(f"/api/v1/sessions/{session_id}/messages", json={"content": "  ", "stream": True})
-    assert empty.status_code == 422 and empty.json()["error"]["code"] == "empty_message"
-
-
 def test_a_waiting_answer_returns_the_message_and_the_history_lists_both(
         live: httpx.Client, chat_world: ChatWorld, scripted_llm: ScriptedLLM) -> None:
     scripted_llm.script(chat_world.model, tokens=["Thirty", " days", "."])
