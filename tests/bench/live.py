@@ -61,19 +61,7 @@ def start_daphne(port: int, log: Path) -> subprocess.Popen[bytes]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"daphne exited:\n{log.read_text(errors='replace')[-3000:]}")
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response,
-        ):  # noqa: S310
-            if response.status == 200:
-                return process
-        time.sleep(0.2)
-    stop(process)
-    raise RuntimeError(f"daphne did not start:\n{log.read_text(errors='replace')[-3000:]}")
+    return wait_http(process, port, log)
 
 
 def start_workers(processes: int, concurrency: int, log: Path) -> list[subprocess.Popen[bytes]]:
@@ -111,20 +99,7 @@ def start_workers(processes: int, concurrency: int, log: Path) -> list[subproces
                 )
             )
     # With --loglevel WARNING the "ready." line is not printed; wait for the workers to answer a ping.
-    from config.celery import app
-
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        for process in started:
-            if process.poll() is not None:
-                raise RuntimeError(f"celery exited; see {log.parent}")
-        with contextlib.suppress(Exception):
-            if len(app.control.ping(timeout=1.0)) >= processes:
-                return started
-        time.sleep(0.5)
-    for process in started:
-        stop(process)
-    raise RuntimeError(f"celery did not start; see {log.parent}")
+    return wait_workers(started, log.parent)
 
 
 class ServerProcess:
