@@ -76,7 +76,7 @@ class Embedder(Protocol):
         not tokenize itself ignores it. Raises ``EmbeddingError``."""
 
     def embed_query(self, text: str) -> np.ndarray:
-        """One query's vector, on the fastest path (no batching, no token count)."""
+        """One query's vector, without a token count; concurrent calls may be embedded together."""
 
 
 def _quiet_transformers() -> None:
@@ -236,8 +236,9 @@ class LocalEmbedder:
         traced graph of ``_query_graph`` when it could be built. Concurrent calls are embedded
         together: the queries that arrive while a pass runs wait, and the next pass embeds all of
         them as one padded batch, so N turns retrieving at once wait for about one batch instead
-        of N passes in a row (figures in ``docs/perf/2026-12-07-time-to-first-token.md``; the
-        bfloat16 bound is checked in ``tests/knowledge/test_embeddings.py``). Raises what the
+        of N passes in a row (figures in ``docs/perf/2026-12-07-time-to-first-token.md``, query times
+        by dtype in ``docs/perf/embedding-and-ingestion.md``; the bfloat16 bound is checked in
+        ``tests/knowledge/test_embeddings.py``). Raises what the
         model raised, in every caller whose query was in the failed pass.
         """
         waiting = _QueryWaiting(text)

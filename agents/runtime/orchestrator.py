@@ -291,7 +291,6 @@ class TurnRun:
     text: str = ""
     endpoint: ModelEndpoint | None = None  # the endpoint that served the last model call
     hold: BudgetHold | None = None  # the budget reservation of the model call not yet metered
-    marks: Marks = field(default_factory=dict)  # agents.runtime.timings; the batcher's dict
 
     def loop_state(self, pending_calls: list[dict[str, Any]]) -> dict[str, Any]:
         """What ``Turn.loop_state`` keeps while the turn waits for an approval."""
@@ -374,8 +373,7 @@ def _prepare(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, tena
     return TurnRun(turn=turn, schema=schema, group=group, batcher=batcher, tenant=tenant, agent=agent,
                    version=version,
                    endpoints=endpoints, messages=list(prompt.messages), citations=citations,
-                   response_format=_response_format(version), tools=tools_for_version(version) if version.tools else {},
-                   marks=batcher.marks if batcher.marks is not None else {})
+                   response_format=_response_format(version), tools=tools_for_version(version) if version.tools else {})
 
 
 def _stream(run: TurnRun) -> StreamResult:
@@ -394,7 +392,7 @@ def _stream(run: TurnRun) -> StreamResult:
     def on_delta(text: str) -> None:
         if run.first_token_at is None:
             run.first_token_at = timezone.now()
-            mark(run.marks, "first_token")
+            mark(run.batcher.marks, "first_token")
         if separate["pending"]:
             # A later model call's text starts a new paragraph of the one answer the user reads.
             separate["pending"] = False
@@ -411,11 +409,11 @@ def _stream(run: TurnRun) -> StreamResult:
                        else {"type": "function", "function": {"name": choice}})
     # Raises BudgetExceeded (the turn fails before the model is called).
     run.hold = _budget_reserve(run, offered)
-    mark(run.marks, "prompted")
+    mark(run.batcher.marks, "prompted")
     # The stream lasts seconds and needs no database: its connection serves other turns meanwhile
     # (a worker's pool is smaller than its thread count; README, "Database connections").
     connection_release()
-    mark(run.marks, "model_called")
+    mark(run.batcher.marks, "model_called")
     try:
         result = stream_chat(endpoints=run.endpoints, messages=run.messages, temperature=run.version.temperature,
                              max_tokens=run.version.max_output_tokens, response_format=run.response_format,
@@ -536,7 +534,7 @@ def _finish_turn(run: TurnRun, result: StreamResult | None, *, outcome: str = ""
         fields: dict[str, Any] = {"assistant_message": message, "endpoint_name": endpoint.name,
                                   "model": endpoint.model, "input_tokens": run.input_tokens,
                                   "output_tokens": run.output_tokens, "first_token_at": run.first_token_at,
-                                  "timings": run.marks}
+                                  "timings": run.batcher.marks or {}}
         if run.tool_calls:
             # The loop's counts stay with the turn (its messages are needed only while parked).
             fields["loop_state"] = {"model_calls": run.model_calls, "tool_calls": run.tool_calls,
@@ -642,8 +640,7 @@ def _restore(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher) -> T
                    invalid_calls=int(state.get("invalid_calls") or 0),
                    input_tokens=int(state.get("input_tokens") or 0),
                    output_tokens=int(state.get("output_tokens") or 0),
-                   usage_estimated=bool(state.get("usage_estimated")), text=str(state.get("text") or ""),
-                   marks=batcher.marks if batcher.marks is not None else {})
+                   usage_estimated=bool(state.get("usage_estimated")), text=str(state.get("text") or ""))
 
 
 def _resume(turn: Turn, approval: ApprovalRequest, *, schema: str, group: str, batcher: DeltaBatcher) -> str:

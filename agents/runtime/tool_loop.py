@@ -285,7 +285,7 @@ def _park(run: TurnRun, row: ToolCall, tool: Tool, arguments: dict[str, Any], re
             input_tokens=run.input_tokens,
             output_tokens=run.output_tokens,
             first_token_at=run.first_token_at,
-            timings=run.marks,
+            timings=run.batcher.marks or {},
             endpoint_name=(run.endpoint or run.endpoints[0]).name,
             model=(run.endpoint or run.endpoints[0]).model,
         )
