@@ -124,7 +124,7 @@ def celery_queue_depths() -> dict[str, int]:
             pipe.llen(f"{prefix}{queue}" if step == 0 else f"{prefix}{queue}{_KOMBU_PRIORITY_SEP}{step}")
     lengths = pipe.execute()
     per = len(_KOMBU_PRIORITY_STEPS)
-    return {queue: int(sum(lengths[i * per:(i + 1) * per])) for i, queue in enumerate(CELERY_QUEUES)}
+    return {queue: int(sum(lengths[i * per : (i + 1) * per])) for i, queue in enumerate(CELERY_QUEUES)}
 
 
 def rq_queue_depths() -> dict[str, tuple[int, int, int]]:
@@ -186,7 +186,15 @@ class OpsTurn:
 
 
 _TURN_COLUMNS = [
-    "turn_id", "agent", "status", "queue", "endpoint", "error_code", "error_message", "queued_at", "started_at",
+    "turn_id",
+    "agent",
+    "status",
+    "queue",
+    "endpoint",
+    "error_code",
+    "error_message",
+    "queued_at",
+    "started_at",
     "finished_at",
 ]
 
@@ -236,8 +244,9 @@ def _turns(tenants: Sequence[Tenant], where: sql.Composable, params: list[Any], 
     return turns
 
 
-def ops_turns_in_flight(*, principal: Principal, tenants: Sequence[Tenant],
-                        now: dt.datetime | None = None) -> list[OpsTurn]:
+def ops_turns_in_flight(
+    *, principal: Principal, tenants: Sequence[Tenant], now: dt.datetime | None = None
+) -> list[OpsTurn]:
     """Turns queued, running or awaiting approval in any of ``tenants``, newest (by start, else
     by queueing) first, at most ``TURN_ROWS``: one statement. Raises ``Forbidden`` unless staff."""
     _require_staff(principal)
@@ -247,8 +256,9 @@ def ops_turns_in_flight(*, principal: Principal, tenants: Sequence[Tenant],
     return _turns(tenants, where, [sorted(Turn.UNFINISHED)], now or timezone.now())
 
 
-def ops_turns_failed(*, principal: Principal, tenants: Sequence[Tenant],
-                     now: dt.datetime | None = None) -> list[OpsTurn]:
+def ops_turns_failed(
+    *, principal: Principal, tenants: Sequence[Tenant], now: dt.datetime | None = None
+) -> list[OpsTurn]:
     """Turns of ``tenants`` that failed within ``FAILED_TURNS_WINDOW`` (24 h) before ``now``,
     newest first, at most ``TURN_ROWS``: one statement. Raises ``Forbidden`` unless staff."""
     _require_staff(principal)
@@ -271,8 +281,9 @@ class IngestionBacklog:
     oldest_pending_seconds: float | None
 
 
-def ops_ingestion_backlog(*, principal: Principal, tenants: Sequence[Tenant],
-                          now: dt.datetime | None = None) -> list[IngestionBacklog]:
+def ops_ingestion_backlog(
+    *, principal: Principal, tenants: Sequence[Tenant], now: dt.datetime | None = None
+) -> list[IngestionBacklog]:
     """The tenants (slug order) with documents pending or processing: one statement. Raises
     ``Forbidden`` unless staff."""
     _require_staff(principal)
@@ -321,8 +332,9 @@ class TenantUsage:
     costs: list[tuple[str, Decimal]]
 
 
-def ops_usage_month_to_date(*, principal: Principal, tenants: Sequence[Tenant],
-                            now: dt.datetime | None = None) -> list[TenantUsage]:
+def ops_usage_month_to_date(
+    *, principal: Principal, tenants: Sequence[Tenant], now: dt.datetime | None = None
+) -> list[TenantUsage]:
     """Month-to-date usage of every tenant in ``tenants`` (their order): one statement, grouped
     by currency in each schema. ``billing.selectors.invoices.staff_spend_month_to_date`` sums the
     same costs but with one query per tenant, which this page avoids. Raises ``Forbidden``

@@ -104,12 +104,22 @@ def _probe(endpoint: ModelEndpoint) -> ProbeResult:
         )
     except LLMError as exc:
         cause = _cause_text(exc)
-        return ProbeResult(ok=False, latency_ms=None, checked_at=checked_at, error_code=exc.code,
-                           error=f"{exc.message} ({cause})" if cause else exc.message)
+        return ProbeResult(
+            ok=False,
+            latency_ms=None,
+            checked_at=checked_at,
+            error_code=exc.code,
+            error=f"{exc.message} ({cause})" if cause else exc.message,
+        )
     except Exception as exc:  # a probe reports every failure (an unreadable key, a provider's bug) as a result
         logger.warning("endpoint_probe_crashed", endpoint=endpoint.pk, error=repr(exc)[:300])
-        return ProbeResult(ok=False, latency_ms=None, checked_at=checked_at, error_code="probe_failed",
-                           error=f"The probe failed: {type(exc).__name__}.")
+        return ProbeResult(
+            ok=False,
+            latency_ms=None,
+            checked_at=checked_at,
+            error_code="probe_failed",
+            error=f"The probe failed: {type(exc).__name__}.",
+        )
     latency = round((time.perf_counter() - started) * 1000, 1)
     return ProbeResult(ok=True, latency_ms=latency, checked_at=checked_at)
 
@@ -125,8 +135,14 @@ def model_endpoint_probe(*, endpoint: ModelEndpoint) -> ProbeResult:
     the endpoint's own failure; a Redis failure while recording is logged, not raised. Waits at
     most about ``PROBE_TIMEOUT_SECONDS`` for each connect or read."""
     result = _probe(endpoint)
-    logger.info("endpoint_probed", endpoint=endpoint.pk, name=endpoint.name, ok=result.ok,
-                latency_ms=result.latency_ms, error_code=result.error_code)
+    logger.info(
+        "endpoint_probed",
+        endpoint=endpoint.pk,
+        name=endpoint.name,
+        ok=result.ok,
+        latency_ms=result.latency_ms,
+        error_code=result.error_code,
+    )
     if _recorded(endpoint):
         try:
             redis_client().hset(endpoint_health_key(), str(endpoint.pk), json.dumps(result.as_health(endpoint)))
@@ -151,7 +167,8 @@ def platform_endpoints_probe() -> dict[str, int]:
     removed = 0
     try:
         client = redis_client()
-        stale = [f for f in client.hkeys(endpoint_health_key()) if (f.decode() if isinstance(f, bytes) else f) not in live]  # type: ignore[union-attr]
+        fields = client.hkeys(endpoint_health_key())
+        stale = [f for f in fields if (f.decode() if isinstance(f, bytes) else f) not in live]  # type: ignore[union-attr]
         if stale:
             removed = int(client.hdel(endpoint_health_key(), *stale))  # type: ignore[arg-type]
     except redis.RedisError as exc:
@@ -180,9 +197,14 @@ def model_endpoint_test(*, principal: Principal, endpoint: ModelEndpoint) -> Pro
     # No transaction around the request: it may take up to the probe's timeout.
     result = model_endpoint_probe(endpoint=endpoint)
     with transaction.atomic():
-        audit_event_create(actor=principal, action="model_endpoint.tested", target_type="model_endpoint",
-                           target_id=endpoint.pk, payload=_audit_payload(endpoint, result),
-                           schema=tenant.schema_name)
+        audit_event_create(
+            actor=principal,
+            action="model_endpoint.tested",
+            target_type="model_endpoint",
+            target_id=endpoint.pk,
+            payload=_audit_payload(endpoint, result),
+            schema=tenant.schema_name,
+        )
     return result
 
 
@@ -197,6 +219,12 @@ def staff_model_endpoint_test(*, principal: Principal, endpoint: ModelEndpoint) 
         raise NotFound("No such platform model endpoint.")
     result = model_endpoint_probe(endpoint=endpoint)
     with transaction.atomic():
-        audit_event_create(actor=principal, action="model_endpoint.tested", target_type="model_endpoint",
-                           target_id=endpoint.pk, payload=_audit_payload(endpoint, result), schema="public")
+        audit_event_create(
+            actor=principal,
+            action="model_endpoint.tested",
+            target_type="model_endpoint",
+            target_id=endpoint.pk,
+            payload=_audit_payload(endpoint, result),
+            schema="public",
+        )
     return result

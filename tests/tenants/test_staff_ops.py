@@ -40,12 +40,17 @@ STAFF_PAGE = "/admin/ops/"
 
 def _agent(tenant: Tenant, slug: str) -> Agent:
     with schema_context(tenant.schema_name):
-        return agent_create(principal=Principal.system("tests", tenant=tenant), slug=slug, name=f"Agent {slug}",
-                            config={"system_prompt": "Be brief.", "tier": "light"})
+        return agent_create(
+            principal=Principal.system("tests", tenant=tenant),
+            slug=slug,
+            name=f"Agent {slug}",
+            config={"system_prompt": "Be brief.", "tier": "light"},
+        )
 
 
-def _turn(tenant: Tenant, agent: Agent, *, status: str, error_code: str = "", minutes_ago: float = 5,
-          seconds: float = 3.0) -> Turn:
+def _turn(
+    tenant: Tenant, agent: Agent, *, status: str, error_code: str = "", minutes_ago: float = 5, seconds: float = 3.0
+) -> Turn:
     now = timezone.now()
     started = now - dt.timedelta(minutes=minutes_ago)
     final = status in Turn.FINAL
@@ -53,26 +58,45 @@ def _turn(tenant: Tenant, agent: Agent, *, status: str, error_code: str = "", mi
         session = ChatSession.objects.create(agent=agent, title="ops")
         message = Message.objects.create(session=session, role=Message.Role.USER, content="hi")
         return Turn.objects.create(
-            session=session, agent_version=agent.versions.get(), user_message=message, status=status,
-            queue="llm.light", deadline=now + dt.timedelta(minutes=5), queued_at=started, started_at=started,
-            finished_at=started + dt.timedelta(seconds=seconds) if final else None, error_code=error_code,
-            error_message="The model did not answer in time." if error_code else "", endpoint_name="scripted light",
+            session=session,
+            agent_version=agent.versions.get(),
+            user_message=message,
+            status=status,
+            queue="llm.light",
+            deadline=now + dt.timedelta(minutes=5),
+            queued_at=started,
+            started_at=started,
+            finished_at=started + dt.timedelta(seconds=seconds) if final else None,
+            error_code=error_code,
+            error_message="The model did not answer in time." if error_code else "",
+            endpoint_name="scripted light",
         )
 
 
 def _document(tenant: Tenant, *, status: str, minutes_ago: float, title: str) -> Document:
     with schema_context(tenant.schema_name):
         collection = Collection.objects.first() or Collection.objects.create(
-            name="ops", embedding_model="test", embedding_dim=settings.EMBEDDING_DIM)
+            name="ops", embedding_model="test", embedding_dim=settings.EMBEDDING_DIM
+        )
         return Document.objects.create(
-            collection=collection, title=title, mime_type="text/plain", size_bytes=3, sha256=title.ljust(64, "0"),
-            status=status, created_at=timezone.now() - dt.timedelta(minutes=minutes_ago))
+            collection=collection,
+            title=title,
+            mime_type="text/plain",
+            size_bytes=3,
+            sha256=title.ljust(64, "0"),
+            status=status,
+            created_at=timezone.now() - dt.timedelta(minutes=minutes_ago),
+        )
 
 
 def _tenants(count: int) -> list[Tenant]:
     system = Principal.system("tests")
-    made = [tenant_create(actor=system, slug=f"opsload{i}", name=f"Ops load {i}",
-                          owner_email=f"owner{i}@opsload.example").tenant for i in range(count)]
+    made = [
+        tenant_create(
+            actor=system, slug=f"opsload{i}", name=f"Ops load {i}", owner_email=f"owner{i}@opsload.example"
+        ).tenant
+        for i in range(count)
+    ]
     connection.set_schema_to_public()
     return made
 
@@ -138,7 +162,7 @@ def test_it_shows_turns_backlog_and_usage_of_two_tenants(world: World) -> None:
     assert f'id="ops-turns-failed-globex-{failed_b.pk}"' in html
     assert "model_timeout" in html and "Agent ops-b" in html and "4.5 s" in html
     assert f"ops-turns-failed-acme-{old_failure.pk}" not in html  # older than 24 hours
-    assert f"-acme-{done.pk}\"" not in html
+    assert f'-acme-{done.pk}"' not in html
     assert 'id="backlog-globex"' in html and 'id="backlog-acme"' not in html
     backlog_row = html.split('id="backlog-globex"')[1].split("</tr>")[0]
     assert "<td>1</td><td>1</td>" in backlog_row
@@ -223,8 +247,14 @@ def test_it_shows_each_platform_endpoints_last_probe(world: World) -> None:
     now = timezone.now().isoformat()
     health: dict[str, Any] = {
         str(up.pk): {"ok": True, "latency_ms": 12.5, "checked_at": now, "name": up.name, "tier": "light", "error": ""},
-        str(down.pk): {"ok": False, "latency_ms": None, "checked_at": now, "name": down.name, "tier": "standard",
-                       "error": "The model server could not be reached."},
+        str(down.pk): {
+            "ok": False,
+            "latency_ms": None,
+            "checked_at": now,
+            "name": down.name,
+            "tier": "standard",
+            "error": "The model server could not be reached.",
+        },
     }
     client = redis_client()
     client.hset(endpoint_health_key(), mapping={k: json.dumps(v) for k, v in health.items()})
