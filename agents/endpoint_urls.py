@@ -10,4 +10,5 @@ urlpatterns: list[URLPattern] = [
     path("", views.model_endpoint_list, name="model_endpoint_list"),
     path("<int:endpoint_id>/", views.model_endpoint_edit, name="model_endpoint_edit"),
     path("<int:endpoint_id>/delete/", views.model_endpoint_delete, name="model_endpoint_delete"),
+    path("<int:endpoint_id>/test/", views.model_endpoint_test, name="model_endpoint_test"),
 ]

@@ -18,9 +18,10 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from agents import endpoints as services
 from config.errors import DomainError, ValidationFailed
-from config.htmx import domain_errors_as_pages, render_page
+from config.htmx import domain_errors_as_pages, is_fragment, render_page
 from tenants.models import ModelEndpoint
 from tenants.principal import request_principal
+from tenants.services.endpoint_probe import model_endpoint_test as probe_service
 
 
 class ModelEndpointForm(forms.Form):
@@ -141,4 +142,23 @@ def model_endpoint_delete(request: HttpRequest, endpoint_id: int) -> HttpRespons
         return redirect("model_endpoint_edit", endpoint_id=endpoint_id)
     services.model_endpoint_delete(principal=principal, endpoint=endpoint)
     messages.success(request, f"Model endpoint “{endpoint.name}” deleted.")
+    return redirect("model_endpoint_list")
+
+
+@require_POST
+@domain_errors_as_pages
+def model_endpoint_test(request: HttpRequest, endpoint_id: int) -> HttpResponse:
+    """Probe an own endpoint now (one-token completion through the egress guard; audited): htmx
+    gets the result fragment for the endpoint's row, a page without JavaScript a message."""
+    principal = request_principal(request)
+    principal.require("agents:write")
+    endpoint = services.model_endpoint_get(principal=principal, endpoint_id=endpoint_id)
+    result = probe_service(principal=principal, endpoint=endpoint)
+    if is_fragment(request):
+        return render_page(request, "agents/endpoint_list.html", {"endpoint": endpoint, "result": result},
+                           partial="endpoint-probe")
+    if result.ok:
+        messages.success(request, f"Model endpoint “{endpoint.name}” answered in {result.latency_ms} ms.")
+    else:
+        messages.error(request, f"Model endpoint “{endpoint.name}” failed: {result.error}")
     return redirect("model_endpoint_list")

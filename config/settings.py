@@ -260,6 +260,8 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # How often beat sends the turn sweeper (agents.turn_sweep) to each tenant: a dead worker's turn
 # fails within CHAT_TURN_HEARTBEAT_STALE_SECONDS plus this.
 CHAT_TURN_SWEEP_SECONDS = env_float("CHAT_TURN_SWEEP_SECONDS", 10.0, minimum=1.0)
+# How often beat probes the platform's model endpoints (tenants.model_endpoints_probe).
+MODEL_ENDPOINT_PROBE_SECONDS = env_float("MODEL_ENDPOINT_PROBE_SECONDS", 60.0, minimum=5.0)
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "kb-document-sweep": {"task": "knowledge.document_sweep", "schedule": 60.0},
     "chat-turn-sweep": {"task": "agents.turn_sweep", "schedule": CHAT_TURN_SWEEP_SECONDS},
@@ -270,6 +272,10 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     # Sent once, to the public schema: the task checkpoints every chain itself.
     "audit-checkpoint": {"task": "compliance.audit_checkpoint", "schedule": float(AUDIT_CHECKPOINT_SECONDS),
                          "tenant_schemas": ["public"]},
+    # Sent once, to the public schema: probes every enabled platform model endpoint (staff ops page,
+    # portal_model_endpoint_up); a run that waited past the next one is dropped, not stacked.
+    "model-endpoints-probe": {"task": "tenants.model_endpoints_probe", "schedule": MODEL_ENDPOINT_PROBE_SECONDS,
+                              "tenant_schemas": ["public"], "options": {"expires": MODEL_ENDPOINT_PROBE_SECONDS}},
 }
 if TESTING:
     # Each test run gets its own queues on the shared Redis.
