@@ -62,12 +62,13 @@ def scim_group_list(*, tenant: Tenant, node: Node | None) -> list[str]:
                                Membership.objects.filter(tenant=tenant).values_list("scim_id", "role")}
         return roles_by_member.get(scim_id.lower())
 
+    def facts(role: str) -> GroupFacts:
+        return GroupFacts(id=role, display_name=role, has_member=lambda scim_id: member_role(scim_id) == role)
+
     roles = [str(r) for r in Role.values]
     if node is None:
         return roles
-    return [role for role in roles
-            if group_matches(node, GroupFacts(id=role, display_name=role,
-                                              has_member=lambda s, role=role: member_role(s) == role))]
+    return [role for role in roles if group_matches(node, facts(role))]
 
 
 def scim_group_members(*, tenant: Tenant, roles: list[str]) -> dict[str, list[Membership]]:
