@@ -536,3 +536,23 @@ def test_discovery_documents(world: World, scim: Scim) -> None:
     _error(scim.get("/Nope"), 404)
     _error(scim.post("/ServiceProviderConfig", {}), 405)
     _error(Scim(HOST_A, None).get("/ServiceProviderConfig"), 401)
+
+
+def test_a_sign_in_marks_its_session_with_the_host_and_deprovisioning_ends_it(world: World, scim: Scim) -> None:
+    from tests.conftest import PASSWORD
+
+    client = host_client(HOST_A)
+    response = client.post("/accounts/login/", {"login": "viewer@acme.test", "password": PASSWORD})
+    connection.set_schema_to_public()
+    assert response.status_code == 302, response.content
+    session = Session.objects.get(session_key=client.cookies["sessionid"].value)
+    assert session.get_decoded()["tenant_schema"] == world.tenant_a.schema_name
+    assert scim.delete(f"/Users/{_scim_id(world, 'viewer')}").status_code == 204
+    assert not Session.objects.filter(pk=session.pk).exists()
+
+
+def test_a_suspended_tenant_refuses_scim(world: World, scim: Scim) -> None:
+    Tenant.objects.filter(pk=world.tenant_a.pk).update(status=Tenant.Status.SUSPENDED)
+    assert scim.get("/Users").status_code == 403
+    assert scim.delete(f"/Users/{_scim_id(world, 'viewer')}").status_code == 403
+    assert Membership.objects.filter(user=world.user("viewer"), tenant=world.tenant_a).exists()
