@@ -27,6 +27,7 @@ api.add_router("/", approvals_router)
 urlpatterns = [
     path("api/v1/", api.urls),
     re_path(r"^api/(?P<rest>.*)$", api_not_found),
+    path("scim/v2/", include("tenants.scim.urls")),
     path("accounts/2fa/", include(security_urlpatterns)),
     path("accounts/", include("allauth.urls")),
     path("audit/", include("compliance.urls")),

@@ -348,6 +348,8 @@ class MembershipAdmin(AuditedAdmin):
     search_fields = ("user__email", "tenant__slug")
     list_select_related = ("user", "tenant")
     autocomplete_fields = ("user",)
+    # The tenant's identity provider owns it (tenants.scim); staff editing it would unlink the person.
+    readonly_fields = ("scim_external_id",)
 
     def save_model(self, request: HttpRequest, obj: Membership, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)

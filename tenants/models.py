@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 import zoneinfo
 from typing import Any, ClassVar
 
@@ -175,10 +176,17 @@ class Membership(models.Model):
     role = models.CharField(max_length=16, choices=Role.choices)
     created_at = models.DateTimeField(default=timezone.now)
     invited_by = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # SCIM 2.0 (tenants.scim): the resource id the tenant's identity provider addresses this member
+    # by, and the IdP's own id for them. Both are per tenant, hence here and not on the User.
+    scim_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    scim_external_id = models.CharField(max_length=255, null=True, blank=True,
+                                        help_text="The identity provider's id of this person (SCIM externalId).")
 
     class Meta:
         constraints: ClassVar = [
             models.UniqueConstraint(fields=["user", "tenant"], name="membership_user_tenant_unique"),
+            models.UniqueConstraint(fields=["tenant", "scim_external_id"], name="membership_scim_external_id_unique",
+                                    condition=models.Q(scim_external_id__isnull=False)),
         ]
         ordering: ClassVar = ["tenant", "user__email"]
 

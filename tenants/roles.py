@@ -54,6 +54,8 @@ PERMISSIONS: dict[str, str] = {
     "tools:write": "Create, edit, test and delete tools",
     "approvals:read": "Read approval requests of tool calls",
     "approvals:decide": "Approve or reject tool calls that need approval",
+    # Owners and admins only (it implies members:write for the SCIM endpoints, tenants.scim).
+    "scim:provision": "Provision and deprovision members from an identity provider over SCIM 2.0",
 }
 
 _READ = {"tenant:read", "members:read", "agents:read", "kb:read", "tools:read"}

@@ -21,6 +21,20 @@ def bind_tenant(request: Any, logger: Any, log_kwargs: dict[str, Any], **kwargs:
         structlog.contextvars.bind_contextvars(tenant=tenant.slug)
 
 
+# The session key naming the schema of the host a session signed in on, so that deprovisioning a
+# member of one tenant ends their sessions there and not on other tenants' hosts (tenants.scim).
+SESSION_TENANT_KEY = "tenant_schema"
+
+
+@receiver(user_logged_in)
+def mark_session_tenant(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+    """Write the host's schema into the new session (``SESSION_TENANT_KEY``)."""
+    tenant = getattr(request, "tenant", None)
+    session = getattr(request, "session", None)
+    if tenant is not None and session is not None:
+        session[SESSION_TENANT_KEY] = tenant.schema_name
+
+
 @receiver(user_logged_in)
 def audit_login(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
     """Sign-ins are recorded in the chain of the host's schema (tenant or public)."""
