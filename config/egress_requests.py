@@ -11,7 +11,6 @@ they fail for an unreachable host instead of crashing.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,20 +27,6 @@ class EgressRefused(requests.exceptions.ConnectionError):
     """The egress guard refused the destination (or the response broke its caps)."""
 
 
-_client: httpx.Client | None = None
-_client_lock = threading.Lock()
-
-
-def _shared_client() -> httpx.Client:
-    # One pooled client per process: httpx.Client is thread-safe, and each new connection is
-    # checked again by the guard's network backend.
-    global _client
-    with _client_lock:
-        if _client is None:
-            _client = egress_client(timeout=30.0)
-        return _client
-
-
 def _httpx_timeout(timeout: Any) -> httpx.Timeout | None:
     """requests' ``timeout`` (seconds, a ``(connect, read)`` pair or ``None``) as httpx's."""
     if timeout is None:
@@ -55,9 +40,12 @@ def _httpx_timeout(timeout: Any) -> httpx.Timeout | None:
 class EgressAdapter(BaseAdapter):
     """A ``requests`` transport adapter that sends through the egress guard's httpx client."""
 
-    def __init__(self, client: httpx.Client | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self._client = client
+        # A client per session, closed with it: no pooled connection outlives the session, so
+        # every request the session makes reaches the guard's check on connect (an allow rule
+        # removed since takes effect at once).
+        self._client = egress_client(timeout=30.0)
 
     def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
              verify: bool | str = True, cert: Any = None,
@@ -65,7 +53,7 @@ class EgressAdapter(BaseAdapter):
         """Send ``request`` and return the whole response (read into memory, within the guard's
         size cap). Raises ``EgressRefused`` when the guard refuses, ``requests.Timeout`` on a
         timeout and ``requests.ConnectionError`` for other transport failures."""
-        client = self._client or _shared_client()
+        client = self._client
         headers = dict(request.headers)
         # The guard refuses compressed answers (their size is unknown until inflated).
         headers["Accept-Encoding"] = "identity"
@@ -94,7 +82,7 @@ class EgressAdapter(BaseAdapter):
         return response
 
     def close(self) -> None:
-        """Nothing to close: the shared client lives as long as the process."""
+        self._client.close()
 
 
 def egress_requests_session(*, timeout: float | None = None) -> requests.Session:

@@ -31,7 +31,7 @@ urlpatterns = [
     path("api/v1/", api.urls),
     re_path(r"^api/(?P<rest>.*)$", api_not_found),
     path("accounts/2fa/", include(security_urlpatterns)),
-    # Before allauth's own openid_connect URLs, which these shadow (tenants.sso's adapter).
+    # The tenant's IdP (tenants.sso): allauth's openid_connect views run with the portal's adapter.
     path("accounts/oidc/<str:provider_id>/login/", sso_views.oidc_login, name="sso_login"),
     path("accounts/oidc/<str:provider_id>/login/callback/", sso_views.oidc_callback, name="sso_callback"),
     path("accounts/", include("allauth.urls")),

@@ -22,17 +22,22 @@ import hmac
 import secrets
 from typing import Any
 
+import jwt
 import structlog
 from allauth.core import context
 from allauth.core.exceptions import ImmediateHttpResponse
-from allauth.socialaccount.adapter import DefaultSocialAccountAdapter
+from allauth.socialaccount.adapter import DefaultSocialAccountAdapter, get_adapter
 from allauth.socialaccount.internal import jwtkit
 from allauth.socialaccount.models import SocialApp, SocialLogin
+from allauth.socialaccount.providers.oauth2.client import OAuth2Error
 from allauth.socialaccount.providers.openid_connect.provider import OpenIDConnectProvider
 from allauth.socialaccount.providers.openid_connect.views import OpenIDConnectOAuth2Adapter
+from allauth.utils import build_absolute_uri
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.urls import reverse
+from django.utils.http import urlencode
 
 from config.crypto import SecretUnreadable
 from config.egress_requests import egress_requests_session
@@ -99,15 +104,45 @@ class TenantOidcAdapter(OpenIDConnectOAuth2Adapter):
     """allauth's OpenID Connect client, verifying every ID token's signature."""
 
     def _decode_id_token(self, app: SocialApp, id_token: str) -> dict[str, Any]:
-        data: dict[str, Any] = jwtkit.verify_and_decode(
-            credential=id_token,
-            keys_url=self.openid_config["jwks_uri"],
-            issuer=self.openid_config["issuer"],
-            audience=app.client_id,
-            lookup_kid=jwtkit.lookup_kid_jwk,
-            verify_signature=True,
-        )
-        return data
+        """The ID token's claims after PyJWT verified its signature (against the IdP's JWKS),
+        ``iss``, ``aud`` and ``exp``. Raises ``OAuth2Error`` when any check fails."""
+        try:
+            has_kid = "kid" in jwt.get_unverified_header(id_token)
+        except jwt.PyJWTError as exc:
+            raise OAuth2Error("Invalid id_token") from exc
+        if has_kid:
+            data: dict[str, Any] = jwtkit.verify_and_decode(
+                credential=id_token, keys_url=self.openid_config["jwks_uri"], issuer=self.openid_config["issuer"],
+                audience=app.client_id, lookup_kid=jwtkit.lookup_kid_jwk, verify_signature=True,
+            )
+            return data
+        return self._decode_without_kid(app, id_token)
+
+    def _decode_without_kid(self, app: SocialApp, id_token: str) -> dict[str, Any]:
+        # allauth's jwtkit needs a "kid" header, which a JWKS of one key does not require (RFC
+        # 7517, 4.5): such a token is checked against the JWKS's only signing key, with that
+        # key's algorithm (never the token header's), by PyJWT as jwtkit would.
+        with get_adapter().get_requests_session() as session:
+            response = session.get(self.openid_config["jwks_uri"])
+            response.raise_for_status()
+            keys = [k for k in response.json().get("keys", []) if k.get("use", "sig") == "sig"]
+        if len(keys) != 1:
+            raise OAuth2Error("The ID token names no key ('kid') and the IdP's JWKS has more than one.")
+        try:
+            key = jwt.PyJWK.from_dict(keys[0])
+            data = jwt.decode(
+                id_token, key=key.key, algorithms=[key.algorithm_name],
+                options={"verify_signature": True, "verify_iss": True, "verify_aud": True, "verify_exp": True},
+                issuer=self.openid_config["issuer"], audience=app.client_id,
+            )
+            jwtkit.verify_jti(data)
+        except jwt.PyJWTError as exc:
+            raise OAuth2Error("Invalid id_token") from exc
+        return dict(data)
+
+    def get_callback_url(self, request: HttpRequest, app: SocialApp) -> str:
+        callback_url = reverse("sso_callback", kwargs={"provider_id": self.provider_id})
+        return str(build_absolute_uri(request, callback_url, self.redirect_uri_protocol))
 
 
 class TenantOidcProvider(OpenIDConnectProvider):
@@ -115,6 +150,13 @@ class TenantOidcProvider(OpenIDConnectProvider):
     allauth's state, compared in ``SsoAdapter.pre_social_login``) and ``TenantOidcAdapter``."""
 
     oauth2_adapter_class = TenantOidcAdapter
+
+    def get_login_url(self, request: HttpRequest, **kwargs: Any) -> str:
+        url = reverse("sso_login", kwargs={"provider_id": self.app.provider_id})
+        return f"{url}?{urlencode(kwargs)}" if kwargs else url
+
+    def get_callback_url(self) -> str:
+        return reverse("sso_callback", kwargs={"provider_id": self.app.provider_id})
 
     def redirect(self, request: HttpRequest, process: Any, next_url: str | None = None, data: Any = None,
                  **kwargs: Any) -> HttpResponse:

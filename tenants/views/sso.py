@@ -8,7 +8,9 @@ from typing import Any
 from allauth.socialaccount.models import SocialApp
 from allauth.socialaccount.providers.oauth2.views import OAuth2CallbackView, OAuth2LoginView
 from django.contrib.auth.decorators import login_not_required
+import requests
 from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods
 
@@ -16,18 +18,25 @@ from config.errors import DomainError
 from config.htmx import after_write, domain_errors_as_pages, is_htmx, render_page
 from tenants.forms import SsoSettingsForm
 from tenants.principal import request_principal
-from tenants.services.sso import SSO_ROLES, SsoSettings, sso_settings_get, sso_settings_update
+from tenants.services.sso import SSO_ROLES, SsoSettings, sso_login_refused, sso_settings_get, sso_settings_update
 from tenants.sso import TenantOidcAdapter
 
 
 @login_not_required
 def oidc_login(request: HttpRequest, provider_id: str) -> HttpResponse:
     """Start a sign-in at the tenant's IdP (POST; a GET shows allauth's confirmation page).
-    404 when ``provider_id`` is not this host's tenant's IdP."""
+    404 when ``provider_id`` is not this host's tenant's IdP; 502 (audited) when its discovery
+    document cannot be read, the egress guard's refusal included."""
     try:
         return OAuth2LoginView.adapter_view(TenantOidcAdapter(request, provider_id))(request)  # type: ignore[no-any-return]
     except SocialApp.DoesNotExist:
         raise Http404("No such identity provider here.") from None
+    except (requests.RequestException, ValueError) as exc:
+        # allauth reads the discovery document here without catching transport errors.
+        tenant = request.tenant  # type: ignore[attr-defined]
+        sso_login_refused(tenant=tenant, reason="discovery_failed", detail=f"{type(exc).__name__}: {exc}")
+        message = "The identity provider could not be reached. Try again, or ask your administrator."
+        return render(request, "errors/error.html", {"status": 502, "message": message}, status=502)
 
 
 @login_not_required
