@@ -3,7 +3,7 @@
 Settings (``sso_settings_get`` / ``sso_settings_update``): holders of ``members:write`` (owners
 and admins), since SSO creates members and sets their roles. The issuer URL passes the egress
 guard when saved (422 ``egress_denied``); the client secret is write-only, stored encrypted
-(``config.crypto``) and audited only as ``client_credential: set``.
+(``config.crypto``) and audited only as ``client_auth: set``.
 
 Sign-in (``sso_login_check`` then ``sso_membership_sync``, called by ``tenants.sso``'s adapter
 after allauth verified the ID token):
@@ -225,7 +225,7 @@ def sso_settings_update(
     least one allowed e-mail domain; ``enforce_sso`` needs SSO on. Saving the current values
     changes nothing and writes no audit event (a repeated PUT is a no-op); otherwise one event
     ``tenant.sso_settings_changed`` names the changed fields, the secret only as
-    ``client_credential: set``.
+    ``client_auth: set``.
 
     Raises ``Forbidden`` (403), ``ValidationFailed`` (422 ``validation_failed``/``invalid_role``
     with ``details[0].field``) or ``EgressDenied`` (422 ``egress_denied``).
@@ -268,7 +268,7 @@ def sso_settings_update(
             changed[name] = value
     if secret:
         config.client_secret_encrypted = secret_encrypt(secret)
-        changed["client_credential"] = "set"
+        changed["client_auth"] = "set"
     if config.enabled:
         missing = [label for label, ok in (("issuer_url", config.issuer_url), ("client_id", config.client_id),
                                            ("client_secret", config.has_client_secret),
