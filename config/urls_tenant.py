@@ -32,6 +32,7 @@ urlpatterns = [
     re_path(r"^api/(?P<rest>.*)$", api_not_found),
     path("accounts/2fa/", include(security_urlpatterns)),
     # The tenant's IdP (tenants.sso): allauth's openid_connect views run with the portal's adapter.
+    path("accounts/login/", sso_views.login_page, name="account_login"),
     path("accounts/oidc/<str:provider_id>/login/", sso_views.oidc_login, name="sso_login"),
     path("accounts/oidc/<str:provider_id>/login/callback/", sso_views.oidc_callback, name="sso_callback"),
     path("accounts/", include("allauth.urls")),

@@ -60,7 +60,7 @@ def _request_tenant(request: HttpRequest | None) -> Tenant | None:
     return getattr(request, "tenant", None) if request is not None else None
 
 
-def _app_for(request: HttpRequest | None) -> SocialApp | None:
+def app_for_request(request: HttpRequest | None) -> SocialApp | None:
     """The request's tenant's app, built once per request from its active ``SsoConfig``."""
     request = request or context.request
     if request is None:
@@ -184,7 +184,7 @@ class SsoAdapter(DefaultSocialAccountAdapter):
 
     def list_apps(self, request: HttpRequest | None, provider: str | None = None,
                   client_id: str | None = None) -> list[SocialApp]:
-        app = _app_for(request)
+        app = app_for_request(request)
         if app is None:
             return []
         if provider and provider not in (app.provider, app.provider_id):
@@ -208,7 +208,7 @@ class SsoAdapter(DefaultSocialAccountAdapter):
         tenant; for an existing social account, record the membership now (a new account's is
         recorded in ``save_user``). Raises ``ImmediateHttpResponse`` with the error page."""
         tenant = _request_tenant(request)
-        _app_for(request)
+        app_for_request(request)
         config: SsoConfig | None = getattr(request, "_sso_config", None)
         if tenant is None or config is None:
             raise _refusal(request, status=404, message="Single sign-on is not set up for this workspace.")

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from allauth.socialaccount.models import SocialApp
 from allauth.socialaccount.providers.oauth2.views import OAuth2CallbackView, OAuth2LoginView
 from django.contrib.auth.decorators import login_not_required
 import requests
+from allauth.account.views import login as allauth_login
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import reverse
@@ -19,7 +21,24 @@ from config.htmx import after_write, domain_errors_as_pages, is_htmx, render_pag
 from tenants.forms import SsoSettingsForm
 from tenants.principal import request_principal
 from tenants.services.sso import SSO_ROLES, SsoSettings, sso_login_refused, sso_settings_get, sso_settings_update
-from tenants.sso import TenantOidcAdapter
+from tenants.sso import TenantOidcAdapter, app_for_request
+
+
+def _idp_form_action(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    """Let this page's forms lead to the tenant's IdP: the "Sign in with" form posts here and is
+    redirected there, and CSP's ``form-action`` also governs where a submission is redirected."""
+    app_for_request(request)
+    config = getattr(request, "_sso_config", None)
+    if config is not None and config.issuer_url:
+        parts = urlsplit(config.issuer_url)
+        response._csp_update = {"form-action": [f"{parts.scheme}://{parts.netloc}"]}  # type: ignore[attr-defined]
+    return response
+
+
+@login_not_required
+def login_page(request: HttpRequest) -> HttpResponse:
+    """allauth's login page, whose "Sign in with" form may lead to the tenant's IdP."""
+    return _idp_form_action(request, allauth_login(request))
 
 
 @login_not_required
@@ -28,7 +47,8 @@ def oidc_login(request: HttpRequest, provider_id: str) -> HttpResponse:
     404 when ``provider_id`` is not this host's tenant's IdP; 502 (audited) when its discovery
     document cannot be read, the egress guard's refusal included."""
     try:
-        return OAuth2LoginView.adapter_view(TenantOidcAdapter(request, provider_id))(request)  # type: ignore[no-any-return]
+        response = OAuth2LoginView.adapter_view(TenantOidcAdapter(request, provider_id))(request)
+        return _idp_form_action(request, response)
     except SocialApp.DoesNotExist:
         raise Http404("No such identity provider here.") from None
     except (requests.RequestException, ValueError) as exc:

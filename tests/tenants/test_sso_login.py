@@ -246,3 +246,14 @@ def test_an_idp_the_egress_guard_refuses_signs_nobody_in(world: World, idp_allow
     (refused,) = _audit(world.tenant_a, "sso.login_refused")
     assert refused.payload["reason"] == "discovery_failed"
     assert "egress guard" in refused.payload["detail"]
+
+
+def test_the_login_page_lets_its_form_lead_to_the_idp(world: World, idp_allowed: Idp) -> None:
+    # The "Sign in with" form posts to the portal, which redirects to the IdP: CSP's form-action
+    # governs that redirect too, so the page names the IdP's origin.
+    sso_configure(world.tenant_a, idp_allowed.issuer)
+    policy = host_client(HOST_A).get("/accounts/login/")["Content-Security-Policy"]
+    form_action = next(d for d in policy.split(";") if d.strip().startswith("form-action"))
+    assert form_action.split() == ["form-action", "'self'", idp_allowed.issuer]
+    other = host_client(HOST_B).get("/accounts/login/")["Content-Security-Policy"]
+    assert idp_allowed.issuer not in other
