@@ -78,7 +78,7 @@ class EgressAdapter(BaseAdapter):
         response.reason = answer.reason_phrase
         response.url = request.url or ""
         response.request = request
-        response.connection = self
+        response.connection = self  # type: ignore[assignment]  # requests types it as HTTPAdapter
         return response
 
     def close(self) -> None:
@@ -91,8 +91,8 @@ def egress_requests_session(*, timeout: float | None = None) -> requests.Session
     session = requests.Session()
     session.trust_env = False
     adapter = EgressAdapter()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
+    session.mount("http://", adapter)  # type: ignore[arg-type]  # any BaseAdapter works
+    session.mount("https://", adapter)  # type: ignore[arg-type]
     if timeout is not None:
         original = session.request
 
@@ -100,5 +100,5 @@ def egress_requests_session(*, timeout: float | None = None) -> requests.Session
             kwargs.setdefault("timeout", timeout)
             return original(method, url, **kwargs)
 
-        session.request = request_with_timeout  # type: ignore[method-assign]
+        session.request = request_with_timeout  # type: ignore[method-assign, assignment]
     return session

@@ -13,8 +13,8 @@ from config.api import api, api_not_found
 from knowledge.api import router as knowledge_router
 from tenants.api import router as tenant_router
 from tenants.sso_api import router as sso_router
-from tenants.views import sso as sso_views
 from tenants.urls import security_urlpatterns
+from tenants.views import sso as sso_views
 
 api.add_router("/", tenant_router)
 api.add_router("/", audit_router)

@@ -118,7 +118,7 @@ class SsoSettingsForm(forms.Form):
                                    help_text='The login page shows "Sign in with <name>".')
     # A CharField, not a URLField: the egress guard's reason is the message a person needs.
     issuer_url = forms.CharField(max_length=500, required=False, label="Issuer URL",
-                                 help_text="Its discovery document is read from <issuer>/.well-known/openid-configuration.")
+                                 help_text="Discovery is read from <issuer>/.well-known/openid-configuration.")
     client_id = forms.CharField(max_length=255, required=False, label="Client id")
     client_secret = forms.CharField(
         max_length=1024, required=False, strip=True, label="Client secret",
