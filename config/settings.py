@@ -97,6 +97,9 @@ SHARED_APPS = [
     "django.contrib.humanize",
     "allauth",
     "allauth.account",
+    # Per-tenant OIDC single sign-on (tenants.sso): apps are built per request, never SocialApp rows.
+    "allauth.socialaccount",
+    "allauth.socialaccount.providers.openid_connect",
     "django_otp",
     "django_otp.plugins.otp_totp",
     "django_otp.plugins.otp_static",
@@ -316,6 +319,14 @@ ACCOUNT_RATE_LIMITS = {
     "reset_password": "20/m/ip,5/m/key",
     "confirm_email": "1/3m/key",
 }
+# Single sign-on (tenants.sso): allauth's OpenID Connect provider, subclassed to verify every ID
+# token's signature and nonce; PKCE on; accounts made by an IdP need no e-mail confirmation.
+SOCIALACCOUNT_ADAPTER = "tenants.sso.SsoAdapter"
+SOCIALACCOUNT_PROVIDERS = {"openid_connect": {"provider_class": "tenants.sso.TenantOidcProvider",
+                                              "OAUTH_PKCE_ENABLED": True}}
+SOCIALACCOUNT_EMAIL_VERIFICATION = "none"
+SOCIALACCOUNT_STORE_TOKENS = False
+SOCIALACCOUNT_REQUESTS_TIMEOUT = env_int("SOCIALACCOUNT_REQUESTS_TIMEOUT", 10, minimum=1)
 OTP_TOTP_ISSUER = env_str("OTP_TOTP_ISSUER", "Agent Ops Portal")
 OTP_STATIC_RECOVERY_TOKENS = 10
 # Two-factor authentication is always required of staff; tenants opt in for owners and admins.

@@ -12,7 +12,9 @@ from compliance.api import router as audit_router
 from config.api import api, api_not_found
 from knowledge.api import router as knowledge_router
 from tenants.api import router as tenant_router
+from tenants.sso_api import router as sso_router
 from tenants.urls import security_urlpatterns
+from tenants.views import sso as sso_views
 
 api.add_router("/", tenant_router)
 api.add_router("/", audit_router)
@@ -23,12 +25,17 @@ api.add_router("/openai", openai_router)
 api.add_router("/", endpoint_router)
 api.add_router("/", tool_router)
 api.add_router("/", approvals_router)
+api.add_router("/", sso_router)
 
 urlpatterns = [
     path("api/v1/", api.urls),
     re_path(r"^api/(?P<rest>.*)$", api_not_found),
     path("scim/v2/", include("tenants.scim.urls")),
     path("accounts/2fa/", include(security_urlpatterns)),
+    # The tenant's IdP (tenants.sso): allauth's openid_connect views run with the portal's adapter.
+    path("accounts/login/", sso_views.login_page, name="account_login"),
+    path("accounts/oidc/<str:provider_id>/login/", sso_views.oidc_login, name="sso_login"),
+    path("accounts/oidc/<str:provider_id>/login/callback/", sso_views.oidc_callback, name="sso_callback"),
     path("accounts/", include("allauth.urls")),
     path("audit/", include("compliance.urls")),
     path("kb/", include("knowledge.urls")),

@@ -106,3 +106,51 @@ class TokenForm(forms.Form):
 
     def clean_token(self) -> str:
         return self.cleaned_data["token"].replace(" ", "").strip()
+
+
+class SsoSettingsForm(forms.Form):
+    """The tenant's single sign-on settings, as text fields; ``tenants.services.sso`` checks the
+    values (the egress guard on the issuer, scopes, roles, domains). ``role_mapping`` is one
+    ``group = role`` per line; scopes and domains are separated by spaces or commas."""
+
+    enabled = forms.BooleanField(required=False, label="Single sign-on is on")
+    display_name = forms.CharField(max_length=100, required=False, label="Identity provider name",
+                                   help_text='The login page shows "Sign in with <name>".')
+    # A CharField, not a URLField: the egress guard's reason is the message a person needs.
+    issuer_url = forms.CharField(max_length=500, required=False, label="Issuer URL",
+                                 help_text="Discovery is read from <issuer>/.well-known/openid-configuration.")
+    client_id = forms.CharField(max_length=255, required=False, label="Client id")
+    client_secret = forms.CharField(
+        max_length=1024, required=False, strip=True, label="Client secret",
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only. Leave empty to keep the current secret.",
+    )
+    scopes = forms.CharField(max_length=1000, required=False, label="Scopes", help_text="openid is always included.")
+    groups_claim = forms.CharField(max_length=100, label="Groups claim",
+                                   help_text="The claim whose values are mapped to roles, e.g. groups.")
+    role_mapping = forms.CharField(max_length=20000, required=False, widget=forms.Textarea(attrs={"rows": 4}),
+                                   label="Group to role mapping", help_text="One 'group = role' per line.")
+    default_role = forms.CharField(max_length=16, required=False, label="Role when no group maps")
+    allowed_email_domains = forms.CharField(max_length=5000, required=False, label="Allowed e-mail domains")
+    enforce_sso = forms.BooleanField(required=False, label="Refuse password sign-in to members (owners excepted)")
+
+    @staticmethod
+    def _words(value: str) -> list[str]:
+        return [word for word in value.replace(",", " ").split() if word]
+
+    def clean_scopes(self) -> list[str]:
+        return self._words(self.cleaned_data.get("scopes") or "")
+
+    def clean_allowed_email_domains(self) -> list[str]:
+        return self._words(self.cleaned_data.get("allowed_email_domains") or "")
+
+    def clean_role_mapping(self) -> dict[str, str]:
+        mapping: dict[str, str] = {}
+        for number, line in enumerate((self.cleaned_data.get("role_mapping") or "").splitlines(), start=1):
+            if not line.strip():
+                continue
+            group, equals, role = line.rpartition("=")
+            if not equals or not group.strip():
+                raise forms.ValidationError(f"Line {number} is not 'group = role'.")
+            mapping[group.strip()] = role.strip()
+        return mapping

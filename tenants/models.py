@@ -390,3 +390,45 @@ class AuditCheckpoint(models.Model):
 
     def __str__(self) -> str:
         return f"{self.schema_name} @ {self.seq}"
+
+
+class SsoConfig(models.Model):
+    """A tenant's OpenID Connect single sign-on (``tenants.services.sso``; login in ``tenants.sso``).
+
+    ``issuer_url`` is the IdP's issuer (its discovery document is at
+    ``<issuer>/.well-known/openid-configuration``), checked by the egress guard when saved and
+    on every connection. The client secret is stored only encrypted (``config.crypto``).
+    ``role_mapping`` maps values of the ``groups_claim`` claim to roles (never owner);
+    ``default_role`` applies when no group maps ('' refuses such people). Only addresses in
+    ``allowed_email_domains`` may sign in. ``enforce_sso`` refuses password sign-in on the
+    tenant's host to members other than owners (their break-glass accounts).
+    """
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="sso_config")
+    enabled = models.BooleanField(default=False)
+    display_name = models.CharField(max_length=100, default="your identity provider",
+                                    help_text='Shown on the login page: "Sign in with <display name>".')
+    issuer_url = models.URLField(max_length=500, blank=True)
+    client_id = models.CharField(max_length=255, blank=True)
+    client_secret_encrypted = models.TextField(blank=True, editable=False)
+    scopes = ArrayField(models.CharField(max_length=64), default=list)
+    groups_claim = models.CharField(max_length=100, default="groups")
+    role_mapping = models.JSONField(default=dict, blank=True)
+    default_role = models.CharField(max_length=16, blank=True, default=Role.VIEWER)
+    allowed_email_domains = ArrayField(models.CharField(max_length=253), default=list)
+    enforce_sso = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"SSO of {self.tenant_id}"
+
+    @property
+    def has_client_secret(self) -> bool:
+        return bool(self.client_secret_encrypted)
+
+    def client_secret(self) -> str:
+        """The decrypted client secret ('' when none); raises ``config.crypto.SecretUnreadable``."""
+        from config.crypto import secret_decrypt
+
+        return secret_decrypt(self.client_secret_encrypted)

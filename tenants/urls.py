@@ -1,6 +1,6 @@
 from django.urls import path
 
-from tenants.views import console, security
+from tenants.views import console, security, sso
 
 urlpatterns = [
     path("", console.dashboard, name="dashboard"),
@@ -11,6 +11,7 @@ urlpatterns = [
     path("keys/", console.api_key_list, name="api_key_list"),
     path("keys/<str:key_id>/revoke/", console.api_key_revoke, name="api_key_revoke"),
     path("settings/", console.tenant_settings, name="tenant_settings"),
+    path("settings/sso/", sso.sso_settings, name="sso_settings"),
     # Under /budgets/ (the Budgets section), for owners and admins; /settings/ is owners' only.
     path("budgets/settings/", console.billing_settings, name="billing_settings"),
     path("invitations/<str:token>/", console.invitation_accept, name="invitation_accept"),
