@@ -9,7 +9,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('tenants', '0008_plan_rate_limits_tenant_billing'),
+        ('tenants', '0009_membership_scim'),
     ]
 
     operations = [
