@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
+import logging
 import os
 import threading
 import time
@@ -123,6 +125,7 @@ def telemetry_setup(*, service: str) -> bool:
 
 
 def _instrument() -> None:
+    from django.conf import settings
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
     from opentelemetry.instrumentation.django import DjangoInstrumentor
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
@@ -131,7 +134,18 @@ def _instrument() -> None:
 
     # Probes and scrapes would be most of the traces and say nothing.
     os.environ.setdefault("OTEL_PYTHON_DJANGO_EXCLUDED_URLS", "healthz,readyz,metrics")
+    # The request span starts after ProbeMiddleware: the instrumentation reads the request's host
+    # (Django's get_host, which refuses a host outside ALLOWED_HOSTS), and probes answer on any host.
+    probe = "config.middleware.ProbeMiddleware"
+    middleware = list(settings.MIDDLEWARE)
+    position = middleware.index(probe) + 1 if probe in middleware else 0
+    os.environ.setdefault("OTEL_PYTHON_DJANGO_MIDDLEWARE_POSITION", str(position))
     DjangoInstrumentor().instrument()
+    if importlib.util.find_spec("opentelemetry.instrumentation.asgi") is None:
+        # The Django instrumentation skips ASGI requests without it: no request spans, though
+        # tasks, queries and model calls are still traced.
+        logging.getLogger(__name__).warning(
+            "opentelemetry-instrumentation-asgi is not installed: requests served over ASGI get no spans")
     CeleryInstrumentor().instrument()
     PsycopgInstrumentor().instrument(enable_commenter=False)
     RedisInstrumentor().instrument()
