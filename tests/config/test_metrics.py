@@ -2,7 +2,7 @@
 calls, tool calls and budget refusals happen (a turn run in this process against the scripted
 model), and the state gauges read at scrape time: queue depths in Redis, documents and pending
 approvals summed over tenant schemas, model endpoint probes. Across processes:
-``tests/config/test_telemetry_live.py``."""
+``tests/agents/test_telemetry_live.py``."""
 
 from __future__ import annotations
 

@@ -25,13 +25,13 @@ from django.conf import settings
 from django_tenants.utils import schema_context
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.models import Turn
+from agents.models import Agent, Turn
 from agents.services import agent_create, agent_version_publish
 from config.redis import redis_client
 from config.telemetry import spans_read
 from tenants.models import ModelEndpoint
 from tenants.principal import Principal
-from tests.agents.conftest import committed, endpoint_create, sse_events
+from tests.agents.conftest import chat_session_commit, committed, endpoint_create, sse_events, ws_connect
 from tests.conftest import World
 from tests.live import (
     LIVE_DATABASE_ENV,
@@ -161,9 +161,11 @@ def _spans_until(path: Path, done: Callable[[list[dict[str, Any]]], bool]) -> li
     return spans
 
 
-def _trace_of_turn(traced: Traced, turn_id: int) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+def _trace_of_turn(traced: Traced, turn_id: int, *, web_last: str = ""
+                   ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
     """The trace id of the worker's ``turn.run`` span of ``turn_id``, and the web's and the
-    worker's spans of that trace."""
+    worker's spans of that trace; ``web_last``: the name of the web's span that ends last (by
+    default its request span, or its task-sending span without the ASGI instrumentation)."""
     def turn_span(spans: list[dict[str, Any]]) -> dict[str, Any] | None:
         return next((s for s in spans if s["name"] == "turn.run"
                      and s["attributes"].get("portal.turn.id") == turn_id), None)
@@ -178,7 +180,8 @@ def _trace_of_turn(traced: Traced, turn_id: int) -> tuple[str, list[dict[str, An
     # The web's request span (traced under ASGI with the ASGI instrumentation) ends last.
     last = "SpanKind.SERVER" if ASGI_TRACED else "SpanKind.PRODUCER"
     web = _spans_until(traced.web_spans, lambda spans: any(
-        s["context"]["trace_id"] == trace_id and s["kind"] == last for s in spans))
+        s["context"]["trace_id"] == trace_id and (s["name"] == web_last if web_last else s["kind"] == last)
+        for s in spans))
     return (trace_id, [s for s in web if s["context"]["trace_id"] == trace_id],
             [s for s in worker if s["context"]["trace_id"] == trace_id])
 
@@ -258,6 +261,40 @@ def test_the_turns_trace_starts_at_its_request(
     roots = [s for s in web if s["parent_id"] is None]
     assert len(roots) == 1 and roots[0]["kind"] == "SpanKind.SERVER", [(s["name"], s["parent_id"]) for s in web]
     assert f"/api/v1/sessions/{session_id}/messages" in json.dumps(roots[0]["attributes"]), roots[0]["attributes"]
+
+
+def test_a_socket_turn_is_one_trace_from_the_message_to_the_model_calls(
+    traced_portal: Traced, scripted_llm: ScriptedLLM, member_cookie: Any
+) -> None:
+    slug = _agent(traced_portal, scripted_llm)
+    tenant = traced_portal.world.tenant_a
+    with schema_context(tenant.schema_name):
+        agent_id = Agent.objects.get(slug=slug).pk
+    session_id = chat_session_commit(tenant, traced_portal.world.user("operator"), agent_id)
+    with ws_connect(traced_portal.port, f"/ws/chat/{session_id}/?format=json", cookie=member_cookie("operator")) as ws:
+        ws.send(json.dumps({"content": "What is 6 times 7?"}))
+        final = _socket_final(ws)
+    assert final["event"] == "turn.completed" and "42" in final["content"], final
+
+    trace_id, web, worker = _trace_of_turn(traced_portal, int(final["turn_id"]), web_last="chat.message")
+    # The socket's message is the trace's root in the web; it sent the task that ran the turn.
+    root = next(s for s in web if s["name"] == "chat.message")
+    assert root["parent_id"] is None and root["attributes"]["portal.session.id"] == session_id
+    sent = next(s for s in web if s["name"] == "apply_async/agents.chat_message_accept")
+    assert sent["parent_id"] == root["context"]["span_id"]
+    task = next(s for s in worker if s["name"] == "run/agents.chat_message_accept")
+    assert task["parent_id"] == sent["context"]["span_id"]
+    names = [s["name"] for s in worker]
+    assert names.count("turn.run") == 1 and names.count("llm.call") == 2 and "tool.call" in names, names
+
+
+def _socket_final(ws: Any, timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = json.loads(ws.recv(timeout=deadline - time.monotonic()))
+        if event["event"] in ("turn.completed", "turn.failed", "turn.cancelled", "error"):
+            return event  # type: ignore[no-any-return]
+    raise AssertionError("no final event on the socket")
 
 
 def test_the_workers_log_lines_carry_the_turns_trace_id(
