@@ -9,7 +9,7 @@ Off by default. ``telemetry_setup`` installs a tracer provider and the official 
   ``none`` or unset exports nothing,
 * or, with ``OTEL_TRACES_EXPORTER`` unset, ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
   ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set, which means ``otlp``,
-* or ``OTEL_SPANS_FILE`` names a file: every finished span is appended there as one JSON line
+* or ``TELEMETRY_SPANS_FILE`` names a file: every finished span is appended there as one JSON line
   (the portal's own switch, for tests and debugging without a collector).
 
 ``OTEL_SDK_DISABLED=true`` turns all of it off. Sampling (``OTEL_TRACES_SAMPLER``), the service
@@ -63,11 +63,11 @@ def telemetry_enabled() -> bool:
     """Whether ``telemetry_setup`` would install anything with the current environment."""
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    return bool(_exporter_names() or os.environ.get("OTEL_SPANS_FILE"))
+    return bool(_exporter_names() or os.environ.get("TELEMETRY_SPANS_FILE"))
 
 
 class _JsonLinesFile:
-    """Where ``OTEL_SPANS_FILE`` spans go: one JSON object per line, appended under a lock."""
+    """Where ``TELEMETRY_SPANS_FILE`` spans go: one JSON object per line, appended under a lock."""
 
     def __init__(self, path: str) -> None:
         self._lock = threading.Lock()
@@ -112,7 +112,7 @@ def telemetry_setup(*, service: str) -> bool:
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         if "console" in names:
             provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-        spans_file = os.environ.get("OTEL_SPANS_FILE")
+        spans_file = os.environ.get("TELEMETRY_SPANS_FILE")
         if spans_file:
             # Written as each span ends, so a test reading the file sees every finished span.
             out = _JsonLinesFile(spans_file)
@@ -273,6 +273,6 @@ def add_trace_ids(logger: Any, method: str, event: MutableMapping[str, Any]) -> 
 
 
 def spans_read(path: str) -> list[dict[str, Any]]:
-    """The spans an ``OTEL_SPANS_FILE`` holds, as dicts (``ReadableSpan.to_json``)."""
+    """The spans a ``TELEMETRY_SPANS_FILE`` holds, as dicts (``ReadableSpan.to_json``)."""
     with open(path, encoding="utf-8") as source:
         return [json.loads(line) for line in source if line.strip()]

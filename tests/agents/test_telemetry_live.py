@@ -1,5 +1,5 @@
 """Traces and metrics across real processes: a daphne server and a Celery worker started with
-``OTEL_SPANS_FILE`` (each writes its finished spans as JSON lines) and one
+``TELEMETRY_SPANS_FILE`` (each writes its finished spans as JSON lines) and one
 ``PROMETHEUS_MULTIPROC_DIR``, on their own Redis key prefix (their own queues), against the test
 database. A REST turn must be one trace in both processes, the worker's log lines must carry
 its trace id, and the web's ``/metrics`` must show what the worker recorded.
@@ -70,7 +70,7 @@ def traced_portal(django_db_setup: World, django_db_blocker: Any,
     metrics_dir.mkdir()
     port = _free_port()
     prefix = f"{settings.CACHE_KEY_PREFIX}otel"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TELEMETRY_"))}
     env.update({"DATABASE_URL": _database_url(), "PUBLIC_PORT": str(port), "CACHE_KEY_PREFIX": prefix,
                 "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "LOG_LEVEL": "INFO", **LIVE_DATABASE_ENV})
     web_log, worker_log = base / "daphne.log", base / "celery.log"
@@ -81,13 +81,13 @@ def traced_portal(django_db_setup: World, django_db_blocker: Any,
     with web_log.open("wb") as out:
         web = subprocess.Popen(  # noqa: S603 (fixed argument list)
             [str(daphne), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-            cwd=REPO, env={**env, "OTEL_SPANS_FILE": str(traced.web_spans)}, stdout=out, stderr=subprocess.STDOUT)
+            cwd=REPO, env={**env, "TELEMETRY_SPANS_FILE": str(traced.web_spans)}, stdout=out, stderr=subprocess.STDOUT)
     with worker_log.open("wb") as out:
         worker = subprocess.Popen(  # noqa: S603 (fixed argument list)
             [str(celery), "-A", "config", "worker", "-Q", "llm.light,llm.standard,llm.heavy,default",
              "--pool", "threads", "--concurrency", "4", "--without-heartbeat", "--without-gossip",
              "--without-mingle", "--loglevel", "INFO"],
-            cwd=REPO, env={**env, "OTEL_SPANS_FILE": str(traced.worker_spans)}, stdout=out,
+            cwd=REPO, env={**env, "TELEMETRY_SPANS_FILE": str(traced.worker_spans)}, stdout=out,
             stderr=subprocess.STDOUT)
     try:
         _wait_until_healthy(web, port, web_log)

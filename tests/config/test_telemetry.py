@@ -52,7 +52,7 @@ print(json.dumps({
 
 
 def _probe(extra: dict[str, str]) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TELEMETRY_"))}
     env.update({"DATABASE_URL": _database_url(), **extra})
     done = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True,  # noqa: S603
                           text=True, timeout=120, check=False)
@@ -73,7 +73,7 @@ def test_a_spans_file_installs_the_sdk_and_instrumentations_and_probes_still_ans
     db: Any, tmp_path: Path
 ) -> None:
     spans = tmp_path / "spans.jsonl"
-    seen = _probe({"OTEL_SPANS_FILE": str(spans), "OTEL_SERVICE_NAME": "probe-service"})
+    seen = _probe({"TELEMETRY_SPANS_FILE": str(spans), "OTEL_SERVICE_NAME": "probe-service"})
     assert seen["on"] is True
     assert seen["provider"] == "TracerProvider"
     assert len(seen["middleware"]) == 1 and seen["middleware_index"] == [seen["middleware_after_probe"]]
@@ -86,7 +86,7 @@ def test_a_spans_file_installs_the_sdk_and_instrumentations_and_probes_still_ans
 
 
 def test_the_sdk_disabled_switch_wins(db: Any, tmp_path: Path) -> None:
-    seen = _probe({"OTEL_SPANS_FILE": str(tmp_path / "s.jsonl"), "OTEL_SDK_DISABLED": "true"})
+    seen = _probe({"TELEMETRY_SPANS_FILE": str(tmp_path / "s.jsonl"), "OTEL_SDK_DISABLED": "true"})
     assert seen["on"] is False and seen["middleware"] == []
     assert not (tmp_path / "s.jsonl").exists()
 
@@ -101,11 +101,12 @@ def test_the_sdk_disabled_switch_wins(db: Any, tmp_path: Path) -> None:
     ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_TRACES_EXPORTER": "none"}, False),
     ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, False),
     ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "false"}, True),
+    ({"TELEMETRY_SPANS_FILE": "var/spans.jsonl"}, True),
 ])
 def test_which_variables_turn_tracing_on(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
                                          enabled: bool) -> None:
     for name in list(os.environ):
-        if name.startswith("OTEL_"):
+        if name.startswith(("OTEL_", "TELEMETRY_")):
             monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
