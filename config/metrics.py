@@ -10,9 +10,10 @@ Two kinds of family:
   workers' model calls too. Without it each process exposes only its own.
 * State, computed at scrape time by ``StateCollector``: queue depths (Redis ``LLEN`` of the Celery
   and RQ queues), knowledge documents by status and pending approvals across every tenant schema
-  (one SQL statement, ``UNION ALL`` over the schemas, cached ``STATE_CACHE_SECONDS`` in the cache so
-  that 1,000 tenants and several scrapers cost one statement per interval), and model endpoint
-  health (the Redis hash the staff operations page's probes keep, ``ENDPOINT_HEALTH_KEY``).
+  (``UNION ALL`` over the schemas, ``SCHEMAS_PER_STATEMENT`` to a statement, cached
+  ``STATE_CACHE_SECONDS`` in the cache so that several scrapers cost one read per interval; figures
+  for 1,000 tenants: docs/perf/2026-12-07-metrics-tenant-state.md), and model endpoint health (the
+  Redis hash the staff operations page's probes keep, ``endpoint_health_key()``).
 """
 
 from __future__ import annotations
@@ -151,8 +152,14 @@ def _tenant_schemas(cursor: Any, tables: tuple[str, ...]) -> list[str]:
     return [row[0] for row in cursor.fetchall()]
 
 
+# Schemas per statement: each takes a lock on two tables until it ends, and PostgreSQL's lock table
+# holds max_locks_per_transaction (64) x max_connections slots for every session together.
+SCHEMAS_PER_STATEMENT = 250
+
+
 def tenant_state_read() -> TenantState:
-    """Read ``TenantState`` from the database: one statement over every tenant schema."""
+    """Read ``TenantState`` from the database: one statement per ``SCHEMAS_PER_STATEMENT``
+    tenant schemas (``UNION ALL`` of each schema's counts), after the one that lists them."""
     from django.db import connection
     from psycopg import sql
 
@@ -160,31 +167,29 @@ def tenant_state_read() -> TenantState:
     from knowledge.models import Document
 
     documents_table, approvals_table = Document._meta.db_table, ApprovalRequest._meta.db_table
-    with connection.cursor() as cursor:
-        schemas = _tenant_schemas(cursor, (documents_table, approvals_table))
-        if not schemas:
-            return TenantState(documents={}, approvals_pending=0, oldest_pending_at=None)
-        parts = []
-        for schema in schemas:
-            parts.append(sql.SQL(
-                "SELECT 'document' AS kind, status, count(*) AS n, NULL::timestamptz AS oldest FROM {}.{}"
-                " GROUP BY status"
-            ).format(sql.Identifier(schema), sql.Identifier(documents_table)))
-            parts.append(sql.SQL(
-                "SELECT 'approval', 'pending', count(*), min(created_at) FROM {}.{} WHERE status = 'pending'"
-            ).format(sql.Identifier(schema), sql.Identifier(approvals_table)))
-        statement = sql.SQL("SELECT kind, status, sum(n)::bigint, min(oldest) FROM ({}) AS s GROUP BY kind, status"
-                            ).format(sql.SQL(" UNION ALL ").join(parts))
-        cursor.execute(statement)
-        rows = cursor.fetchall()
     documents: dict[str, int] = {}
     pending, oldest = 0, None
-    for kind, status, n, first in rows:
-        if kind == "document":
-            documents[str(status)] = int(n)
-        else:
-            pending = int(n)
-            oldest = first.timestamp() if first is not None else None
+    with connection.cursor() as cursor:
+        schemas = _tenant_schemas(cursor, (documents_table, approvals_table))
+        for start in range(0, len(schemas), SCHEMAS_PER_STATEMENT):
+            parts = []
+            for schema in schemas[start:start + SCHEMAS_PER_STATEMENT]:
+                parts.append(sql.SQL(
+                    "SELECT 'document' AS kind, status, count(*) AS n, NULL::timestamptz AS oldest FROM {}.{}"
+                    " GROUP BY status"
+                ).format(sql.Identifier(schema), sql.Identifier(documents_table)))
+                parts.append(sql.SQL(
+                    "SELECT 'approval', 'pending', count(*), min(created_at) FROM {}.{} WHERE status = 'pending'"
+                ).format(sql.Identifier(schema), sql.Identifier(approvals_table)))
+            cursor.execute(sql.SQL("SELECT kind, status, sum(n)::bigint, min(oldest) FROM ({}) AS s"
+                                   " GROUP BY kind, status").format(sql.SQL(" UNION ALL ").join(parts)))
+            for kind, status, n, first in cursor.fetchall():
+                if kind == "document":
+                    documents[str(status)] = documents.get(str(status), 0) + int(n)
+                else:
+                    pending += int(n)
+                    if first is not None:
+                        oldest = min(oldest, first.timestamp()) if oldest is not None else first.timestamp()
     return TenantState(documents=documents, approvals_pending=pending, oldest_pending_at=oldest)
 
 
