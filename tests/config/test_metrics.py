@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -214,3 +215,18 @@ def test_the_metrics_token_still_guards_the_new_families(world: World, settings:
     assert wrong.status_code == 401
     samples = _scrape(HTTP_AUTHORIZATION="Bearer scrape-token-1")
     assert "portal_queue_depth" in samples and "portal_ingestion_documents" in samples
+
+
+def test_reading_the_schemas_in_several_statements_sums_the_same(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    with schema_context(world.tenant_a.schema_name):
+        _documents(["pending", "failed"])
+        park(tenant=world.tenant_a, requester=member_principal(world.tenant_a, world.user("operator")),
+             created_at=timezone.now() - dt.timedelta(minutes=5))
+    with schema_context(world.tenant_b.schema_name):
+        _documents(["pending"])
+        park(tenant=world.tenant_b, requester=member_principal(world.tenant_b, world.user("outsider")),
+             created_at=timezone.now() - dt.timedelta(minutes=50))
+    whole = metrics.tenant_state_read()
+    monkeypatch.setattr(metrics, "SCHEMAS_PER_STATEMENT", 1)  # a statement per schema
+    assert metrics.tenant_state_read() == whole
+    assert whole.oldest_pending_at is not None and whole.oldest_pending_at <= time.time() - 50 * 60
