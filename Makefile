@@ -8,7 +8,8 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 
 run: install migrate seed ## Install, migrate, seed and start every Procfile process
 	@echo "Starting web (uvicorn, 2 processes), celery and celery2, beat, rq, llm and tickets (Ctrl-C stops them all). Credentials: var/demo-credentials"
-	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/honcho start -f Procfile
+	rm -rf var/prometheus && mkdir -p var/prometheus  # one metrics directory for every process (README, Observability)
+	PROMETHEUS_MULTIPROC_DIR="$(CURDIR)/var/prometheus" PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/honcho start -f Procfile
 
 test: install browsers ## Lint, types, Django checks, migration check and the pytest suite
 	.venv/bin/ruff check .

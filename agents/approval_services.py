@@ -20,6 +20,7 @@ from django.utils import timezone
 from agents.models import ApprovalRequest, ToolCall, Turn
 from agents.runtime import events
 from compliance.services import audit_event_create
+from config import metrics
 from config.errors import Conflict, DomainError, Forbidden, ValidationFailed
 from config.text import require_storable
 from tenants.principal import Principal
@@ -124,6 +125,7 @@ def _expire_locked(approval: ApprovalRequest, *, now: dt.datetime) -> None:
         turn.error_code = "approval_expired"
         turn.error_message = message
         turn.save(update_fields=["status", "finished_at", "error_code", "error_message"])
+        transaction.on_commit(partial(metrics.turn_finished, Turn.Status.FAILED, "approval_expired"))
     audit_event_create(
         actor=Principal.system("approvals_expire"),
         action="approval.expired",

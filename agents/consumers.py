@@ -41,6 +41,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 
 from agents.runtime import events
 from agents.streaming import handoff_executor
+from config import telemetry
 from config.errors import DomainError, TooManyRequests
 
 logger = structlog.get_logger(__name__)
@@ -218,7 +219,9 @@ def _hand_off(schema: str, queue: str, membership_id: int, session_id: int, cont
     from agents.tasks import chat_message_accept_task
 
     marks = {"received": received, "enqueued": time.time()}
-    with schema_context(schema):
+    # A socket message has no request span: this one is the root of its turn's trace.
+    with schema_context(schema), telemetry.span("chat.message", {"portal.tenant.schema": schema,
+                                                                  "portal.session.id": session_id}):
         chat_message_accept_task.apply_async(args=[membership_id, session_id, content], kwargs={"marks": marks},
                                              queue=queue)
 

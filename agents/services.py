@@ -23,6 +23,7 @@ from agents.models import Agent, AgentVersion, ChatSession, Message, Tool, Turn
 from agents.runtime import events
 from agents.runtime.timings import Marks, mark
 from compliance.services import audit_event_create
+from config import metrics
 from config.errors import Conflict, NotFound, ValidationFailed
 from config.ratelimit import rate_limit_hit
 from config.redis import redis_client
@@ -511,6 +512,7 @@ def turn_cancel(*, principal: Principal, turn: Turn) -> Turn:
         message_id = turn.assistant_message_id
         transaction.on_commit(lambda: events.publish(group, {"event": "turn.cancelled", "turn_id": turn_id,
                                                              "message_id": message_id}))
+        transaction.on_commit(partial(metrics.turn_finished, Turn.Status.CANCELLED))
     turn.save(update_fields=["cancel_requested", "status", "finished_at"])
     key = events.cancel_key(schema, turn.pk)
     transaction.on_commit(lambda: redis_client().set(key, b"1", ex=3600))
@@ -591,6 +593,7 @@ def turns_sweep(*, now: dt.datetime | None = None) -> SweepResult:
                     output_excerpt="The worker running this call stopped; its outcome is unknown.")
         if updated:
             failed += 1
+            metrics.turn_finished(Turn.Status.FAILED, code)
             event = {"event": "turn.failed", "turn_id": turn_id, "error": {"code": code, "message": message}}
             # After the commit (at once under autocommit): a client that reloads on this event
             # must find the turn failed.

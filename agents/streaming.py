@@ -36,6 +36,7 @@ from django_tenants.utils import schema_context
 from agents.models import Turn
 from agents.runtime import events
 from billing.selectors.usage import turn_cost_fields
+from config import telemetry
 from config.db import connection_release
 
 logger = structlog.get_logger(__name__)
@@ -268,9 +269,12 @@ def new_turn_options(turn: Turn, marks: dict[str, float], *, schema: str) -> dic
     queued = {"event": "turn.queued", "turn_id": turn.pk, "session_id": turn.session_id,
               "user_message_id": turn.user_message_id}
 
+    # The request's span has ended when the stream sends the task: the task joins its trace.
+    request_context = telemetry.context_capture()
+
     def send() -> None:
         # tenant-schemas-celery sends the schema of this thread's connection with the task.
-        with schema_context(schema):
+        with schema_context(schema), telemetry.context_attached(request_context):
             turn_enqueue(turn, marks)
 
     async def enqueue() -> None:

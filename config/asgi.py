@@ -8,6 +8,10 @@ from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
+from config.telemetry import telemetry_setup  # noqa: E402
+
+# Before Django builds its middleware chain: the instrumentation adds its own (off by default).
+telemetry_setup(service="portal-web")
 # Django must be set up before anything imports models.
 django_asgi_app = get_asgi_application()
 

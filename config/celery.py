@@ -36,6 +36,24 @@ def _beat_invoices(sender: CeleryApp, **kwargs: object) -> None:
     }
 
 
+@signals.worker_init.connect
+@signals.beat_init.connect
+def _telemetry_start(**kwargs: object) -> None:
+    """Traces of the worker's tasks (``config.telemetry``; off unless ``OTEL_*`` asks). Senders
+    (the web) set it up themselves; the Celery instrumentation joins each task to the trace of
+    the request that sent it."""
+    from config.telemetry import telemetry_setup
+
+    telemetry_setup(service="portal-worker")
+
+
+@signals.worker_shutdown.connect
+def _telemetry_flush(**kwargs: object) -> None:
+    from config.telemetry import telemetry_shutdown
+
+    telemetry_shutdown()
+
+
 @signals.worker_ready.connect
 def _embedder_preload(**kwargs: object) -> None:
     """Load the embedding model when the worker starts: chat turns search the knowledge base,

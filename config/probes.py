@@ -73,12 +73,15 @@ def readiness(request: HttpRequest) -> HttpResponse:
 
 
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus text exposition of the process's metrics (django-prometheus registry).
+    """Prometheus text exposition: django-prometheus' and the portal's families, every process's
+    with ``PROMETHEUS_MULTIPROC_DIR``, and the scrape-time state gauges (``config.metrics``).
 
     With ``METRICS_TOKEN`` set, the caller must send it as a bearer token (401 otherwise);
     without it but with ``METRICS_PORT`` set, 404 (the metrics are on that port).
     """
-    from django_prometheus.exports import ExportToDjangoView
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    from config.metrics import exposition
 
     token = settings.METRICS_TOKEN
     if not token and settings.METRICS_PORT:
@@ -91,4 +94,4 @@ def metrics(request: HttpRequest) -> HttpResponse:
             return JsonResponse({"error": {"code": "not_authenticated", "message": "Metrics need a token."}},
                                 status=401)
 
-    return ExportToDjangoView(request)
+    return HttpResponse(exposition(), content_type=CONTENT_TYPE_LATEST)

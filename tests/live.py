@@ -37,7 +37,7 @@ from tests.scripted_llm import ScriptedLLM
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 60.0
 LIVE_KB_MAX_UPLOAD_MB = 4  # the live server's KB_MAX_UPLOAD_MB (the default is 50)
-LIVE_FIXTURES = {"portal", "ingest_worker", "celery_worker"}
+LIVE_FIXTURES = {"portal", "ingest_worker", "celery_worker", "traced_portal"}
 # The servers take their connections from a pool, as in production (the pytest process has none).
 LIVE_DATABASE_ENV = {"DATABASE_POOL": "true"}
 

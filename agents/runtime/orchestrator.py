@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import threading
 import time
@@ -51,6 +52,7 @@ from billing.services.budgets import (
     budget_settle,
 )
 from compliance.services import audit_event_create
+from config import metrics, telemetry
 from config.db import connection_release
 from config.errors import DomainError
 from tenants.models import ModelEndpoint
@@ -150,6 +152,7 @@ def _finish(turn: Turn, status: str, **fields: Any) -> None:
     for name, value in fields.items():
         setattr(turn, name, value)
     turn.save(update_fields=["status", "finished_at", *fields])
+    transaction.on_commit(functools.partial(metrics.turn_finished, status, fields.get("error_code", "")))
 
 
 def _claim(turn_id: int, marks: Marks) -> Turn | None:
@@ -210,7 +213,8 @@ def _drive(turn: Turn, *, schema: str, group: str, batcher: DeltaBatcher, body: 
     structlog.contextvars.bind_contextvars(turn_id=turn.pk, session_id=turn.session_id,
                                            user_id=turn.session.user_id, api_key=turn.session.api_key_id or None)
     # Any reservation a path below leaves unsettled is released when the guard exits.
-    with budget_holds_guard() as holds:
+    with telemetry.span("turn.run", {"portal.tenant.schema": schema, "portal.agent": turn.session.agent.slug,
+                                     "portal.turn.id": turn.pk}), budget_holds_guard() as holds:
         return _drive_guarded(turn, schema=schema, group=group, batcher=batcher, body=body, holds=holds)
 
 

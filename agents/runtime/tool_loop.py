@@ -30,6 +30,7 @@ from agents.runtime.tools import tool_result_text as result_text
 from billing.models import UsageEvent
 from billing.services import usage_event_record
 from compliance.services import audit_event_create
+from config import metrics
 from config.db import connection_release
 from tenants.principal import Principal
 
@@ -118,6 +119,7 @@ def _refuse(run: TurnRun, row: ToolCall, exc: ToolCallInvalid) -> None:
             target_id=row.pk,
             payload={"turn_id": run.turn.pk, "tool": row.tool_name, "code": exc.code},
         )
+    metrics.tool_call_counted(row.tool_name, ToolCall.Status.INVALID)
     events.publish(
         run.group,
         {
@@ -194,6 +196,7 @@ def _record(run: TurnRun, row: ToolCall, tool: Tool, outcome: ToolOutcome) -> No
                 "duration_ms": outcome.duration_ms,
             },
         )
+    metrics.tool_call_counted(tool.name, status)
     if outcome.hits:
         # kb_search's sources join the turn's citations, numbered after those already there.
         start = len(run.citations)
@@ -351,6 +354,7 @@ def decided_call_handle(run: TurnRun, approval: ApprovalRequest) -> None:
         return
     who = approval.decided_by_label or "an approver"
     text = f"The call was rejected by {who}: {approval.reason or 'no reason given'}. It was not run."
+    metrics.tool_call_counted(row.tool_name, "rejected")
     events.publish(
         run.group,
         {

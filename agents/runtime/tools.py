@@ -32,6 +32,7 @@ import jsonschema
 import structlog
 
 from agents.models import AgentVersion, Tool
+from config import telemetry
 
 logger = structlog.get_logger(__name__)
 
@@ -211,6 +212,10 @@ def tool_arguments_parse(*, name: str, raw: str, allowed: Mapping[str, Tool]) ->
 # --- Running a call -----------------------------------------------------------------------------
 
 
+@telemetry.traced("tool.call", attributes=lambda args, kwargs: {"portal.tool": args[0].name,
+                                                                  "portal.tool.kind": str(args[0].kind)},
+                  result_attributes=lambda outcome: {"portal.tool.status": outcome.status,
+                                                     "error.type": outcome.error_code or ""})
 def tool_execute(tool: Tool, arguments: dict[str, Any], *, context: ToolContext) -> ToolOutcome:
     """Run one call of ``tool`` with ``arguments`` (already checked by ``tool_arguments_parse``)
     and return its ``ToolOutcome`` with ``duration_ms`` (milliseconds, wall clock).

@@ -17,6 +17,7 @@ from django.db import connection
 
 from billing.models import UsageEvent
 from billing.services import usage_event_record
+from config import telemetry
 from config.errors import ValidationFailed
 from knowledge.embeddings import Embedder, embedder
 from knowledge.models import Collection
@@ -163,6 +164,11 @@ def collapse_by_document(hits: list[SearchHit], document_of: dict[int, int], lim
 MAX_POOL = 1000
 
 
+@telemetry.traced("retrieval.search",
+                  attributes=lambda _, kw: {"portal.retrieval.top_k": kw.get("top_k", 10),
+                                            "portal.retrieval.mode": kw.get("mode", "hybrid"),
+                                            "portal.retrieval.collections": len(kw.get("collections") or [])},
+                  result_attributes=lambda hits: {"portal.retrieval.results": len(hits)})
 def chunk_search(
     *,
     query: str,

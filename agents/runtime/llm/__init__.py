@@ -42,6 +42,7 @@ from agents.runtime.llm.common import (
 from agents.runtime.llm.direct import DIRECT_PREFIXES, OPENAI_API_BASE, stream_direct
 from agents.runtime.llm.litellm_path import stream_litellm
 from config.egress import EgressDenied, EgressTarget, egress_check_url
+from config.telemetry import llm_call_observed
 from tenants.models import ModelEndpoint
 
 logger = structlog.get_logger(__name__)
@@ -181,39 +182,41 @@ def stream_chat(
         result = StreamResult(endpoint=endpoint)
         started = time.perf_counter()
         stream = _stream_direct if endpoint.model.startswith(DIRECT_PREFIXES) else _stream_one
-        try:
-            if endpoint.tenant_id is not None:
-                _tenant_route_check(endpoint)
-            stream(
-                endpoint,
-                messages,
-                temperature=temperature,
-                max_tokens=max_tokens,
-                response_format=response_format,
-                on_delta=on_delta,
-                should_stop=should_stop,
-                result=result,
-                tools=tools,
-                tool_choice=tool_choice,
-            )
-        except LLMError as error:
-            last = error
-            logger.warning(
-                "llm_call_failed",
-                endpoint=endpoint.name,
-                code=error.code,
-                cause=repr(error.__cause__)[:500],
-                seconds=round(time.perf_counter() - started, 3),
-            )
-            if error.fallback_ok and not result.text:
-                continue
-            if result.text:
-                if result.input_tokens == 0 and result.output_tokens == 0:
-                    _estimate(result, messages)
-                error.partial = result
-            raise
-        if result.input_tokens == 0 and result.output_tokens == 0:
-            _estimate(result, messages)
-        return result
+        # The span and the model-call metrics (config.telemetry); they read the token counts on exit.
+        with llm_call_observed(endpoint, result):
+            try:
+                if endpoint.tenant_id is not None:
+                    _tenant_route_check(endpoint)
+                stream(
+                    endpoint,
+                    messages,
+                    temperature=temperature,
+                    max_tokens=max_tokens,
+                    response_format=response_format,
+                    on_delta=on_delta,
+                    should_stop=should_stop,
+                    result=result,
+                    tools=tools,
+                    tool_choice=tool_choice,
+                )
+            except LLMError as error:
+                last = error
+                logger.warning(
+                    "llm_call_failed",
+                    endpoint=endpoint.name,
+                    code=error.code,
+                    cause=repr(error.__cause__)[:500],
+                    seconds=round(time.perf_counter() - started, 3),
+                )
+                if error.fallback_ok and not result.text:
+                    continue
+                if result.text:
+                    if result.input_tokens == 0 and result.output_tokens == 0:
+                        _estimate(result, messages)
+                    error.partial = result
+                raise
+            if result.input_tokens == 0 and result.output_tokens == 0:
+                _estimate(result, messages)
+            return result
     assert last is not None
     raise last

@@ -3,6 +3,7 @@ which endpoints serve a version, token estimates and prices."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -56,6 +57,7 @@ class StreamResult:
     finish_reason: str = ""
     attempts: list[dict[str, str]] = field(default_factory=list)
     tool_calls: list[ToolCallRequest] = field(default_factory=list)
+    first_token_at: float | None = None  # time.perf_counter() at the first content or tool-call delta
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -100,11 +102,14 @@ class StreamState:
         delta = _get(choice, "delta")
         content = _get(delta, "content") if delta is not None else None
         if content:
-            self.streamed_any = True
+            if not self.streamed_any:
+                self.streamed_any = True
+                self.result.first_token_at = self.result.first_token_at or time.perf_counter()
             self.result.text += content
             self.on_delta(content)
         calls = _get(delta, "tool_calls") if delta is not None else None
         if calls:
+            self.result.first_token_at = self.result.first_token_at or time.perf_counter()
             self._read_tool_calls(calls)
         finish = _get(choice, "finish_reason")
         if finish:

@@ -29,6 +29,7 @@ from django.utils import timezone
 from billing.models import Budget, BudgetReservation, UsageEvent
 from billing.periods import period_bounds
 from config.errors import TooManyRequests
+from config.metrics import budget_block_counted
 
 logger = structlog.get_logger(__name__)
 
@@ -369,6 +370,7 @@ def budget_reserve(
             refusal = _refusal(counter, row, tokens, cost, tz) if counter.blocks and row else None
             if refusal:
                 code = "quota_exceeded" if counter.budget is None else "budget_exceeded"
+                budget_block_counted(code)
                 assert row is not None
                 raise BudgetExceeded(
                     refusal,
@@ -653,4 +655,5 @@ def budget_room_check(
         )
         if refusal:
             code = "quota_exceeded" if counter.budget is None else "budget_exceeded"
+            budget_block_counted(code)
             raise BudgetExceeded(refusal, code=code, retry_after=max(1, int((row.period_end - now).total_seconds())))
