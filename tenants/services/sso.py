@@ -363,8 +363,10 @@ def sso_login_check(*, tenant: Tenant, config: SsoConfig, claims: dict[str, Any]
     if role is None:
         raise Forbidden("Your identity provider gives you no role in this workspace.", code="sso_no_role")
     if membership is None:
-        plan_limit_check(tenant=tenant, limit="max_members",
-                         used=lambda: Membership.objects.filter(tenant=tenant).count())
+        # Refuse early, before an account is made; sso_membership_sync checks again under the lock.
+        with transaction.atomic():
+            plan_limit_check(tenant=tenant, limit="max_members",
+                             used=lambda: Membership.objects.filter(tenant=tenant).count())
     return SsoLoginDecision(email=email, role=role, existing_user=user)
 
 
@@ -377,6 +379,8 @@ def sso_membership_sync(*, tenant: Tenant, user: User, role: str, subject: str, 
     actor = Principal.system(SSO_ACTOR, tenant=tenant)
     membership = Membership.objects.select_for_update().filter(user=user, tenant=tenant).first()
     if membership is None:
+        plan_limit_check(tenant=tenant, limit="max_members",
+                         used=lambda: Membership.objects.filter(tenant=tenant).count())
         membership = Membership.objects.create(user=user, tenant=tenant, role=role)
         audit_event_create(actor=Principal.for_member(membership), action="member.joined", target_type="membership",
                            target_id=membership.pk, payload={"email": user.email, "role": role, "via": "sso"},

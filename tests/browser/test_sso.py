@@ -72,7 +72,7 @@ def test_a_person_signs_in_through_the_idp_and_lands_on_the_console_with_the_map
         expect(page).to_have_url(portal.url(path="/"))
         page.goto(portal.url(path="/members/"))
         row = page.locator("tr", has_text=email)
-        expect(row).to_contain_text("operator")
+        expect(row).to_contain_text("Operator")
         roles = committed(lambda: list(Membership.objects.filter(user__email=email).values_list("role", flat=True)))
         assert roles == ["operator"]
     finally:

@@ -132,6 +132,24 @@ def test_an_address_outside_the_allowed_domains_is_refused(world: World, idp_all
     assert refused.payload["reason"] == "sso_domain_not_allowed"
 
 
+def test_a_first_sign_in_past_the_plans_seats_is_refused(world: World, idp_allowed: Idp) -> None:
+    from tenants.models import Plan
+
+    sso_configure(world.tenant_a, idp_allowed.issuer)
+    seats = Membership.objects.filter(tenant=world.tenant_a).count()
+    plan = Plan.objects.create(code="sso-seats", name="Seats", max_members=seats)
+    world.tenant_a.plan = plan
+    world.tenant_a.save(update_fields=["plan"])
+    idp_allowed.user_set("seat-1", email="seat@acme.test", groups=["eng"])
+    client = host_client(HOST_A)
+    response = sso_sign_in(client, idp_allowed, provider_id="oidc-acme", sub="seat-1")
+    assert response.status_code == 409
+    assert not User.objects.filter(email="seat@acme.test").exists()
+    assert _signed_in_as(client) is None
+    (refused,) = _audit(world.tenant_a, "sso.login_refused")
+    assert refused.payload["reason"] == "plan_limit"
+
+
 def test_an_account_of_another_tenant_is_never_signed_in_by_this_idp(world: World, idp_allowed: Idp) -> None:
     # Tenant A's admin allows globex.test and its IdP claims globex's owner: refused, since
     # signing in would let A's IdP act for an account that B trusts.
