@@ -199,6 +199,23 @@ MEDIA_ROOT: {{ include "portal.mediaDir" . | quote }}
 STATIC_ROOT: {{ printf "%s/staticfiles" (include "portal.varDir" .) | quote }}
 PYTHONUNBUFFERED: "1"
 PYTHONDONTWRITEBYTECODE: "1"
+{{- if .Values.otel.enabled }}
+OTEL_TRACES_EXPORTER: "otlp"
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ .Values.otel.endpoint | quote }}
+OTEL_EXPORTER_OTLP_PROTOCOL: {{ .Values.otel.protocol | quote }}
+OTEL_SERVICE_NAME: {{ .Values.otel.serviceName | quote }}
+OTEL_TRACES_SAMPLER: {{ .Values.otel.sampler | quote }}
+{{- with .Values.otel.samplerArg }}
+OTEL_TRACES_SAMPLER_ARG: {{ . | toString | quote }}
+{{- end }}
+{{- with .Values.otel.resourceAttributes }}
+{{- $attributes := list }}
+{{- range $key, $value := . }}
+{{- $attributes = append $attributes (printf "%s=%v" $key $value) }}
+{{- end }}
+OTEL_RESOURCE_ATTRIBUTES: {{ join "," $attributes | quote }}
+{{- end }}
+{{- end }}
 XDG_CACHE_HOME: "/tmp/.cache"
 {{- range $key, $value := $c.extra }}
 {{- if and (kindIs "float64" $value) (eq $value (floor $value)) }}
@@ -558,6 +575,9 @@ Refuse configurations that would start a broken or unsafe portal. Rendered (as n
 {{- end }}
 {{- if not (has $c.logFormat (list "json" "console")) }}
 {{- fail "config.logFormat must be json or console" }}
+{{- end }}
+{{- if and .Values.otel.enabled (not (regexMatch "^https?://" (.Values.otel.endpoint | toString))) }}
+{{- fail "otel.endpoint is required with otel.enabled: the OTLP collector's http(s):// URL (OTEL_EXPORTER_OTLP_ENDPOINT)" }}
 {{- end }}
 {{- if and .Values.llm.enabled (not .Values.llm.image.repository) }}
 {{- fail "llm.image.repository is required when llm.enabled" }}
