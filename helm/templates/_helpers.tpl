@@ -196,7 +196,7 @@ DEFAULT_FROM_EMAIL: {{ $c.email.defaultFrom | quote }}
 SENTRY_TRACES_SAMPLE_RATE: {{ $c.sentryTracesSampleRate | toString | quote }}
 PORTAL_VAR_DIR: {{ include "portal.varDir" . | quote }}
 MEDIA_ROOT: {{ include "portal.mediaDir" . | quote }}
-STATIC_ROOT: {{ printf "%s/staticfiles" (include "portal.varDir" .) | quote }}
+STATIC_ROOT: {{ printf "%s/staticfiles" (.Values.workingDir | trimSuffix "/") | quote }}
 PYTHONUNBUFFERED: "1"
 PYTHONDONTWRITEBYTECODE: "1"
 {{- if .Values.otel.enabled }}

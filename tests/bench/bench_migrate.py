@@ -143,8 +143,9 @@ def database_url(*, reuse: bool) -> tuple[str, bool]:
     from config.pgembed import ensure_server
 
     server = ensure_server(PG_DIR.resolve())
-    with psycopg.connect(host=server.socket_dir, port=server.port, user=server.user, dbname="postgres",
-                         autocommit=True) as conn:
+    with psycopg.connect(
+        host=server.socket_dir, port=server.port, user=server.user, dbname="postgres", autocommit=True
+    ) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() is not None
         if not (reuse and exists):
             conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
@@ -162,8 +163,14 @@ def run(env: dict[str, str], args: list[str], *, label: str, log: Path) -> float
     with log.open("a") as out:
         out.write(f"\n### {label}: {' '.join(args)}\n")
         out.flush()
-        completed = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, stdout=out,  # noqa: S603
-                                   stderr=subprocess.STDOUT, check=False)
+        completed = subprocess.run(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,  # noqa: S603
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     elapsed = time.perf_counter() - started
     if completed.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
@@ -203,8 +210,12 @@ def load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tenants", type=int, default=1000)
-    parser.add_argument("--processes", type=int, default=2,
-                        help="processes of the multiprocessing executor (TENANT_MULTIPROCESSING_MAX_PROCESSES)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="processes of the multiprocessing executor (TENANT_MULTIPROCESSING_MAX_PROCESSES)",
+    )
     parser.add_argument("--chunks", type=int, default=2, help="TENANT_MULTIPROCESSING_CHUNKS")
     parser.add_argument("--reuse", action="store_true", help="keep an existing bench_migrate database")
     args = parser.parse_args()
@@ -232,38 +243,68 @@ def main() -> None:
         "TENANT_MULTIPROCESSING_CHUNKS": str(args.chunks),
     }
     migrate = ["manage.py", "migrate_schemas", "--noinput"]
-    print(f"bench_migrate: {args.tenants} tenants, multiprocessing executor with {args.processes} processes "
-          f"(chunks {args.chunks}); {load()}; log in {log}", flush=True)
+    print(
+        f"bench_migrate: {args.tenants} tenants, multiprocessing executor with {args.processes} processes "
+        f"(chunks {args.chunks}); {load()}; log in {log}",
+        flush=True,
+    )
 
     results: dict[str, float] = {}
     if not reused:
-        results["public_migrate_s"] = run(env, [*migrate, "--executor=standard"], label="migrate (public schema, no tenants)", log=log)
+        results["public_migrate_s"] = run(
+            env, [*migrate, "--executor=standard"], label="migrate (public schema, no tenants)", log=log
+        )
     existing = schema_census(url)["schemas"]
     if existing < args.tenants:
         started = time.perf_counter()
-        run(env, ["-c", PROVISION, str(args.tenants), str(existing)], label=f"provision {args.tenants - existing} tenants", log=log)
+        run(
+            env,
+            ["-c", PROVISION, str(args.tenants), str(existing)],
+            label=f"provision {args.tenants - existing} tenants",
+            log=log,
+        )
         results["provision_s"] = time.perf_counter() - started
         results["provision_ms_per_tenant"] = results["provision_s"] * 1000 / (args.tenants - existing)
     census = schema_census(url)
-    print(f"tenant schemas: {census['schemas']}, tables per schema {census['min_tables']}..{census['max_tables']}; {load()}",
-          flush=True)
+    print(
+        f"tenant schemas: {census['schemas']}, tables per schema "
+        f"{census['min_tables']}..{census['max_tables']}; {load()}",
+        flush=True,
+    )
 
     results["noop_standard_s"] = run(env, [*migrate, "--executor=standard"], label="no-op, standard executor", log=log)
-    results["noop_multiprocessing_s"] = run(env, [*migrate, "--executor=multiprocessing"],
-                                            label=f"no-op, multiprocessing executor ({args.processes} processes)", log=log)
+    results["noop_multiprocessing_s"] = run(
+        env,
+        [*migrate, "--executor=multiprocessing"],
+        label=f"no-op, multiprocessing executor ({args.processes} processes)",
+        log=log,
+    )
     print(load(), flush=True)
 
     write_files(work, APP_FILES_0002)
-    results["new_standard_s"] = run(env, [*migrate, "--executor=standard"], label="one new migration, standard executor", log=log)
+    results["new_standard_s"] = run(
+        env, [*migrate, "--executor=standard"], label="one new migration, standard executor", log=log
+    )
     applied_standard = schema_census(url)["with_new_column"]
-    results["rollback_multiprocessing_s"] = run(env, [*migrate, "--executor=multiprocessing", APP, "0001"],
-                                                label="(roll back to 0001, multiprocessing executor)", log=log)
+    results["rollback_multiprocessing_s"] = run(
+        env,
+        [*migrate, "--executor=multiprocessing", APP, "0001"],
+        label="(roll back to 0001, multiprocessing executor)",
+        log=log,
+    )
     rolled_back = schema_census(url)["with_new_column"]
-    results["new_multiprocessing_s"] = run(env, [*migrate, "--executor=multiprocessing"],
-                                           label=f"one new migration, multiprocessing executor ({args.processes} processes)", log=log)
+    results["new_multiprocessing_s"] = run(
+        env,
+        [*migrate, "--executor=multiprocessing"],
+        label=f"one new migration, multiprocessing executor ({args.processes} processes)",
+        log=log,
+    )
     applied_parallel = schema_census(url)["with_new_column"]
-    print(f"schemas with the new column: {applied_standard} after standard, {rolled_back} after the rollback, "
-          f"{applied_parallel} after multiprocessing; {load()}", flush=True)
+    print(
+        f"schemas with the new column: {applied_standard} after standard, {rolled_back} after the rollback, "
+        f"{applied_parallel} after multiprocessing; {load()}",
+        flush=True,
+    )
 
     summary = {
         "tenants": census["schemas"],
@@ -275,8 +316,10 @@ def main() -> None:
         "applied_multiprocessing": applied_parallel,
         **{key: round(value, 1) for key, value in results.items()},
     }
-    print(f"\nno-op: standard {results['noop_standard_s'] / 60:.1f} min, multiprocessing "
-          f"{results['noop_multiprocessing_s'] / 60:.1f} min (target < 10 min)")
+    print(
+        f"\nno-op: standard {results['noop_standard_s'] / 60:.1f} min, multiprocessing "
+        f"{results['noop_multiprocessing_s'] / 60:.1f} min (target < 10 min)"
+    )
     print("SUMMARY " + json.dumps(summary, sort_keys=True))
 
 

@@ -12,6 +12,7 @@ Two value sets: the defaults with only the REQUIRED values set, and helm/values-
 from __future__ import annotations
 
 import copy
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,9 @@ def pod_specs(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]
 
 
 def deployment(objects: list[dict[str, Any]], component: str) -> dict[str, Any]:
-    found = [d for d in of_kind(objects, "Deployment")
-             if d["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    found = [
+        d for d in of_kind(objects, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
     assert len(found) == 1, f"{len(found)} Deployments of component {component}"
     return found[0]
 
@@ -142,8 +144,10 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as error:
-                pytest.fail(f"{name}: {obj['kind']} {obj['metadata']['name']} on Kubernetes {version}: {error.message} "
-                            f"at {'/'.join(map(str, error.path))}")
+                pytest.fail(
+                    f"{name}: {obj['kind']} {obj['metadata']['name']} on Kubernetes {version}: {error.message} "
+                    f"at {'/'.join(map(str, error.path))}"
+                )
     if name == "production":
         assert custom >= 1  # the ServiceMonitor at least
 
@@ -190,7 +194,7 @@ def test_web_runs_uvicorn_as_the_procfile_does(case: tuple[str, dict[str, Any], 
     assert container["command"] == ["uvicorn"] and args[0] == "config.asgi:application"
     procfile = dict(line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line.strip())
     words = shlex.split(procfile["web"])
-    words = words[words.index("uvicorn") + 2:]  # after "uvicorn config.asgi:application"
+    words = words[words.index("uvicorn") + 2 :]  # after "uvicorn config.asgi:application"
     for option in ("--loop", "--http", "--ws"):
         assert args[args.index(option) + 1] == words[words.index(option) + 1]
     assert "--no-access-log" in args
@@ -201,19 +205,27 @@ def test_network_policies_let_only_the_workers_reach_models_and_the_internet(
     case: tuple[str, dict[str, Any], list[dict[str, Any]]],
 ) -> None:
     name, values, objects = case
-    policies = {p["metadata"]["name"].removeprefix(f"{RELEASE}-agent-ops-portal-"): p
-                for p in of_kind(objects, "NetworkPolicy")}
+    policies = {
+        p["metadata"]["name"].removeprefix(f"{RELEASE}-agent-ops-portal-"): p for p in of_kind(objects, "NetworkPolicy")
+    }
     assert {"web", "workers", "internal"} <= set(policies)
     for policy in policies.values():
         if policy["metadata"]["name"].endswith("-llm"):
             continue
         assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
 
-    worker_components = {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in of_kind(objects, "Deployment")
-                         if d["spec"]["template"]["spec"]["containers"][0]["command"] in (["celery"], ["python"])
-                         and "beat" not in d["spec"]["template"]["spec"]["containers"][0]["args"]}
+    worker_components = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]
+        for d in of_kind(objects, "Deployment")
+        if d["spec"]["template"]["spec"]["containers"][0]["command"] in (["celery"], ["python"])
+        and "beat" not in d["spec"]["template"]["spec"]["containers"][0]["args"]
+    }
     (selector,) = policies["workers"]["spec"]["podSelector"]["matchExpressions"]
-    assert set(selector["values"]) == worker_components == {f"celery-{t}" for t in ("default", "heavy", "light", "standard")} | {"rq"}
+    assert (
+        set(selector["values"])
+        == worker_components
+        == {f"celery-{t}" for t in ("default", "heavy", "light", "standard")} | {"rq"}
+    )
 
     def ports(rule: dict[str, Any]) -> set[int]:
         return {p["port"] for p in rule.get("ports", [])}
@@ -226,8 +238,12 @@ def test_network_policies_let_only_the_workers_reach_models_and_the_internet(
                 continue  # the IdP of OIDC sign-in, given in networkPolicy.web.extraEgress
             assert rule.get("ports") and ports(rule) <= allowed, (policy_name, rule)
             assert "0.0.0.0/0" not in cidrs
-    worker_cidrs = {peer["ipBlock"]["cidr"] for rule in policies["workers"]["spec"]["egress"]
-                    for peer in rule.get("to", []) if "ipBlock" in peer}
+    worker_cidrs = {
+        peer["ipBlock"]["cidr"]
+        for rule in policies["workers"]["spec"]["egress"]
+        for peer in rule.get("to", [])
+        if "ipBlock" in peer
+    }
     assert "0.0.0.0/0" in worker_cidrs
     if name == "production":
         assert "10.30.0.0/24" in worker_cidrs  # the vLLM servers
@@ -238,8 +254,11 @@ def test_disruption_budgets_cover_web_and_every_worker(case: tuple[str, dict[str
     covered = set()
     for pdb in of_kind(objects, "PodDisruptionBudget"):
         selector = pdb["spec"]["selector"]["matchLabels"]
-        matching = [d for d in of_kind(objects, "Deployment")
-                    if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        matching = [
+            d
+            for d in of_kind(objects, "Deployment")
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert len(matching) == 1, pdb["metadata"]["name"]
         covered.add(matching[0]["metadata"]["labels"]["app.kubernetes.io/component"])
     assert covered == {"web", "rq"} | {f"celery-{t}" for t in ("default", "heavy", "light", "standard")}
@@ -255,7 +274,10 @@ def test_no_container_runs_as_root(case: tuple[str, dict[str, Any], list[dict[st
             context = {**pod, **container.get("securityContext", {})}
             assert context.get("runAsNonRoot") is True, (name, container["name"])
             assert context.get("runAsUser", 1) != 0, (name, container["name"])
-            assert container.get("securityContext", {}).get("allowPrivilegeEscalation") is False, (name, container["name"])
+            assert container.get("securityContext", {}).get("allowPrivilegeEscalation") is False, (
+                name,
+                container["name"],
+            )
 
 
 def test_queue_depth_autoscaling_targets_each_tier_queue() -> None:
@@ -307,3 +329,16 @@ def test_it_refuses_to_render_without_required_values(changes: dict[str, Any], m
     with pytest.raises(helm.HelmRenderError) as caught:
         render(with_values(REQUIRED_VALUES, **changes))
     assert message in str(caught.value)
+
+
+def test_static_files_are_served_from_where_the_image_collected_them() -> None:
+    # collectstatic ran at build time into the image's STATIC_ROOT; var/ is an emptyDir at run time.
+    image_static_root = re.search(r"STATIC_ROOT=(\S+)", (ROOT / "Dockerfile").read_text())
+    assert image_static_root
+    (config,) = [
+        o
+        for o in of_kind(manifests_of(render(REQUIRED_VALUES)), "ConfigMap")
+        if o["metadata"]["name"].endswith("-config")
+    ]
+    assert config["data"]["STATIC_ROOT"] == image_static_root.group(1)
+    assert not config["data"]["STATIC_ROOT"].startswith(config["data"]["PORTAL_VAR_DIR"])
