@@ -63,6 +63,7 @@ bench: install ## Benchmarks: print figures, assert nothing (about 40 minutes)
 	$(PY) tests/bench/bench_budget.py
 	$(PY) tests/bench/bench_load.py --baseline
 	$(PY) tests/bench/bench_invoice.py
+	$(PY) tests/bench/bench_migrate.py
 
 lint: install
 	.venv/bin/ruff check .
