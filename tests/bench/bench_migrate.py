@@ -71,7 +71,8 @@ APP_FILES_0001 = {
                 migrations.CreateModel(
                     name="Marker",
                     fields=[
-                        ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                        ("id", models.BigAutoField(auto_created=True, primary_key=True,
+                                                   serialize=False, verbose_name="ID")),
                         ("name", models.CharField(max_length=40)),
                     ],
                 ),
