@@ -125,6 +125,13 @@ def test_it_lints_without_errors_or_warnings(case: tuple[str, dict[str, Any], li
         assert report["total_charts_linted"] == 1
 
 
+def test_lint_reports_a_template_that_renders_broken_yaml() -> None:
+    # Helm's lint mode logs `fail` instead of stopping (refusals are tested through render below),
+    # but output that is not YAML is an error.
+    report = helm.lint(CHART, with_values(REQUIRED_VALUES, commonLabels="not-a-map"), strict=True)
+    assert any(m["severity"] == 3 and "unable to parse YAML" in m["error"] for m in report["messages"])
+
+
 def test_every_manifest_validates_against_the_kubernetes_schemas(
     case: tuple[str, dict[str, Any], list[dict[str, Any]]],
 ) -> None:
