@@ -630,8 +630,9 @@ spec:
 {{- end }}
 
 {{/*
-Egress rules every portal pod gets from the NetworkPolicy: DNS, PostgreSQL and Redis (a list of
-NetworkPolicyEgressRule). An empty `to` allows any address on those ports.
+Egress rules every portal pod gets from the NetworkPolicy: DNS, PostgreSQL, Redis and, with
+otel.enabled, the OTLP collector (a list of NetworkPolicyEgressRule). An empty `to` allows any
+address on those ports.
 */}}
 {{- define "portal.networkPolicyBaseEgress" -}}
 {{- $np := .Values.networkPolicy -}}
@@ -646,7 +647,11 @@ NetworkPolicyEgressRule). An empty `to` allows any address on those ports.
   to:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-{{- range $name := list "postgresql" "redis" }}
+{{- $services := list "postgresql" "redis" }}
+{{- if .Values.otel.enabled }}
+{{- $services = append $services "otelCollector" }}
+{{- end }}
+{{- range $name := $services }}
 {{- $service := index $np $name }}
 - ports:
     {{- range $service.ports }}

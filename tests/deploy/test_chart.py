@@ -237,7 +237,7 @@ def test_network_policies_let_only_the_workers_reach_models_and_the_internet(
     def ports(rule: dict[str, Any]) -> set[int]:
         return {p["port"] for p in rule.get("ports", [])}
 
-    allowed = {53, 5432, 6379, 6380}
+    allowed = {53, 5432, 6379, 6380} | ({4318} if name == "production" else set())
     for policy_name in ("web", "internal"):
         for rule in policies[policy_name]["spec"]["egress"]:
             cidrs = {peer.get("ipBlock", {}).get("cidr") for peer in rule.get("to", [])}
@@ -254,6 +254,8 @@ def test_network_policies_let_only_the_workers_reach_models_and_the_internet(
     assert "0.0.0.0/0" in worker_cidrs
     if name == "production":
         assert "10.30.0.0/24" in worker_cidrs  # the vLLM servers
+        for policy_name in ("web", "workers", "internal"):  # traces reach the OTLP collector
+            assert any(ports(rule) == {4318} for rule in policies[policy_name]["spec"]["egress"])
 
 
 def test_disruption_budgets_cover_web_and_every_worker(case: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> None:
