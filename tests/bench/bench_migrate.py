@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -154,13 +155,21 @@ def database_url(*, reuse: bool) -> tuple[str, bool]:
     return server.url(DATABASE), reuse and exists
 
 
+CPU_SECONDS: dict[str, float] = {}
+
+
 def run(env: dict[str, str], args: list[str], *, label: str, log: Path) -> float:
     """Run ``python <args>`` in the project directory; return its wall time in seconds.
+
+    The CPU time (user + system) of the process and of the pool processes it waited for is kept
+    in ``CPU_SECONDS[label]``: unlike the wall time, it hardly depends on what else the machine
+    runs. PostgreSQL's own CPU time is not in it.
 
     Output goes to ``log`` (migrate_schemas prints a few lines per schema). Raises
     ``RuntimeError`` with the log's tail when the process fails.
     """
     started = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("a") as out:
         out.write(f"\n### {label}: {' '.join(args)}\n")
         out.flush()
@@ -173,10 +182,12 @@ def run(env: dict[str, str], args: list[str], *, label: str, log: Path) -> float
             check=False,
         )
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS[label] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if completed.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"{label} failed (exit {completed.returncode}):\n{tail}")
-    print(f"{label}: {elapsed:.1f} s", flush=True)
+    print(f"{label}: {elapsed:.1f} s (CPU {CPU_SECONDS[label]:.1f} s)", flush=True)
     return elapsed
 
 
@@ -316,6 +327,7 @@ def main() -> None:
         "applied_standard": applied_standard,
         "applied_multiprocessing": applied_parallel,
         **{key: round(value, 1) for key, value in results.items()},
+        "cpu_s": {label: round(value, 1) for label, value in CPU_SECONDS.items()},
     }
     print(
         f"\nno-op: standard {results['noop_standard_s'] / 60:.1f} min, multiprocessing "
