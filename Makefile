@@ -54,7 +54,7 @@ migrate: install
 seed: migrate
 	$(PY) manage.py demo_seed
 
-bench: install ## Benchmarks: print figures, assert nothing (about 40 minutes)
+bench: install ## Benchmarks: print figures, assert nothing (about 90 minutes; bench_migrate alone 30-45)
 	$(PY) tests/bench/bench_tenants.py
 	$(PY) tests/bench/bench_retrieval.py
 	$(PY) tests/bench/bench_hnsw.py
