@@ -55,7 +55,7 @@ migrate: install
 seed: migrate
 	$(PY) manage.py demo_seed
 
-bench: install ## Benchmarks: print figures, assert nothing (about 40 minutes)
+bench: install ## Benchmarks: print figures, assert nothing (about 90 minutes; bench_migrate alone 30-45)
 	$(PY) tests/bench/bench_tenants.py
 	$(PY) tests/bench/bench_retrieval.py
 	$(PY) tests/bench/bench_hnsw.py
@@ -64,6 +64,7 @@ bench: install ## Benchmarks: print figures, assert nothing (about 40 minutes)
 	$(PY) tests/bench/bench_budget.py
 	$(PY) tests/bench/bench_load.py --baseline
 	$(PY) tests/bench/bench_invoice.py
+	$(PY) tests/bench/bench_migrate.py
 
 lint: install
 	.venv/bin/ruff check .

@@ -82,6 +82,10 @@ PUBLIC_SCHEMA_NAME = "public"
 PUBLIC_SCHEMA_URLCONF = "config.urls_public"
 ROOT_URLCONF = "config.urls_tenant"
 TENANT_LIMIT_SET_CALLS = True
+# migrate_schemas --executor=multiprocessing: processes (one database connection each) and the
+# tenant schemas handed to a process at a time (the Helm chart's migrations.parallel* values).
+TENANT_MULTIPROCESSING_MAX_PROCESSES = env_int("TENANT_MULTIPROCESSING_MAX_PROCESSES", 2, minimum=1)
+TENANT_MULTIPROCESSING_CHUNKS = env_int("TENANT_MULTIPROCESSING_CHUNKS", 2, minimum=1)
 
 SHARED_APPS = [
     "django_tenants",

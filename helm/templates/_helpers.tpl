@@ -196,9 +196,26 @@ DEFAULT_FROM_EMAIL: {{ $c.email.defaultFrom | quote }}
 SENTRY_TRACES_SAMPLE_RATE: {{ $c.sentryTracesSampleRate | toString | quote }}
 PORTAL_VAR_DIR: {{ include "portal.varDir" . | quote }}
 MEDIA_ROOT: {{ include "portal.mediaDir" . | quote }}
-STATIC_ROOT: {{ printf "%s/staticfiles" (include "portal.varDir" .) | quote }}
+STATIC_ROOT: {{ printf "%s/staticfiles" (.Values.workingDir | trimSuffix "/") | quote }}
 PYTHONUNBUFFERED: "1"
 PYTHONDONTWRITEBYTECODE: "1"
+{{- if .Values.otel.enabled }}
+OTEL_TRACES_EXPORTER: "otlp"
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ .Values.otel.endpoint | quote }}
+OTEL_EXPORTER_OTLP_PROTOCOL: {{ .Values.otel.protocol | quote }}
+OTEL_SERVICE_NAME: {{ .Values.otel.serviceName | quote }}
+OTEL_TRACES_SAMPLER: {{ .Values.otel.sampler | quote }}
+{{- with .Values.otel.samplerArg }}
+OTEL_TRACES_SAMPLER_ARG: {{ . | toString | quote }}
+{{- end }}
+{{- with .Values.otel.resourceAttributes }}
+{{- $attributes := list }}
+{{- range $key, $value := . }}
+{{- $attributes = append $attributes (printf "%s=%v" $key $value) }}
+{{- end }}
+OTEL_RESOURCE_ATTRIBUTES: {{ join "," $attributes | quote }}
+{{- end }}
+{{- end }}
 XDG_CACHE_HOME: "/tmp/.cache"
 {{- range $key, $value := $c.extra }}
 {{- if and (kindIs "float64" $value) (eq $value (floor $value)) }}
@@ -469,12 +486,52 @@ Refuse configurations that would start a broken or unsafe portal. Rendered (as n
 */}}
 {{- define "portal.validate" -}}
 {{- $c := .Values.config -}}
+{{- if hasKey .Values.celery "queues" }}
+{{- fail "celery.queues is gone: each entry of celery.tiers is a Deployment with its own queues (celery.tiers.<tier>.queues)" }}
+{{- end }}
+{{- if hasKey .Values.celery "replicaCount" }}
+{{- fail "celery.replicaCount is gone: set celery.tiers.<tier>.replicaCount per tier" }}
+{{- end }}
+{{- if not .Values.celery.tiers }}
+{{- fail "celery.tiers must hold at least one tier (a celery worker Deployment)" }}
+{{- end }}
+{{- $consumed := list }}
+{{- range $tier := keys .Values.celery.tiers | sortAlpha }}
+{{- if not (regexMatch "^[a-z]([a-z0-9-]{0,18}[a-z0-9])?$" $tier) }}
+{{- fail (printf "celery.tiers.%s: a tier name is 1-20 lower-case letters, digits and hyphens (it names the Deployment celery-<tier>)" $tier) }}
+{{- end }}
+{{- $v := include "portal.celeryTier" (dict "root" $ "tier" $tier) | fromYaml }}
+{{- if not $v.queues }}
+{{- fail (printf "celery.tiers.%s.queues is required: the queues this tier's workers consume" $tier) }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (not (or $v.autoscaling.queueDepth.enabled $v.autoscaling.targetCPUUtilizationPercentage $v.autoscaling.targetMemoryUtilizationPercentage)) }}
+{{- fail (printf "celery.tiers.%s.autoscaling is enabled without a metric: enable queueDepth or set a CPU/memory target" $tier) }}
+{{- end }}
+{{- $consumed = concat $consumed $v.queues }}
+{{- end }}
+{{- range $queue := .Values.celery.requiredQueues }}
+{{- if not (has $queue $consumed) }}
+{{- fail (printf "No celery tier consumes the queue %s: its tasks would wait forever. Add it to the queues of a tier in celery.tiers" $queue) }}
+{{- end }}
+{{- end }}
+{{- if not (has .Values.migrations.executor (list "multiprocessing" "standard")) }}
+{{- fail "migrations.executor must be multiprocessing (django-tenants' parallel executor; it has none named parallel) or standard" }}
+{{- end }}
 {{- if and $c.databasePool .Values.databaseConnectionLimit }}
-{{- $web := ternary .Values.web.autoscaling.maxReplicas .Values.web.replicaCount .Values.web.autoscaling.enabled }}
-{{- $celery := ternary .Values.celery.autoscaling.maxReplicas .Values.celery.replicaCount .Values.celery.autoscaling.enabled }}
-{{- $total := add (mul (add1 $web) .Values.web.databasePool.maxSize) (mul (add1 $celery) .Values.celery.databasePool.maxSize) .Values.beat.databasePool.maxSize (mul .Values.rq.replicaCount .Values.rq.databasePool.maxSize) 1 }}
+{{- $web := ternary .Values.web.autoscaling.maxReplicas .Values.web.replicaCount .Values.web.autoscaling.enabled | int64 }}
+{{- $webTotal := mul (add1 $web) (.Values.web.workers | int64) (.Values.web.databasePool.maxSize | int64) }}
+{{- $celeryTotal := 0 }}
+{{- $celeryParts := list }}
+{{- range $tier := keys .Values.celery.tiers | sortAlpha }}
+{{- $v := include "portal.celeryTier" (dict "root" $ "tier" $tier) | fromYaml }}
+{{- $pods := ternary $v.autoscaling.maxReplicas $v.replicaCount $v.autoscaling.enabled | int64 }}
+{{- $celeryTotal = add $celeryTotal (mul (add1 $pods) ($v.databasePool.maxSize | int64)) }}
+{{- $celeryParts = append $celeryParts (printf "%s %d+1 x %d" $tier $pods ($v.databasePool.maxSize | int64)) }}
+{{- end }}
+{{- $migrate := ternary (.Values.migrations.parallelProcesses | int64) 1 (eq .Values.migrations.executor "multiprocessing") }}
+{{- $total := add $webTotal $celeryTotal .Values.beat.databasePool.maxSize (mul .Values.rq.replicaCount .Values.rq.databasePool.maxSize) $migrate }}
 {{- if gt (int64 $total) (int64 .Values.databaseConnectionLimit) }}
-{{- fail (printf "The database pools can open %d connections (web %d+1 pods x %d, celery %d+1 x %d, beat %d, rq %d x %d, migrations 1), more than databaseConnectionLimit %d: lower the databasePool.maxSize values or the replicas, or raise PostgreSQL's max_connections and the limit" (int64 $total) (int64 $web) (int64 .Values.web.databasePool.maxSize) (int64 $celery) (int64 .Values.celery.databasePool.maxSize) (int64 .Values.beat.databasePool.maxSize) (int64 .Values.rq.replicaCount) (int64 .Values.rq.databasePool.maxSize) (int64 .Values.databaseConnectionLimit)) }}
+{{- fail (printf "The database pools can open %d connections (web %d+1 pods x %d workers x %d, celery %s, beat %d, rq %d x %d, migrations %d), more than databaseConnectionLimit %d: lower the databasePool.maxSize values or the replicas, or raise PostgreSQL's max_connections and the limit" (int64 $total) $web (int64 .Values.web.workers) (int64 .Values.web.databasePool.maxSize) (join ", " $celeryParts) (int64 .Values.beat.databasePool.maxSize) (int64 .Values.rq.replicaCount) (int64 .Values.rq.databasePool.maxSize) (int64 $migrate) (int64 .Values.databaseConnectionLimit)) }}
 {{- end }}
 {{- end }}
 {{- $keys := include "portal.secretKeys" . | splitList "," | compact -}}
@@ -519,7 +576,91 @@ Refuse configurations that would start a broken or unsafe portal. Rendered (as n
 {{- if not (has $c.logFormat (list "json" "console")) }}
 {{- fail "config.logFormat must be json or console" }}
 {{- end }}
+{{- if and .Values.otel.enabled (not (regexMatch "^https?://" (.Values.otel.endpoint | toString))) }}
+{{- fail "otel.endpoint is required with otel.enabled: the OTLP collector's http(s):// URL (OTEL_EXPORTER_OTLP_ENDPOINT)" }}
+{{- end }}
 {{- if and .Values.llm.enabled (not .Values.llm.image.repository) }}
 {{- fail "llm.image.repository is required when llm.enabled" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The values of one celery tier: the celery.* defaults with the tier's own keys merged over them
+(maps key by key, lists replaced), as YAML.
+Usage: include "portal.celeryTier" (dict "root" $ "tier" "light") | fromYaml
+*/}}
+{{- define "portal.celeryTier" -}}
+{{- $defaults := omit .root.Values.celery "tiers" "requiredQueues" | deepCopy }}
+{{- $tier := index .root.Values.celery.tiers .tier | default dict | deepCopy }}
+{{- toYaml (mergeOverwrite $defaults $tier) }}
+{{- end }}
+
+{{/*
+Components whose pods are workers (celery tiers and rq): the only ones allowed to reach model
+endpoints and the internet. A YAML list.
+*/}}
+{{- define "portal.workerComponents" -}}
+{{- range $tier := keys .Values.celery.tiers | sortAlpha }}
+- {{ printf "celery-%s" $tier }}
+{{- end }}
+- rq
+{{- end }}
+
+{{/*
+A PodDisruptionBudget for one component.
+Usage: include "portal.pdb" (dict "root" $ "component" "web" "values" .Values.web.podDisruptionBudget)
+*/}}
+{{- define "portal.pdb" -}}
+{{- $component := dict "root" .root "component" .component -}}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "portal.componentName" $component }}
+  labels:
+    {{- include "portal.componentLabels" $component | nindent 4 }}
+spec:
+  {{- if .values.maxUnavailable }}
+  maxUnavailable: {{ .values.maxUnavailable }}
+  {{- else }}
+  minAvailable: {{ .values.minAvailable | default 1 }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "portal.componentSelectorLabels" $component | nindent 6 }}
+{{- end }}
+
+{{/*
+Egress rules every portal pod gets from the NetworkPolicy: DNS, PostgreSQL, Redis and, with
+otel.enabled, the OTLP collector (a list of NetworkPolicyEgressRule). An empty `to` allows any
+address on those ports.
+*/}}
+{{- define "portal.networkPolicyBaseEgress" -}}
+{{- $np := .Values.networkPolicy -}}
+- ports:
+    {{- range $np.dns.ports }}
+    - protocol: UDP
+      port: {{ . }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+  {{- with $np.dns.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- $services := list "postgresql" "redis" }}
+{{- if .Values.otel.enabled }}
+{{- $services = append $services "otelCollector" }}
+{{- end }}
+{{- range $name := $services }}
+{{- $service := index $np $name }}
+- ports:
+    {{- range $service.ports }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+  {{- with $service.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end }}
 {{- end }}
