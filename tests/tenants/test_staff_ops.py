@@ -101,12 +101,15 @@ def _tenants(count: int) -> list[Tenant]:
     return made
 
 
-def _fill(tenant: Tenant, tag: str) -> None:
+def _fill(tenant: Tenant, tag: str) -> str:
+    """Rows in every section of the page; returns the failed turn's row id."""
     agent = _agent(tenant, f"ops-{tag}")
     _turn(tenant, agent, status=Turn.Status.RUNNING)
-    _turn(tenant, agent, status=Turn.Status.FAILED, error_code="model_timeout")
+    # The newest failure, so the page's 50 rows show it whatever earlier (live) tests committed.
+    failed = _turn(tenant, agent, status=Turn.Status.FAILED, error_code="model_timeout", minutes_ago=0)
     _document(tenant, status=Document.Status.PENDING, minutes_ago=7, title=f"{tag}-pending")
     event_at(tenant.schema_name, timezone.now(), quantity=1000)
+    return f'id="ops-turns-failed-{tenant.slug}-{failed.pk}"'
 
 
 # --- Access -------------------------------------------------------------------------------------
@@ -174,8 +177,8 @@ def test_it_shows_turns_backlog_and_usage_of_two_tenants(world: World) -> None:
 
 def test_the_failed_turns_are_newest_first_across_tenants(world: World) -> None:
     a, b = world.tenant_a, world.tenant_b
-    older = _turn(a, _agent(a, "ops-old"), status=Turn.Status.FAILED, error_code="x", minutes_ago=30)
-    newer = _turn(b, _agent(b, "ops-new"), status=Turn.Status.FAILED, error_code="y", minutes_ago=3)
+    older = _turn(a, _agent(a, "ops-old"), status=Turn.Status.FAILED, error_code="x", minutes_ago=0.5)
+    newer = _turn(b, _agent(b, "ops-new"), status=Turn.Status.FAILED, error_code="y", minutes_ago=0.1)
     staff = Principal.for_staff(world.user("staff"))
     rows = ops_turns_failed(principal=staff, tenants=ops_tenants(principal=staff))
     keys = [(r.tenant_slug, r.turn_id) for r in rows]
@@ -185,20 +188,18 @@ def test_the_failed_turns_are_newest_first_across_tenants(world: World) -> None:
 
 
 def test_the_query_count_does_not_grow_with_the_tenants(world: World) -> None:
-    _fill(world.tenant_a, "a")
-    _fill(world.tenant_b, "b")
+    failed = [_fill(world.tenant_a, "a"), _fill(world.tenant_b, "b")]
     client = verified_staff_client(world)
     client.get(STAFF_PAGE)  # warm caches (session, content types)
     with CaptureQueriesContext(connection) as two:
         html_two = client.get(STAFF_PAGE).content.decode()
     extra = _tenants(2)
-    for i, tenant in enumerate(extra):
-        _fill(tenant, f"x{i}")
+    failed += [_fill(tenant, f"x{i}") for i, tenant in enumerate(extra)]
     with CaptureQueriesContext(connection) as four:
         html_four = client.get(STAFF_PAGE).content.decode()
-    assert html_two.count('id="ops-turns-failed-') == 2
-    assert html_four.count('id="ops-turns-failed-') == 4
-    assert html_four.count('id="backlog-') == 4
+    assert all(row in html_two for row in failed[:2])
+    assert all(row in html_four for row in failed)
+    assert all(f'id="backlog-{t.slug}"' in html_four for t in (world.tenant_a, world.tenant_b, *extra))
     assert all(f'id="usage-{t.slug}"' in html_four for t in extra)
     assert len(four) == len(two), [q["sql"][:120] for q in four.captured_queries]
     assert len(two) <= 12  # a fixed handful (10 when written): auth, tenants, endpoints, one per section
