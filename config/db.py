@@ -10,7 +10,8 @@ chat turn's events) hands its connection back first with ``connection_release``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from django.db import connection
@@ -20,6 +21,7 @@ from psycopg_pool import PoolTimeout, TooManyRequests
 # How long a client told 503 should wait before retrying: a pool is usually free again within a
 # few request lifetimes, and a shorter hint would only bring the same crowd back sooner.
 RETRY_AFTER_SECONDS = 5
+T = TypeVar("T")
 # SQLSTATEs of a server that will not take (more) work now: too_many_connections,
 # admin_shutdown, crash_shutdown, cannot_connect_now (PostgreSQL, Appendix A "Error Codes").
 # Class 08 (connection exception) is matched by prefix.
@@ -96,3 +98,17 @@ def connection_release() -> None:
     transaction (``atomic``), where closing would break it."""
     if not connection.in_atomic_block:
         connection.close()
+
+
+# Tenant schemas per cross-tenant statement: a statement holds an AccessShareLock on every table it
+# reads until it ends, and PostgreSQL's lock table has max_locks_per_transaction (64 by default) x
+# max_connections slots for all sessions together (docs/perf/2026-12-07-metrics-tenant-state.md).
+SCHEMAS_PER_STATEMENT = 250
+
+
+def schema_batches(items: Sequence[T], size: int = SCHEMAS_PER_STATEMENT) -> Iterator[Sequence[T]]:
+    """``items`` (tenants or schema names) in consecutive slices of at most ``size``: one
+    ``UNION ALL`` statement per slice keeps a cross-tenant read's locks bounded."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+

@@ -23,13 +23,17 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
+import redis
 import structlog
 from django.conf import settings
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
+
+from config.db import SCHEMAS_PER_STATEMENT, schema_batches
 
 logger = structlog.get_logger(__name__)
 
@@ -37,9 +41,10 @@ CELERY_QUEUES = ("llm.light", "llm.standard", "llm.heavy", "default")
 RQ_QUEUES = ("ingest", "default")
 STATE_CACHE_SECONDS = 15
 # kombu's Redis transport keeps a queue's messages of priority 0 under the queue's name and
-# those of the other priority steps (3, 6, 9 by default) under name + "\x06\x16" + step.
+# those of the other priority steps (3, 6, 9 by default) under name + "\x06\x16" + step
+# (kombu.transport.redis.DEFAULT_PRIORITY_STEPS and Channel.sep).
 _KOMBU_PRIORITY_SEP = "\x06\x16"
-_KOMBU_PRIORITY_STEPS = (3, 6, 9)
+_KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 
 # Seconds. Model calls stream for seconds to minutes; the first token comes in milliseconds to
 # seconds (prefill of a long prompt on a loaded server).
@@ -106,26 +111,44 @@ def _celery_key_prefix() -> str:
     return str(options.get("global_keyprefix") or "")
 
 
-def queue_depths() -> dict[tuple[str, str], int]:
-    """Messages waiting per queue: ``{(broker, queue): count}`` for the Celery queues (all
-    priority steps) and the RQ queues, in one Redis round trip."""
+@cache
+def _broker_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+
+
+def _celery_redis() -> redis.Redis:
     from config.redis import redis_client
 
+    url = settings.CELERY_BROKER_URL
+    return redis_client() if url == settings.REDIS_URL else _broker_client(url)
+
+
+def celery_queue_depths() -> dict[str, int]:
+    """Messages waiting in each Celery queue of ``CELERY_QUEUES`` (all priority steps summed),
+    read with LLEN under the broker's ``global_keyprefix`` in one Redis round trip. Raises
+    ``redis.RedisError`` when Redis is down."""
     prefix = _celery_key_prefix()
-    pipe = redis_client().pipeline(transaction=False)
+    pipe = _celery_redis().pipeline(transaction=False)
     for queue in CELERY_QUEUES:
-        pipe.llen(prefix + queue)
         for step in _KOMBU_PRIORITY_STEPS:
-            pipe.llen(f"{prefix}{queue}{_KOMBU_PRIORITY_SEP}{step}")
+            pipe.llen(f"{prefix}{queue}" if step == 0 else f"{prefix}{queue}{_KOMBU_PRIORITY_SEP}{step}")
+    lengths = pipe.execute()
+    per = len(_KOMBU_PRIORITY_STEPS)
+    return {queue: int(sum(lengths[i * per:(i + 1) * per])) for i, queue in enumerate(CELERY_QUEUES)}
+
+
+def queue_depths() -> dict[tuple[str, str], int]:
+    """Messages waiting per queue: ``{(broker, queue): count}`` for the Celery queues
+    (``celery_queue_depths``) and the RQ queues (LLEN of RQ's queue lists). Raises
+    ``redis.RedisError`` when Redis is down."""
+    from config.redis import redis_client
+
+    out = {("celery", queue): n for queue, n in celery_queue_depths().items()}
+    pipe = redis_client().pipeline(transaction=False)
     for queue in RQ_QUEUES:
         pipe.llen(f"rq:queue:{queue}")
-    counts = [int(n) for n in pipe.execute()]
-    out: dict[tuple[str, str], int] = {}
-    per = 1 + len(_KOMBU_PRIORITY_STEPS)
-    for i, queue in enumerate(CELERY_QUEUES):
-        out[("celery", queue)] = sum(counts[i * per:(i + 1) * per])
-    for j, queue in enumerate(RQ_QUEUES):
-        out[("rq", queue)] = counts[len(CELERY_QUEUES) * per + j]
+    for queue, n in zip(RQ_QUEUES, pipe.execute(), strict=True):
+        out[("rq", queue)] = int(n)
     return out
 
 
@@ -152,9 +175,6 @@ def _tenant_schemas(cursor: Any, tables: tuple[str, ...]) -> list[str]:
     return [row[0] for row in cursor.fetchall()]
 
 
-# Schemas per statement: each takes a lock on two tables until it ends, and PostgreSQL's lock table
-# holds max_locks_per_transaction (64) x max_connections slots for every session together.
-SCHEMAS_PER_STATEMENT = 250
 
 
 def tenant_state_read() -> TenantState:
@@ -171,9 +191,9 @@ def tenant_state_read() -> TenantState:
     pending, oldest = 0, None
     with connection.cursor() as cursor:
         schemas = _tenant_schemas(cursor, (documents_table, approvals_table))
-        for start in range(0, len(schemas), SCHEMAS_PER_STATEMENT):
+        for batch in schema_batches(schemas, SCHEMAS_PER_STATEMENT):
             parts = []
-            for schema in schemas[start:start + SCHEMAS_PER_STATEMENT]:
+            for schema in batch:
                 parts.append(sql.SQL(
                     "SELECT 'document' AS kind, status, count(*) AS n, NULL::timestamptz AS oldest FROM {}.{}"
                     " GROUP BY status"
@@ -217,21 +237,27 @@ def tenant_state_forget() -> None:
     cache.delete(_state_cache_key())
 
 
-def endpoint_health() -> list[dict[str, Any]]:
-    """The probed model endpoints: dicts with ``name``, ``tier`` and ``ok`` (bool), from
-    ``endpoint_health_key()``; entries that are not JSON objects are skipped."""
+def endpoint_health_read() -> dict[str, dict[str, Any]]:
+    """The endpoint-health hash as ``{str(pk): probe dict}`` (values that are not JSON objects
+    skipped). Raises ``redis.RedisError`` when Redis is down."""
     from config.redis import redis_client
 
-    out = []
-    for raw in redis_client().hgetall(endpoint_health_key()).values():
+    health: dict[str, dict[str, Any]] = {}
+    for field, value in redis_client().hgetall(endpoint_health_key()).items():  # type: ignore[union-attr]  # a sync client
         try:
-            entry = json.loads(raw)
+            probe = json.loads(value)
         except ValueError:
             continue
-        if isinstance(entry, dict):
-            out.append({"name": str(entry.get("name") or ""), "tier": str(entry.get("tier") or ""),
-                        "ok": bool(entry.get("ok"))})
-    return out
+        if isinstance(probe, dict):
+            health[field.decode() if isinstance(field, bytes) else str(field)] = probe
+    return health
+
+
+def endpoint_health() -> list[dict[str, Any]]:
+    """The probed model endpoints: dicts with ``name``, ``tier`` and ``ok`` (bool), from
+    ``endpoint_health_read``."""
+    return [{"name": str(entry.get("name") or ""), "tier": str(entry.get("tier") or ""), "ok": bool(entry.get("ok"))}
+            for entry in endpoint_health_read().values()]
 
 
 DOCUMENT_STATUSES = ("pending", "processing", "indexed", "failed")

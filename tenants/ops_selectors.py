@@ -1,24 +1,23 @@
 """Reads of the staff operations page (``/admin/ops/``): queue depths, turns in flight and recently
 failed, model endpoint health, ingestion backlog and month-to-date usage, across every tenant.
 
-Cross-tenant reads run ONE SQL statement each, a ``UNION ALL`` with one branch per tenant schema
-(schema names quoted as identifiers with ``psycopg.sql``), so the page's query count does not
-grow with the number of tenants (``tests/tenants/test_staff_ops.py`` asserts it). The tenants
-are listed once per page (``ops_tenants``) and passed to each read.
+Cross-tenant reads run one SQL statement per ``SCHEMAS_PER_STATEMENT`` tenants, a ``UNION ALL``
+with one branch per tenant schema (schema names quoted as identifiers with ``psycopg.sql``), so
+the page's query count grows only by one per section every 250 tenants
+(``tests/tenants/test_staff_ops.py`` asserts it stays put from 2 to 4 tenants) and no statement
+holds more locks than PostgreSQL's lock table can give. The tenants are listed once per page
+(``ops_tenants``) and passed to each read.
 
-Queue depths come from Redis: Celery's Redis transport keeps each queue as lists (one per
-priority step, kombu's ``{queue}\\x06\\x16{priority}`` for priorities above 0) under the broker's
-``global_keyprefix``; RQ's queues and registries are read with RQ's own classes.
+Celery queue depths and the endpoint-health hash are read with ``config.metrics``, as the
+``/metrics`` gauges read them; RQ's queues and registries with RQ's own classes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from functools import cache
 from typing import Any
 
 import redis
@@ -29,27 +28,15 @@ from django.utils import timezone
 from psycopg import sql
 
 from billing.periods import month_bounds, month_of
+from config.db import schema_batches
 from config.errors import Forbidden
-from config.redis import redis_client
+from config.metrics import CELERY_QUEUES, RQ_QUEUES, celery_queue_depths, endpoint_health_read
 from tenants.models import ModelEndpoint, Tenant
 from tenants.principal import Principal
 
-CELERY_QUEUES = ("llm.light", "llm.standard", "llm.heavy", "default")
-RQ_QUEUES = ("ingest", "default")
-# kombu's Redis transport: a message of priority p > 0 waits in "{queue}\x06\x16{p}" (the default
-# priority steps 0, 3, 6, 9; kombu.transport.redis.DEFAULT_PRIORITY_STEPS and Channel.sep).
-_KOMBU_PRIORITY_SEP = "\x06\x16"
-_KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 # How far back "recently failed" reaches, and how many rows each turn list shows.
 FAILED_TURNS_WINDOW = dt.timedelta(hours=24)
 TURN_ROWS = 50
-
-
-def endpoint_health_key() -> str:
-    """The Redis hash of the last probe of each platform endpoint: field ``str(pk)``, value JSON
-    ``{"ok", "latency_ms", "checked_at", "name", "tier", "error"}`` (written by
-    ``tenants.services.endpoint_probe``, read here and by the ``portal_model_endpoint_up`` gauge)."""
-    return f"{settings.CACHE_KEY_PREFIX}:endpoint-health"
 
 
 def _require_staff(principal: Principal) -> None:
@@ -102,29 +89,6 @@ class QueueDepth:
 class QueueReport:
     queues: list[QueueDepth]
     error: str = ""
-
-
-@cache
-def _broker_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-
-
-def _celery_redis() -> redis.Redis:
-    url = settings.CELERY_BROKER_URL
-    return redis_client() if url == settings.REDIS_URL else _broker_client(url)
-
-
-def celery_queue_depths() -> dict[str, int]:
-    """Messages waiting in each Celery queue of ``CELERY_QUEUES`` (all priority steps summed),
-    read with LLEN in one Redis round trip. Raises ``redis.RedisError`` when Redis is down."""
-    prefix = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}).get("global_keyprefix", "")
-    pipe = _celery_redis().pipeline(transaction=False)
-    for queue in CELERY_QUEUES:
-        for step in _KOMBU_PRIORITY_STEPS:
-            pipe.llen(f"{prefix}{queue}" if step == 0 else f"{prefix}{queue}{_KOMBU_PRIORITY_SEP}{step}")
-    lengths = pipe.execute()
-    per = len(_KOMBU_PRIORITY_STEPS)
-    return {queue: int(sum(lengths[i * per : (i + 1) * per])) for i, queue in enumerate(CELERY_QUEUES)}
 
 
 def rq_queue_depths() -> dict[str, tuple[int, int, int]]:
@@ -199,12 +163,10 @@ _TURN_COLUMNS = [
 ]
 
 
-def _turns(tenants: Sequence[Tenant], where: sql.Composable, params: list[Any], now: dt.datetime) -> list[OpsTurn]:
-    if not tenants:
-        return []
+def _turn_rows(tenants: Sequence[Tenant], where: sql.Composable, params: list[Any]) -> list[tuple[Any, ...]]:
+    """One statement: the newest ``TURN_ROWS`` turns matching ``where`` across ``tenants``."""
     from agents.models import Agent, AgentVersion, Turn
 
-    slugs = {t.schema_name: t.slug for t in tenants}
     branches = []
     for tenant in tenants:
         schema = tenant.schema_name
@@ -228,8 +190,20 @@ def _turns(tenants: Sequence[Tenant], where: sql.Composable, params: list[Any], 
         statement.format(union=sql.SQL(" UNION ALL ").join(branches), limit=sql.Literal(TURN_ROWS)),
         params * len(tenants),
     )
+    return rows
+
+
+def _turns(tenants: Sequence[Tenant], where: sql.Composable, params: list[Any], now: dt.datetime) -> list[OpsTurn]:
+    if not tenants:
+        return []
+    slugs = {t.schema_name: t.slug for t in tenants}
+    rows: list[tuple[Any, ...]] = []
+    for batch in schema_batches(tenants):
+        rows += _turn_rows(batch, where, params)
+    # Each statement gives its newest TURN_ROWS; the newest of those, across statements.
+    rows.sort(key=lambda r: r[9] or r[8], reverse=True)
     turns = []
-    for row in rows:
+    for row in rows[:TURN_ROWS]:
         values = dict(zip(_TURN_COLUMNS, row[1:], strict=True))
         started, finished = values["started_at"], values["finished_at"]
         begin = started or values["queued_at"]
@@ -248,7 +222,7 @@ def ops_turns_in_flight(
     *, principal: Principal, tenants: Sequence[Tenant], now: dt.datetime | None = None
 ) -> list[OpsTurn]:
     """Turns queued, running or awaiting approval in any of ``tenants``, newest (by start, else
-    by queueing) first, at most ``TURN_ROWS``: one statement. Raises ``Forbidden`` unless staff."""
+    by queueing) first, at most ``TURN_ROWS``: one statement per 250 tenants. Raises ``Forbidden`` unless staff."""
     _require_staff(principal)
     from agents.models import Turn
 
@@ -260,7 +234,7 @@ def ops_turns_failed(
     *, principal: Principal, tenants: Sequence[Tenant], now: dt.datetime | None = None
 ) -> list[OpsTurn]:
     """Turns of ``tenants`` that failed within ``FAILED_TURNS_WINDOW`` (24 h) before ``now``,
-    newest first, at most ``TURN_ROWS``: one statement. Raises ``Forbidden`` unless staff."""
+    newest first, at most ``TURN_ROWS``: one statement per 250 tenants. Raises ``Forbidden`` unless staff."""
     _require_staff(principal)
     now = now or timezone.now()
     where = sql.SQL("t.status = 'failed' AND coalesce(t.finished_at, t.queued_at) >= %s")
@@ -284,7 +258,8 @@ class IngestionBacklog:
 def ops_ingestion_backlog(
     *, principal: Principal, tenants: Sequence[Tenant], now: dt.datetime | None = None
 ) -> list[IngestionBacklog]:
-    """The tenants (slug order) with documents pending or processing: one statement. Raises
+    """The tenants (slug order) with documents pending or processing: one statement per 250
+    tenants. Raises
     ``Forbidden`` unless staff."""
     _require_staff(principal)
     if not tenants:
@@ -296,10 +271,12 @@ def ops_ingestion_backlog(
         "SELECT {schema}, count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'processing'), "
         "min(created_at) FILTER (WHERE status = 'pending') FROM {table} WHERE status IN ('pending', 'processing')"
     )
-    statement = sql.SQL(" UNION ALL ").join(
-        sql.SQL(branch).format(schema=sql.Literal(t.schema_name), table=_qualified(t.schema_name, Document))
-        for t in tenants
-    )
+    rows: list[tuple[Any, ...]] = []
+    for batch in schema_batches(tenants):
+        rows += _run(sql.SQL(" UNION ALL ").join(
+            sql.SQL(branch).format(schema=sql.Literal(t.schema_name), table=_qualified(t.schema_name, Document))
+            for t in batch
+        ))
     slugs = {t.schema_name: t.slug for t in tenants}
     backlog = [
         IngestionBacklog(
@@ -308,7 +285,7 @@ def ops_ingestion_backlog(
             processing=processing,
             oldest_pending_seconds=max(0.0, (now - oldest).total_seconds()) if oldest else None,
         )
-        for schema, pending, processing, oldest in _run(statement)
+        for schema, pending, processing, oldest in rows
         if pending or processing
     ]
     return sorted(backlog, key=lambda b: b.tenant_slug)
@@ -335,8 +312,8 @@ class TenantUsage:
 def ops_usage_month_to_date(
     *, principal: Principal, tenants: Sequence[Tenant], now: dt.datetime | None = None
 ) -> list[TenantUsage]:
-    """Month-to-date usage of every tenant in ``tenants`` (their order): one statement, grouped
-    by currency in each schema. ``billing.selectors.invoices.staff_spend_month_to_date`` sums the
+    """Month-to-date usage of every tenant in ``tenants`` (their order): one statement per 250
+    tenants, grouped by currency in each schema. ``billing.selectors.invoices.staff_spend_month_to_date`` sums the
     same costs but with one query per tenant, which this page avoids. Raises ``Forbidden``
     unless staff."""
     _require_staff(principal)
@@ -351,18 +328,17 @@ def ops_usage_month_to_date(
         "coalesce(sum(quantity) FILTER (WHERE kind = 'llm.output_tokens'), 0), coalesce(sum(cost), 0) "
         "FROM {table} WHERE created_at >= %s AND created_at < %s GROUP BY currency"
     )
-    params: list[Any] = []
-    periods: dict[str, str] = {}
-    for tenant in tenants:
-        period = month_of(now, tenant.time_zone)
-        periods[tenant.schema_name] = period
-        params += [month_bounds(period, tenant.time_zone)[0], now]
-    statement = sql.SQL(" UNION ALL ").join(
-        branch.format(schema=sql.Literal(t.schema_name), table=_qualified(t.schema_name, UsageEvent)) for t in tenants
-    )
+    periods = {t.schema_name: month_of(now, t.time_zone) for t in tenants}
     by_schema: dict[str, list[tuple[Any, ...]]] = {}
-    for row in _run(statement, params):
-        by_schema.setdefault(row[0], []).append(row[1:])
+    for batch in schema_batches(tenants):
+        params: list[Any] = []
+        for tenant in batch:
+            params += [month_bounds(periods[tenant.schema_name], tenant.time_zone)[0], now]
+        statement = sql.SQL(" UNION ALL ").join(
+            branch.format(schema=sql.Literal(t.schema_name), table=_qualified(t.schema_name, UsageEvent)) for t in batch
+        )
+        for row in _run(statement, params):
+            by_schema.setdefault(row[0], []).append(row[1:])
     usage = []
     for tenant in tenants:
         rows = sorted(by_schema.get(tenant.schema_name, []), key=lambda r: r[0])
@@ -397,21 +373,6 @@ class EndpointHealth:
             return dt.datetime.fromisoformat(text) if text else None
         except ValueError:
             return None
-
-
-def endpoint_health_read() -> dict[str, dict[str, Any]]:
-    """The endpoint-health hash as ``{str(pk): probe dict}`` (unreadable values skipped). Raises
-    ``redis.RedisError`` when Redis is down."""
-    raw = redis_client().hgetall(endpoint_health_key())
-    health: dict[str, dict[str, Any]] = {}
-    for field, value in raw.items():  # type: ignore[union-attr]  # a sync client
-        try:
-            probe = json.loads(value)
-        except ValueError:
-            continue
-        if isinstance(probe, dict):
-            health[field.decode() if isinstance(field, bytes) else str(field)] = probe
-    return health
 
 
 def ops_endpoint_health(*, principal: Principal) -> tuple[list[EndpointHealth], str]:

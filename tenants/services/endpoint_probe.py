@@ -33,9 +33,9 @@ from django.utils import timezone
 
 from compliance.services import audit_event_create
 from config.errors import Forbidden, NotFound
+from config.metrics import endpoint_health_key
 from config.redis import redis_client
 from tenants.models import ModelEndpoint
-from tenants.ops_selectors import endpoint_health_key
 from tenants.principal import Principal
 
 logger = structlog.get_logger(__name__)

@@ -15,9 +15,9 @@ from django_tenants.utils import schema_context
 
 from compliance.models import AuditEvent
 from config.crypto import secret_encrypt
+from config.metrics import endpoint_health_key
 from config.redis import redis_client
 from tenants.models import EgressAllowRule, ModelEndpoint, Tenant
-from tenants.ops_selectors import endpoint_health_key
 from tenants.services.endpoint_probe import model_endpoint_probe, platform_endpoints_probe
 from tests.conftest import HOST_A, HOST_B, World, host_client, verified_staff_client
 from tests.scripted_llm import ScriptedLLM

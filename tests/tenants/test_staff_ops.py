@@ -20,16 +20,11 @@ from agents.models import Agent, ChatSession, Message, Turn
 from agents.services import agent_create
 from billing.models import UsageEvent
 from compliance.models import AuditEvent
+from config.metrics import celery_queue_depths, endpoint_health_key
 from config.redis import redis_client
 from knowledge.models import Collection, Document
 from tenants.models import ModelEndpoint, Tenant
-from tenants.ops_selectors import (
-    celery_queue_depths,
-    endpoint_health_key,
-    ops_tenants,
-    ops_turns_failed,
-    rq_queue_depths,
-)
+from tenants.ops_selectors import ops_tenants, ops_turns_failed, rq_queue_depths
 from tenants.principal import Principal
 from tenants.services.provisioning import tenant_create
 from tests.billing.invoice_rows import event_at
@@ -203,6 +198,26 @@ def test_the_query_count_does_not_grow_with_the_tenants(world: World) -> None:
     assert all(f'id="usage-{t.slug}"' in html_four for t in extra)
     assert len(four) == len(two), [q["sql"][:120] for q in four.captured_queries]
     assert len(two) <= 12  # a fixed handful (10 when written): auth, tenants, endpoints, one per section
+
+
+def test_the_cross_tenant_reads_split_into_statements_of_bounded_size(world: World, monkeypatch: Any) -> None:
+    from config.db import schema_batches
+    from tenants import ops_selectors
+
+    _fill(world.tenant_a, "a")
+    _fill(world.tenant_b, "b")
+    staff = Principal.for_staff(world.user("staff"))
+    tenants = ops_tenants(principal=staff)
+    reads = (ops_selectors.ops_turns_in_flight, ops_selectors.ops_turns_failed,
+             ops_selectors.ops_ingestion_backlog, ops_selectors.ops_usage_month_to_date)
+    now = timezone.now()
+    whole = [read(principal=staff, tenants=tenants, now=now) for read in reads]
+    # One schema per statement: the same rows, in the same order, from one statement per tenant.
+    monkeypatch.setattr(ops_selectors, "schema_batches", lambda items: schema_batches(items, 1))
+    with CaptureQueriesContext(connection) as split_queries:
+        split = [read(principal=staff, tenants=tenants, now=now) for read in reads]
+    assert split == whole
+    assert len(split_queries) == len(reads) * len(tenants)
 
 
 # --- Queues ----------------------------------------------------------------------------------------
