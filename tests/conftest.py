@@ -151,4 +151,5 @@ from tests.live import (  # noqa: E402
     scripted_llm,
 )
 
-__all__ = ["celery_metrics_port", "celery_worker", "ingest_worker", "portal", "pytest_collection_modifyitems", "scripted_llm"]
+__all__ = ["celery_metrics_port", "celery_worker", "ingest_worker", "portal", "pytest_collection_modifyitems",
+           "scripted_llm"]
