@@ -7,7 +7,8 @@ Two kinds of family:
   records them in its own process; with ``PROMETHEUS_MULTIPROC_DIR`` set (before the process
   imports ``prometheus_client``) every process writes them to files there and the web's
   ``/metrics`` sums them (``prometheus_client.multiprocess``), so one scrape of the web sees the
-  workers' model calls too. Without it each process exposes only its own.
+  workers' model calls too. Without it each process exposes only its own: in Kubernetes each worker
+  serves its registry on ``METRICS_PORT`` (the Helm chart's ``metrics.workerPort`` and PodMonitor).
 * State, computed at scrape time by ``StateCollector``: queue depths (Redis ``LLEN`` of the Celery
   and RQ queues), knowledge documents by status and pending approvals across every tenant schema
   (``UNION ALL`` over the schemas, ``SCHEMAS_PER_STATEMENT`` to a statement, cached

@@ -143,6 +143,7 @@ def active_key_count(tenant: Tenant) -> int:
 # Live servers and workers (daphne, Celery, RQ, the scripted model server), shared by the browser
 # and chat tests, and the hook that runs their tests last.
 from tests.live import (  # noqa: E402
+    celery_metrics_port,
     celery_worker,
     ingest_worker,
     portal,
@@ -150,4 +151,5 @@ from tests.live import (  # noqa: E402
     scripted_llm,
 )
 
-__all__ = ["celery_worker", "ingest_worker", "portal", "pytest_collection_modifyitems", "scripted_llm"]
+__all__ = ["celery_metrics_port", "celery_worker", "ingest_worker", "portal", "pytest_collection_modifyitems",
+           "scripted_llm"]

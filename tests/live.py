@@ -176,12 +176,23 @@ def scripted_llm() -> Iterator[ScriptedLLM]:
 
 
 @pytest.fixture(scope="session")
-def celery_worker(portal: Portal, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def celery_metrics_port() -> int:
+    """The port on which ``celery_worker`` serves its own metrics (``METRICS_PORT``, as the Helm
+    chart's worker pods do)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def celery_worker(portal: Portal, celery_metrics_port: int,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """``celery worker`` on every queue, thread pool (as the Procfile has), against the test
-    database and this run's Redis key prefix. Yields its log file."""
+    database and this run's Redis key prefix, serving its metrics on ``celery_metrics_port``.
+    Yields its log file."""
     log = tmp_path_factory.mktemp("celery") / "celery.log"
     celery = Path(sys.executable).with_name("celery")
-    env = {**os.environ, "DATABASE_URL": _database_url(), "PUBLIC_PORT": str(portal.port), **LIVE_DATABASE_ENV}
+    env = {**os.environ, "DATABASE_URL": _database_url(), "PUBLIC_PORT": str(portal.port),
+           "METRICS_PORT": str(celery_metrics_port), **LIVE_DATABASE_ENV}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # its own registry, as in a worker pod
     with log.open("wb") as out:
         process = subprocess.Popen(  # noqa: S603 (fixed argument list)
             [str(celery), "-A", "config", "worker", "-Q", "llm.light,llm.standard,llm.heavy,default",

@@ -293,6 +293,44 @@ Usage: include "portal.databasePoolEnv" .Values.web.databasePool
   value: {{ .timeoutSeconds | toString | quote }}
 {{- end }}
 
+{{/*
+A worker container's own metrics port (metrics.workerPort), if any: METRICS_PORT makes
+django-prometheus serve the process's registry there (config/settings.py). Set on the workers only:
+in the ConfigMap it would also move web's metrics off /metrics.
+Usage: include "portal.workerMetricsEnv" $ / include "portal.workerMetricsPorts" $
+*/}}
+{{- define "portal.workerMetricsEnv" -}}
+{{- with .Values.metrics.workerPort }}
+- name: METRICS_PORT
+  value: {{ . | int64 | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "portal.workerMetricsPorts" -}}
+{{- with .Values.metrics.workerPort }}
+ports:
+  - name: metrics
+    containerPort: {{ . | int64 }}
+    protocol: TCP
+{{- end }}
+{{- end }}
+
+{{/*
+Web's PROMETHEUS_MULTIPROC_DIR when a pod runs several uvicorn processes (web.workers > 1): each
+process writes its counters and histograms there and /metrics sums them (config/metrics.py). An
+in-memory emptyDir, new with each pod. Nothing clears it when the container restarts inside the
+pod, and nothing needs to: the files hold counters and histograms only (the portal's gauges are
+computed at scrape time, django-prometheus' migration gauges are off), so a dead process's totals
+stay in the sums and the pod's counters keep rising instead of resetting.
+*/}}
+{{- define "portal.webMultiproc" -}}
+{{- if gt (.Values.web.workers | int64) 1 }}true{{ end }}
+{{- end }}
+
+{{- define "portal.webMultiprocDir" -}}
+/run/prometheus
+{{- end }}
+
 {{- define "portal.env" -}}
 {{- include "portal.secretFileEnv" . }}
 {{- with .Values.extraEnv }}
@@ -507,12 +545,19 @@ Refuse configurations that would start a broken or unsafe portal. Rendered (as n
 {{- if and $v.autoscaling.enabled (not (or $v.autoscaling.queueDepth.enabled $v.autoscaling.targetCPUUtilizationPercentage $v.autoscaling.targetMemoryUtilizationPercentage)) }}
 {{- fail (printf "celery.tiers.%s.autoscaling is enabled without a metric: enable queueDepth or set a CPU/memory target" $tier) }}
 {{- end }}
+{{- if and $.Values.metrics.workerPort (eq $v.pool "prefork") }}
+{{- fail (printf "celery.tiers.%s.pool prefork with metrics.workerPort: the forked children record the model calls, and the exporter in the parent process would never see them. Use the threads pool (the default) or set metrics.workerPort to 0" $tier) }}
+{{- end }}
 {{- $consumed = concat $consumed $v.queues }}
 {{- end }}
 {{- range $queue := .Values.celery.requiredQueues }}
 {{- if not (has $queue $consumed) }}
 {{- fail (printf "No celery tier consumes the queue %s: its tasks would wait forever. Add it to the queues of a tier in celery.tiers" $queue) }}
 {{- end }}
+{{- end }}
+{{- $port := .Values.metrics.workerPort | default 0 | int64 }}
+{{- if or (lt $port 0) (gt $port 65535) }}
+{{- fail "metrics.workerPort must be a TCP port (1-65535), or 0 for none" }}
 {{- end }}
 {{- if not (has .Values.migrations.executor (list "multiprocessing" "standard")) }}
 {{- fail "migrations.executor must be multiprocessing (django-tenants' parallel executor; it has none named parallel) or standard" }}

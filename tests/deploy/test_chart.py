@@ -351,3 +351,143 @@ def test_static_files_are_served_from_where_the_image_collected_them() -> None:
     ]
     assert config["data"]["STATIC_ROOT"] == image_static_root.group(1)
     assert not config["data"]["STATIC_ROOT"].startswith(config["data"]["PORTAL_VAR_DIR"])
+
+
+# --- Worker metrics ---------------------------------------------------------------------------
+
+WORKER_COMPONENTS = {f"celery-{t}" for t in ("default", "heavy", "light", "standard")} | {"rq"}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes LabelSelector (matchLabels, matchExpressions In/NotIn) selects ``labels``."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        value = labels.get(expression["key"])
+        if expression["operator"] == "In" and value not in expression["values"]:
+            return False
+        if expression["operator"] == "NotIn" and value in expression["values"]:
+            return False
+        assert expression["operator"] in ("In", "NotIn"), expression
+    return True
+
+
+def pod_templates(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Component -> pod template of every Deployment."""
+    return {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["template"]
+        for d in of_kind(objects, "Deployment")
+    }
+
+
+def test_worker_containers_serve_their_metrics_on_a_named_port(
+    case: tuple[str, dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    _, _, objects = case
+    templates = pod_templates(objects)
+    assert set(templates) >= WORKER_COMPONENTS
+    for component, template in templates.items():
+        (container,) = template["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        ports = {p["name"]: p for p in container.get("ports", [])}
+        if component in WORKER_COMPONENTS:
+            assert env["METRICS_PORT"] == "9100", component
+            assert ports["metrics"] == {"name": "metrics", "containerPort": 9100, "protocol": "TCP"}, component
+        else:
+            # Web keeps /metrics (with METRICS_TOKEN) on its own port; beat serves nothing.
+            assert "METRICS_PORT" not in env and "metrics" not in ports, component
+    (job,) = of_kind(objects, "Job")
+    assert "METRICS_PORT" not in {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    (config,) = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-config")]
+    assert "METRICS_PORT" not in config["data"]
+
+
+def test_a_pod_monitor_scrapes_every_worker_on_its_metrics_port() -> None:
+    values = production_values()
+    objects = manifests_of(render(values))
+    (monitor,) = of_kind(objects, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["name"] == f"{RELEASE}-agent-ops-portal-workers"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"  # the operator's selector
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert endpoint["interval"] == "30s" and endpoint["scrapeTimeout"] == "10s"
+    assert "authorization" not in endpoint and "bearerTokenSecret" not in endpoint
+    assert spec["podTargetLabels"] == ["app.kubernetes.io/component"]
+    selected = {c for c, t in pod_templates(objects).items() if selects(spec["selector"], t["metadata"]["labels"])}
+    assert selected == WORKER_COMPONENTS
+    for component in selected:
+        (container,) = pod_templates(objects)[component]["spec"]["containers"]
+        assert "metrics" in {p["name"] for p in container["ports"]}, component
+    # The web pods stay with the ServiceMonitor, which sends the token.
+    (service_monitor,) = of_kind(objects, "ServiceMonitor")
+    assert service_monitor["spec"]["endpoints"][0]["authorization"]["credentials"]["key"] == "METRICS_TOKEN"
+
+
+def test_no_pod_monitor_without_the_service_monitor_or_a_worker_port() -> None:
+    assert of_kind(manifests_of(render(REQUIRED_VALUES)), "PodMonitor") == []
+    objects = manifests_of(render(with_values(production_values(), metrics__workerPort=0)))
+    assert of_kind(objects, "PodMonitor") == []
+    for component in WORKER_COMPONENTS:
+        (container,) = pod_templates(objects)[component]["spec"]["containers"]
+        assert "ports" not in container and "METRICS_PORT" not in {e["name"] for e in container["env"]}
+    (workers,) = [p for p in of_kind(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("-workers")]
+    assert workers["spec"]["ingress"] == []
+
+
+def test_the_workers_network_policy_admits_only_the_metrics_scrape(
+    case: tuple[str, dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    name, _, objects = case
+    (policy,) = [p for p in of_kind(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("-workers")]
+    templates = pod_templates(objects)
+    assert {c for c, t in templates.items() if selects(policy["spec"]["podSelector"], t["metadata"]["labels"])} == (
+        WORKER_COMPONENTS
+    )
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 9100}]
+    if name == "production":
+        # Prometheus' namespace, as for web (networkPolicy.web.ingressFrom).
+        assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+        (web,) = [p for p in of_kind(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("-web")]
+        assert rule["from"][0] in web["spec"]["ingress"][0]["from"]
+    else:
+        assert "from" not in rule  # networkPolicy.workers.metricsFrom empty: any peer, on that port only
+
+
+def test_web_sums_its_uvicorn_processes_through_a_multiprocess_directory() -> None:
+    def web_of(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        spec = deployment(manifests_of(render(values)), "web")["spec"]["template"]["spec"]
+        return spec, spec["containers"][0]
+
+    spec, container = web_of(REQUIRED_VALUES)  # web.workers 1: one process, its own registry
+    assert "PROMETHEUS_MULTIPROC_DIR" not in {e["name"] for e in container["env"]}
+    assert "prometheus" not in {v["name"] for v in spec["volumes"]}
+
+    for values in (production_values(), with_values(REQUIRED_VALUES, web__workers=3, databaseConnectionLimit=0)):
+        spec, container = web_of(values)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        directory = env["PROMETHEUS_MULTIPROC_DIR"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        # A fresh, writable directory per pod (the root filesystem is read-only).
+        assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Mi"}
+        assert not mount.get("readOnly")
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"celery__tiers": {"heavy": {"pool": "prefork"}}}, "celery.tiers.heavy.pool prefork with metrics.workerPort"),
+        ({"metrics__workerPort": 70000}, "metrics.workerPort must be a TCP port"),
+    ],
+)
+def test_it_refuses_worker_metrics_it_could_not_serve(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError) as caught:
+        render(with_values(REQUIRED_VALUES, **changes))
+    assert message in str(caught.value)
+    # Without a worker port, a prefork tier renders.
+    render(with_values(REQUIRED_VALUES, metrics__workerPort=0, celery__tiers={"heavy": {"pool": "prefork"}}))
