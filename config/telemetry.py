@@ -218,13 +218,13 @@ def context_attached(captured: otel_context.Context | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def llm_call_observed(endpoint: Any, result: Any) -> Iterator[None]:
+def llm_call_observed(endpoint: Any, result: Any, *, metrics: bool = True) -> Iterator[None]:
     """Observe one model call of ``endpoint`` (a ``ModelEndpoint``) filling ``result`` (a
     ``StreamResult``): a span ``llm.call`` (GenAI semantic-convention attributes:
     ``gen_ai.request.model``, ``gen_ai.usage.input_tokens`` / ``output_tokens``; and
     ``portal.endpoint``, ``portal.tier``, ``portal.llm.ttft_ms``), and the model-call metrics
-    (``config.metrics.llm_call_record``). Token counts are read when the block exits, so the
-    block must include their estimation."""
+    (``config.metrics.llm_call_record``, unless ``metrics`` is false). Token counts are read
+    when the block exits, so the block must include their estimation."""
     from config.metrics import llm_call_record
 
     started = time.perf_counter()
@@ -237,8 +237,10 @@ def llm_call_observed(endpoint: Any, result: Any) -> Iterator[None]:
             seconds = time.perf_counter() - started
             first = getattr(result, "first_token_at", None)
             ttft = (first - started) if first is not None else None
-            llm_call_record(tier=str(endpoint.tier), endpoint=str(endpoint.name), seconds=seconds,
-                            ttft_seconds=ttft, input_tokens=result.input_tokens, output_tokens=result.output_tokens)
+            if metrics:
+                llm_call_record(tier=str(endpoint.tier), endpoint=str(endpoint.name), seconds=seconds,
+                                ttft_seconds=ttft, input_tokens=result.input_tokens,
+                                output_tokens=result.output_tokens)
             if current.is_recording():
                 current.set_attributes({"gen_ai.usage.input_tokens": result.input_tokens,
                                         "gen_ai.usage.output_tokens": result.output_tokens,

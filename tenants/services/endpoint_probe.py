@@ -101,6 +101,7 @@ def _probe(endpoint: ModelEndpoint) -> ProbeResult:
             on_delta=lambda _text: None,
             # The first chunk answers the question; the rest of the stream is not waited for.
             should_stop=lambda: True,
+            metrics=False,  # probes would skew the latency and token figures of real calls
         )
     except LLMError as exc:
         cause = _cause_text(exc)

@@ -80,6 +80,22 @@ def test_a_platform_endpoint_on_the_scripted_server_is_ok_and_recorded(
     assert endpoint.timeout_seconds == 5  # the probe's shorter timeout stayed on its own copy
 
 
+def test_a_probe_is_left_out_of_the_model_call_metrics(
+    world: World, scripted_llm: ScriptedLLM, clean_health: None
+) -> None:
+    from config.metrics import MODEL_CALL_SECONDS
+
+    def calls() -> float:
+        sample = [s for m in MODEL_CALL_SECONDS.collect() for s in m.samples
+                  if s.name.endswith("_count") and s.labels.get("endpoint") == "probe metrics"]
+        return sample[0].value if sample else 0.0
+
+    scripted_llm.script("probe-ok", tokens=["OK"])
+    endpoint = _endpoint("probe metrics", scripted_llm.api_base)
+    assert model_endpoint_probe(endpoint=endpoint).ok
+    assert calls() == 0.0
+
+
 def test_a_closed_port_fails_with_a_clear_error(world: World, clean_health: None) -> None:
     endpoint = _endpoint("probe closed", f"http://127.0.0.1:{_closed_port()}/v1")
     result = model_endpoint_probe(endpoint=endpoint)

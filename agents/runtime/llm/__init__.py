@@ -160,9 +160,11 @@ def stream_chat(
     should_stop: Callable[[], bool],
     tools: list[dict[str, Any]] | None = None,
     tool_choice: str | dict[str, Any] | None = None,
+    metrics: bool = True,
 ) -> StreamResult:
     """Stream a chat completion from the first endpoint that works, calling ``on_delta(text)``
     for every content delta. ``should_stop()`` is polled between chunks (cancellation).
+    ``metrics=False`` leaves the call out of the model-call metrics (a health probe's call).
 
     ``messages`` are OpenAI chat messages (assistant messages may carry ``tool_calls``, ``tool``
     messages a ``tool_call_id``). ``tools`` (OpenAI ``tools`` entries) are offered with
@@ -183,7 +185,7 @@ def stream_chat(
         started = time.perf_counter()
         stream = _stream_direct if endpoint.model.startswith(DIRECT_PREFIXES) else _stream_one
         # The span and the model-call metrics (config.telemetry); they read the token counts on exit.
-        with llm_call_observed(endpoint, result):
+        with llm_call_observed(endpoint, result, metrics=metrics):
             try:
                 if endpoint.tenant_id is not None:
                     _tenant_route_check(endpoint)
