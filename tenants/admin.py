@@ -53,6 +53,12 @@ class PortalAdminSite(OTPAdminSite):
         target = request.GET.get("next") or reverse("admin:index")
         return redirect_to_login(target, login_url=reverse("account_login"))
 
+    def get_urls(self) -> list[Any]:
+        # Built when the URLconf loads, after every app's admin module registered its models
+        # (allauth's and django-otp's come after this app in INSTALLED_APPS).
+        _unregister_unaudited()
+        return super().get_urls()
+
 
 admin.site.__class__ = PortalAdminSite
 admin.site.site_header = "Agent Ops Portal — staff"
@@ -61,18 +67,18 @@ admin.site.site_title = "Agent Ops Portal staff"
 
 def _unregister_unaudited() -> None:
     """Library admin pages that would change rows without an audit event. Staff reset a user's
-    two-factor devices with the audited action on the user page instead."""
+    two-factor devices with the audited action on the user page instead. Single sign-on builds
+    its OIDC apps per request from each tenant's settings and stores no tokens, so allauth's
+    SocialApp and SocialToken pages would only mislead."""
     from allauth.account.models import EmailAddress
+    from allauth.socialaccount.models import SocialApp, SocialToken
     from django.contrib.auth.models import Group
     from django_otp.plugins.otp_static.models import StaticDevice
     from django_otp.plugins.otp_totp.models import TOTPDevice
 
-    for model in (Group, EmailAddress, TOTPDevice, StaticDevice):
+    for model in (Group, EmailAddress, TOTPDevice, StaticDevice, SocialApp, SocialToken):
         if admin.site.is_registered(model):
             admin.site.unregister(model)
-
-
-_unregister_unaudited()
 
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
