@@ -141,3 +141,30 @@ def chat_session_commit(tenant: Any, persona_user: Any, agent_id: int) -> int:
                                            agent=Agent.objects.get(pk=agent_id)).pk)
 
     return int(committed(create))
+
+
+def calculator_agent_committed(*, tenant: Any, llm: ScriptedLLM, prefix: str, endpoints: list[int]) -> str:
+    """A committed agent of ``tenant`` on its own scripted model (tier light) that calls
+    ``calculator`` once, then answers "It is 42."; returns its slug. The endpoint's id is appended
+    to ``endpoints`` for the caller to delete."""
+    import uuid
+
+    from tests.scripted_llm import ScriptedCall, Step
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    llm.script(name, steps=[Step(tool_calls=[ScriptedCall("calculator", json.dumps({"expression": "6*7"}))]),
+                            Step(tokens=["It is", " 42."])])
+
+    def create() -> None:
+        endpoint = endpoint_create(name=name, model=name, api_base=llm.api_base, tier="light", priority=9000)
+        endpoints.append(endpoint.pk)
+        with schema_context(tenant.schema_name):
+            system = Principal.system("tests", tenant=tenant)
+            agent = agent_create(principal=system, slug=name, name=name,
+                                 config={"system_prompt": "Use the tools.", "tier": "light",
+                                         "endpoint_id": endpoint.pk, "tools": ["calculator"]})
+            agent_version_publish(principal=system, version=agent.versions.get())
+
+    committed(create)
+    return name
+

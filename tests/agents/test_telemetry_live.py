@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,10 @@ from django_tenants.utils import schema_context
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents.models import Agent, Turn
-from agents.services import agent_create, agent_version_publish
 from config.redis import redis_client
 from config.telemetry import spans_read
 from tenants.models import ModelEndpoint
-from tenants.principal import Principal
-from tests.agents.conftest import chat_session_commit, committed, endpoint_create, sse_events, ws_connect
+from tests.agents.conftest import calculator_agent_committed, chat_session_commit, committed, sse_events, ws_connect
 from tests.conftest import World
 from tests.live import (
     LIVE_DATABASE_ENV,
@@ -43,7 +40,7 @@ from tests.live import (
     _stop,
     _wait_until_healthy,
 )
-from tests.scripted_llm import ScriptedCall, ScriptedLLM, Step
+from tests.scripted_llm import ScriptedLLM
 
 pytestmark = pytest.mark.django_db(transaction=False)
 
@@ -123,24 +120,8 @@ def api(traced_portal: Traced) -> Iterator[httpx.Client]:
 
 
 def _agent(traced: Traced, llm: ScriptedLLM) -> str:
-    """A committed agent on its own scripted model that calls ``calculator`` once, then answers."""
-    name = f"otel-{uuid.uuid4().hex[:8]}"
-    llm.script(name, steps=[Step(tool_calls=[ScriptedCall("calculator", json.dumps({"expression": "6*7"}))]),
-                            Step(tokens=["It is", " 42."])])
-    tenant = traced.world.tenant_a
-
-    def create() -> None:
-        endpoint = endpoint_create(name=name, model=name, api_base=llm.api_base, tier="light", priority=9000)
-        _endpoints.append(endpoint.pk)
-        with schema_context(tenant.schema_name):
-            system = Principal.system("tests", tenant=tenant)
-            agent = agent_create(principal=system, slug=name, name=name,
-                                 config={"system_prompt": "Use the tools.", "tier": "light",
-                                         "endpoint_id": endpoint.pk, "tools": ["calculator"]})
-            agent_version_publish(principal=system, version=agent.versions.get())
-
-    committed(create)
-    return name
+    """A committed agent that calls ``calculator`` once, then answers (``calculator_agent_committed``)."""
+    return calculator_agent_committed(tenant=traced.world.tenant_a, llm=llm, prefix="otel", endpoints=_endpoints)
 
 
 def _session(api: httpx.Client, slug: str) -> int:

@@ -9,23 +9,18 @@ show up on that port.
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from django_tenants.utils import schema_context
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.services import agent_create, agent_version_publish
 from tenants.models import ModelEndpoint
-from tenants.principal import Principal
-from tests.agents.conftest import committed, endpoint_create
+from tests.agents.conftest import calculator_agent_committed, committed
 from tests.live import Portal
-from tests.scripted_llm import ScriptedCall, ScriptedLLM, Step
+from tests.scripted_llm import ScriptedLLM
 
 pytestmark = pytest.mark.django_db(transaction=False)
 
@@ -75,25 +70,8 @@ def _scrape_until(port: int, done: Any) -> Samples:
 
 
 def _agent(portal: Portal, llm: ScriptedLLM) -> str:
-    """A committed agent on its own scripted model (tier light) that calls ``calculator`` once,
-    then answers."""
-    name = f"wm-{uuid.uuid4().hex[:8]}"
-    llm.script(name, steps=[Step(tool_calls=[ScriptedCall("calculator", json.dumps({"expression": "6*7"}))]),
-                            Step(tokens=["It is", " 42."])])
-    tenant = portal.world.tenant_a
-
-    def create() -> None:
-        endpoint = endpoint_create(name=name, model=name, api_base=llm.api_base, tier="light", priority=9000)
-        _endpoints.append(endpoint.pk)
-        with schema_context(tenant.schema_name):
-            system = Principal.system("tests", tenant=tenant)
-            agent = agent_create(principal=system, slug=name, name=name,
-                                 config={"system_prompt": "Use the tools.", "tier": "light",
-                                         "endpoint_id": endpoint.pk, "tools": ["calculator"]})
-            agent_version_publish(principal=system, version=agent.versions.get())
-
-    committed(create)
-    return name
+    """A committed agent that calls ``calculator`` once, then answers (``calculator_agent_committed``)."""
+    return calculator_agent_committed(tenant=portal.world.tenant_a, llm=llm, prefix="wm", endpoints=_endpoints)
 
 
 def test_a_celery_worker_serves_the_model_calls_and_turns_it_ran_on_its_metrics_port(
