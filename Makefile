@@ -65,6 +65,7 @@ bench: install ## Benchmarks: print figures, assert nothing (about 90 minutes; b
 	$(PY) tests/bench/bench_load.py --baseline
 	$(PY) tests/bench/bench_invoice.py
 	$(PY) tests/bench/bench_metrics_state.py
+	$(PY) tests/bench/bench_identity.py
 	$(PY) tests/bench/bench_migrate.py
 
 lint: install

@@ -89,7 +89,16 @@ def scim_user_create(*, principal: Principal, tenant: Tenant, user_name: Any, ex
     user = User.objects.filter(email__iexact=email).first()
     created_account = user is None
     if user is None:
-        user = User.objects.create_user(email=email, password=None, name=(display_name or "").strip()[:200])
+        try:
+            with transaction.atomic():
+                user = User.objects.create_user(email=email, password=None, name=(display_name or "").strip()[:200])
+        except IntegrityError:
+            # A concurrent request created the account (and, if it provisioned the same person here,
+            # the membership too, which the create below then refuses as 409).
+            user = User.objects.filter(email__iexact=email).first()
+            if user is None:
+                raise
+            created_account = False
     try:
         with transaction.atomic():
             membership = Membership.objects.create(user=user, tenant=tenant, role=PROVISIONED_ROLE,

@@ -221,7 +221,11 @@ def membership_role_change(*, principal: Principal, membership: Membership, role
     """
     principal.require("members:write")
     _check_role(role)
-    membership = Membership.objects.select_for_update().select_related("user", "tenant").get(pk=membership.pk)
+    # Only the membership row: FOR UPDATE of the joined tenant row would wait for every transaction
+    # that inserts a row referencing the tenant (a SCIM create's foreign-key check) while holding the
+    # tenant's audit-chain lock, and deadlock with it (docs/perf/2026-12-07-identity-endpoints-under-load.md).
+    membership = Membership.objects.select_for_update(of=("self",)).select_related("user", "tenant").get(
+        pk=membership.pk)
     acting = _acting_role(principal)
     assignable = roles_assignable_by(acting)
     if role not in assignable or membership.role not in assignable:
@@ -254,7 +258,11 @@ def membership_remove(*, principal: Principal, membership: Membership) -> None:
     ``Conflict`` when removing the last owner.
     """
     principal.require("members:write")
-    membership = Membership.objects.select_for_update().select_related("user", "tenant").get(pk=membership.pk)
+    # Only the membership row: FOR UPDATE of the joined tenant row would wait for every transaction
+    # that inserts a row referencing the tenant (a SCIM create's foreign-key check) while holding the
+    # tenant's audit-chain lock, and deadlock with it (docs/perf/2026-12-07-identity-endpoints-under-load.md).
+    membership = Membership.objects.select_for_update(of=("self",)).select_related("user", "tenant").get(
+        pk=membership.pk)
     if membership.role not in roles_assignable_by(_acting_role(principal)):
         raise Forbidden("Only owners can remove an owner.", code="role_not_assignable")
     if membership.role == Role.OWNER:

@@ -19,7 +19,7 @@ from compliance.models import AuditEvent
 from config import ratelimit
 from config.errors import Forbidden
 from config.redis import redis_client
-from tenants.models import ApiKey, Membership, Tenant, User
+from tenants.models import ApiKey, Membership, Plan, Tenant, User
 from tenants.principal import Principal
 from tenants.roles import Role
 from tenants.scim.errors import ERROR_SCHEMA
@@ -556,3 +556,165 @@ def test_a_suspended_tenant_refuses_scim(world: World, scim: Scim) -> None:
     assert scim.get("/Users").status_code == 403
     assert scim.delete(f"/Users/{_scim_id(world, 'viewer')}").status_code == 403
     assert Membership.objects.filter(user=world.user("viewer"), tenant=world.tenant_a).exists()
+
+
+# ---- concurrency (committed rows, a connection per thread, as the web's worker threads have) ---
+
+def _committed_tenant(django_db_blocker: Any, *, max_members: int | None) -> Tenant:
+    from tenants.services.provisioning import tenant_create
+
+    slug = f"scimrace{uuid.uuid4().hex[:8]}"
+    with django_db_blocker.unblock():
+        plan = Plan.objects.create(code=slug, name="SCIM race", max_members=max_members)
+        tenant = tenant_create(actor=Principal.system("tests"), slug=slug, name="SCIM race",
+                               owner_email=f"owner@{slug}.test", plan=plan).tenant
+        connection.set_schema_to_public()  # type: ignore[attr-defined]  # django-tenants' wrapper
+    return tenant
+
+
+@pytest.fixture(scope="module")
+def race_tenant(django_db_setup: World, django_db_blocker: Any) -> Tenant:
+    """A tenant of its own, committed, on a plan with seats (so a create takes the seat lock): the
+    rows these tests commit stay out of tenant A's counts."""
+    return _committed_tenant(django_db_blocker, max_members=1000)
+
+
+@pytest.fixture(scope="module")
+def unlimited_tenant(django_db_setup: World, django_db_blocker: Any) -> Tenant:
+    """As ``race_tenant``, on a plan without a seat limit: creates take no seat lock, so nothing
+    but the database's unique constraints orders two creates of one person."""
+    return _committed_tenant(django_db_blocker, max_members=None)
+
+
+def _two_threads(first: Any, second: Any) -> list[Any]:
+    """``first()`` and ``second()`` in threads of their own, each with its own connection."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connections
+
+    def run(function: Any) -> Any:
+        try:
+            return function()
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(run, first), pool.submit(run, second)]
+        return [f.result(timeout=60) for f in futures]
+
+
+def _lock_waiters() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+                       " WHERE NOT l.granted AND d.datname = current_database()")
+        return int(cursor.fetchone()[0])
+
+
+def test_two_provisionings_of_the_same_new_person_at_once_give_one_member_and_a_409(unlimited_tenant: Tenant) -> None:
+    """The bench (tests/bench/bench_identity.py) found 20 concurrent POST /Users of one new
+    address answering 500s: each saw no account and created one; all but the first failed on the
+    unique e-mail (on a plan without a seat limit; the seat lock serialises the others). The
+    second must wait for the first and answer 409 ``uniqueness``."""
+    import threading
+
+    from tenants.scim.errors import ScimError
+    from tenants.scim.services import scim_user_create
+
+    email = f"same.person@{unlimited_tenant.slug}.test"
+    created, second_done = threading.Event(), threading.Event()
+    principal = Principal.system("tests", tenant=unlimited_tenant)
+
+    def first() -> str:
+        from django.db import transaction
+
+        with transaction.atomic():
+            scim_user_create(principal=principal, tenant=unlimited_tenant, user_name=email)
+            created.set()
+            # Commit only once the second is blocked on the uncommitted account (or has finished).
+            for _ in range(400):
+                if second_done.is_set() or _lock_waiters():
+                    break
+                second_done.wait(0.05)
+        return "201"
+
+    def second() -> str:
+        assert created.wait(30)
+        try:
+            scim_user_create(principal=principal, tenant=unlimited_tenant, user_name=email.upper())
+            return "201"
+        except ScimError as exc:
+            return f"{exc.status} {exc.scim_type}"
+        finally:
+            second_done.set()
+
+    assert _two_threads(first, second) == ["201", "409 uniqueness"]
+    assert committed_count(lambda: Membership.objects.filter(tenant=unlimited_tenant, user__email=email).count()) == 1
+    assert committed_count(lambda: User.objects.filter(email__iexact=email).count()) == 1
+
+
+@pytest.mark.parametrize("change", ["deprovision", "role_change"])
+def test_member_changes_do_not_lock_the_tenant_row(race_tenant: Tenant, change: str) -> None:
+    """The bench found concurrent POST /Users and PATCH active=false deadlocking (500s): the
+    removal locked the tenant's row FOR UPDATE (through ``select_related``), which waits for
+    every create holding the seat lock or a foreign-key lock on it, while such a create waited
+    for the audit-chain lock a third request held behind the removal. Deprovisioning and role
+    changes now lock only the membership: they go ahead while a create holds the seat lock."""
+    import threading
+
+    from django.db import transaction
+
+    from tenants.scim.services import scim_user_create, scim_user_deprovision
+    from tenants.services.limits import plan_limit_check
+    from tenants.services.members import membership_role_change
+
+    principal = Principal.system("tests", tenant=race_tenant)
+    email = f"{change}.{uuid.uuid4().hex[:6]}@{race_tenant.slug}.test"
+
+    def provision() -> int:
+        with transaction.atomic():
+            return scim_user_create(principal=principal, tenant=race_tenant, user_name=email).pk
+
+    membership_id = committed_count(provision)
+    seat_held, changed = threading.Event(), threading.Event()
+
+    def create_in_progress() -> str:
+        with transaction.atomic():
+            # A create between its seat check and its commit holds the tenant row FOR NO KEY UPDATE.
+            plan_limit_check(tenant=race_tenant, limit="max_members", used=lambda: 0)
+            seat_held.set()
+            assert changed.wait(30)
+        return "created"
+
+    def member_change() -> str:
+        assert seat_held.wait(30)
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '5s'")  # a lock on the tenant row would time out
+        try:
+            membership = Membership.objects.get(pk=membership_id)
+            if change == "deprovision":
+                scim_user_deprovision(principal=principal, membership=membership, reason="deactivated")
+            else:
+                membership_role_change(principal=principal, membership=membership, role=Role.OPERATOR)
+            return "changed"
+        finally:
+            changed.set()
+
+    assert _two_threads(create_in_progress, member_change) == ["created", "changed"]
+    rows = committed_count(lambda: list(Membership.objects.filter(pk=membership_id).values_list("role", flat=True)))
+    assert rows == ([] if change == "deprovision" else [Role.OPERATOR])
+
+
+def committed_count(function: Any) -> Any:
+    """``function()`` on a connection of its own (autocommit): it sees what other threads committed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connections
+
+    def run() -> Any:
+        try:
+            return function()
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
