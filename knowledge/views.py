@@ -193,7 +193,9 @@ def search_playground(request: HttpRequest) -> HttpResponse:
             data.setlist("collections", [str(c.pk) for c in collections])
         for key, default in (("mode", "hybrid"), ("fusion", "convex"), ("top_k", "10")):
             data.setdefault(key, default)
-    form = SearchForm(data, collections=collections)
+    # Unbound until a query is sent: "Search this collection" opens the form with its collection chosen.
+    initial = {"collections": request.GET.getlist("collections")} if data is None else None
+    form = SearchForm(data, collections=collections, initial=initial)
     context: dict[str, Any] = {"form": form, "collections": collections, "hits": None}
     if data is not None and form.is_valid():
         try:

@@ -114,6 +114,20 @@ def test_the_playground_shows_vector_keyword_and_fused_scores(world: World) -> N
     assert b"<html" not in fragment.content and b"Twenty-five" in fragment.content
 
 
+def test_search_this_collection_opens_the_form_with_the_collection_chosen_and_no_errors(world: World) -> None:
+    collection = _collection(world)
+    client = host_client(HOST_A, world.user("viewer"))
+    detail = client.get(f"/kb/collections/{collection.pk}/").content.decode()
+    link = re.search(r'href="(/kb/search/[^"]*)"[^>]*>Search this collection', detail)
+    assert link is not None
+    html = client.get(link.group(1).replace("&amp;", "&")).content.decode()
+    assert "This field is required" not in html
+    assert re.search(rf'value="{collection.pk}"[^>]*checked|checked[^>]*value="{collection.pk}"'
+                     rf'|<option value="{collection.pk}" selected', html)
+    # Sending the form with no query still says what is missing.
+    assert "This field is required" in client.get("/kb/search/", {"query": ""}).content.decode()
+
+
 def test_a_viewer_reads_but_cannot_upload_or_delete(world: World) -> None:
     collection = _collection(world)
     viewer = host_client(HOST_A, world.user("viewer"))
