@@ -4,12 +4,13 @@ from django.contrib import admin
 from django.urls import include, path
 
 from billing.views.staff import staff_invoice_list
-from config.views import public_home
+from config.views import favicon, public_home
 from tenants.urls import security_urlpatterns
 from tenants.views.ops import staff_endpoint_test, staff_ops
 
 urlpatterns = [
     path("", public_home, name="public_home"),
+    path("favicon.ico", favicon),
     path("admin/rq/", include("django_rq.urls")),
     # Before admin/: admin_view asks what every staff page asks (staff, session verified by 2FA).
     path("admin/billing/invoices/", admin.site.admin_view(staff_invoice_list), name="staff_invoice_list"),

@@ -10,6 +10,7 @@ from agents.tool_api import router as tool_router
 from billing.api import router as billing_router
 from compliance.api import router as audit_router
 from config.api import api, api_not_found
+from config.views import favicon
 from knowledge.api import router as knowledge_router
 from tenants.api import router as tenant_router
 from tenants.sso_api import router as sso_router
@@ -28,6 +29,7 @@ api.add_router("/", approvals_router)
 api.add_router("/", sso_router)
 
 urlpatterns = [
+    path("favicon.ico", favicon),
     path("api/v1/", api.urls),
     re_path(r"^api/(?P<rest>.*)$", api_not_found),
     path("scim/v2/", include("tenants.scim.urls")),

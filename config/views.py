@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from django.contrib.auth.decorators import login_not_required
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponsePermanentRedirect
 from django.shortcuts import render
+from django.templatetags.static import static
 
 from config.api import error_response
 
@@ -38,3 +39,10 @@ def server_error(request: HttpRequest) -> HttpResponse:
 def public_home(request: HttpRequest) -> HttpResponse:
     """The public host's landing page: where staff and tenants go."""
     return render(request, "public/home.html")
+
+
+@login_not_required
+def favicon(request: HttpRequest) -> HttpResponse:
+    """``/favicon.ico``, which browsers ask for on every host: a permanent redirect to the static icon."""
+    return HttpResponsePermanentRedirect(static("favicon.ico"))
+
