@@ -124,6 +124,13 @@ def test_public_sign_up_is_closed(world: World) -> None:
     assert response.status_code in (200, 403)
 
 
+@pytest.mark.parametrize("host", ["localhost", HOST_A])
+def test_the_sign_in_page_offers_no_sign_up_link_while_sign_up_is_closed(world: World, host: str) -> None:
+    html = host_client(host).get("/accounts/login/").content.decode()
+    assert 'name="password"' in html  # the sign-in form itself is still there
+    assert "/accounts/signup/" not in html and "sign up" not in html.lower()
+
+
 def test_demo_seed_is_idempotent_and_its_credentials_work(world: World, tmp_path: Path) -> None:
     with override_settings(VAR_DIR=tmp_path):
         call_command("demo_seed", stdout=io.StringIO())
