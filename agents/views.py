@@ -115,8 +115,12 @@ def _detail_context(principal: Principal, agent_id: int) -> dict[str, Any]:
     for version in versions:
         version.action = _publish_action(agent, version)  # type: ignore[attr-defined]
     collections = dict(_collection_choices(principal))
+    pinned = active.endpoint_id if active else None
     return {
         "agent": agent, "versions": versions, "active": active,
+        # The pinned endpoint by name (its row lives in the public schema; only read when pinned).
+        "active_endpoint": (dict(_endpoint_choices(principal)).get(pinned, f"#{pinned} (deleted)")
+                            if pinned else ""),
         "active_collections": [collections.get(i, f"#{i} (deleted)")
                                for i in (active.collection_ids if active else [])],
         "can_write": principal.can("agents:write") and agent.status != Agent.Status.RETIRED,

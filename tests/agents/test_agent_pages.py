@@ -354,3 +354,13 @@ def test_collections_are_offered_by_name_on_the_edit_form(world: World, client_a
     agent = _agent(world, collection_ids=[collection.pk])
     html = client_a("owner").get(f"/agents/{agent.pk}/edit/").content.decode()
     assert re.search(rf'value="{collection.pk}"[^>]*checked', html) and "Handbook" in html
+
+
+def test_the_agent_page_names_its_pinned_endpoint(world: World, client_a: Any) -> None:
+    from tenants.models import ModelEndpoint
+
+    endpoint = ModelEndpoint.objects.create(name="Team GPU box", model="openai/box", api_base="http://10.0.0.9/v1",
+                                            tenant=world.tenant_a)
+    agent = _agent(world, endpoint_id=endpoint.pk)
+    html = client_a("viewer").get(f"/agents/{agent.pk}/").content.decode()
+    assert "pinned endpoint Team GPU box" in html and f"#{endpoint.pk}" not in html
