@@ -52,8 +52,10 @@ def console(request: HttpRequest) -> dict[str, Any]:
         for name, label, permission in NAVIGATION
         if principal is not None and principal.can(permission)
     ]
-    # The active section is the one whose URL is the longest prefix of the current path.
-    matches = [item for item in nav if request.path.startswith(item["url"])]
+    # The active section is the one whose URL is the longest prefix of the current path; the
+    # dashboard's "/" prefixes every path, so it is active only on itself.
+    matches = [item for item in nav
+               if request.path == item["url"] or (item["url"] != "/" and request.path.startswith(item["url"]))]
     active = max(matches, key=lambda item: len(item["url"]))["url"] if matches else None
     for item in nav:
         item["active"] = item["url"] == active
@@ -68,6 +70,8 @@ def console(request: HttpRequest) -> dict[str, Any]:
         "tenant": tenant,
         "is_public_host": tenant is None or tenant.is_public,
         "principal": principal,
+        # The account pages (two-factor, password) belong to the sidebar's Security link.
+        "security_active": request.path.startswith(("/accounts/2fa/", "/accounts/password/")),
         "membership": getattr(request, "membership", None),
         "nav": nav,
     }

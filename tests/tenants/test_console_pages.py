@@ -154,3 +154,16 @@ def test_demo_seed_is_idempotent_and_its_credentials_work(world: World, tmp_path
 def test_demo_seed_refuses_to_run_in_production(world: World) -> None:
     with override_settings(DEVELOPMENT=False), pytest.raises(CommandError, match="development only"):
         call_command("demo_seed")
+
+
+@pytest.mark.parametrize(("path", "current"), [
+    ("/", 'aria-current="page" href="/"'),
+    ("/agents/", 'aria-current="page" href="/agents/"'),
+    ("/accounts/2fa/", 'aria-current="page">Security'),
+    ("/accounts/password/change/", 'aria-current="page">Security'),
+])
+def test_the_page_highlights_its_own_navigation_item_only(world: World, path: str, current: str) -> None:
+    html = host_client(HOST_A, world.user("owner")).get(path).content.decode()
+    assert html.count('aria-current="page"') == 1, path
+    assert current in html, path
+    assert 'href="#main">Skip to content</a>' in html and 'id="main"' in html
