@@ -44,12 +44,20 @@ def toast(response: HttpResponse, message: str, level: str = "success") -> HttpR
     return response
 
 
+# An out-of-band swap that empties the page's flash messages (base.html's #messages).
+STALE_MESSAGES_CLEARED = b'<div id="messages" hx-swap-oob="true"></div>'
+
+
 def after_write(request: HttpRequest, *, message: str, level: str = "success",
                 fragment: Callable[[], HttpResponse], redirect_to: str) -> HttpResponse:
-    """Finish a form post: the re-rendered fragment plus a toast for htmx, or
-    post/redirect/get with a flash message without JavaScript."""
+    """Finish a form post: the re-rendered fragment plus a toast for htmx (and the page's
+    earlier flash messages cleared), or post/redirect/get with a flash message without
+    JavaScript."""
     if is_fragment(request):
-        return toast(fragment(), message, level)
+        response = fragment()
+        # The toast reports this write; flash messages of the page's last load are stale now.
+        response.content += STALE_MESSAGES_CLEARED
+        return toast(response, message, level)
     getattr(messages, level if level != "danger" else "error")(request, message)
     return redirect(redirect_to)
 

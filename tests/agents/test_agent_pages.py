@@ -364,3 +364,22 @@ def test_the_agent_page_names_its_pinned_endpoint(world: World, client_a: Any) -
     agent = _agent(world, endpoint_id=endpoint.pk)
     html = client_a("viewer").get(f"/agents/{agent.pk}/").content.decode()
     assert "pinned endpoint Team GPU box" in html and f"#{endpoint.pk}" not in html
+
+
+def test_publishing_from_the_page_clears_the_created_as_a_draft_message(world: World, client_a: Any) -> None:
+    client = client_a("owner")
+    created = client.post("/agents/new/", {**VERSION_POST, "slug": "drafty", "name": "Drafty"}, follow=True)
+    page = created.content.decode()
+    messages = page.split('<div id="messages">', 1)[1].split("</div>\n", 1)[0]
+    assert "created as a draft" in messages
+    agent = _agent_by_slug(world, "drafty")
+    published = client.post(f"/agents/{agent.pk}/versions/1/publish/", HTTP_HX_REQUEST="true")
+    fragment = published.content.decode()
+    # The new state, a toast, and the page's stale flash messages swapped out (htmx out-of-band).
+    assert 'id="agent-state"' in fragment and "toast" in published["HX-Trigger"]
+    assert '<div id="messages" hx-swap-oob="true"></div>' in fragment
+
+
+def _agent_by_slug(world: World, slug: str) -> Agent:
+    with schema_context(world.tenant_a.schema_name):
+        return Agent.objects.get(slug=slug)
